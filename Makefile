@@ -1,0 +1,22 @@
+# The README's two commands call these targets.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install install-test demo test lint bench
+
+install:
+	$(PIP) install -q -e .
+
+install-test:
+	bash deploy/install-system-deps.sh
+	$(PIP) install -q -e '.[dev]'
+
+demo: install
+	mammo-node demo
+
+test: install-test
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest
+
+bench: install-test
+	$(PYTHON) benchmarks/inference.py

@@ -1,0 +1,90 @@
+"""Four-view study forward pass: the reference-style eager path against the node's optimized path.
+
+Baseline ("reference"): lukemelas' EfficientNet-PyTorch (the code the reference vendors), fp32, one image at a
+time under ``torch.no_grad``, as the reference's evaluator runs it. Ours: ``models.inference.embed_views``:
+the four views in one batch, ``torch.inference_mode``, channels-last, bf16 autocast on CUDA.
+Both use the same random weights, so the embeddings must agree (max |delta| is printed).
+
+    python benchmarks/inference.py                      # B2 and B5 at 1520x912 on the best device
+    python benchmarks/inference.py --variants b2 --repeats 3 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from models.clip import ClipConfig, MammoClip
+from models.inference import SCREENING_VIEWS, embed_views
+from models.text_encoder import TextEncoder
+from transformers import BertConfig
+
+
+def build(variant: str, device: str) -> tuple[MammoClip, torch.nn.Module]:
+    from efficientnet_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    tiny_text = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = MammoClip(ClipConfig(image_encoder=f"efficientnet-{variant}"), TextEncoder.from_config(tiny_text))
+    reference = EfficientNet.from_name(f"efficientnet-{variant}", num_classes=1)
+    reference.load_state_dict({**reference.state_dict(), **model.image_encoder.state_dict()})
+    return model.to(device).eval(), reference.to(device).eval()
+
+
+def reference_study(model: MammoClip, reference: torch.nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    rows = []
+    with torch.no_grad():
+        for image in views:
+            pooled = torch.flatten(F.adaptive_avg_pool2d(reference.extract_features(image[None]), 1), 1)
+            rows.append(F.normalize(model.image_projection(pooled), dim=-1))
+    return torch.cat(rows).cpu()
+
+
+def timed(function, repeats: int, device: str) -> tuple[float, object]:  # noqa: ANN001
+    result = function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = function()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["b2", "b5"], choices=["b0", "b2", "b5"])
+    parser.add_argument("--height", type=int, default=1520)
+    parser.add_argument("--width", type=int, default=912)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"input={args.height}x{args.width}, 4 views per study")
+    print(f"{'model':<6}{'reference s/study':>19}{'ours s/study':>14}{'speed-up':>10}{'studies/min':>13}"
+          f"{'max|d emb|':>12}")
+    for variant in args.variants:
+        model, reference = build(variant, args.device)
+        torch.manual_seed(1)
+        views = [torch.randn(3, args.height, args.width, device=args.device) for _ in SCREENING_VIEWS]
+        ref_time, ref_emb = timed(lambda: reference_study(model, reference, views), args.repeats, args.device)
+        images = dict(zip(SCREENING_VIEWS, views, strict=True))
+        our_time, ours = timed(lambda: embed_views(model, images), args.repeats, args.device)
+        our_emb = torch.stack([ours[key] for key in SCREENING_VIEWS])
+        delta = float((our_emb - ref_emb).abs().max())
+        print(f"{variant:<6}{ref_time:19.3f}{our_time:14.3f}{ref_time / our_time:9.2f}x{60 / our_time:13.1f}"
+              f"{delta:12.2e}")
+        if args.device == "cuda":
+            print(f"       peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+            torch.cuda.reset_peak_memory_stats()
+
+
+if __name__ == "__main__":
+    main()

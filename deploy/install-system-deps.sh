@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Debian tools the node is tested against: dcmtk (storescu, storescp, echoscu, findscu, dsr2html) and
+# dicom3tools (dciodvfy). Installs only what is missing; needs root (or sudo) for apt-get.
+set -euo pipefail
+missing=()
+command -v /usr/bin/storescp >/dev/null 2>&1 || missing+=(dcmtk)
+command -v /usr/bin/dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"

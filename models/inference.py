@@ -1,0 +1,57 @@
+"""Study inference: batched views through the image tower, zero-shot scores per view and per breast."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from models.clip import MammoClip
+from models.preprocess import preprocess_dicom, read_dicom, view_of
+from models.zero_shot import ZeroShotClassifier, aggregate_breasts
+
+ViewKey = tuple[str, str]
+SCREENING_VIEWS: tuple[ViewKey, ...] = (("L", "CC"), ("R", "CC"), ("L", "MLO"), ("R", "MLO"))
+
+
+@dataclass
+class StudyScores:
+    """Zero-shot class probabilities per view and per breast, and the views that were missing."""
+
+    views: dict[ViewKey, dict[str, Tensor]]
+    breasts: dict[str, dict[str, Tensor]]
+    embeddings: dict[ViewKey, Tensor]
+    missing_views: list[ViewKey] = field(default_factory=list)
+
+
+def embed_views(model: MammoClip, images: Mapping[ViewKey, Tensor]) -> dict[ViewKey, Tensor]:
+    """All views in one batch, in inference mode, channels-last (bf16 autocast on CUDA)."""
+    keys = list(images)
+    batch = torch.stack([images[k] for k in keys]).to(model.device).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16,
+                                                enabled=model.device.type == "cuda"):
+        embeddings = model.encode_images(batch).float().cpu()
+    return dict(zip(keys, embeddings, strict=True))
+
+
+def score_views(classifier: ZeroShotClassifier, images: Mapping[ViewKey, Tensor]) -> StudyScores:
+    """Zero-shot probabilities for each view and each breast of one study."""
+    embeddings = embed_views(classifier.model, images)
+    keys = list(embeddings)
+    results = classifier.classify(torch.stack([embeddings[k] for k in keys]))
+    views = {key: {task: scores.probabilities[i] for task, scores in results.items()} for i, key in enumerate(keys)}
+    missing = [key for key in SCREENING_VIEWS if key not in views]
+    return StudyScores(views, aggregate_breasts(views), embeddings, missing)
+
+
+def load_study_images(paths: list[Path], model: MammoClip) -> dict[ViewKey, Tensor]:
+    """Read and preprocess the mammograms of one study, keyed by (laterality, view); non-MG files raise."""
+    images: dict[ViewKey, Tensor] = {}
+    config = model.config.preprocess()
+    for path in sorted(paths):
+        ds = read_dicom(path)
+        images[view_of(ds)] = preprocess_dicom(ds, config)
+    return images

@@ -1,0 +1,207 @@
+"""Mammogram -> model tensor, as the Mammo-CLIP reference prepares its images (§3 of the reference notes).
+
+DICOM path: modality LUT, VOI window (mirrored for MONOCHROME1 so both photometric interpretations give the
+same picture), 5-px border crop, min-max to uint8, breast crop by threshold ("ExtractBreast"), area resize to
+H x W (1520 x 912 by default, aspect ratio not kept, as the reference does), per-image min-max and the
+reference's single mean/std, three identical channels. PNG path: the reference's offline format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import torch
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi
+from torch import Tensor
+
+from models.errors import ImageDecodeError, NotMammographyError
+
+MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
+MAMMOGRAPHY_SOP_CLASSES = frozenset({MG_FOR_PRESENTATION, MG_FOR_PROCESSING})
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Target size and normalization of the model input."""
+
+    height: int = 1520
+    width: int = 912
+    mean: float = 0.3089279
+    std: float = 0.25053555408335154
+    border: int = 5
+    threshold: int = 40
+
+
+def _describe(ds: Dataset) -> str:
+    return f"SOP Instance UID {ds.get('SOPInstanceUID', '<none>')}"
+
+
+def read_dicom(source: Path | Dataset) -> Dataset:
+    """Read a DICOM file and check that it is a mammography image."""
+    if isinstance(source, Dataset):
+        ds = source
+    else:
+        try:
+            ds = pydicom.dcmread(source)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as error:
+            raise ImageDecodeError(f"{source} is not a readable DICOM file: {error}") from error
+    modality = ds.get("Modality")
+    if modality != "MG" and ds.get("SOPClassUID") not in MAMMOGRAPHY_SOP_CLASSES:
+        raise NotMammographyError(f"{_describe(ds)} has modality {modality!r}; only MG images can be analysed.")
+    if "PixelData" not in ds:
+        raise ImageDecodeError(f"{_describe(ds)} has no pixel data.")
+    return ds
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """VOI LUT function of PS3.3 C.11.2.1.2, output in [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    return np.clip((values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5, 0.0, 1.0)
+
+
+def _first(value: object) -> float:
+    return float(value[0]) if isinstance(value, pydicom.multival.MultiValue) else float(value)
+
+
+def presentation_pixels(ds: Dataset) -> np.ndarray:
+    """Pixels as float32 in [0, 1]-like units where bright means dense (MONOCHROME2 sense).
+
+    The VOI window is applied when present. For MONOCHROME1 the values and the window centre are mirrored
+    about the stored range before windowing, so a MONOCHROME1 image and its MONOCHROME2 twin agree.
+    """
+    try:
+        stored = ds.pixel_array
+    except Exception as error:  # pydicom raises many types for undecodable pixel data
+        raise ImageDecodeError(f"{_describe(ds)}: pixel data cannot be decoded ({error}).") from error
+    if stored.ndim != 2:
+        raise ImageDecodeError(f"{_describe(ds)}: expected one grayscale frame, got array shape {stored.shape}.")
+    values = apply_modality_lut(stored, ds).astype(np.float64)
+    monochrome1 = ds.get("PhotometricInterpretation") == "MONOCHROME1"
+    slope = float(ds.get("RescaleSlope", 1.0))
+    intercept = float(ds.get("RescaleIntercept", 0.0))
+    mirror = (2 ** int(ds.get("BitsStored", 16)) - 1) * slope + 2 * intercept
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        if monochrome1:
+            values, center = mirror - values, mirror - center
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        return _window(values, center, width, function).astype(np.float32)
+    if "VOILUTSequence" in ds:
+        values = apply_voi(values, ds).astype(np.float64)
+    if monochrome1:
+        values = values.max() - values
+    return values.astype(np.float32)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Min-max scale to 0..255 (truncating, like the reference's ``astype(np.uint8)``)."""
+    low, high = float(image.min()), float(image.max())
+    if high <= low:
+        raise ImageDecodeError("The image is blank (all pixels have the same value).")
+    return ((image - low) / (high - low) * 255.0).astype(np.uint8)
+
+
+def _longest_run(flags: np.ndarray) -> tuple[int, int]:
+    """Start and end (exclusive) of the longest run of True values; the whole range when there is none."""
+    best, start, best_span = (0, len(flags)), None, 0
+    for index, flag in enumerate([*flags.tolist(), False]):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            if index - start > best_span:
+                best, best_span = (start, index), index - start
+            start = None
+    return best
+
+
+def extract_breast(image: np.ndarray, threshold: int = 40) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Crop to the breast: the longest run of non-constant columns, then rows, of the thresholded image.
+
+    Returns the crop of the original image and its box (top, bottom, left, right).
+    """
+    masked = np.where(image > threshold, image, 0)
+    height, width = masked.shape
+    rows = slice(int(height * 0.1), max(int(height * 0.9), int(height * 0.1) + 1))
+    left, right = _longest_run(masked[rows].std(axis=0) > 0)
+    span = right - left
+    cols = slice(left + int(span * 0.1), max(left + int(span * 0.9), left + int(span * 0.1) + 1))
+    top, bottom = _longest_run(masked[:, cols].std(axis=1) > 0)
+    return image[top:bottom, left:right], (top, bottom, left, right)
+
+
+def normalize(image: np.ndarray, config: PreprocessConfig) -> Tensor:
+    """uint8 H x W -> float tensor (3, H, W): per-image min-max, then the reference's mean/std."""
+    data = image.astype(np.float32)
+    data -= data.min()
+    peak = data.max()
+    if peak <= 0:
+        raise ImageDecodeError("The image is blank after cropping.")
+    data = (data / peak - config.mean) / config.std
+    return torch.from_numpy(data).unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+def resize(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Area-interpolated resize to the model's H x W."""
+    if image.shape == (config.height, config.width):
+        return image
+    return cv2.resize(image, (config.width, config.height), interpolation=cv2.INTER_AREA)
+
+
+def dicom_to_uint8(source: Path | Dataset, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """The reference's offline PNG: windowed, border-cropped, uint8, breast-cropped and resized."""
+    ds = read_dicom(source)
+    pixels = presentation_pixels(ds)
+    b = config.border
+    if min(pixels.shape) <= 2 * b + 2:
+        raise ImageDecodeError(f"{_describe(ds)}: image of {pixels.shape} is too small to be a mammogram.")
+    image = to_uint8(pixels[b:-b, b:-b])
+    breast, _ = extract_breast(image, config.threshold)
+    return resize(breast, config)
+
+
+def preprocess_dicom(source: Path | Dataset, config: PreprocessConfig = PreprocessConfig()) -> Tensor:
+    """DICOM mammogram -> normalized tensor (3, H, W)."""
+    return normalize(dicom_to_uint8(source, config), config)
+
+
+def preprocess_png(path: Path, config: PreprocessConfig = PreprocessConfig()) -> Tensor:
+    """A PNG in the reference's offline format (already breast-cropped) -> normalized tensor (3, H, W)."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ImageDecodeError(f"{path} is not a readable PNG image.")
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY if image.shape[2] == 3 else cv2.COLOR_BGRA2GRAY)
+    if image.dtype != np.uint8:
+        image = to_uint8(image.astype(np.float32))
+    return normalize(resize(image, config), config)
+
+
+def preprocess_file(path: Path, config: PreprocessConfig = PreprocessConfig()) -> Tensor:
+    """Dispatch on content: PNG by its magic bytes, anything else as DICOM."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError as error:
+        raise ImageDecodeError(f"{path} cannot be read: {error}") from error
+    if head == PNG_MAGIC:
+        return preprocess_png(path, config)
+    return preprocess_dicom(path, config)
+
+
+def view_of(ds: Dataset) -> tuple[str, str]:
+    """(laterality, view) of a mammogram, e.g. ("L", "CC"); from ImageLaterality/Laterality and ViewPosition."""
+    laterality = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").upper()
+    view = str(ds.get("ViewPosition") or "").upper()
+    return laterality, view

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random-weight models and small synthetic studies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig
+
+from models import ClipConfig, MammoClip
+from models.text_encoder import TextEncoder, default_text_encoder_dir, load_tokenizer
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require_tool(path: str) -> str:
+    """A Debian tool the test needs: fail under CI when absent, skip on a developer machine."""
+    if shutil.which(path) is None:
+        message = f"{path} is not installed (apt-get install dcmtk dicom3tools)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def tiny_bert_config() -> BertConfig:
+    return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=512)
+
+
+def tiny_model(image_encoder: str = "efficientnet-test", height: int = 64, width: int = 48) -> MammoClip:
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(default_text_encoder_dir())
+    config = ClipConfig(image_encoder=image_encoder, input_height=height, input_width=width)
+    return MammoClip(config, TextEncoder.from_config(tiny_bert_config(), tokenizer)).eval()
+
+
+@pytest.fixture
+def model() -> MammoClip:
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three small four-view studies written once per session."""
+    from training.synthetic import write_studies
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_studies(root, 3, seed=11, rows=256, cols=160, progress=False)
+    return root
