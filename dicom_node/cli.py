@@ -69,7 +69,7 @@ def _model_options(function: click.decorators.FC) -> click.decorators.FC:
                         help="Reference .tar checkpoint or model-version folder (default: the demo model).")(function)
 
 
-def _load(settings: Settings, model_path: Path | None, text_encoder: Path | None, progress: bool = True):  # noqa: ANN202
+def _load(settings: Settings, model_path: Path | None, text_encoder: Path | None, progress: bool = True):
     from models import load_model
     from training.demo import ensure_demo_model
 

@@ -76,12 +76,12 @@ def round_filters(filters: int, width: float) -> int:
     rounded = max(DEPTH_DIVISOR, int(scaled + DEPTH_DIVISOR / 2) // DEPTH_DIVISOR * DEPTH_DIVISOR)
     if rounded < 0.9 * scaled:
         rounded += DEPTH_DIVISOR
-    return int(rounded)
+    return rounded
 
 
 def round_repeats(repeats: int, depth: float) -> int:
     """Scale the number of blocks of a stage by ``depth`` (ceiling)."""
-    return int(math.ceil(depth * repeats))
+    return math.ceil(depth * repeats)
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:

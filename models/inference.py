@@ -27,13 +27,21 @@ class StudyScores:
     missing_views: list[ViewKey] = field(default_factory=list)
 
 
-def embed_views(model: MammoClip, images: Mapping[ViewKey, Tensor]) -> dict[ViewKey, Tensor]:
-    """All views in one batch, in inference mode, channels-last (bf16 autocast on CUDA)."""
+def embed_views(model: MammoClip, images: Mapping[ViewKey, Tensor],
+                batch_size: int | None = None) -> dict[ViewKey, Tensor]:
+    """Embed the views in inference mode, channels-last, with bf16 autocast on CUDA.
+
+    ``batch_size`` defaults to all views at once on CUDA and one view at a time on CPU, where a batch of
+    large images runs slower than single images (measured by ``benchmarks/inference.py``). Pass the
+    ``models.optimize.inference_copy`` of a model for the folded-BN fast path.
+    """
     keys = list(images)
+    on_cuda = model.device.type == "cuda"
+    step = batch_size or (len(keys) if on_cuda else 1)
     batch = torch.stack([images[k] for k in keys]).to(model.device).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16,
-                                                enabled=model.device.type == "cuda"):
-        embeddings = model.encode_images(batch).float().cpu()
+    with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=on_cuda):
+        embeddings = torch.cat([model.encode_images(batch[i:i + step]).float().cpu()
+                                for i in range(0, len(keys), step)])
     return dict(zip(keys, embeddings, strict=True))
 
 

@@ -131,7 +131,7 @@ def extract_breast(image: np.ndarray, threshold: int = 40) -> tuple[np.ndarray, 
     Returns the crop of the original image and its box (top, bottom, left, right).
     """
     masked = np.where(image > threshold, image, 0)
-    height, width = masked.shape
+    height = masked.shape[0]
     rows = slice(int(height * 0.1), max(int(height * 0.9), int(height * 0.1) + 1))
     left, right = _longest_run(masked[rows].std(axis=0) > 0)
     span = right - left

@@ -35,7 +35,7 @@ def write_reference_tar(path: Path, state: dict[str, torch.Tensor]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def b2_model():  # noqa: ANN201
+def b2_model():
     return tiny_model("efficientnet-b2", 128, 96)
 
 
