@@ -33,6 +33,12 @@ def build(variant: str, device: str) -> tuple[MammoClip, torch.nn.Module]:
     torch.manual_seed(0)
     tiny_text = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     model = MammoClip(ClipConfig(image_encoder=f"efficientnet-{variant}"), TextEncoder.from_config(tiny_text))
+    for module in model.image_encoder.modules():  # trained-like batch-norm statistics, so folding is exercised
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0.0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0.0, 0.1)
     reference = EfficientNet.from_name(f"efficientnet-{variant}", num_classes=1)
     reference.load_state_dict({**reference.state_dict(), **model.image_encoder.state_dict()})
     return model.to(device).eval(), reference.to(device).eval()

@@ -1,0 +1,77 @@
+"""The mammo-node command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from models import save_model_version
+from tests.conftest import tiny_model
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MAMMO_DATA_DIR": str(cwd / "data"), "MAMMO_DEVICE": "cpu"}
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_teaches_the_commands(tmp_path: Path) -> None:
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("demo", "synth", "classify", "embed"):
+        assert command in result.stdout
+    assert "not clinical" in result.stdout.lower()
+
+
+def test_synth_writes_studies_and_manifest(tmp_path: Path) -> None:
+    result = run_cli("synth", str(tmp_path / "out"), "--studies", "2", "--size", "256x160", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = (tmp_path / "out" / "manifest.csv").read_text().splitlines()
+    assert len(manifest) == 1 + 2 * 4
+    assert len(list((tmp_path / "out").glob("*/*.dcm"))) == 8
+
+
+def test_synth_rejects_a_bad_size(tmp_path: Path) -> None:
+    result = run_cli("synth", str(tmp_path / "out"), "--size", "big", cwd=tmp_path)
+    assert result.returncode == 2 and "ROWSxCOLS" in result.stderr
+
+
+def test_classify_and_embed_with_a_model_version(tmp_path: Path, synthetic_root: Path) -> None:
+    version = save_model_version(tiny_model(), tmp_path / "version", card={"clinical_use": False})
+    study = next(p for p in synthetic_root.iterdir() if p.is_dir())
+    result = run_cli("classify", str(study), "--json", "--model", str(version), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert set(payload["views"]) == {"L_CC", "R_CC", "L_MLO", "R_MLO"}
+    assert set(payload["breasts"]) == {"L", "R"} and payload["missing_views"] == []
+    assert abs(sum(payload["breasts"]["L"]["density"]) - 1) < 1e-5
+
+    out = tmp_path / "emb.npy"
+    images = sorted(study.glob("*.dcm"))[:2]
+    result = run_cli("embed", *map(str, images), "--text", "mass", "--model", str(version), "-o", str(out),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    array = np.load(out)
+    assert array.shape == (3, 512)
+    np.testing.assert_allclose(np.linalg.norm(array, axis=1), 1.0, rtol=1e-5)
+
+
+def test_classify_reports_a_non_mammogram_clearly(tmp_path: Path, synthetic_root: Path) -> None:
+    import pydicom
+
+    version = save_model_version(tiny_model(), tmp_path / "version")
+    study = tmp_path / "study"
+    study.mkdir()
+    source = next(synthetic_root.glob("*/L_CC.dcm"))
+    ds = pydicom.dcmread(source)
+    ds.Modality = "CT"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.save_as(study / "ct.dcm")
+    result = run_cli("classify", str(study), "--model", str(version), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "only MG images can be analysed" in result.stderr and ds.SOPInstanceUID in result.stderr
