@@ -92,7 +92,8 @@ def _print_study(scores, truth: dict[str, dict[str, object]] | None = None) -> N
                 f"{float(probs['malignancy'][1]):7.2f}  {'ABCD'[int(probs['density'].argmax())]}")
         if truth and side in truth:
             t = truth[side]
-            line += f"   truth: mass={t['mass']} calc={t['calcification']} malignant={t['malignant']}"
+            line += (f"   truth: mass={t['mass']} calc={t['calcification']} malignant={t['malignant']} "
+                     f"density={t['density']} BI-RADS={t['birads']}")
         click.echo(line)
     if scores.missing_views:
         click.echo("missing views: " + ", ".join(" ".join(v) for v in scores.missing_views))

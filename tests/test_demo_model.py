@@ -19,6 +19,7 @@ def test_demo_model_trains_once_and_is_reused(tmp_path: Path) -> None:
     assert model.card["clinical_use"] is False and "NOT a clinical model" in model.card["intended_use"]
     assert model.card["recipe"]["studies"] == 6
     assert "density_accuracy" in model.card["metrics_held_out_zero_shot"]
+    assert (folder / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = (folder / "weights.safetensors").stat().st_mtime_ns
     assert ensure_demo_model(tmp_path, TINY, progress=False) == folder
     assert (folder / "weights.safetensors").stat().st_mtime_ns == stamp

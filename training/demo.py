@@ -21,15 +21,17 @@ from tqdm import tqdm
 from models import ClipConfig, MammoClip, new_model, save_model_version
 from models.checkpoints import read_card
 from models.preprocess import dicom_to_uint8, normalize
+from training.batch_norm import batch_norm_momentum
 from training.contrastive import soft_clip_loss
 from training.evaluation import zero_shot_metrics
 from training.label_text import breast_text, label_key
+from training.plots import plot_training_curve
 from training.synthetic import write_studies
 
 log = logging.getLogger(__name__)
 
 NOT_CLINICAL = "Trained on synthetic phantoms only. NOT a clinical model: research and software testing only."
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -122,26 +124,26 @@ def train_demo_model(folder: Path, recipe: DemoRecipe = DemoRecipe(), progress: 
     steps = recipe.epochs * ((len(train) + recipe.batch_size - 1) // recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.learning_rate, total_steps=steps,
                                                     pct_start=0.1)
-    history = []
-    bar = tqdm(total=steps, desc="training demo model (synthetic, not clinical)", disable=not progress)
-    model.train()
-    model.text_encoder.eval()
-    for epoch in range(recipe.epochs):
-        order = torch.randperm(len(train))
-        for start in range(0, len(train), recipe.batch_size):
-            batch = order[start:start + recipe.batch_size]
-            texts = [breast_text(train[i].labels, train[i].laterality, rng) for i in batch.tolist()]
-            text_emb = torch.nn.functional.normalize(model.text_projection(bank.pooled(texts)), dim=-1)
-            loss = soft_clip_loss(model.encode_images(images[batch]), text_emb, model.logit_scale.exp(),
-                                  groups[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            history.append({"epoch": epoch, "loss": loss.item()})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            bar.update()
-    bar.close()
+    history: list[dict[str, float]] = []
+    with batch_norm_momentum(model.image_encoder, 0.1), tqdm(
+            total=steps, desc="training demo model (synthetic, not clinical)", disable=not progress) as bar:
+        model.train()
+        model.text_encoder.eval()
+        for epoch in range(recipe.epochs):
+            order = torch.randperm(len(train))
+            for start in range(0, len(train), recipe.batch_size):
+                batch = order[start:start + recipe.batch_size]
+                texts = [breast_text(train[i].labels, train[i].laterality, rng) for i in batch.tolist()]
+                text_emb = torch.nn.functional.normalize(model.text_projection(bank.pooled(texts)), dim=-1)
+                loss = soft_clip_loss(model.encode_images(images[batch]), text_emb, model.logit_scale.exp(),
+                                      groups[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                history.append({"epoch": epoch, "loss": loss.item()})
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update()
     model.eval()
     metrics = zero_shot_metrics(model, images_tensor(held_out, config), [s.labels for s in held_out])
     card = {
@@ -152,7 +154,10 @@ def train_demo_model(folder: Path, recipe: DemoRecipe = DemoRecipe(), progress: 
         "recipe": asdict(recipe), "metrics_held_out_zero_shot": metrics,
         "final_loss": history[-1]["loss"],
     }
-    return save_model_version(model, folder / "model", card=card)
+    version = save_model_version(model, folder / "model", card=card)
+    plot_training_curve([h["loss"] for h in history], version / "training_curve.png",
+                        "Demo model on synthetic phantoms (not clinical)")
+    return version
 
 
 def ensure_demo_model(cache_dir: Path, recipe: DemoRecipe = DemoRecipe(), progress: bool = True) -> Path:

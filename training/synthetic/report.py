@@ -41,6 +41,10 @@ NEGATIVE = (
 )
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def describe(finding: Finding, rng: np.random.Generator) -> str:
     """One finding sentence: side, location, depth, size, morphology."""
     side = SIDE[finding.laterality]
@@ -50,7 +54,8 @@ def describe(finding: Finding, rng: np.random.Generator) -> str:
         margin = MASS_MARGINS[finding.shape]
         return str(rng.choice((
             f"There is a {finding.size_mm:.0f} mm {finding.shape} mass with {margin} margins {where}.",
-            f"A {finding.shape} {margin} mass measuring {finding.size_mm:.0f} mm is seen {where}.",
+            f"{_article(finding.shape).capitalize()} {finding.shape} {margin} mass measuring "
+            f"{finding.size_mm:.0f} mm is seen {where}.",
         )))
     return str(rng.choice((
         f"There is a cluster of {finding.shape} calcifications spanning {finding.size_mm:.0f} mm {where}.",
