@@ -40,8 +40,8 @@ def parse_size(value: str) -> tuple[int, int]:
 def main(ctx: click.Context, config_file: Path | None, verbose: bool) -> None:
     """Mammo-CLIP node: mammography AI beside the PACS (research and triage support, not clinical).
 
-    This release holds the models, the synthetic study generator and zero-shot scoring; the DICOM
-    receiver, worklist and result export are being built on top of them.
+    This release holds the models, the synthetic study generator, zero-shot scoring and the Storage
+    SCP with its worklist database; analysis workers and result export are being built on top of them.
 
     \b
     Start here:
@@ -49,6 +49,8 @@ def main(ctx: click.Context, config_file: Path | None, verbose: bool) -> None:
       mammo-node synth OUT --studies 8 write synthetic four-view MG studies with masks and reports
       mammo-node classify STUDY_DIR    zero-shot scores per view and per breast for a folder of DICOM
       mammo-node embed FILES...        image or text embeddings to .npy
+      mammo-node db upgrade            create or migrate the worklist database
+      mammo-node serve                 run the Storage SCP (receive studies over C-STORE)
 
     Settings come from a TOML file and MAMMO_* environment variables (e.g. MAMMO_MODEL_PATH,
     MAMMO_TEXT_ENCODER_PATH, MAMMO_DEVICE, MAMMO_DATA_DIR). Not for clinical use.
@@ -219,6 +221,58 @@ def classify(settings: Settings, study_dir: Path, as_json: bool, model_path: Pat
         click.echo(json.dumps(payload, indent=2))
     else:
         _print_study(scores)
+
+
+@main.group()
+def db() -> None:
+    """The worklist database (SQLite by default, PostgreSQL through MAMMO_DB_URL)."""
+
+
+@db.command("upgrade")
+@click.pass_obj
+def db_upgrade(settings: Settings) -> None:
+    """Create or migrate the worklist database to the newest schema (Alembic)."""
+    from worklist.db import make_engine, upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url())
+    upgrade(engine)
+    click.echo(f"database at {engine.url.render_as_string(hide_password=True)} is up to date")
+
+
+@main.command()
+@click.pass_obj
+def serve(settings: Settings) -> None:
+    """Run the Storage SCP (C-ECHO, C-STORE) until interrupted.
+
+    \b
+    Every received instance is fsynced to disk and recorded in the worklist database before the
+    node answers Success. Try it with DCMTK:
+      echoscu -aec MAMMO_AI 127.0.0.1 11112
+      storescu -aec MAMMO_AI 127.0.0.1 11112 study/*.dcm
+    Analysis workers and result export are not part of this release yet.
+    """
+    import threading
+
+    from dicom_node.scp import start_scp, storage_root
+    from dicom_node.storage import InstanceStore
+    from worklist.db import make_engine, require_current, session_factory
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url())
+    try:
+        require_current(engine)
+    except NodeError as error:
+        raise click.ClickException(str(error)) from None
+    server = start_scp(settings, InstanceStore(storage_root(settings), session_factory(engine)))
+    click.echo(f"{settings.ae_title} listening on {settings.bind_host}:{settings.port} (Ctrl-C to stop)")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        server.shutdown()
+        engine.dispose()
 
 
 if __name__ == "__main__":

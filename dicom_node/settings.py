@@ -28,6 +28,16 @@ class Settings(BaseSettings):
         None, description="Local Hugging Face text-encoder directory (Bio_ClinicalBERT) for a reference .tar.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the models run.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    db_url: str | None = Field(None, description="SQLAlchemy URL; unset: SQLite file in data_dir.")
+    ae_title: str = Field("MAMMO_AI", min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$",
+                          description="The node's AE title (1-16 printable ASCII characters).")
+    bind_host: str = Field("127.0.0.1", description="Address the Storage SCP listens on.")
+    port: int = Field(11112, ge=1, le=65535, description="Storage SCP port.")
+    allowed_calling_aes: list[str] = Field(
+        default_factory=list, description="Calling AE titles allowed to associate; empty: any (logged).")
+    store_non_mammography: bool = Field(
+        True, description="Store non-MG objects without analysing them (false: refuse them with 0x0122).")
+    maximum_associations: int = Field(10, ge=1, le=200)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -37,6 +47,12 @@ class Settings(BaseSettings):
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_file = Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file)
+
+    def database_url(self) -> str:
+        """``db_url``, or the embedded SQLite file under ``data_dir``."""
+        from worklist.db import sqlite_url
+
+        return self.db_url or sqlite_url(self.data_dir)
 
     def resolved_device(self) -> str:
         """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""

@@ -75,3 +75,37 @@ def test_classify_reports_a_non_mammogram_clearly(tmp_path: Path, synthetic_root
     result = run_cli("classify", str(study), "--model", str(version), cwd=tmp_path)
     assert result.returncode == 1
     assert "only MG images can be analysed" in result.stderr and ds.SOPInstanceUID in result.stderr
+
+
+def test_db_upgrade_then_serve_receives_a_study(tmp_path: Path, synthetic_root: Path) -> None:
+    """`mammo-node db upgrade` and `mammo-node serve` as real processes, fed by DCMTK's storescu."""
+    import signal
+    import time
+
+    from tests.conftest import free_port, require_tool
+
+    storescu = require_tool("/usr/bin/storescu")
+    port = str(free_port())
+    env = {**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data"), "MAMMO_PORT": port}
+    refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode != 0 and "mammo-node db upgrade" in refused.stderr
+    upgraded = subprocess.run([sys.executable, "-m", "dicom_node.cli", "db", "upgrade"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert upgraded.returncode == 0, upgraded.stderr
+    node = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        files = sorted(next(p for p in synthetic_root.iterdir() if p.is_dir()).glob("*.dcm"))
+        for _ in range(100):
+            sent = subprocess.run([storescu, "-aec", "MAMMO_AI", "127.0.0.1", port, *map(str, files)],
+                                  capture_output=True, text=True, timeout=60)
+            if sent.returncode == 0:
+                break
+            time.sleep(0.2)
+        assert sent.returncode == 0, sent.stderr
+        stored = list((tmp_path / "data" / "incoming" / "studies").rglob("*.dcm"))
+        assert len(stored) == 4
+    finally:
+        node.send_signal(signal.SIGINT)
+        node.wait(timeout=30)

@@ -1,0 +1,129 @@
+"""The Storage SCP: C-ECHO and C-STORE of mammograms (pynetdicom), answering only after the store committed.
+
+Statuses returned by ``handle_store`` (PS3.4 Annex B.2.3):
+
+- ``0x0000`` Success: the file is on disk (fsynced) and its row is committed.
+- ``0x0122`` Refused, SOP class not supported: a non-MG object while ``store_non_mammography`` is false.
+- ``0xA700`` Refused, out of resources: the disk or the database failed; the sender should retry later.
+- ``0xC000`` Error, cannot understand: the dataset cannot be decoded or carries an invalid UID.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import ssl
+from pathlib import Path
+
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_node.settings import Settings
+from dicom_node.storage import InstanceStore, InvalidUIDError
+from models.preprocess import MAMMOGRAPHY_SOP_CLASSES
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+BREAST_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.1.2",      # Digital Mammography X-Ray Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.2.1",    # - For Processing
+    "1.2.840.10008.5.1.4.1.1.13.1.3",   # Breast Tomosynthesis Image (stored, not analysed)
+    "1.2.840.10008.5.1.4.1.1.13.1.4",   # Breast Projection X-Ray Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.13.1.5",   # - For Processing
+)
+# Uncompressed, and the compressed syntaxes mammography units send; stored as received, decoded by workers.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless, JPEGLosslessSV1, JPEGLossless, RLELossless,
+]
+
+
+def handle_store(event: Event, store: InstanceStore, settings: Settings) -> int:
+    """EVT_C_STORE handler: write and record the instance, then return a status (see the module docstring)."""
+    requested_class = str(event.request.AffectedSOPClassUID)
+    sop_uid = str(event.request.AffectedSOPInstanceUID)
+    if requested_class not in MAMMOGRAPHY_SOP_CLASSES and not settings.store_non_mammography:
+        log.warning("refused instance of SOP class %s (not mammography; store_non_mammography is off)",
+                    requested_class)
+        return SOP_CLASS_NOT_SUPPORTED
+    try:
+        dataset = event.dataset
+        dataset.file_meta = event.file_meta
+        stored = store.store(event.encoded_dataset(), dataset, str(event.context.transfer_syntax),
+                             event.assoc.requestor.ae_title)
+    except InvalidUIDError as error:
+        log.warning("refused instance: %s", error)
+        return CANNOT_UNDERSTAND
+    except OSError as error:
+        reason = "disk full" if error.errno == errno.ENOSPC else f"I/O error {error.errno}"
+        log.error("could not store instance %s: %s", sop_uid[:64], reason)
+        return OUT_OF_RESOURCES
+    except SQLAlchemyError as error:
+        log.error("could not record instance %s: database error %s", sop_uid[:64], type(error).__name__)
+        return OUT_OF_RESOURCES
+    except Exception as error:  # a malformed dataset can raise anything while decoding
+        log.warning("refused undecodable instance %s: %s", sop_uid[:64], type(error).__name__)
+        return CANNOT_UNDERSTAND
+    if not stored.analysable:
+        log.info("instance %s is SOP class %s: stored, not analysed", stored.sop_instance_uid, requested_class)
+    return SUCCESS
+
+
+def _log_rejected(event: Event) -> None:
+    requestor = event.assoc.requestor
+    log.warning("association rejected: calling AE %r from %s", requestor.ae_title, requestor.address)
+
+
+def build_ae(settings: Settings) -> AE:
+    """The application entity with the node's AE title, contexts, limits and allow-list."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = 0
+    ae.maximum_associations = settings.maximum_associations
+    ae.require_calling_aet = list(settings.allowed_calling_aes)
+    ae.add_supported_context(Verification)
+    for sop_class in BREAST_SOP_CLASSES:
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    if settings.store_non_mammography:
+        for context in AllStoragePresentationContexts:
+            if context.abstract_syntax not in BREAST_SOP_CLASSES:
+                ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    if not settings.allowed_calling_aes:
+        log.warning("no calling-AE allow-list is set: any AE title may store to %s", settings.ae_title)
+    return ae
+
+
+def start_scp(settings: Settings, store: InstanceStore,
+              ssl_context: ssl.SSLContext | None = None) -> ThreadedAssociationServer:
+    """Start the Storage SCP in background threads; call ``.shutdown()`` on the result to stop it."""
+    ae = build_ae(settings)
+    handlers = [(evt.EVT_C_STORE, handle_store, [store, settings]), (evt.EVT_REJECTED, _log_rejected)]
+    server = ae.start_server((settings.bind_host, settings.port), block=False, evt_handlers=handlers,
+                             ssl_context=ssl_context)
+    log.info("Storage SCP %s listening on %s:%d", settings.ae_title, settings.bind_host, server.server_address[1])
+    return server
+
+
+def storage_root(settings: Settings) -> Path:
+    """Where received instances live."""
+    return Path(settings.data_dir) / "incoming"

@@ -1,0 +1,142 @@
+"""Received instances: validated UIDs -> safe paths, atomic fsynced files, and their worklist rows.
+
+The order is what makes "nothing lost" true: the file is complete on disk (temp file, fsync, rename, fsync of
+the folder) and its row is committed before the Storage SCP answers Success. A resend of the same SOP
+Instance UID rewrites the same path and updates the same row, so it is idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.errors import NodeError
+from models.preprocess import MAMMOGRAPHY_SOP_CLASSES
+from worklist.models import Instance, Series, Study, StudyState, utcnow
+
+log = logging.getLogger(__name__)
+
+# PS3.5 §9.1: components of digits without leading zeros (except "0"), dot-separated, at most 64 characters.
+UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+class InvalidUIDError(NodeError, ValueError):
+    """A UID that breaks the DICOM UID grammar (and so can never name a file)."""
+
+
+def validated_uid(value: object, name: str) -> str:
+    """The UID if it is a valid DICOM UID, else ``InvalidUIDError`` (it may be hostile: ``../../etc``)."""
+    uid = str(value or "")
+    if len(uid) > 64 or not UID_PATTERN.fullmatch(uid):
+        raise InvalidUIDError(f"{name} {uid[:80]!r} is not a valid DICOM UID")
+    return uid
+
+
+def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """``root/studies/<study>/<series>/<sop>.dcm`` from validated UIDs; never outside ``root``."""
+    parts = [validated_uid(study_uid, "StudyInstanceUID"), validated_uid(series_uid, "SeriesInstanceUID"),
+             validated_uid(sop_uid, "SOPInstanceUID") + ".dcm"]
+    return Path(root, "studies", *parts)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` is either absent, the old file, or the complete new file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    temporary = path.parent / f".{uuid.uuid4().hex}.part"
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What the store did with one instance."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    path: Path
+    analysable: bool
+    duplicate: bool
+
+
+def _get_or_create(session: Session, model: type, key: str, value: str, **fields: object) -> object:
+    """Select by a unique key, or insert; a concurrent insert of the same key is re-selected."""
+    found = session.scalar(select(model).where(getattr(model, key) == value))
+    if found is not None:
+        return found
+    try:
+        with session.begin_nested():
+            row = model(**{key: value}, **fields)
+            session.add(row)
+        return row
+    except IntegrityError:
+        return session.scalars(select(model).where(getattr(model, key) == value)).one()
+
+
+class InstanceStore:
+    """Files under ``root`` and rows in the worklist database, written together."""
+
+    def __init__(self, root: Path, sessions: sessionmaker[Session]) -> None:
+        self.root = Path(root)
+        self.sessions = sessions
+
+    def store(self, encoded: bytes, dataset: Dataset, transfer_syntax_uid: str, calling_ae: str) -> StoredInstance:
+        """Write one received instance and commit its rows. Raises on any failure (nothing is claimed)."""
+        study_uid = validated_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
+        series_uid = validated_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        sop_uid = validated_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
+        sop_class = validated_uid(dataset.get("SOPClassUID"), "SOPClassUID")
+        path = instance_path(self.root, study_uid, series_uid, sop_uid)
+        atomic_write(path, encoded)
+        analysable = sop_class in MAMMOGRAPHY_SOP_CLASSES and dataset.get("Modality") == "MG"
+        fields = {
+            "sop_class_uid": sop_class, "transfer_syntax_uid": transfer_syntax_uid,
+            "laterality": str(dataset.get("ImageLaterality") or dataset.get("Laterality") or "")[:2] or None,
+            "view": str(dataset.get("ViewPosition") or "")[:16] or None, "analysable": analysable,
+            "path": str(path.relative_to(self.root)), "size_bytes": len(encoded),
+            "sha256": hashlib.sha256(encoded).hexdigest(), "calling_ae": calling_ae[:16],
+        }
+        with self.sessions.begin() as session:
+            study = _get_or_create(
+                session, Study, "study_instance_uid", study_uid,
+                accession_number=str(dataset.get("AccessionNumber") or "")[:16] or None,
+                patient_id=str(dataset.get("PatientID") or "")[:64] or None,
+                patient_name=str(dataset.get("PatientName") or "")[:324] or None,
+                study_date=str(dataset.get("StudyDate") or "")[:8] or None)
+            series = _get_or_create(session, Series, "series_instance_uid", series_uid, study=study,
+                                    modality=str(dataset.get("Modality") or "")[:16] or None)
+            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+            if existing is None:
+                session.add(Instance(sop_instance_uid=sop_uid, study=study, series=series, **fields))
+            else:
+                for name, value in fields.items():
+                    setattr(existing, name, value)
+                existing.received_at = utcnow()
+            study.last_received_at = utcnow()
+            if study.state == StudyState.ANALYSED and analysable:
+                study.state = StudyState.RECEIVING  # a late instance: the study will be analysed again
+        log.info("stored instance %s of study %s (%s, %d bytes%s)", sop_uid, study_uid, sop_class, len(encoded),
+                 ", resend" if existing is not None else "")
+        return StoredInstance(sop_uid, study_uid, path, analysable, existing is not None)

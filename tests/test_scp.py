@@ -1,0 +1,181 @@
+"""The Storage SCP against real peers: DCMTK storescu/echoscu and a pynetdicom SCU, over localhost."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import RLELossless
+from pynetdicom import AE
+from sqlalchemy import func, select
+
+from dicom_node.scp import start_scp, storage_root
+from dicom_node.settings import Settings
+from dicom_node.storage import InstanceStore, instance_path
+from tests.conftest import free_port, require_tool
+from training.synthetic import write_studies
+from worklist.db import make_engine, session_factory
+from worklist.models import Instance, Study
+
+MG = "1.2.840.10008.5.1.4.1.1.1.2"
+
+
+@dataclass
+class Node:
+    settings: Settings
+    sessions: object
+    root: Path
+
+    def count(self, model: type = Instance) -> int:
+        with self.sessions() as session:
+            return session.scalar(select(func.count()).select_from(model))
+
+
+@pytest.fixture(scope="module")
+def study_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("send")
+    write_studies(root, 1, seed=31, rows=256, cols=160, progress=False)
+    return sorted(root.glob("*/*.dcm"))
+
+
+def _start(db_url: str, tmp_path: Path, **overrides: object) -> tuple[Node, object]:
+    settings = Settings(data_dir=tmp_path / "data", port=free_port(), db_url=db_url, **overrides)
+    engine = make_engine(settings.database_url())
+    sessions = session_factory(engine)
+    store = InstanceStore(storage_root(settings), sessions)
+    server = start_scp(settings, store)
+    return Node(settings, sessions, storage_root(settings)), (server, engine)
+
+
+@pytest.fixture
+def node(db_url: str, tmp_path: Path) -> Iterator[Node]:
+    running, (server, engine) = _start(db_url, tmp_path)
+    yield running
+    server.shutdown()
+    engine.dispose()
+
+
+def storescu(node: Node, *files: Path, calling: str = "STORESCU") -> subprocess.CompletedProcess[str]:
+    binary = require_tool("/usr/bin/storescu")
+    return subprocess.run([binary, "-aet", calling, "-aec", node.settings.ae_title, "127.0.0.1",
+                           str(node.settings.port), *map(str, files)], capture_output=True, text=True, timeout=120)
+
+
+def test_echoscu_verifies_the_node(node: Node) -> None:
+    echoscu = require_tool("/usr/bin/echoscu")
+    result = subprocess.run([echoscu, "-aec", node.settings.ae_title, "127.0.0.1", str(node.settings.port)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dcmtk_storescu_study_is_on_disk_and_in_the_db(node: Node, study_files: list[Path]) -> None:
+    result = storescu(node, *study_files)
+    assert result.returncode == 0, result.stderr
+    assert node.count(Instance) == 4 and node.count(Study) == 1
+    with node.sessions() as session:
+        rows = session.scalars(select(Instance)).all()
+    for row in rows:
+        stored = pydicom.dcmread(node.root / row.path)
+        sent = next(d for d in map(pydicom.dcmread, study_files) if d.SOPInstanceUID == row.sop_instance_uid)
+        assert stored.PixelData == sent.PixelData and row.analysable and row.calling_ae == "STORESCU"
+        assert {row.laterality + row.view for row in rows} == {"LCC", "RCC", "LMLO", "RMLO"}
+    assert not list(node.root.rglob("*.part"))
+    # A resend is idempotent: same rows, same paths.
+    assert storescu(node, *study_files).returncode == 0
+    assert node.count(Instance) == 4
+
+
+def _send(node: Node, dataset: pydicom.Dataset, calling: str = "PYNETDICOM") -> int:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.settings.port, ae_title=node.settings.ae_title)
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(dataset).Status)
+    finally:
+        assoc.release()
+
+
+def test_path_traversal_uid_is_refused_and_never_becomes_a_path(node: Node, study_files: list[Path]) -> None:
+    dataset = pydicom.dcmread(study_files[0])
+    dataset.SeriesInstanceUID = "../../../../tmp/evil"
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        assert _send(node, dataset) == 0xC000
+    assert node.count(Instance) == 0
+    assert not list(node.root.parent.rglob("evil*")) and not Path("/tmp/evil").exists()
+    with pytest.raises(ValueError, match="not a valid DICOM UID"):
+        instance_path(node.root, "1.2", "../x", "1.3")
+    # the node keeps serving the next association
+    assert _send(node, pydicom.dcmread(study_files[1])) == 0x0000
+
+
+def test_rle_compressed_mammogram_is_stored_as_received(node: Node, study_files: list[Path]) -> None:
+    dataset = pydicom.dcmread(study_files[0])
+    dataset.compress(RLELossless)
+    assert _send(node, dataset) == 0x0000
+    with node.sessions() as session:
+        row = session.scalars(select(Instance)).one()
+    assert row.transfer_syntax_uid == RLELossless
+    assert pydicom.dcmread(node.root / row.path).file_meta.TransferSyntaxUID == RLELossless
+
+
+def test_non_mammography_is_refused_by_configuration(db_url: str, tmp_path: Path, study_files: list[Path]) -> None:
+    running, (server, engine) = _start(db_url, tmp_path, store_non_mammography=False)
+    try:
+        dataset = pydicom.dcmread(study_files[0])
+        dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        dataset.Modality = "OT"
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", running.settings.port, ae_title=running.settings.ae_title)
+        # the context itself is not offered: pynetdicom refuses to send, nothing is stored
+        assert not assoc.is_established or not assoc.accepted_contexts
+        if assoc.is_established:
+            assoc.release()
+        assert running.count(Instance) == 0
+    finally:
+        server.shutdown()
+        engine.dispose()
+
+
+def test_non_mammography_is_stored_but_not_analysed_by_default(node: Node, study_files: list[Path]) -> None:
+    dataset = pydicom.dcmread(study_files[0])
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    dataset.Modality = "OT"
+    assert _send(node, dataset) == 0x0000
+    with node.sessions() as session:
+        assert session.scalars(select(Instance)).one().analysable is False
+
+
+def test_unknown_calling_ae_is_rejected_and_logged(db_url: str, tmp_path: Path, study_files: list[Path],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    running, (server, engine) = _start(db_url, tmp_path, allowed_calling_aes=["MODALITY1"])
+    try:
+        with caplog.at_level(logging.WARNING, logger="dicom_node.scp"):
+            refused = storescu(running, study_files[0], calling="INTRUDER")
+        assert refused.returncode != 0
+        assert running.count(Instance) == 0
+        assert any("INTRUDER" in r.getMessage() and "127.0.0.1" in r.getMessage() for r in caplog.records)
+        assert storescu(running, study_files[0], calling="MODALITY1").returncode == 0
+        assert running.count(Instance) == 1
+    finally:
+        server.shutdown()
+        engine.dispose()
+
+
+def test_database_failure_returns_out_of_resources(tmp_path: Path, study_files: list[Path]) -> None:
+    """A DB that cannot take the row gets 0xA700, never a Success for an unrecorded instance."""
+    settings = Settings(data_dir=tmp_path / "data", port=free_port())
+    engine = make_engine(f"sqlite:///{tmp_path / 'not-migrated.sqlite'}")  # no tables: every insert fails
+    server = start_scp(settings, InstanceStore(storage_root(settings), session_factory(engine)))
+    try:
+        node = Node(settings, session_factory(engine), storage_root(settings))
+        assert _send(node, pydicom.dcmread(study_files[0])) == 0xA700
+    finally:
+        server.shutdown()
+        engine.dispose()

@@ -1,0 +1,74 @@
+"""Engine, sessions and migrations of the worklist database.
+
+SQLite (embedded default) runs in WAL mode with ``synchronous=FULL`` and foreign keys on, so a committed row
+survives a power cut like the fsynced file it describes. PostgreSQL is used through ``MAMMO_DB_URL``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.errors import ConfigurationError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def sqlite_url(data_dir: Path) -> str:
+    """The embedded database file under the data directory."""
+    return f"sqlite:///{(Path(data_dir) / 'worklist.sqlite').resolve()}"
+
+
+def _sqlite_pragmas(connection, _record) -> None:  # noqa: ANN001  (DB-API connection)
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the settings this node relies on (pre-ping; SQLite pragmas)."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _alembic_config(engine: Engine) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    return config
+
+
+def upgrade(engine: Engine) -> None:
+    """Apply every migration up to the newest (``mammo-node db upgrade``)."""
+    config = _alembic_config(engine)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def require_current(engine: Engine) -> None:
+    """Refuse to run on a database that is not at the newest migration."""
+    head = ScriptDirectory.from_config(_alembic_config(engine)).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current != head:
+        raise ConfigurationError(
+            f"The worklist database ({engine.url.render_as_string(hide_password=True)}) is at migration "
+            f"{current or 'none'}, not {head}. Run `mammo-node db upgrade` first."
+        )
