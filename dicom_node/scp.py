@@ -3,7 +3,6 @@
 Statuses returned by ``handle_store`` (PS3.4 Annex B.2.3):
 
 - ``0x0000`` Success: the file is on disk (fsynced) and its row is committed.
-- ``0x0122`` Refused, SOP class not supported: a non-MG object while ``store_non_mammography`` is false.
 - ``0xA700`` Refused, out of resources: the disk or the database failed; the sender should retry later.
 - ``0xC000`` Error, cannot understand: the dataset cannot be decoded or carries an invalid UID.
 """
@@ -36,12 +35,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore, InvalidUIDError
-from models.preprocess import MAMMOGRAPHY_SOP_CLASSES
 
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
-SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
@@ -59,14 +56,9 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-def handle_store(event: Event, store: InstanceStore, settings: Settings) -> int:
+def handle_store(event: Event, store: InstanceStore) -> int:
     """EVT_C_STORE handler: write and record the instance, then return a status (see the module docstring)."""
-    requested_class = str(event.request.AffectedSOPClassUID)
     sop_uid = str(event.request.AffectedSOPInstanceUID)
-    if requested_class not in MAMMOGRAPHY_SOP_CLASSES and not settings.store_non_mammography:
-        log.warning("refused instance of SOP class %s (not mammography; store_non_mammography is off)",
-                    requested_class)
-        return SOP_CLASS_NOT_SUPPORTED
     try:
         dataset = event.dataset
         dataset.file_meta = event.file_meta
@@ -86,7 +78,8 @@ def handle_store(event: Event, store: InstanceStore, settings: Settings) -> int:
         log.warning("refused undecodable instance %s: %s", sop_uid[:64], type(error).__name__)
         return CANNOT_UNDERSTAND
     if not stored.analysable:
-        log.info("instance %s is SOP class %s: stored, not analysed", stored.sop_instance_uid, requested_class)
+        log.info("instance %s is SOP class %s: stored, not analysed", stored.sop_instance_uid,
+                 event.request.AffectedSOPClassUID)
     return SUCCESS
 
 
@@ -104,7 +97,7 @@ def build_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification)
     for sop_class in BREAST_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-    if settings.store_non_mammography:
+    if settings.store_non_mammography:  # otherwise their presentation contexts are refused at association
         for context in AllStoragePresentationContexts:
             if context.abstract_syntax not in BREAST_SOP_CLASSES:
                 ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
@@ -117,7 +110,7 @@ def start_scp(settings: Settings, store: InstanceStore,
               ssl_context: ssl.SSLContext | None = None) -> ThreadedAssociationServer:
     """Start the Storage SCP in background threads; call ``.shutdown()`` on the result to stop it."""
     ae = build_ae(settings)
-    handlers = [(evt.EVT_C_STORE, handle_store, [store, settings]), (evt.EVT_REJECTED, _log_rejected)]
+    handlers = [(evt.EVT_C_STORE, handle_store, [store]), (evt.EVT_REJECTED, _log_rejected)]
     server = ae.start_server((settings.bind_host, settings.port), block=False, evt_handlers=handlers,
                              ssl_context=ssl_context)
     log.info("Storage SCP %s listening on %s:%d", settings.ae_title, settings.bind_host, server.server_address[1])
