@@ -10,15 +10,13 @@ from pathlib import Path
 import click
 import numpy as np
 
+from dicom_node.cli_node import COMMANDS
+from dicom_node.serving import NOT_CLINICAL_BANNER
 from dicom_node.settings import Settings, load_settings
 from models.errors import NodeError
 
 log = logging.getLogger("mammo_node")
 
-NOT_CLINICAL_BANNER = (
-    "NOTE: the demo model is trained on synthetic phantoms. It is NOT a clinical model and its scores\n"
-    "say nothing about real patients. Load real Mammo-CLIP weights with --model / MAMMO_MODEL_PATH."
-)
 
 
 def parse_size(value: str) -> tuple[int, int]:
@@ -40,20 +38,27 @@ def parse_size(value: str) -> tuple[int, int]:
 def main(ctx: click.Context, config_file: Path | None, verbose: bool) -> None:
     """Mammo-CLIP node: mammography AI beside the PACS (research and triage support, not clinical).
 
-    This release holds the models, the synthetic study generator, zero-shot scoring and the Storage
-    SCP with its worklist database; analysis workers and result export are being built on top of them.
+    Receives screening studies by C-STORE, analyses them with Mammo-CLIP when the four views are in,
+    and sends a Structured Report (TID 1500) and heatmap SEGs back to the PACS.
 
     \b
     Start here:
-      mammo-node demo                  synthetic study -> model -> scores (trains a demo model once)
-      mammo-node synth OUT --studies 8 write synthetic four-view MG studies with masks and reports
-      mammo-node classify STUDY_DIR    zero-shot scores per view and per breast for a folder of DICOM
-      mammo-node embed FILES...        image or text embeddings to .npy
+      mammo-node demo                  the whole path on this machine, with a synthetic study
       mammo-node db upgrade            create or migrate the worklist database
-      mammo-node serve                 run the Storage SCP (receive studies over C-STORE)
+      mammo-node serve                 run the node: SCP + scheduler + embedded worker
+      mammo-node worker -Q gpu         a separate analysis worker (production, Redis broker)
+      mammo-node echo / send PATH...   C-ECHO / C-STORE to the node or to a destination
+      mammo-node status / studies      counts by state / the triage list by suspicion
+      mammo-node retry-exports         send FAILED exports again
+      mammo-node synth OUT --studies 8 write synthetic four-view MG studies with masks and reports
+      mammo-node classify STUDY_DIR    zero-shot scores for a folder of DICOM, without the node
+      mammo-node embed FILES...        image or text embeddings to .npy
 
-    Settings come from a TOML file and MAMMO_* environment variables (e.g. MAMMO_MODEL_PATH,
-    MAMMO_TEXT_ENCODER_PATH, MAMMO_DEVICE, MAMMO_DATA_DIR). Not for clinical use.
+    \b
+    Settings come from a TOML file (--config, ./mammo-node.toml or $MAMMO_CONFIG) and MAMMO_*
+    environment variables, e.g. MAMMO_MODEL_PATH, MAMMO_DATA_DIR, MAMMO_DB_URL, MAMMO_BROKER_URL,
+    MAMMO_DESTINATIONS='[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}]'.
+    Not for clinical use.
     """
     try:
         settings = load_settings(config_file)
@@ -61,6 +66,7 @@ def main(ctx: click.Context, config_file: Path | None, verbose: bool) -> None:
         raise click.UsageError(str(error)) from None
     logging.basicConfig(level="DEBUG" if verbose else settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     ctx.obj = settings
 
 
@@ -72,15 +78,11 @@ def _model_options(function: click.decorators.FC) -> click.decorators.FC:
 
 
 def _load(settings: Settings, model_path: Path | None, text_encoder: Path | None, progress: bool = True):
-    from models import load_model
-    from training.demo import ensure_demo_model
+    from dicom_node.serving import load_serving_model
 
-    path = model_path or settings.model_path
-    if path is None:
+    if (model_path or settings.model_path) is None:
         click.echo(NOT_CLINICAL_BANNER, err=True)
-        path = ensure_demo_model(settings.data_dir / "cache", progress=progress)
-    return load_model(path, text_encoder=text_encoder or settings.text_encoder_path,
-                      device=settings.resolved_device())
+    return load_serving_model(settings, model_path, text_encoder, progress)
 
 
 def _print_study(scores, truth: dict[str, dict[str, object]] | None = None) -> None:  # noqa: ANN001
@@ -103,41 +105,75 @@ def _print_study(scores, truth: dict[str, dict[str, object]] | None = None) -> N
 
 @main.command()
 @_model_options
-@click.option("--seed", default=7, show_default=True, help="Seed of the synthetic study to analyse.")
+@click.option("--seed", default=7, show_default=True, help="Seed of the synthetic study to send.")
 @click.pass_obj
 def demo(settings: Settings, model_path: Path | None, text_encoder: Path | None, seed: int) -> None:
-    """Generate a synthetic screening study, run Mammo-CLIP on it and print the scores.
+    """The whole path on this machine: a synthetic study goes by C-STORE to the node, which analyses it
+    and sends an SR and heatmap SEGs back to a local stand-in PACS.
 
+    \b
+    1. starts a local destination SCP and the node (SCP, scheduler, worker; SQLite, embedded queue);
+    2. generates a synthetic four-view study and sends it by C-STORE;
+    3. waits for the analysis and the delivery of the results;
+    4. prints the scores, the triage list and the paths of the returned SR and SEGs;
+    5. writes a heatmap overlay PNG per view.
     Uses the demo model (trained on synthetic phantoms on first run, then cached under the data
-    directory) unless --model is given.
+    directory) unless --model is given. Not a clinical model.
     """
-    from models.inference import load_study_images, score_views
-    from models.zero_shot import ZeroShotClassifier
-    from training.synthetic import write_studies
+    from dicom_node.demo import run_demo
+    from dicom_node.serving import load_serving_model
 
     try:
-        model = _load(settings, model_path, text_encoder)
-        study_dir = settings.data_dir / "demo-study"
-        manifest = write_studies(study_dir, 1, seed=1_000_000 + seed, rows=768, cols=480, progress=False)
-        paths = sorted((study_dir).glob("*/*.dcm"))
-        scores = score_views(ZeroShotClassifier(model), load_study_images(paths, model))
+        if model_path or text_encoder:
+            settings = settings.model_copy(update={"model_path": model_path or settings.model_path,
+                                                   "text_encoder_path": text_encoder or settings.text_encoder_path})
+        if settings.model_path is None:
+            click.echo(NOT_CLINICAL_BANNER, err=True)
+        model = load_serving_model(settings)  # trains and caches the demo model on first run
+        click.echo(f"model: {model.load_report.source}")
+        del model
+        outcome = run_demo(settings, seed, on_state=lambda state: click.echo(f"  ... {state}"))
     except NodeError as error:
         raise click.ClickException(str(error)) from None
-    truth = _truth_by_side(manifest)
-    click.echo(f"Synthetic study written to {study_dir} ({len(paths)} images); model: {model.load_report.source}")
-    _print_study(scores, truth)
-    card = getattr(model, "card", {})
-    if card.get("metrics_held_out_zero_shot"):
-        click.echo(f"Model card metrics on held-out synthetic studies: {card['metrics_held_out_zero_shot']}")
-    if card.get("clinical_use") is False:
-        click.echo(NOT_CLINICAL_BANNER)
+    _print_outcome(outcome)
+    ctx = click.get_current_context()
+    ctx.invoke(studies, limit=5, as_json=False)
+    click.echo(NOT_CLINICAL_BANNER)
+    if outcome.state != "DONE":
+        raise click.ClickException(f"analysis failed: {outcome.error}")
 
 
-def _truth_by_side(manifest: Path) -> dict[str, dict[str, object]]:
-    import csv
-
-    with manifest.open(newline="") as handle:
-        return {row["laterality"]: row for row in csv.DictReader(handle)}
+def _print_outcome(outcome) -> None:  # noqa: ANN001  (dicom_node.demo.DemoOutcome)
+    click.echo(f"\nstudy {outcome.study_instance_uid}: {outcome.state} "
+               f"{outcome.seconds_to_delivery:.1f} s after the C-STORE")
+    if outcome.timings:
+        click.echo("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in outcome.timings.items()))
+    findings = outcome.findings
+    if findings:
+        click.echo(f"{'':<10}{'malignancy':>11}{'mass':>7}{'calc':>7}  density  BI-RADS")
+        for row in [*findings["views"], *findings["breasts"]]:
+            label = row.get("laterality", "") + row.get("view", "") if "view" in row else f"{row['laterality']} breast"
+            density = max(row["density"], key=row["density"].get)
+            birads = max(row["birads"], key=row["birads"].get)
+            line = (f"{label:<10}{row['scores']['malignancy']:11.2f}{row['scores']['mass']:7.2f}"
+                    f"{row['scores']['calcification']:7.2f}  {density:<9}{birads}")
+            truth = outcome.truth.get(row["laterality"]) if "view" not in row else None
+            if truth:
+                line += (f"   truth: mass={truth['mass']} calc={truth['calcification']} "
+                         f"malignant={truth['malignant']} density={truth['density']}")
+            click.echo(line)
+        click.echo(f"study suspicion: {findings['suspicion']:.3f}; model {findings['model']['model_version']}")
+        if findings["missing_views"]:
+            click.echo("missing views: " + ", ".join(findings["missing_views"]))
+    click.echo("results written by the node:")
+    for path in outcome.result_files:
+        click.echo(f"  {path}")
+    click.echo("received by the destination (demo PACS):")
+    for path in outcome.delivered_files:
+        click.echo(f"  {path}")
+    click.echo("heatmap overlays:")
+    for path in outcome.overlays:
+        click.echo(f"  {path}")
 
 
 @main.command()
@@ -240,39 +276,9 @@ def db_upgrade(settings: Settings) -> None:
     click.echo(f"database at {engine.url.render_as_string(hide_password=True)} is up to date")
 
 
-@main.command()
-@click.pass_obj
-def serve(settings: Settings) -> None:
-    """Run the Storage SCP (C-ECHO, C-STORE) until interrupted.
-
-    \b
-    Every received instance is fsynced to disk and recorded in the worklist database before the
-    node answers Success. Try it with DCMTK:
-      echoscu -aec MAMMO_AI 127.0.0.1 11112
-      storescu -aec MAMMO_AI 127.0.0.1 11112 study/*.dcm
-    Analysis workers and result export are not part of this release yet.
-    """
-    import threading
-
-    from dicom_node.scp import start_scp, storage_root
-    from dicom_node.storage import InstanceStore
-    from worklist.db import make_engine, require_current, session_factory
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.database_url())
-    try:
-        require_current(engine)
-    except NodeError as error:
-        raise click.ClickException(str(error)) from None
-    server = start_scp(settings, InstanceStore(storage_root(settings), session_factory(engine)))
-    click.echo(f"{settings.ae_title} listening on {settings.bind_host}:{settings.port} (Ctrl-C to stop)")
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        click.echo("stopping")
-    finally:
-        server.shutdown()
-        engine.dispose()
+for _command in COMMANDS:
+    main.add_command(_command)
+studies = next(command for command in COMMANDS if command.name == "studies")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import ssl
-from pathlib import Path
 
 from pydicom.uid import (
     JPEG2000,
@@ -115,8 +114,3 @@ def start_scp(settings: Settings, store: InstanceStore,
                              ssl_context=ssl_context)
     log.info("Storage SCP %s listening on %s:%d", settings.ae_title, settings.bind_host, server.server_address[1])
     return server
-
-
-def storage_root(settings: Settings) -> Path:
-    """Where received instances live."""
-    return Path(settings.data_dir) / "incoming"

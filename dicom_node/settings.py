@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from models.errors import ConfigurationError
 
 CONFIG_ENV = "MAMMO_CONFIG"
 DEFAULT_CONFIG_FILE = Path("mammo-node.toml")
+
+
+AE_TITLE_PATTERN = r"^[ -~]*[!-~][ -~]*$"
+
+
+class Destination(BaseModel):
+    """A DICOM peer that receives the node's results by C-STORE (a PACS, a viewer, a router)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str = Field(min_length=1, max_length=16, pattern=AE_TITLE_PATTERN)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
 
 
 class Settings(BaseSettings):
@@ -29,7 +43,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the models run.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     db_url: str | None = Field(None, description="SQLAlchemy URL; unset: SQLite file in data_dir.")
-    ae_title: str = Field("MAMMO_AI", min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$",
+    ae_title: str = Field("MAMMO_AI", min_length=1, max_length=16, pattern=AE_TITLE_PATTERN,
                           description="The node's AE title (1-16 printable ASCII characters).")
     bind_host: str = Field("127.0.0.1", description="Address the Storage SCP listens on.")
     port: int = Field(11112, ge=1, le=65535, description="Storage SCP port.")
@@ -38,6 +52,29 @@ class Settings(BaseSettings):
     store_non_mammography: bool = Field(
         True, description="Store non-MG objects without analysing them (false: refuse them with 0x0122).")
     maximum_associations: int = Field(10, ge=1, le=200)
+    tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP accepts TLS only.")
+    tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate.")
+    tls_ca_certificates: Path | None = Field(
+        None, description="PEM CA bundle: with it, callers must present a certificate it signed (mutual TLS), "
+                          "and destinations with tls=true are verified against it.")
+    destinations: list[Destination] = Field(
+        default_factory=list, description="Where results are sent, e.g. "
+        '[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}]; empty: kept on disk only.')
+    broker_url: str | None = Field(
+        None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset: an embedded SQLite broker "
+                          "in data_dir (no server to install).")
+    study_settle_seconds: float = Field(
+        1.0, ge=0, description="A study with all four screening views is analysed once no instance arrived "
+                               "for this long.")
+    study_inactivity_timeout: float = Field(
+        300.0, gt=0, description="A study missing a view is analysed on what it has after this many seconds "
+                                 "without a new instance.")
+    job_max_attempts: int = Field(3, ge=1, le=20, description="Analysis attempts before a job is FAILED.")
+    job_stale_seconds: float = Field(
+        120.0, gt=0, description="A RUNNING job whose worker has not sent a heartbeat for this long is re-sent.")
+    export_max_attempts: int = Field(10, ge=1, le=100, description="C-STORE attempts before an export is FAILED.")
+    export_backoff_seconds: float = Field(
+        5.0, gt=0, description="First retry delay of a failed export; doubles each attempt (capped at 15 min).")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -47,6 +84,42 @@ class Settings(BaseSettings):
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_file = Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file)
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Where received instances live."""
+        return Path(self.data_dir) / "incoming"
+
+    @property
+    def results_dir(self) -> Path:
+        """Where the SR, SEG and overlay files of each analysis live."""
+        return Path(self.data_dir) / "results"
+
+    def server_ssl_context(self):  # noqa: ANN201  (ssl.SSLContext | None)
+        """The SCP's TLS context when a certificate is configured."""
+        if self.tls_certificate is None:
+            return None
+        if self.tls_private_key is None:
+            raise ConfigurationError("tls_certificate is set but tls_private_key is not")
+        from dicom_node.tls import server_context
+
+        return server_context(self.tls_certificate, self.tls_private_key, self.tls_ca_certificates)
+
+    def client_ssl_context(self, destination: Destination):  # noqa: ANN201  (ssl.SSLContext | None)
+        """The TLS context for a destination marked ``tls`` (our certificate is offered for mutual TLS)."""
+        if not destination.tls:
+            return None
+        from dicom_node.tls import client_context
+
+        return client_context(self.tls_ca_certificates, self.tls_certificate, self.tls_private_key)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``MAMMO_*`` variables, so a child process (the embedded worker) sees the same."""
+        env = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is not None:
+                env[f"MAMMO_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+        return env
 
     def database_url(self) -> str:
         """``db_url``, or the embedded SQLite file under ``data_dir``."""

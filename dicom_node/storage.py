@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import NodeError
-from models.preprocess import MAMMOGRAPHY_SOP_CLASSES
+from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES
 from worklist.models import Instance, Series, Study, StudyState, utcnow
 
 log = logging.getLogger(__name__)

@@ -19,17 +19,19 @@ SCREENING_VIEWS: tuple[ViewKey, ...] = (("L", "CC"), ("R", "CC"), ("L", "MLO"), 
 
 @dataclass
 class StudyScores:
-    """Zero-shot class probabilities per view and per breast, and the views that were missing."""
+    """Zero-shot class probabilities per view and per breast, the views that were missing, and (on request)
+    the last feature map of each view."""
 
     views: dict[ViewKey, dict[str, Tensor]]
     breasts: dict[str, dict[str, Tensor]]
     embeddings: dict[ViewKey, Tensor]
     missing_views: list[ViewKey] = field(default_factory=list)
+    feature_maps: dict[ViewKey, Tensor] = field(default_factory=dict)
 
 
-def embed_views(model: MammoClip, images: Mapping[ViewKey, Tensor],
-                batch_size: int | None = None) -> dict[ViewKey, Tensor]:
-    """Embed the views in inference mode, channels-last, with bf16 autocast on CUDA.
+def encode_views(model: MammoClip, images: Mapping[ViewKey, Tensor],
+                 batch_size: int | None = None) -> tuple[dict[ViewKey, Tensor], dict[ViewKey, Tensor]]:
+    """Embeddings and last feature maps of the views, in inference mode, channels-last, bf16 autocast on CUDA.
 
     ``batch_size`` defaults to all views at once on CUDA and one view at a time on CPU, where a batch of
     large images runs slower than single images (measured by ``benchmarks/inference.py``). Pass the
@@ -39,20 +41,32 @@ def embed_views(model: MammoClip, images: Mapping[ViewKey, Tensor],
     on_cuda = model.device.type == "cuda"
     step = batch_size or (len(keys) if on_cuda else 1)
     batch = torch.stack([images[k] for k in keys]).to(model.device).contiguous(memory_format=torch.channels_last)
+    embeddings, feature_maps = [], []
     with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=on_cuda):
-        embeddings = torch.cat([model.encode_images(batch[i:i + step]).float().cpu()
-                                for i in range(0, len(keys), step)])
-    return dict(zip(keys, embeddings, strict=True))
+        for i in range(0, len(keys), step):
+            feature_map = model.image_feature_map(batch[i:i + step])
+            embeddings.append(model.project_feature_map(feature_map).float().cpu())
+            feature_maps.append(feature_map.float().cpu())
+    return (dict(zip(keys, torch.cat(embeddings), strict=True)),
+            dict(zip(keys, torch.cat(feature_maps), strict=True)))
 
 
-def score_views(classifier: ZeroShotClassifier, images: Mapping[ViewKey, Tensor]) -> StudyScores:
+def embed_views(model: MammoClip, images: Mapping[ViewKey, Tensor],
+                batch_size: int | None = None) -> dict[ViewKey, Tensor]:
+    """L2-normalized embeddings of the views (see ``encode_views``)."""
+    return encode_views(model, images, batch_size)[0]
+
+
+def score_views(classifier: ZeroShotClassifier, images: Mapping[ViewKey, Tensor],
+                keep_feature_maps: bool = False) -> StudyScores:
     """Zero-shot probabilities for each view and each breast of one study."""
-    embeddings = embed_views(classifier.model, images)
+    embeddings, feature_maps = encode_views(classifier.model, images)
     keys = list(embeddings)
     results = classifier.classify(torch.stack([embeddings[k] for k in keys]))
     views = {key: {task: scores.probabilities[i] for task, scores in results.items()} for i, key in enumerate(keys)}
     missing = [key for key in SCREENING_VIEWS if key not in views]
-    return StudyScores(views, aggregate_breasts(views), embeddings, missing)
+    return StudyScores(views, aggregate_breasts(views), embeddings, missing,
+                       feature_maps if keep_feature_maps else {})
 
 
 def load_study_images(paths: list[Path], model: MammoClip) -> dict[ViewKey, Tensor]:

@@ -21,10 +21,8 @@ from pydicom.pixels import apply_modality_lut, apply_voi
 from torch import Tensor
 
 from models.errors import ImageDecodeError, NotMammographyError
+from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES
 
-MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
-MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
-MAMMOGRAPHY_SOP_CLASSES = frozenset({MG_FOR_PRESENTATION, MG_FOR_PROCESSING})
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -158,16 +156,41 @@ def resize(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     return cv2.resize(image, (config.width, config.height), interpolation=cv2.INTER_AREA)
 
 
-def dicom_to_uint8(source: Path | Dataset, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
-    """The reference's offline PNG: windowed, border-cropped, uint8, breast-cropped and resized."""
+@dataclass(frozen=True)
+class CropBox:
+    """Where the model input came from in the source image: rows ``top:bottom``, columns ``left:right``."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    source_shape: tuple[int, int]
+
+    def paste(self, values: np.ndarray) -> np.ndarray:
+        """Resize a map over the model input (any h x w) back into a zero map of the source's shape."""
+        placed = np.zeros(self.source_shape, dtype=np.float32)
+        size = (self.right - self.left, self.bottom - self.top)
+        placed[self.top:self.bottom, self.left:self.right] = cv2.resize(
+            values.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+        return placed
+
+
+def prepare_dicom(source: Path | Dataset, config: PreprocessConfig = PreprocessConfig()) -> tuple[np.ndarray, CropBox]:
+    """The reference's offline PNG (windowed, border-cropped, uint8, breast-cropped, resized) and its crop box."""
     ds = read_dicom(source)
     pixels = presentation_pixels(ds)
     b = config.border
     if min(pixels.shape) <= 2 * b + 2:
         raise ImageDecodeError(f"{_describe(ds)}: image of {pixels.shape} is too small to be a mammogram.")
     image = to_uint8(pixels[b:-b, b:-b])
-    breast, _ = extract_breast(image, config.threshold)
-    return resize(breast, config)
+    breast, (top, bottom, left, right) = extract_breast(image, config.threshold)
+    box = CropBox(top + b, bottom + b, left + b, right + b, (int(pixels.shape[0]), int(pixels.shape[1])))
+    return resize(breast, config), box
+
+
+def dicom_to_uint8(source: Path | Dataset, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """The reference's offline PNG: windowed, border-cropped, uint8, breast-cropped and resized."""
+    return prepare_dicom(source, config)[0]
 
 
 def preprocess_dicom(source: Path | Dataset, config: PreprocessConfig = PreprocessConfig()) -> Tensor:

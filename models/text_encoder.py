@@ -7,8 +7,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from models.errors import CheckpointError
+
+hf_logging.disable_progress_bar()
 
 DEFAULT_MAX_LENGTH = 256
 

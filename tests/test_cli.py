@@ -86,7 +86,9 @@ def test_db_upgrade_then_serve_receives_a_study(tmp_path: Path, synthetic_root: 
 
     storescu = require_tool("/usr/bin/storescu")
     port = str(free_port())
-    env = {**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data"), "MAMMO_PORT": port}
+    version = save_model_version(tiny_model(), tmp_path / "version")
+    env = {**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data"), "MAMMO_PORT": port,
+           "MAMMO_MODEL_PATH": str(version)}
     refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve"], env=env, capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode != 0 and "mammo-node db upgrade" in refused.stderr

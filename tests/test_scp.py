@@ -14,7 +14,7 @@ from pydicom.uid import RLELossless
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from dicom_node.scp import start_scp, storage_root
+from dicom_node.scp import start_scp
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore, instance_path
 from tests.conftest import free_port, require_tool
@@ -47,9 +47,9 @@ def _start(db_url: str, tmp_path: Path, **overrides: object) -> tuple[Node, obje
     settings = Settings(data_dir=tmp_path / "data", port=free_port(), db_url=db_url, **overrides)
     engine = make_engine(settings.database_url())
     sessions = session_factory(engine)
-    store = InstanceStore(storage_root(settings), sessions)
-    server = start_scp(settings, store)
-    return Node(settings, sessions, storage_root(settings)), (server, engine)
+    store = InstanceStore(settings.incoming_dir, sessions)
+    server = start_scp(settings, store, settings.server_ssl_context())
+    return Node(settings, sessions, settings.incoming_dir), (server, engine)
 
 
 @pytest.fixture
@@ -172,10 +172,60 @@ def test_database_failure_returns_out_of_resources(tmp_path: Path, study_files: 
     """A DB that cannot take the row gets 0xA700, never a Success for an unrecorded instance."""
     settings = Settings(data_dir=tmp_path / "data", port=free_port())
     engine = make_engine(f"sqlite:///{tmp_path / 'not-migrated.sqlite'}")  # no tables: every insert fails
-    server = start_scp(settings, InstanceStore(storage_root(settings), session_factory(engine)))
+    server = start_scp(settings, InstanceStore(settings.incoming_dir, session_factory(engine)))
     try:
-        node = Node(settings, session_factory(engine), storage_root(settings))
+        node = Node(settings, session_factory(engine), settings.incoming_dir)
         assert _send(node, pydicom.dcmread(study_files[0])) == 0xA700
+    finally:
+        server.shutdown()
+        engine.dispose()
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, and a server and a client certificate it signed (openssl, RSA 2048, two days)."""
+    openssl = require_tool("/usr/bin/openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=mammo-test-ca")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext")
+    return {name: folder / name for name in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+def test_mutual_tls_with_dcmtk_and_our_scu(db_url: str, tmp_path: Path, study_files: list[Path]) -> None:
+    from dicom_node.scu import send_files
+    from dicom_node.settings import Destination
+
+    storescu = require_tool("/usr/bin/storescu")
+    certs = _certificates(tmp_path)
+    running, (server, engine) = _start(db_url, tmp_path, tls_certificate=certs["server.crt"],
+                                       tls_private_key=certs["server.key"], tls_ca_certificates=certs["ca.crt"])
+    port = str(running.settings.port)
+    try:
+        plain = subprocess.run([storescu, "-aec", "MAMMO_AI", "127.0.0.1", port, str(study_files[0])],
+                               capture_output=True, text=True, timeout=60)
+        anonymous = subprocess.run([storescu, "+tla", "+cf", str(certs["ca.crt"]), "-aec", "MAMMO_AI",
+                                    "127.0.0.1", port, str(study_files[0])], capture_output=True, text=True,
+                                   timeout=60)
+        assert plain.returncode != 0 and anonymous.returncode != 0  # no TLS / no client certificate: refused
+        assert running.count() == 0
+        mutual = subprocess.run([storescu, "+tls", str(certs["client.key"]), str(certs["client.crt"]), "+cf",
+                                 str(certs["ca.crt"]), "-aec", "MAMMO_AI", "127.0.0.1", port,
+                                 *map(str, study_files[:2])], capture_output=True, text=True, timeout=60)
+        assert mutual.returncode == 0, mutual.stderr
+        client = Settings(tls_certificate=certs["client.crt"], tls_private_key=certs["client.key"],
+                          tls_ca_certificates=certs["ca.crt"])
+        peer = Destination(name="node", ae_title="MAMMO_AI", host="127.0.0.1", port=int(port), tls=True)
+        outcomes = send_files(peer, study_files[2:], "MODALITY", ssl_context=client.client_ssl_context(peer))
+        assert [o.stored for o in outcomes] == [True, True]
+        assert running.count() == 4
     finally:
         server.shutdown()
         engine.dispose()

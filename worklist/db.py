@@ -13,6 +13,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import ConfigurationError
@@ -65,8 +66,14 @@ def upgrade(engine: Engine) -> None:
 def require_current(engine: Engine) -> None:
     """Refuse to run on a database that is not at the newest migration."""
     head = ScriptDirectory.from_config(_alembic_config(engine)).get_current_head()
-    with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError as error:
+        raise ConfigurationError(
+            f"The worklist database ({engine.url.render_as_string(hide_password=True)}) cannot be opened "
+            f"({type(error.orig or error).__name__}: {error.orig or error}). Check MAMMO_DB_URL / MAMMO_DATA_DIR, "
+            "then run `mammo-node db upgrade`.") from None
     if current != head:
         raise ConfigurationError(
             f"The worklist database ({engine.url.render_as_string(hide_password=True)}) is at migration "

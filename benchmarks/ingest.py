@@ -1,0 +1,238 @@
+"""Storage SCP ingest: the node against DCMTK storescp, both fed the same synthetic MG files by storescu.
+
+Each run starts a fresh receiver, launches N ``/usr/bin/storescu`` processes at once (one association each,
+each sending every Nth file) and times from their launch until the last one exits. Every run is then checked:
+all instances must be on disk (and, for the node, in the worklist database), or the benchmark stops.
+
+- Baseline: ``/usr/bin/storescp --fork +xa +B -pdu 131072``: one child process per association (its default
+  single-process mode would serve concurrent associations one after the other), every transfer syntax
+  accepted, the data written as received, the largest PDU storescu sends (the node accepts any size).
+  It does NOT fsync.
+- storescu and storescp run with ``TCP_NODELAY=1``: this DCMTK build leaves Nagle's algorithm on by default,
+  and its split PDU writes then wait on delayed ACKs (~40 ms per instance, whatever the receiver does), which
+  would make every single-association number a measure of that timer.
+- Node: ``dicom_node.scp.start_scp`` with an ``InstanceStore`` on a fresh database (SQLite in WAL mode with
+  synchronous=FULL, or a temporary PostgreSQL database with ``--db-url``): Success is answered only after the
+  file is fsynced (and its folder) and its row committed. It runs in a separate process (multiprocessing,
+  spawn) so that the benchmark's own work does not share the receiver's GIL; its associations are threads
+  of that one process, as in production.
+
+The project target is node >= 0.5x storescp at 8 associations.
+
+    python benchmarks/ingest.py                       # 32 studies (128 x ~6.8 MB), 1 and 8 associations
+    python benchmarks/ingest.py --quick               # 4 studies of 1024x832, one run each
+    python benchmarks/ingest.py --db-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from shutil import rmtree
+
+from sqlalchemy import create_engine, func, make_url, select, text
+
+from dicom_node.demo import free_port
+from dicom_node.scp import start_scp
+from dicom_node.settings import Settings, load_settings
+from dicom_node.storage import InstanceStore
+from training.synthetic import write_studies
+from worklist.db import make_engine, session_factory, sqlite_url, upgrade
+from worklist.models import Instance
+
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+STORESCP_OPTIONS = ("--fork", "+xa", "+B", "-pdu", "131072")  # see the module docstring
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # Nagle off (see the module docstring)
+SENDER_AE = "INGEST_BENCH"
+NODE_AE = "MAMMO_AI"
+STORESCP_AE = "STORESCP"
+RECEIVERS = ("storescp", "node")
+
+
+def serve_node(settings: Settings, ready: Event, stop: Event) -> None:
+    """Child-process body: the node's Storage SCP until ``stop`` is set."""
+    engine = make_engine(settings.database_url())
+    server = start_scp(settings, InstanceStore(settings.incoming_dir, session_factory(engine)))
+    ready.set()
+    stop.wait()
+    server.shutdown()
+    engine.dispose()
+
+
+@contextmanager
+def node(settings: Settings) -> Iterator[None]:
+    """The node's Storage SCP in a spawned process, listening once this is entered."""
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Event(), context.Event()
+    process = context.Process(target=serve_node, args=(settings, ready, stop), daemon=True)
+    process.start()
+    try:
+        while not ready.wait(0.1):
+            if not process.is_alive():
+                raise SystemExit(f"the node's SCP exited with {process.exitcode} before listening")
+        yield
+    finally:
+        stop.set()
+        process.join(60)
+        if process.is_alive():
+            process.terminate()
+
+
+@contextmanager
+def storescp(out: Path, port: int) -> Iterator[None]:
+    """DCMTK's storescp writing into ``out`` (its log next to it), listening once this is entered."""
+    with (out.parent / "storescp.log").open("w") as log:
+        process = subprocess.Popen([STORESCP, *STORESCP_OPTIONS, "-aet", STORESCP_AE, "-od", str(out), str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+        try:
+            while True:
+                if process.poll() is not None:
+                    raise SystemExit(f"storescp exited with {process.returncode}:\n{Path(log.name).read_text()}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            yield
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+@contextmanager
+def database(server_url: str | None, data_dir: Path) -> Iterator[str]:
+    """A fresh, migrated worklist database: SQLite under ``data_dir``, or a temporary PostgreSQL database
+    on ``server_url``'s server, dropped afterwards."""
+    if server_url is None:
+        url = sqlite_url(data_dir)
+        engine = make_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
+        return
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    name = f"mammo_ingest_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        engine = make_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def send(files: list[Path], associations: int, called_ae: str, port: int) -> float:
+    """Seconds for ``associations`` concurrent storescu processes to send ``files`` (every Nth file each)."""
+    shares = [files[index::associations] for index in range(associations)]
+    start = time.perf_counter()
+    senders = [subprocess.Popen([STORESCU, "-R", "-aet", SENDER_AE, "-aec", called_ae, "127.0.0.1", str(port),
+                                 *map(str, share)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=DCMTK_ENV)
+               for share in shares if share]
+    errors = [sender.communicate()[1] for sender in senders]
+    elapsed = time.perf_counter() - start
+    for sender, error in zip(senders, errors, strict=True):
+        if sender.returncode != 0:
+            raise SystemExit(f"storescu to {called_ae} exited with {sender.returncode}:\n{error}")
+    return elapsed
+
+
+def run_once(receiver: str, files: list[Path], associations: int, workdir: Path, db_server: str | None) -> float:
+    """Seconds to ingest ``files`` over ``associations`` associations; stops if any instance is missing."""
+    port = free_port()
+    if receiver == "storescp":
+        out = workdir / "storescp"
+        out.mkdir(parents=True)
+        with storescp(out, port):
+            seconds = send(files, associations, STORESCP_AE, port)
+        counts = {"files": sum(1 for path in out.iterdir() if path.is_file())}
+    else:
+        data_dir = workdir / "node"
+        data_dir.mkdir(parents=True)
+        with database(db_server, data_dir) as url:
+            settings = load_settings(data_dir=data_dir, port=port, db_url=url, ae_title=NODE_AE,
+                                     allowed_calling_aes=[SENDER_AE], maximum_associations=max(associations, 10))
+            with node(settings):
+                seconds = send(files, associations, NODE_AE, port)
+            engine = make_engine(url)
+            with session_factory(engine)() as session:
+                rows = session.scalar(select(func.count()).select_from(Instance))
+            engine.dispose()
+        counts = {"files": sum(1 for _ in settings.incoming_dir.rglob("*.dcm")), "DB rows": rows}
+    for what, count in counts.items():
+        if count != len(files):
+            raise SystemExit(f"{receiver}, {associations} associations: {count} {what} for {len(files)} instances")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--studies", type=int, default=32, help="synthetic four-view studies to send")
+    parser.add_argument("--size", default="2048x1664", help="ROWSxCOLS of the 16-bit synthetic images")
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, 8], help="concurrent associations")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per receiver and count (median reported)")
+    parser.add_argument("--db-url", help="PostgreSQL server URL (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/"
+                                         "postgres): a temporary database is created there per run and dropped; "
+                                         "default: a SQLite file per run")
+    parser.add_argument("--quick", action="store_true", help="shorthand for --studies 4 --size 1024x832 --repeats 1")
+    args = parser.parse_args()
+    if args.quick:
+        args.studies, args.size, args.repeats = 4, "1024x832", 1
+    rows, cols = (int(value) for value in args.size.lower().split("x"))
+
+    with tempfile.TemporaryDirectory(prefix="mammo-ingest-") as scratch:
+        source = Path(scratch, "source")
+        start = time.perf_counter()
+        write_studies(source, args.studies, seed=0, rows=rows, cols=cols, progress=False)
+        files = sorted(source.glob("*/*.dcm"))
+        megabytes = sum(path.stat().st_size for path in files) / 1e6
+        version = subprocess.run([STORESCP, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        print(f"{len(files)} MG instances ({args.studies} studies of {rows}x{cols} 16-bit, {megabytes:.1f} MB), "
+              f"written in {time.perf_counter() - start:.1f} s; {os.cpu_count()} CPUs; "
+              f"node database: {'PostgreSQL' if args.db_url else 'SQLite'}")
+        print(f"senders: {STORESCU}, one process per association; baseline: "
+              f"{version.strip(' $').removeprefix('dcmtk: ')} {' '.join(STORESCP_OPTIONS)}; DCMTK tools with "
+              f"TCP_NODELAY=1; median of {args.repeats} run(s)")
+        print(f"{'receiver':<10}{'assoc':>6}{'instances':>10}{'MB':>9}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
+              f"{'node/storescp':>15}")
+        ratios = {}
+        for associations in args.associations:
+            medians = {}
+            for receiver in RECEIVERS:
+                times = []
+                for repeat in range(args.repeats):
+                    workdir = Path(scratch, f"{receiver}-{associations}-{repeat}")
+                    times.append(run_once(receiver, files, associations, workdir, args.db_url))
+                    rmtree(workdir)
+                medians[receiver] = seconds = statistics.median(times)
+                ratio = f"{medians['storescp'] / seconds:14.2f}x" if receiver == "node" else ""
+                print(f"{receiver:<10}{associations:6d}{len(files):10d}{megabytes:9.1f}{seconds:9.2f}"
+                      f"{len(files) / seconds:9.1f}{megabytes / seconds:9.1f}{ratio}")
+            ratios[associations] = medians["storescp"] / medians["node"]
+    print("every run verified: all instances on disk (node: and in the database) before its time counted")
+    print("fsync: the node fsyncs each file and its folder and commits its row before answering Success; "
+          "storescp does not fsync (page cache only)")
+    if 8 in ratios:
+        verdict = "met" if ratios[8] >= 0.5 else "NOT met"
+        print(f"target node >= 0.5x storescp at 8 associations: {verdict} ({ratios[8]:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""One study analysis: stored instances -> scores and heatmaps -> SR, one SEG per view, overlay PNGs.
+
+Everything written for a job lives under ``results/<study>/<job>/`` and every UID is derived from the study
+and job, so a re-run of the same job (after a crash) rewrites the same objects with the same UIDs, and a
+destination that already holds them sees a harmless resend of the same SOP instances.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicom_node.results import build_heatmap_seg, build_sr, heatmap_overlay_png, save_dataset
+from dicom_node.results.findings import (
+    BIRADS_LABELS,
+    DENSITY_LABELS,
+    FINDING_TASKS,
+    BreastFindings,
+    ModelIdentity,
+    StudyFindings,
+    ViewFindings,
+)
+from dicom_node.storage import validated_uid
+from models.clip import MammoClip
+from models.errors import ImageDecodeError
+from models.heatmap import finding_maps, task_directions
+from models.inference import SCREENING_VIEWS, ViewKey, score_views
+from models.optimize import inference_copy
+from models.preprocess import CropBox, normalize, prepare_dicom, read_dicom
+from models.zero_shot import ZeroShotClassifier
+
+log = logging.getLogger(__name__)
+
+HEATMAP_TASKS = ("malignancy", "mass", "calcification")
+
+
+class NoScreeningViewsError(ImageDecodeError):
+    """A study whose analysable instances hold none of LCC, RCC, LMLO, RMLO."""
+
+
+@dataclass(frozen=True)
+class SourceInstance:
+    """A stored instance of the study, as the worklist knows it."""
+
+    path: Path
+    sop_instance_uid: str
+    laterality: str | None
+    view: str | None
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    """A DICOM object the analysis wrote: what it is, its SOP Instance UID and its file."""
+
+    kind: str
+    sop_instance_uid: str
+    path: Path
+
+
+@dataclass
+class AnalysisOutput:
+    findings: StudyFindings
+    objects: list[ResultObject]
+    overlays: list[Path]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def result_uid(study_uid: str, job_id: int, *parts: str) -> str:
+    """A UID that is the same every time for the same study, job and object name."""
+    return generate_uid(entropy_srcs=[study_uid, str(job_id), *parts])
+
+
+def select_views(instances: list[SourceInstance]) -> dict[ViewKey, SourceInstance]:
+    """One instance per screening view; the last listed wins (callers list them by arrival)."""
+    chosen: dict[ViewKey, SourceInstance] = {}
+    for instance in instances:
+        key = ((instance.laterality or "").upper(), (instance.view or "").upper())
+        if key in SCREENING_VIEWS:
+            chosen[key] = instance
+    return chosen
+
+
+class Stopwatch:
+    """Wall time per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _probabilities(row: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    scores = {task: float(row[task][1]) for task in FINDING_TASKS}
+    density = dict(zip(DENSITY_LABELS, (float(p) for p in row["density"]), strict=True))
+    birads = dict(zip(BIRADS_LABELS, (float(p) for p in row["birads"]), strict=True))
+    return scores, density, birads
+
+
+class Analyzer:
+    """A loaded model with its prompt embeddings, ready to analyse studies (one per worker process)."""
+
+    def __init__(self, model: MammoClip, identity: ModelIdentity, results_root: Path) -> None:
+        self.model = model
+        self.serving = inference_copy(model)
+        self.identity = identity
+        self.results_root = Path(results_root)
+        self.classifier = ZeroShotClassifier(self.serving)
+        self.directions = {name: direction for name, direction in task_directions(self.classifier).items()
+                           if name in HEATMAP_TASKS}
+
+    def job_folder(self, study_uid: str, job_id: int) -> Path:
+        return self.results_root / validated_uid(study_uid, "StudyInstanceUID") / str(int(job_id))
+
+    def analyse(self, study_uid: str, job_id: int, instances: list[SourceInstance],
+                heartbeat: Callable[[], object] = lambda: None) -> AnalysisOutput:
+        """Score the study, build its SR and SEGs and write them (and overlay PNGs) under the job folder."""
+        watch = Stopwatch()
+        chosen = select_views(instances)
+        if not chosen:
+            raise NoScreeningViewsError(
+                f"study {study_uid} has no screening view (LCC, RCC, LMLO, RMLO) among its "
+                f"{len(instances)} analysable instance(s)")
+        config = self.serving.config.preprocess()
+        datasets: dict[ViewKey, Dataset] = {}
+        boxes: dict[ViewKey, CropBox] = {}
+        images: dict[ViewKey, torch.Tensor] = {}
+        with watch.stage("preprocess"):
+            for key, instance in chosen.items():
+                ds = read_dicom(instance.path)
+                image, boxes[key] = prepare_dicom(ds, config)
+                images[key], datasets[key] = normalize(image, config), ds
+        heartbeat()
+        with watch.stage("model"):
+            scores = score_views(self.classifier, images, keep_feature_maps=True)
+        heartbeat()
+        findings = self._findings(study_uid, chosen, scores)
+        folder = self.job_folder(study_uid, job_id)
+        objects: list[ResultObject] = []
+        overlays: list[Path] = []
+        seg_series = result_uid(study_uid, job_id, "SEG series")
+        for number, view in enumerate(findings.views, start=1):
+            key = (view.laterality, view.view)
+            with watch.stage("heatmaps"):
+                maps = finding_maps(self.serving, scores.feature_maps[key], self.directions, view.scores)
+                heatmaps = {name: boxes[key].paste(m.numpy()) for name, m in maps.items()}
+            with watch.stage("encode"):
+                uid = result_uid(study_uid, job_id, "SEG", view.name)
+                seg = build_heatmap_seg(datasets[key], heatmaps, self.identity, series_instance_uid=seg_series,
+                                        sop_instance_uid=uid, series_number=9001, instance_number=number)
+                path = folder / f"SEG_{view.name}.dcm"
+                save_dataset(seg, path)
+                objects.append(ResultObject("SEG", uid, path))
+            with watch.stage("overlays"):
+                overlay = folder / f"overlay_{view.name}.png"
+                heatmap_overlay_png(datasets[key], heatmaps["malignancy"], overlay,
+                                    f"{view.name} malignancy {view.scores['malignancy']:.2f}")
+                overlays.append(overlay)
+            heartbeat()
+        with watch.stage("encode"):
+            uid = result_uid(study_uid, job_id, "SR")
+            sr = build_sr(findings, [datasets[key] for key in chosen],
+                          series_instance_uid=result_uid(study_uid, job_id, "SR series"),
+                          sop_instance_uid=uid, series_number=9000, instance_number=1)
+            path = folder / "SR.dcm"
+            save_dataset(sr, path)
+            objects.insert(0, ResultObject("SR", uid, path))
+        log.info("study %s job %d analysed: %s", study_uid, job_id,
+                 ", ".join(f"{k} {v:.2f}s" for k, v in watch.seconds.items()))
+        return AnalysisOutput(findings, objects, overlays, watch.seconds)
+
+    def _findings(self, study_uid: str, chosen: dict[ViewKey, SourceInstance], scores) -> StudyFindings:  # noqa: ANN001
+        views = []
+        for key in SCREENING_VIEWS:
+            if key in scores.views:
+                probs = _probabilities(scores.views[key])
+                views.append(ViewFindings(*probs, sop_instance_uid=chosen[key].sop_instance_uid,
+                                          laterality=key[0], view=key[1]))
+        breasts = [BreastFindings(*_probabilities(scores.breasts[side]), laterality=side)
+                   for side in ("L", "R") if side in scores.breasts]
+        missing = [f"{lat}{view}" for lat, view in scores.missing_views]
+        return StudyFindings(study_uid, self.identity, views, breasts, missing)
+

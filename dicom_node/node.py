@@ -1,0 +1,125 @@
+"""The running node: Storage SCP, scheduler, and (embedded mode) a supervised Celery worker process.
+
+``mammo-node serve`` builds one ``Node``; the demo and the tests build one in-process the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.scheduler import Scheduler
+from dicom_node.scp import start_scp
+from dicom_node.settings import Settings
+from dicom_node.storage import InstanceStore
+from worklist.db import make_engine, require_current, session_factory
+
+log = logging.getLogger(__name__)
+
+WORKER_QUEUES = "gpu,io"
+
+
+class WorkerProcess:
+    """A ``mammo-node worker`` child process, restarted when it dies."""
+
+    def __init__(self, settings: Settings, concurrency: int) -> None:
+        self.argv = [sys.executable, "-m", "dicom_node.cli", "worker", "--queues", WORKER_QUEUES,
+                     "--concurrency", str(concurrency)]
+        self.env = {**os.environ, **settings.to_env()}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.name = ""
+
+    def start(self) -> None:
+        import socket
+
+        self.process = subprocess.Popen(self.argv, env=self.env)
+        self.name = f"{socket.gethostname()}:{self.process.pid}"
+        log.info("worker process %s started", self.name)
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)  # Celery warm shutdown: finish or re-queue the current task
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Node:
+    """Everything ``serve`` runs, started and stopped together."""
+
+    def __init__(self, settings: Settings, embedded_worker: bool = True, worker_concurrency: int = 2) -> None:
+        from dicom_node.tasks import configure, send_analysis, send_export
+
+        self.settings = settings
+        configure(settings)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = make_engine(settings.database_url())
+        require_current(self.engine)
+        self.sessions: sessionmaker[Session] = session_factory(self.engine)
+        self.scheduler = Scheduler(settings, self.sessions, send_analysis, send_export)
+        self.worker = WorkerProcess(settings, worker_concurrency) if embedded_worker else None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.server = None
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def start(self) -> Node:
+        """Reconcile, then listen, schedule and (embedded) run the worker."""
+        self.scheduler.reconcile(release_running=self.worker is not None and self.settings.broker_url is None)
+        self.server = start_scp(self.settings, InstanceStore(self.settings.incoming_dir, self.sessions),
+                                self.settings.server_ssl_context())
+        if self.worker is not None:
+            self.worker.start()
+            self._spawn(self._supervise, "worker-supervisor")
+        self._spawn(lambda: self.scheduler.run(self._stop), "scheduler")
+        return self
+
+    def _spawn(self, target: object, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(1.0):
+            code = self.worker.exited()
+            if code is None:
+                continue
+            log.error("worker process %s exited with code %s: restarting it", self.worker.name, code)
+            dead = self.worker.name
+            self.worker.start()
+            try:
+                self.scheduler.worker_died(dead)
+            except Exception as error:
+                log.error("could not re-send the jobs of worker %s: %s", dead, error)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        if self.server is not None:
+            self.server.shutdown()
+        if self.worker is not None:
+            self.worker.stop()
+        self.engine.dispose()
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,89 @@
+"""What one analysis found, in plain data: the input of the SR and SEG builders and the Result row's JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FINDING_TASKS = ("malignancy", "mass", "calcification")
+DENSITY_LABELS = ("A", "B", "C", "D")
+BIRADS_LABELS = ("1", "2", "3", "4", "5")
+DISCLAIMER = "For research and triage support only; not for diagnosis. Not a medical device."
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which algorithm and which weights produced a result (IHE AIR algorithm identification)."""
+
+    name: str
+    software_version: str
+    model_version: str
+    clinical: bool = False
+
+
+def _argmax(probabilities: dict[str, float]) -> str:
+    return max(probabilities, key=probabilities.__getitem__)
+
+
+@dataclass
+class Assessment:
+    """Probabilities of one image or one breast: finding tasks, density classes and BI-RADS categories."""
+
+    scores: dict[str, float]
+    density: dict[str, float]
+    birads: dict[str, float]
+
+    @property
+    def density_category(self) -> str:
+        return _argmax(self.density)
+
+    @property
+    def birads_category(self) -> str:
+        return _argmax(self.birads)
+
+
+@dataclass
+class ViewFindings(Assessment):
+    """One source image: its identity and its probabilities."""
+
+    sop_instance_uid: str = ""
+    laterality: str = ""
+    view: str = ""
+
+    @property
+    def name(self) -> str:
+        """``LCC``, ``RMLO``, ..."""
+        return f"{self.laterality}{self.view}"
+
+
+@dataclass
+class BreastFindings(Assessment):
+    """One breast: the mean of its views' probabilities."""
+
+    laterality: str = ""
+
+
+@dataclass
+class StudyFindings:
+    """Everything the node reports for one study analysis."""
+
+    study_instance_uid: str
+    model: ModelIdentity
+    views: list[ViewFindings]
+    breasts: list[BreastFindings]
+    missing_views: list[str] = field(default_factory=list)
+
+    @property
+    def suspicion(self) -> float:
+        """Study-level suspicion: the highest breast malignancy probability (the triage sort key)."""
+        return max((breast.scores["malignancy"] for breast in self.breasts), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "suspicion": self.suspicion}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudyFindings:
+        return cls(study_instance_uid=data["study_instance_uid"], model=ModelIdentity(**data["model"]),
+                   views=[ViewFindings(**view) for view in data["views"]],
+                   breasts=[BreastFindings(**breast) for breast in data["breasts"]],
+                   missing_views=list(data.get("missing_views", [])))

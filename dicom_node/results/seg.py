@@ -1,0 +1,80 @@
+"""One FRACTIONAL (probability) Segmentation per view: one segment per finding heatmap, at the source's geometry.
+
+Mammograms have no Frame of Reference, so each SEG derives from exactly one source image (highdicom allows
+that for a single frame, without plane positions) and holds one frame per segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import JPEG2000Lossless, generate_uid
+
+from dicom_node.results.codes import LATERALITY, SEGMENT_CATEGORY, SEGMENT_TYPES
+from dicom_node.results.equipment import MANUFACTURER, SERIAL_NUMBER, add_algorithm_equipment, software_versions
+from dicom_node.results.findings import ModelIdentity
+
+# JPEG 2000 Lossless, the usual archive syntax of mammography PACS. Measured on 2 cores for a 4096 x 3328 SEG
+# with 3 smooth heatmaps: 4.1 MB, 1.7 s to build; uncompressed 41 MB, 0.6 s; RLE 26 MB, 1.1 s; JPEG-LS 5.1 MB, 1.0 s.
+TRANSFER_SYNTAX = JPEG2000Lossless
+SERIES_DESCRIPTION = "AI heatmaps - research/triage only"
+CONTENT_DESCRIPTION = "AI heatmap - research/triage only, not for diagnosis"
+SEGMENT_COLORS = {"malignancy": (55.0, 75.0, 60.0), "mass": (85.0, -5.0, 80.0), "calcification": (60.0, -30.0, -40.0)}
+
+
+def _description(number: int, name: str, view: str, laterality: str, algorithm: hd.AlgorithmIdentificationSequence,
+                 sop_instance_uid: str) -> hd.seg.SegmentDescription:
+    description = hd.seg.SegmentDescription(
+        segment_number=number, segment_label=f"{name} heatmap"[:64], segmented_property_category=SEGMENT_CATEGORY,
+        segmented_property_type=SEGMENT_TYPES[name], algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm, tracking_id=f"{view} {name} heatmap"[:64],
+        tracking_uid=generate_uid(entropy_srcs=[sop_instance_uid, name]), anatomic_regions=[codes.SCT.Breast],
+        display_color=hd.color.CIELabColor(*SEGMENT_COLORS[name]))
+    description.SegmentDescription = f"Where the model sees evidence of {name} (probability-like, 0-1)"[:64]
+    if laterality in LATERALITY:
+        modifier = hd.sr.CodedConcept.from_code(LATERALITY[laterality])
+        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [modifier]
+    return description
+
+
+def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model: ModelIdentity, *,
+                      series_instance_uid: str, sop_instance_uid: str, series_number: int,
+                      instance_number: int) -> hd.seg.Segmentation:
+    """A SEG with one probability segment per heatmap (keys of ``SEGMENT_TYPES``: ``malignancy``, ``mass``,
+    ``calcification``); each heatmap has the source's Rows x Columns and values in [0, 1]."""
+    if not heatmaps:
+        raise ValueError("no heatmap to encode")
+    shape = (int(source.Rows), int(source.Columns))
+    for name, values in heatmaps.items():
+        if name not in SEGMENT_TYPES:
+            raise ValueError(f"no segment code for heatmap {name!r}")
+        if values.shape != shape:
+            raise ValueError(f"heatmap {name!r} is {values.shape}, the source image is {shape}")
+    names = list(heatmaps)
+    laterality = str(source.get("ImageLaterality", source.get("Laterality", "")))
+    view = f"{laterality}{source.get('ViewPosition', '')}"
+    algorithm = hd.AlgorithmIdentificationSequence(name=model.name[:64], family=codes.cid7162.ArtificialIntelligence,
+                                                   version=model.model_version[:64])
+    descriptions = [_description(number, name, view, laterality, algorithm, sop_instance_uid)
+                    for number, name in enumerate(names, start=1)]
+    # Float in [0, 1]: highdicom scales it to 0..255 (an integer array would be taken as a binary mask).
+    pixels = np.empty((1, *shape, len(names)), dtype=np.float32)
+    for index, name in enumerate(names):
+        np.clip(heatmaps[name], 0.0, 1.0, out=pixels[0, ..., index])
+    seg = hd.seg.Segmentation(
+        source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        segment_descriptions=descriptions, series_instance_uid=series_instance_uid, series_number=series_number,
+        sop_instance_uid=sop_instance_uid, instance_number=instance_number, manufacturer=MANUFACTURER,
+        manufacturer_model_name=model.name[:64], software_versions=software_versions(model),
+        device_serial_number=SERIAL_NUMBER, fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        max_fractional_value=255, content_label="AI_HEATMAP", content_description=CONTENT_DESCRIPTION,
+        transfer_syntax_uid=TRANSFER_SYNTAX, omit_empty_frames=False)
+    seg.SeriesDescription = SERIES_DESCRIPTION
+    if "PatientOrientation" in source:  # General Image, Type 2C when there is no Frame of Reference
+        seg.PatientOrientation = source.PatientOrientation
+    add_algorithm_equipment(seg, model)
+    return seg

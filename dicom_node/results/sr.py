@@ -1,0 +1,141 @@
+"""The Structured Report: a Comprehensive 3D SR with a TID 1500 Measurement Report (the IHE AI Results form).
+
+Measurement groups (TID 1501), each naming the algorithm and model version (TID 4019) and carrying a
+tracking identifier:
+
+- per view and per breast, one group per finding (probability of malignancy, mass, calcification) and one
+  density group (breast composition A-D); the breast's malignancy group also holds the BI-RADS-style
+  category. View groups reference their image, breast groups the images of that breast;
+- one study group: the suspicion score (the highest breast probability of malignancy), the research-use
+  statement and, when the study was incomplete, which screening views were missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from dicom_node.results.codes import (
+    ASSESSMENT_CATEGORY,
+    BIRADS_VALUES,
+    BREAST_COMPOSITION,
+    DENSITY_FINDING,
+    DENSITY_VALUES,
+    FINDING_TYPES,
+    LATERALITY,
+    MALIGNANT_NEOPLASM_OF_BREAST,
+    PROBABILITY_NAMES,
+    PROCEDURE_REPORTED,
+    UNITLESS,
+)
+from dicom_node.results.equipment import MANUFACTURER, add_algorithm_equipment, device_uid, software_versions
+from dicom_node.results.findings import DISCLAIMER, FINDING_TASKS, Assessment, StudyFindings
+
+Group = hd.sr.MeasurementsAndQualitativeEvaluations
+SERIES_DESCRIPTION = "AI results - research/triage only"
+
+
+def missing_views_text(missing: Sequence[str]) -> str:
+    """The statement a reader sees about the completeness of the analysis."""
+    if not missing:
+        return "All four screening views were analysed."
+    return f"Missing views: {', '.join(missing)}. Partial analysis: only the available views were analysed."
+
+
+class _Groups:
+    """Builds the measurement groups of one report (shared algorithm identification and tracking UIDs)."""
+
+    def __init__(self, findings: StudyFindings, sop_instance_uid: str) -> None:
+        self.algorithm = hd.sr.AlgorithmIdentification(name=findings.model.name[:64],
+                                                        version=findings.model.model_version[:64])
+        # The SR's UID is derived from study and job, so tracking UIDs are too: a rerun repeats them.
+        self.namespace = [findings.study_instance_uid, sop_instance_uid]
+
+    def _tracking(self, identifier: str) -> hd.sr.TrackingIdentifier:
+        return hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[*self.namespace, identifier]),
+                                        identifier=identifier)
+
+    def assessment(self, label: str, laterality: str, assessment: Assessment, images: Sequence[Dataset],
+                   with_birads: bool) -> list[Group]:
+        """One group per finding task and one density group for a view or a breast."""
+        sites = [hd.sr.FindingSite(anatomic_location=codes.SCT.Breast, laterality=LATERALITY[laterality])]
+        sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(image) for image in images] or None
+        common = {"algorithm_id": self.algorithm, "finding_sites": sites, "source_images": sources}
+        groups = []
+        for task in FINDING_TASKS:
+            evaluations = None
+            if task == "malignancy" and with_birads:
+                evaluations = [hd.sr.QualitativeEvaluation(ASSESSMENT_CATEGORY,
+                                                           BIRADS_VALUES[assessment.birads_category])]
+            measurement = hd.sr.Measurement(name=PROBABILITY_NAMES[task], value=_probability(assessment, task),
+                                            unit=UNITLESS)
+            groups.append(Group(tracking_identifier=self._tracking(f"{label} {task}"),
+                                finding_type=FINDING_TYPES[task], measurements=[measurement],
+                                qualitative_evaluations=evaluations, **common))
+        density = hd.sr.QualitativeEvaluation(BREAST_COMPOSITION, DENSITY_VALUES[assessment.density_category])
+        groups.append(Group(tracking_identifier=self._tracking(f"{label} density"), finding_type=DENSITY_FINDING,
+                            qualitative_evaluations=[density], **common))
+        return groups
+
+    def study(self, findings: StudyFindings) -> Group:
+        """The suspicion score with the research-use statement and the completeness statement (TEXT rows)."""
+        suspicion = hd.sr.Measurement(name=codes.DCM.ProbabilityOfCancer, value=round(findings.suspicion, 6),
+                                      unit=UNITLESS, derivation=codes.SCT.Maximum)
+        group = Group(tracking_identifier=self._tracking("study suspicion"),
+                      finding_type=MALIGNANT_NEOPLASM_OF_BREAST, algorithm_id=self.algorithm,
+                      finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Breast)],
+                      measurements=[suspicion])
+        for text in (DISCLAIMER, missing_views_text(findings.missing_views)):
+            group[0].ContentSequence.append(hd.sr.TextContentItem(
+                name=codes.DCM.Comment, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+        return group
+
+
+def _probability(assessment: Assessment, task: str) -> float:
+    value = float(assessment.scores[task])
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{task} probability {value} is outside [0, 1]")
+    return round(value, 6)
+
+
+def build_sr(findings: StudyFindings, sources: Sequence[Dataset], *, series_instance_uid: str,
+             sop_instance_uid: str, series_number: int, instance_number: int,
+             institution_name: str | None = None) -> hd.sr.Comprehensive3DSR:
+    """The study's AI result as a TID 1500 report; ``sources`` are the analysed images (all of one study)."""
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    unknown = [view.name for view in findings.views if view.sop_instance_uid not in by_uid]
+    if unknown:
+        raise ValueError(f"views {unknown} have no source image among the {len(by_uid)} given")
+    groups = _Groups(findings, sop_instance_uid)
+    measurement_groups: list[Group] = []
+    for view in findings.views:
+        measurement_groups += groups.assessment(view.name, view.laterality, view, [by_uid[view.sop_instance_uid]],
+                                                with_birads=False)
+    for breast in findings.breasts:
+        images = [by_uid[view.sop_instance_uid] for view in findings.views if view.laterality == breast.laterality]
+        measurement_groups += groups.assessment(f"{breast.laterality} breast", breast.laterality, breast, images,
+                                                with_birads=True)
+    measurement_groups.append(groups.study(findings))
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(findings.model), name=findings.model.name[:64], manufacturer_name=MANUFACTURER,
+            model_name=findings.model.name[:64]))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PROCEDURE_REPORTED, imaging_measurements=measurement_groups,
+        referenced_images=list(sources))
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=list(sources), content=report[0], series_instance_uid=series_instance_uid,
+        series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=instance_number,
+        manufacturer=MANUFACTURER, institution_name=institution_name, is_complete=True, is_final=False,
+        is_verified=False)
+    sr.SeriesDescription = SERIES_DESCRIPTION
+    sr.ManufacturerModelName = findings.model.name[:64]
+    sr.SoftwareVersions = software_versions(findings.model)
+    add_algorithm_equipment(sr, findings.model)
+    return sr

@@ -1,0 +1,96 @@
+"""The node's scheduler: promotes complete studies, sends their jobs to the workers, and re-sends what was lost.
+
+It runs in the node process (``mammo-node serve``), ticking a few times a second. The database is the truth:
+a message that never arrived, or whose worker died, is found again from the job and export rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.settings import Settings
+from worklist.completeness import Readiness, promote_ready_studies
+from worklist.exports import jobs_with_due_exports
+from worklist.models import Job, JobState
+from worklist.state import jobs_to_resend, queue_job, release_jobs_of, stale_running_jobs
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[int], str]
+
+
+class Scheduler:
+    """Promote, dispatch and reconcile; ``send_analysis``/``send_export`` put a job id on a queue."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], send_analysis: Sender,
+                 send_export: Sender) -> None:
+        self.sessions = sessions
+        self.readiness = Readiness.from_seconds(settings.study_settle_seconds, settings.study_inactivity_timeout)
+        self.stale = timedelta(seconds=settings.job_stale_seconds)
+        self.send_analysis = send_analysis
+        self.send_export = send_export
+        self.export_hold = 60.0
+        self._exports_sent: dict[int, tuple[datetime, float]] = {}  # job -> (due time sent for, when)
+        self._last_stale_check = 0.0
+
+    def dispatch(self, job_id: int) -> None:
+        """Send the job, then record QUEUED (a READY or QUEUED job; a task that wins the race is fine)."""
+        task_id = self.send_analysis(job_id)
+        queue_job(self.sessions, job_id, task_id, from_states=(JobState.READY, JobState.QUEUED))
+        log.info("job %d sent to the workers (task %s)", job_id, task_id)
+
+    def reconcile(self, release_running: bool) -> list[int]:
+        """On start: send again every job with no live task. ``release_running``: every RUNNING job's worker
+        is known dead (the embedded worker is ours and we are just starting), so none waits to go stale."""
+        if release_running:
+            with self.sessions() as session:
+                workers = set(session.scalars(select(Job.worker).where(Job.state == JobState.RUNNING)).all())
+            for worker in workers:
+                release_jobs_of(self.sessions, worker or "")
+        job_ids = jobs_to_resend(self.sessions, self.stale)
+        for job_id in job_ids:
+            self.dispatch(job_id)
+        if job_ids:
+            log.warning("reconcile: re-sent %d job(s) with no live task: %s", len(job_ids), job_ids)
+        return job_ids
+
+    def worker_died(self, worker: str) -> list[int]:
+        """A supervised worker process exited: its RUNNING jobs go back on the queue at once."""
+        job_ids = release_jobs_of(self.sessions, worker)
+        for job_id in job_ids:
+            self.dispatch(job_id)
+        return job_ids
+
+    def tick(self) -> None:
+        """One round: new READY studies, READY jobs, stale RUNNING jobs, due exports."""
+        promote_ready_studies(self.sessions, self.readiness)
+        with self.sessions() as session:
+            ready = session.scalars(select(Job.id).where(Job.state == JobState.READY).order_by(Job.id)).all()
+        for job_id in ready:
+            self.dispatch(job_id)
+        now = time.monotonic()
+        if now - self._last_stale_check > self.stale.total_seconds() / 4:
+            self._last_stale_check = now
+            for job_id in stale_running_jobs(self.sessions, self.stale):
+                log.warning("job %d has a stale heartbeat: sending it again", job_id)
+                self.send_analysis(job_id)
+        self._exports_sent = {k: v for k, v in self._exports_sent.items() if now - v[1] < self.export_hold}
+        for job_id, due in jobs_with_due_exports(self.sessions).items():
+            if self._exports_sent.get(job_id, (None,))[0] != due:  # not yet sent for this attempt
+                self.send_export(job_id)
+                self._exports_sent[job_id] = (due, now)
+
+    def run(self, stop: threading.Event, interval: float = 0.25) -> None:
+        """Tick until ``stop`` is set; an error in one tick (DB or broker down) is logged and retried."""
+        while not stop.wait(interval):
+            try:
+                self.tick()
+            except Exception as error:
+                log.error("scheduler tick failed (will retry): %s: %s", type(error).__name__, error)

@@ -1,0 +1,56 @@
+"""The model the node serves: the configured checkpoint or model version, else the demo model."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dicom_node.settings import Settings
+
+if TYPE_CHECKING:
+    from dicom_node.results.findings import ModelIdentity
+    from models.clip import MammoClip
+
+log = logging.getLogger(__name__)
+
+NOT_CLINICAL_BANNER = (
+    "NOTE: the demo model is trained on synthetic phantoms. It is NOT a clinical model and its scores\n"
+    "say nothing about real patients. Load real Mammo-CLIP weights with --model / MAMMO_MODEL_PATH."
+)
+
+
+def software_version() -> str:
+    try:
+        return version("mammo-clip-node")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def load_serving_model(settings: Settings, model_path: Path | None = None, text_encoder: Path | None = None,
+                       progress: bool = True) -> MammoClip:
+    """Load ``model_path`` (or ``settings.model_path``); with neither, the cached demo model, trained on
+    synthetic phantoms on first use (minutes on a CPU)."""
+    from models import load_model
+    from training.demo import ensure_demo_model
+
+    path = model_path or settings.model_path
+    if path is None:
+        log.warning("no model configured: using the demo model trained on synthetic phantoms (NOT clinical)")
+        path = ensure_demo_model(settings.data_dir / "cache", progress=progress)
+    return load_model(path, text_encoder=text_encoder or settings.text_encoder_path,
+                      device=settings.resolved_device())
+
+
+def model_identity(model: MammoClip) -> ModelIdentity:
+    """Algorithm name, software version and model version (name and weights hash) of a loaded model."""
+    from dicom_node.results.findings import ModelIdentity
+
+    card = getattr(model, "card", {}) or {}
+    report = getattr(model, "load_report", None)
+    sha = (card.get("weights_sha256") or getattr(report, "sha256", "") or "unknown")[:12]
+    name = card.get("name") or Path(getattr(report, "source", "model")).name
+    return ModelIdentity(name=f"Mammo-CLIP zero-shot ({model.config.image_encoder})",
+                         software_version=software_version(), model_version=f"{name}@{sha}",
+                         clinical=bool(card.get("clinical_use", False)))

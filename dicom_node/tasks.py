@@ -1,0 +1,246 @@
+"""The Celery app: ``analyze_study`` (queue ``gpu``) and ``export_results`` (queue ``io``).
+
+Jobs live in the worklist database; a message only says "look at job N". Tasks ack late and are rejected
+back to the queue when their worker dies, and a job's state machine (``worklist.state``) makes every
+delivery after the first a no-op, so a redelivered or re-sent message never runs a study twice.
+
+Broker: ``settings.broker_url`` (Redis in production), else an embedded SQLite broker file in the data
+directory (kombu's SQLAlchemy transport), which keeps queued messages on disk with no server to install.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import cached_property
+from pathlib import Path
+
+from celery import Celery, Task
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.settings import Settings
+from models.errors import ImageDecodeError, NotMammographyError
+
+log = logging.getLogger(__name__)
+
+ANALYZE = "mammo_node.analyze_study"
+EXPORT = "mammo_node.export_results"
+GPU_QUEUE, IO_QUEUE = "gpu", "io"
+PERMANENT_ERRORS = (ImageDecodeError, NotMammographyError)
+EXPORT_HOLD_SECONDS = 300  # a claimed export is not due again for this long (longer than any send)
+
+app = Celery("mammo_node")
+app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    task_routes={ANALYZE: {"queue": GPU_QUEUE}, EXPORT: {"queue": IO_QUEUE}},
+    task_default_queue=IO_QUEUE,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    worker_send_task_events=False,
+    task_serializer="json",
+    accept_content=["json"],
+)
+
+
+def broker_url(settings: Settings) -> str:
+    """The configured broker, or the embedded SQLite broker under the data directory."""
+    return settings.broker_url or f"sqla+sqlite:///{(Path(settings.data_dir) / 'broker.sqlite').resolve()}"
+
+
+def configure(settings: Settings) -> Celery:
+    """Point the app at the node's broker; keep ``settings`` for the tasks of this process."""
+    url = broker_url(settings)
+    # Redis: an unacked message comes back after the visibility timeout (its worker died).
+    transport = {"visibility_timeout": int(settings.job_stale_seconds * 3)} if url.startswith("redis") else {}
+    if url.startswith("sqla"):
+        # The embedded broker is polled (1 s by default). Its transport hands every transport option to
+        # create_engine, so the interval is set on the class; 0.2 s keeps the queue wait small.
+        from kombu.transport import sqlalchemy
+
+        sqlalchemy.Transport.polling_interval = 0.2
+    if app._pool is not None:  # drop connections to a previous broker (a node restarted in this process)
+        app._pool.force_close_all()
+        app._pool = None
+    if "amqp" in app.__dict__:
+        app.amqp._producer_pool = None
+    app.conf.update(broker_url=url, broker_transport_options=transport)
+    _Context.current = _Context(settings)
+    return app
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process (recorded on the jobs it runs)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Context:
+    """What a worker process needs, created lazily after fork: DB sessions and the loaded model."""
+
+    current: _Context | None = None
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        from worklist.db import make_engine, session_factory
+
+        return session_factory(make_engine(self.settings.database_url()))
+
+    @property
+    def analyzer(self):
+        with self._lock:
+            if "_analyzer" not in self.__dict__:
+                from dicom_node.analysis import Analyzer
+                from dicom_node.serving import load_serving_model, model_identity
+
+                model = load_serving_model(self.settings, progress=False)
+                self._analyzer = Analyzer(model, model_identity(model), self.settings.results_dir)
+            return self._analyzer
+
+
+def context() -> _Context:
+    if _Context.current is None:
+        from dicom_node.settings import load_settings
+
+        configure(load_settings())
+    return _Context.current
+
+
+@dataclass
+class _Heartbeat:
+    """Refreshes a claimed job's heartbeat from a thread while the work runs."""
+
+    sessions: sessionmaker[Session]
+    claim: object
+    interval: float
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        from worklist.state import heartbeat
+
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.interval):
+                try:
+                    heartbeat(self.sessions, self.claim)
+                except Exception as error:  # a DB hiccup must not kill the job; the next beat retries
+                    log.warning("heartbeat of job %d failed: %s", self.claim.job_id, type(error).__name__)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{self.claim.job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+def _source_instances(sessions: sessionmaker[Session], root: Path, job_id: int) -> list:
+    from dicom_node.analysis import SourceInstance
+    from worklist.models import Instance, Job
+
+    with sessions() as session:
+        study_id = session.scalar(select(Job.study_id).where(Job.id == job_id))
+        rows = session.execute(select(Instance).where(Instance.study_id == study_id, Instance.analysable.is_(True))
+                               .order_by(Instance.received_at, Instance.id)).scalars().all()
+        return [SourceInstance(root / row.path, row.sop_instance_uid, row.laterality, row.view) for row in rows]
+
+
+@app.task(name=ANALYZE, bind=True)
+def analyze_study(self: Task, job_id: int) -> None:
+    """Claim the job, analyse its study, record the result and its exports, and hand them to the io queue."""
+    from worklist.state import claim_job, complete_job, fail_job, job_state
+
+    ctx = context()
+    settings = ctx.settings
+    stale = timedelta(seconds=settings.job_stale_seconds)
+    claim = claim_job(ctx.sessions, job_id, worker_name(), stale)
+    if claim is None:
+        state = job_state(ctx.sessions, job_id)
+        if state is not None and state.value == "RUNNING":  # maybe a dead worker's: look again once it is stale
+            raise self.retry(countdown=settings.job_stale_seconds, max_retries=None)
+        log.info("job %d is %s: nothing to do for this delivery", job_id, state)
+        return
+    try:
+        with _Heartbeat(ctx.sessions, claim, settings.job_stale_seconds / 4).running():
+            instances = _source_instances(ctx.sessions, settings.incoming_dir, job_id)
+            output = ctx.analyzer.analyse(claim.study_instance_uid, job_id, instances)
+    except PERMANENT_ERRORS as error:
+        fail_job(ctx.sessions, claim, f"{type(error).__name__}: {error}", retry=False)
+        return
+    except Exception as error:
+        retry = claim.attempt < settings.job_max_attempts
+        log.exception("job %d attempt %d raised", job_id, claim.attempt)
+        if fail_job(ctx.sessions, claim, f"{type(error).__name__}: {error}", retry=retry) and retry:
+            send_analysis(job_id, countdown=min(10 * 2 ** claim.attempt, 600))
+        return
+    exports = [(destination.name, obj.sop_instance_uid, str(obj.path))
+               for destination in settings.destinations for obj in output.objects]
+    done = complete_job(ctx.sessions, claim, output.findings.to_dict(), output.findings.suspicion, output.timings,
+                        output.findings.model.model_version, exports)
+    if done and exports:
+        send_export(job_id)
+
+
+@app.task(name=EXPORT)
+def export_results(job_id: int) -> None:
+    """Send every due export of a job; failures wait for their backoff (the scheduler re-sends them)."""
+    from dicom_node.scu import SendError, send_files
+    from worklist.exports import claim_due, mark_delivered
+
+    ctx = context()
+    settings = ctx.settings
+    destinations = {destination.name: destination for destination in settings.destinations}
+    attempts = claim_due(ctx.sessions, job_id, hold=timedelta(seconds=EXPORT_HOLD_SECONDS))
+    by_destination: dict[str, list] = {}
+    for attempt in attempts:
+        by_destination.setdefault(attempt.destination, []).append(attempt)
+    for name, items in by_destination.items():
+        if name not in destinations:
+            _failed(ctx, items, f"destination {name!r} is no longer configured")
+            continue
+        try:
+            outcomes = send_files(destinations[name], [Path(a.path) for a in items], settings.ae_title,
+                                  ssl_context=settings.client_ssl_context(destinations[name]))
+        except (SendError, OSError) as error:
+            _failed(ctx, items, str(error))
+            continue
+        statuses = {outcome.sop_instance_uid: outcome for outcome in outcomes}
+        for attempt in items:
+            outcome = statuses.get(attempt.sop_instance_uid)
+            if outcome is not None and outcome.stored:
+                mark_delivered(ctx.sessions, attempt)
+                log.info("delivered %s to %s", attempt.sop_instance_uid, name)
+            else:
+                status = "no answer" if outcome is None else f"status 0x{outcome.status & 0xFFFF:04X}"
+                _failed(ctx, [attempt], f"{name} did not store the object ({status})")
+
+
+def _failed(ctx: _Context, attempts: list, error: str) -> None:
+    from worklist.exports import mark_failed_attempt
+
+    for attempt in attempts:
+        mark_failed_attempt(ctx.sessions, attempt, error, ctx.settings.export_max_attempts,
+                            ctx.settings.export_backoff_seconds)
+
+
+def send_analysis(job_id: int, countdown: float | None = None) -> str:
+    """Put an analysis message on the gpu queue; returns its task id."""
+    return analyze_study.apply_async((job_id,), countdown=countdown).id
+
+
+def send_export(job_id: int) -> str:
+    return export_results.apply_async((job_id,)).id

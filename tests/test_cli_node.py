@@ -1,0 +1,82 @@
+"""The node's operating commands (echo, send, status, studies, retry-exports) and the end-to-end demo, run as
+real subprocesses against a running node."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_node.node import Node
+from dicom_node.settings import Settings
+from models import save_model_version
+from tests.conftest import free_port, tiny_model
+from worklist.db import make_engine, upgrade
+
+
+def run_cli(*args: str, settings: Settings, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **settings.to_env()}
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def receiving_node(tmp_path: Path) -> Iterator[Node]:
+    """A node that receives but runs no worker, so what it stores stays waiting."""
+    settings = Settings(data_dir=tmp_path / "data", port=free_port(), study_settle_seconds=0.1,
+                        allowed_calling_aes=["MAMMO_AI", "MODALITY"])
+    settings.data_dir.mkdir()
+    upgrade(make_engine(settings.database_url()))
+    with Node(settings, embedded_worker=False) as node:
+        yield node
+
+
+def test_echo_send_status_and_studies(receiving_node: Node, synthetic_root: Path) -> None:
+    settings = receiving_node.settings
+    echo = run_cli("echo", settings=settings)
+    assert echo.returncode == 0 and "success" in echo.stdout, echo.stderr
+    study = next(p for p in synthetic_root.iterdir() if p.is_dir())
+    sent = run_cli("send", str(study), settings=settings)
+    assert sent.returncode == 0 and "sent 4 of 4" in sent.stdout, sent.stderr
+    status = json.loads(run_cli("status", "--json", settings=settings).stdout)
+    assert status["instances"] == 4 and sum(status["studies"].values()) == 1
+    assert "broker.sqlite" in status["broker"]
+    listing = json.loads(run_cli("studies", "--json", settings=settings).stdout)
+    assert listing[0]["views"] == ["LCC", "RCC", "LMLO", "RMLO"] and listing[0]["missing_views"] == []
+    assert "patient" not in json.dumps(listing).lower()
+    table = run_cli("studies", settings=settings).stdout
+    assert listing[0]["study_instance_uid"] in table
+    assert "0 failed export(s)" in run_cli("retry-exports", settings=settings).stdout
+
+
+def test_echo_to_a_dead_peer_fails_clearly(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", port=free_port())
+    result = run_cli("echo", settings=settings, timeout=60)
+    assert result.returncode == 1 and "refused or did not answer" in result.stderr
+
+
+def test_send_refuses_an_unknown_destination(tmp_path: Path, synthetic_root: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    result = run_cli("send", str(synthetic_root), "--to", "pacs", settings=settings, timeout=60)
+    assert result.returncode == 2 and "no destination named 'pacs'" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
+    version = save_model_version(tiny_model(), tmp_path / "tiny")
+    settings = Settings(data_dir=tmp_path / "data", device="cpu")
+    result = run_cli("demo", "--model", str(version), settings=settings, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert ": DONE " in out and "study suspicion" in out and "NOT a clinical model" in out
+    results = sorted((tmp_path / "data" / "results").rglob("*.dcm"))
+    assert {p.name for p in results} == {"SR.dcm", "SEG_LCC.dcm", "SEG_RCC.dcm", "SEG_LMLO.dcm", "SEG_RMLO.dcm"}
+    delivered = sorted((tmp_path / "data" / "demo-pacs").glob("*.dcm"))
+    assert len(delivered) == 5 and all(str(p) in out for p in delivered)
+    overlays = sorted((tmp_path / "data" / "results").rglob("overlay_*.png"))
+    assert len(overlays) == 4 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in overlays)

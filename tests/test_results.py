@@ -1,0 +1,304 @@
+"""Result objects: the TID 1500 SR, the fractional SEG and the overlay PNG, checked with dciodvfy, dsr2html,
+highdicom/pydicom read-back and a real DCMTK storescp."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
+
+from dicom_node.results import build_heatmap_seg, build_sr, heatmap_overlay_png, save_dataset
+from dicom_node.results.codes import PROCESSING_ALGORITHM
+from dicom_node.results.findings import (
+    BIRADS_LABELS,
+    DENSITY_LABELS,
+    DISCLAIMER,
+    FINDING_TASKS,
+    BreastFindings,
+    ModelIdentity,
+    StudyFindings,
+    ViewFindings,
+)
+from dicom_node.results.seg import TRANSFER_SYNTAX
+from tests.conftest import free_port, require_tool
+
+MODEL = ModelIdentity(name="Mammo-CLIP test", software_version="0.1.0", model_version="test-2026.11")
+
+
+@pytest.fixture(scope="module")
+def sources(synthetic_root: Path) -> list[pydicom.Dataset]:
+    """The four views (256 x 160) of the first synthetic study."""
+    study = sorted(path for path in synthetic_root.iterdir() if path.is_dir())[0]
+    return [pydicom.dcmread(path) for path in sorted(study.glob("*.dcm"))]
+
+
+def _assessment(rng: np.random.Generator) -> dict[str, dict[str, float]]:
+    return {"scores": {task: round(float(rng.uniform(0.05, 0.95)), 6) for task in FINDING_TASKS},
+            "density": dict(zip(DENSITY_LABELS, rng.dirichlet(np.ones(4)).tolist(), strict=True)),
+            "birads": dict(zip(BIRADS_LABELS, rng.dirichlet(np.ones(5)).tolist(), strict=True))}
+
+
+def make_findings(datasets: list[pydicom.Dataset], missing: list[str] | None = None) -> StudyFindings:
+    rng = np.random.default_rng(5)
+    views = [ViewFindings(**_assessment(rng), sop_instance_uid=ds.SOPInstanceUID, laterality=ds.ImageLaterality,
+                          view=ds.ViewPosition) for ds in datasets]
+    breasts = [BreastFindings(**_assessment(rng), laterality=side) for side in ("L", "R")]
+    return StudyFindings(datasets[0].StudyInstanceUID, MODEL, views, breasts, missing or [])
+
+
+def write_sr(findings: StudyFindings, datasets: list[pydicom.Dataset], path: Path) -> Path:
+    sr = build_sr(findings, datasets, series_instance_uid=generate_uid(entropy_srcs=["sr series"]),
+                  sop_instance_uid=generate_uid(entropy_srcs=[findings.study_instance_uid, "sr"]),
+                  series_number=9000, instance_number=1)
+    return save_dataset(sr, path)
+
+
+def heatmaps_for(source: pydicom.Dataset, seed: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {task: rng.random((source.Rows, source.Columns), dtype=np.float32) for task in FINDING_TASKS}
+
+
+def write_seg(source: pydicom.Dataset, heatmaps: dict[str, np.ndarray], path: Path) -> Path:
+    seg = build_heatmap_seg(source, heatmaps, MODEL, series_instance_uid=generate_uid(entropy_srcs=["seg series"]),
+                            sop_instance_uid=generate_uid(entropy_srcs=[source.SOPInstanceUID, "seg"]),
+                            series_number=9001, instance_number=1)
+    return save_dataset(seg, path)
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """Errors and warnings of dicom3tools' IOD validator."""
+    result = subprocess.run([require_tool("/usr/bin/dciodvfy"), str(path)], capture_output=True, text=True,
+                            timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")], [line for line in lines if line.startswith("Warn")]
+
+
+def assert_valid(path: Path) -> None:
+    errors, warnings = dciodvfy(path)
+    assert errors == [], errors
+    # The only warning: Device UID in the IHE AIR Contributing Equipment item, unknown to this dciodvfy.
+    assert all("Device UID" in line or "Standard Extended SOP Class" in line for line in warnings), warnings
+
+
+def text_values(dataset: pydicom.Dataset) -> list[str]:
+    """Every TEXT content item value of an SR, depth first."""
+    values = []
+    for item in dataset.get("ContentSequence", []):
+        if item.ValueType == "TEXT":
+            values.append(str(item.TextValue))
+        values += text_values(item)
+    return values
+
+
+def test_sr_of_four_views_is_valid_renders_and_reads_back(tmp_path: Path, sources: list[pydicom.Dataset]) -> None:
+    findings = make_findings(sources)
+    path = write_sr(findings, sources, tmp_path / "sr.dcm")
+    assert_valid(path)
+
+    html = subprocess.run([require_tool("/usr/bin/dsr2html"), str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert html.returncode == 0, html.stderr
+    malignancy = findings.views[0].scores["malignancy"]
+    assert f"{malignancy:g}" in html.stdout and f"{findings.suspicion:g}" in html.stdout
+    assert DISCLAIMER in html.stdout
+
+    sr = hd.sr.srread(path)
+    assert sr.SOPClassUID == Comprehensive3DSRStorage and sr.SeriesDescription == "AI results - research/triage only"
+    assert (sr.PatientID, sr.StudyInstanceUID) == (sources[0].PatientID, sources[0].StudyInstanceUID)
+    report = sr.content
+    for view in findings.views:
+        groups = report.get_image_measurement_groups(referenced_sop_instance_uid=view.sop_instance_uid)
+        by_id = {group.tracking_identifier: group for group in groups}
+        for task in FINDING_TASKS:
+            (measurement,) = by_id[f"{view.name} {task}"].get_measurements()
+            assert measurement.value == pytest.approx(view.scores[task], abs=1e-6)
+            assert measurement.unit.value == "1"
+        (density,) = by_id[f"{view.name} density"].get_qualitative_evaluations()
+        assert density.name == codes.SCT.BreastComposition
+    breast = findings.breasts[0]
+    (malignant,) = [g for g in report.get_image_measurement_groups() if g.tracking_identifier == "L breast malignancy"]
+    (birads,) = malignant.get_qualitative_evaluations()
+    assert birads.value.value == {"1": "397140005", "2": "397141009", "3": "397143007", "4": "397144001",
+                                  "5": "397145000"}[breast.birads_category]
+
+    library = next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028")
+    referenced = {image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                  for group in library.ContentSequence for image in group.ContentSequence}
+    assert referenced == {ds.SOPInstanceUID for ds in sources}
+    assert DISCLAIMER in text_values(sr) and "All four screening views were analysed." in text_values(sr)
+
+    (equipment,) = [item for item in sr.ContributingEquipmentSequence
+                    if item.PurposeOfReferenceCodeSequence[0].CodeValue == PROCESSING_ALGORITHM.value]
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
+    assert equipment.ManufacturerModelName == MODEL.name and list(equipment.SoftwareVersions) == [
+        "node 0.1.0", "model test-2026.11"]
+    assert equipment.DeviceUID == generate_uid(entropy_srcs=[MODEL.name, MODEL.model_version])
+
+
+def test_sr_of_a_partial_study_states_the_missing_view(tmp_path: Path, sources: list[pydicom.Dataset]) -> None:
+    present = [ds for ds in sources if (ds.ImageLaterality, ds.ViewPosition) != ("L", "MLO")]
+    assert len(present) == 3
+    findings = make_findings(present, missing=["LMLO"])
+    path = write_sr(findings, present, tmp_path / "sr.dcm")
+    assert_valid(path)
+    html = subprocess.run([require_tool("/usr/bin/dsr2html"), str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert html.returncode == 0 and "Missing views: LMLO" in html.stdout
+
+    sr = hd.sr.srread(path)
+    statements = [text for text in text_values(sr) if text.startswith("Missing views")]
+    assert statements == ["Missing views: LMLO. Partial analysis: only the available views were analysed."]
+    identifiers = {group.tracking_identifier for group in sr.content.get_image_measurement_groups()}
+    assert "LCC malignancy" in identifiers and not any(name.startswith("LMLO") for name in identifiers)
+    (left,) = [g for g in sr.content.get_image_measurement_groups() if g.tracking_identifier == "L breast mass"]
+    assert [image.referenced_sop_instance_uid for image in left.source_images] == [
+        ds.SOPInstanceUID for ds in present if ds.ImageLaterality == "L"]
+
+
+def test_sr_rejects_a_view_without_its_source(sources: list[pydicom.Dataset]) -> None:
+    with pytest.raises(ValueError, match="no source image"):
+        build_sr(make_findings(sources), sources[:3], series_instance_uid="1.2.3", sop_instance_uid="1.2.3.4",
+                 series_number=1, instance_number=1)
+
+
+def test_seg_is_valid_and_round_trips_the_heatmaps(tmp_path: Path, sources: list[pydicom.Dataset]) -> None:
+    source = sources[0]
+    heatmaps = heatmaps_for(source)
+    path = write_seg(source, heatmaps, tmp_path / "seg.dcm")
+    assert_valid(path)
+
+    seg = pydicom.dcmread(path)
+    assert seg.SOPClassUID == SegmentationStorage and seg.file_meta.TransferSyntaxUID == TRANSFER_SYNTAX
+    assert (seg.SegmentationType, seg.SegmentationFractionalType, seg.MaximumFractionalValue) == (
+        "FRACTIONAL", "PROBABILITY", 255)
+    assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns) and seg.NumberOfFrames == len(FINDING_TASKS)
+    assert "research/triage only" in seg.SeriesDescription and "not for diagnosis" in seg.ContentDescription
+    labels = {item.SegmentNumber: item.SegmentLabel for item in seg.SegmentSequence}
+    assert labels == {number: f"{task} heatmap" for number, task in enumerate(FINDING_TASKS, start=1)}
+    region = seg.SegmentSequence[0].AnatomicRegionSequence[0]
+    assert region.CodeValue == "76752008"
+    assert region.AnatomicRegionModifierSequence[0].CodeMeaning == {"L": "Left", "R": "Right"}[source.ImageLaterality]
+    referenced = {ref.ReferencedSOPInstanceUID for series in seg.ReferencedSeriesSequence
+                  for ref in series.ReferencedInstanceSequence}
+    assert referenced == {source.SOPInstanceUID}
+
+    frames = seg.pixel_array
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        number = group.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        expected = heatmaps[FINDING_TASKS[number - 1]]
+        assert np.abs(frame.astype(np.float32) / 255.0 - expected).max() <= 1 / 255
+        derivation = group.DerivationImageSequence[0].SourceImageSequence[0]
+        assert derivation.ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_seg_rejects_heatmaps_of_the_wrong_shape_or_kind(sources: list[pydicom.Dataset]) -> None:
+    source = sources[0]
+    arguments = {"series_instance_uid": "1.2.3", "sop_instance_uid": "1.2.3.4", "series_number": 1,
+                 "instance_number": 1}
+    with pytest.raises(ValueError, match="the source image is"):
+        build_heatmap_seg(source, {"mass": np.zeros((10, 10), np.float32)}, MODEL, **arguments)
+    with pytest.raises(ValueError, match="no segment code"):
+        build_heatmap_seg(source, {"density": np.zeros((source.Rows, source.Columns), np.float32)}, MODEL,
+                          **arguments)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """DCMTK's storescp accepting every transfer syntax it knows, writing into a temporary folder."""
+    folder = tmp_path / "received"
+    folder.mkdir()
+    port = free_port()
+    process = subprocess.Popen([require_tool("/usr/bin/storescp"), "-aet", "PACS", "+xa", "-od", str(folder),
+                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, "storescp did not start"
+                time.sleep(0.05)
+        yield port, folder
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_storescp_accepts_the_sr_and_the_seg(tmp_path: Path, sources: list[pydicom.Dataset],
+                                             storescp: tuple[int, Path]) -> None:
+    port, folder = storescp
+    files = [write_sr(make_findings(sources), sources, tmp_path / "sr.dcm"),
+             write_seg(sources[0], heatmaps_for(sources[0]), tmp_path / "seg.dcm")]
+    ae = AE(ae_title="MAMMO_AI")
+    ae.add_requested_context(Comprehensive3DSRStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(SegmentationStorage, JPEG2000Lossless)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACS")
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in files]
+    finally:
+        assoc.release()
+    assert statuses == [0, 0]
+    received = {pydicom.dcmread(path).SOPInstanceUID for path in folder.iterdir()}
+    assert received == {pydicom.dcmread(path).SOPInstanceUID for path in files}
+
+
+def test_overlay_png_is_written_at_display_size(tmp_path: Path, sources: list[pydicom.Dataset]) -> None:
+    source = sources[0]
+    path = heatmap_overlay_png(source, heatmaps_for(source)["malignancy"], tmp_path / "png" / "LCC.png", "LCC 0.42")
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.width == source.Columns and source.Rows < image.height < source.Rows + 120
+
+
+def test_overlay_png_of_a_large_image_is_at_most_1024_pixels_high(tmp_path: Path,
+                                                                   sources: list[pydicom.Dataset]) -> None:
+    large = pydicom.dcmread(sources[0].filename)  # 256 x 160 upscaled 5 times: 1280 x 800
+    pixels = np.repeat(np.repeat(large.pixel_array, 5, axis=0), 5, axis=1)
+    large.Rows, large.Columns = pixels.shape
+    large.PixelData = pixels.tobytes()
+    heatmap = np.zeros(pixels.shape, np.float32)
+    heatmap[400:600, 300:500] = 0.9
+    path = heatmap_overlay_png(large, heatmap, tmp_path / "large.png", "LCC malignancy 0.90")
+    with Image.open(path) as image:
+        assert image.width == 640 and 1024 < image.height <= 1024 + 120
+        rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    red_minus_blue = rgb[..., 0] - rgb[..., 2]
+    assert red_minus_blue.max() > 100  # the hot spot is drawn in red over the gray mammogram
+
+
+def test_a_compressed_seg_is_sent_uncompressed_to_a_peer_without_that_syntax(
+        tmp_path: Path, sources: list[pydicom.Dataset]) -> None:
+    from dicom_node.demo import LocalReceiver
+    from dicom_node.scu import send_files
+    from dicom_node.settings import Destination
+
+    path = write_seg(sources[0], heatmaps_for(sources[0]), tmp_path / "seg.dcm")
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == TRANSFER_SYNTAX  # compressed on disk
+    receiver = LocalReceiver(tmp_path / "pacs")  # accepts uncompressed syntaxes only
+    port = receiver.start()
+    try:
+        (outcome,) = send_files(Destination(name="p", ae_title="DEMO_PACS", host="127.0.0.1", port=port),
+                                [path], "MAMMO_AI")
+    finally:
+        receiver.stop()
+    assert outcome.stored
+    (received,) = (tmp_path / "pacs").glob("*.dcm")
+    ds = pydicom.dcmread(received)
+    assert not ds.file_meta.TransferSyntaxUID.is_compressed
+    # Lossless decompression keeps the instance: the worklist tracks delivery by this UID.
+    assert ds.SOPInstanceUID == outcome.sop_instance_uid == pydicom.dcmread(path).SOPInstanceUID
+    np.testing.assert_array_equal(ds.pixel_array, pydicom.dcmread(path).pixel_array)

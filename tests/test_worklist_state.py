@@ -1,0 +1,180 @@
+"""The study completeness rule, the job state machine and the export attempts, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from worklist.completeness import Readiness, promote_ready_studies
+from worklist.db import make_engine, session_factory
+from worklist.exports import claim_due, jobs_with_due_exports, mark_delivered, mark_failed_attempt, retry_failed
+from worklist.models import Export, ExportState, Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
+from worklist.queries import node_status, triage_list
+from worklist.state import (
+    claim_job,
+    complete_job,
+    fail_job,
+    jobs_to_resend,
+    queue_job,
+    release_jobs_of,
+    stale_running_jobs,
+)
+
+READINESS = Readiness.from_seconds(settle=1, timeout=60)
+
+
+@pytest.fixture
+def sessions(db_url):
+    engine = make_engine(db_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def add_study(sessions, uid: str, views: list[str], age: float, analysable: bool = True) -> int:
+    """A study whose last instance arrived ``age`` seconds ago, with one instance per view name."""
+    when = utcnow() - timedelta(seconds=age)
+    with sessions.begin() as session:
+        study = Study(study_instance_uid=uid, accession_number=f"A{uid[-4:]}", last_received_at=when)
+        series = Series(series_instance_uid=f"{uid}.1", study=study, modality="MG")
+        for index, name in enumerate(views):
+            session.add(Instance(study=study, series=series, sop_instance_uid=f"{uid}.1.{index}",
+                                 sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                                 laterality=name[0], view=name[1:], analysable=analysable, path=f"{index}.dcm",
+                                 size_bytes=1, sha256="0" * 64, received_at=when))
+        session.add(study)
+        session.flush()
+        return study.id
+
+
+def jobs_of(sessions, study_id: int) -> list[Job]:
+    with sessions() as session:
+        return list(session.scalars(select(Job).where(Job.study_id == study_id).order_by(Job.id)))
+
+
+def test_four_views_are_ready_after_the_settle_time_and_only_once(sessions):
+    complete = add_study(sessions, "1.2.3.1", ["LCC", "RCC", "LMLO", "RMLO"], age=5)
+    settling = add_study(sessions, "1.2.3.2", ["LCC", "RCC", "LMLO", "RMLO"], age=0)
+    partial = add_study(sessions, "1.2.3.3", ["LCC", "RCC", "LMLO"], age=5)
+    not_mg = add_study(sessions, "1.2.3.4", ["LCC"], age=3600, analysable=False)
+    created = promote_ready_studies(sessions, READINESS)
+    assert [job.id for job in jobs_of(sessions, complete)] == created
+    assert jobs_of(sessions, settling) == jobs_of(sessions, partial) == jobs_of(sessions, not_mg) == []
+    assert promote_ready_studies(sessions, READINESS) == []  # READY now: no second job
+    with sessions() as session:
+        assert session.get(Study, complete).state == StudyState.READY
+        assert session.get(Study, not_mg).state == StudyState.RECEIVING
+
+
+def test_a_study_missing_a_view_is_ready_after_the_inactivity_timeout(sessions):
+    partial = add_study(sessions, "1.2.3.5", ["LCC", "RCC", "LMLO"], age=61)
+    assert len(promote_ready_studies(sessions, READINESS)) == 1
+    assert jobs_of(sessions, partial)[0].state == JobState.READY
+
+
+def test_concurrent_promotion_creates_one_job(sessions):
+    study = add_study(sessions, "1.2.3.6", ["LCC", "RCC", "LMLO", "RMLO"], age=5)
+    threads = [threading.Thread(target=promote_ready_studies, args=(sessions, READINESS)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(jobs_of(sessions, study)) == 1
+
+
+def ready_job(sessions, uid: str) -> int:
+    add_study(sessions, uid, ["LCC", "RCC", "LMLO", "RMLO"], age=5)
+    return promote_ready_studies(sessions, READINESS)[0]
+
+
+def test_job_runs_once_and_records_result_and_exports(sessions):
+    job_id = ready_job(sessions, "1.2.3.7")
+    assert queue_job(sessions, job_id, "task-1")
+    stale = timedelta(seconds=60)
+    claim = claim_job(sessions, job_id, "host:1", stale)
+    assert claim is not None and claim.attempt == 1 and claim.study_instance_uid == "1.2.3.7"
+    assert claim_job(sessions, job_id, "host:2", stale) is None  # a duplicate delivery while it runs
+    exports = [("pacs", "1.2.9.1", "/r/SR.dcm"), ("pacs", "1.2.9.2", "/r/SEG_LCC.dcm")]
+    assert complete_job(sessions, claim, {"suspicion": 0.7}, 0.7, {"model": 1.0}, "demo@abc", exports)
+    assert not complete_job(sessions, claim, {}, 0.1, {}, "demo@abc", [])  # finishing twice writes nothing
+    assert claim_job(sessions, job_id, "host:3", stale) is None  # DONE stays DONE
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        study = session.get(Study, job.study_id)
+        assert (job.state, job.timings, job.model_version) == (JobState.DONE, {"model": 1.0}, "demo@abc")
+        assert (study.state, study.suspicion) == (StudyState.ANALYSED, 0.7)
+        assert session.scalar(select(Result.suspicion).where(Result.job_id == job_id)) == 0.7
+        assert sorted(session.scalars(select(Export.path).where(Export.job_id == job_id))) == [
+            "/r/SEG_LCC.dcm", "/r/SR.dcm"]
+
+
+def test_a_stale_running_job_is_taken_over_and_the_old_lease_cannot_finish(sessions):
+    job_id = ready_job(sessions, "1.2.3.8")
+    old = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=120)))
+    assert stale_running_jobs(sessions, timedelta(seconds=60)) == [job_id]
+    assert job_id in jobs_to_resend(sessions, timedelta(seconds=60))
+    new = claim_job(sessions, job_id, "host:2", timedelta(seconds=60))
+    assert new is not None and new.attempt == 2
+    assert not complete_job(sessions, old, {}, 0.1, {}, "m", [])
+    assert complete_job(sessions, new, {}, 0.2, {}, "m", [])
+
+
+def test_failures_retry_then_fail_and_mark_the_study(sessions):
+    job_id = ready_job(sessions, "1.2.3.9")
+    claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+    assert fail_job(sessions, claim, "RuntimeError: out of memory", retry=True) == JobState.QUEUED
+    claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+    assert claim.attempt == 2
+    assert fail_job(sessions, claim, "ImageDecodeError: truncated", retry=False) == JobState.FAILED
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.attempts, job.error) == (JobState.FAILED, 2, "ImageDecodeError: truncated")
+        assert session.get(Study, job.study_id).state == StudyState.FAILED
+    assert triage_list(sessions)[-1]["error"] == "ImageDecodeError: truncated"
+
+
+def test_a_late_instance_sends_the_study_back_for_a_new_analysis(sessions):
+    job_id = ready_job(sessions, "1.2.3.10")
+    claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+    with sessions.begin() as session:  # an instance arrives while the job runs
+        session.execute(update(Study).where(Study.study_instance_uid == "1.2.3.10").values(
+            last_received_at=utcnow() + timedelta(seconds=1)))
+    assert complete_job(sessions, claim, {}, 0.3, {}, "m", [])
+    with sessions() as session:
+        assert session.scalar(select(Study.state).where(Study.study_instance_uid == "1.2.3.10")) == \
+            StudyState.RECEIVING
+
+
+def test_release_jobs_of_a_dead_worker(sessions):
+    job_id = ready_job(sessions, "1.2.3.11")
+    claim_job(sessions, job_id, "host:41", timedelta(seconds=60))
+    assert release_jobs_of(sessions, "host:42") == []
+    assert release_jobs_of(sessions, "host:41") == [job_id]
+    assert claim_job(sessions, job_id, "host:43", timedelta(seconds=60)).attempt == 2
+
+
+def test_export_attempts_back_off_fail_visibly_and_retry(sessions):
+    job_id = ready_job(sessions, "1.2.3.12")
+    claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+    complete_job(sessions, claim, {}, 0.5, {}, "m", [("pacs", "1.2.9.3", "/r/SR.dcm")])
+    assert list(jobs_with_due_exports(sessions)) == [job_id]
+    hold = timedelta(seconds=300)
+    (attempt,) = claim_due(sessions, job_id, hold)
+    assert claim_due(sessions, job_id, hold) == []  # a duplicate task finds nothing due
+    assert mark_failed_attempt(sessions, attempt, "refused", max_attempts=2, first_backoff=0.01) == ExportState.PENDING
+    with sessions.begin() as session:  # the backoff has passed
+        session.execute(update(Export).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+    (attempt,) = claim_due(sessions, job_id, hold)
+    assert attempt.attempt == 2
+    assert mark_failed_attempt(sessions, attempt, "refused", max_attempts=2, first_backoff=0.01) == ExportState.FAILED
+    assert node_status(sessions)["exports"] == {"FAILED": 1}
+    assert jobs_with_due_exports(sessions) == {}
+    assert retry_failed(sessions) == 1
+    (attempt,) = claim_due(sessions, job_id, hold)
+    mark_delivered(sessions, attempt)
+    assert retry_failed(sessions) == 0  # a delivered export is never sent again
+    assert triage_list(sessions)[0]["exports"] == {"DELIVERED": 1}

@@ -1,0 +1,89 @@
+"""When a study is ready for analysis: the four screening views are in, or no instance came for a while.
+
+A study becomes READY (and gets a READY job) in one transaction, guarded by a compare-and-set on its state,
+so two schedulers can never create two jobs for the same arrival.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import exists, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from worklist.models import Instance, Job, JobState, Study, StudyState, utcnow
+
+log = logging.getLogger(__name__)
+
+SCREENING_VIEW_NAMES = ("LCC", "RCC", "LMLO", "RMLO")
+
+
+def view_name(laterality: str | None, view: str | None) -> str:
+    """``("L", "CC")`` -> ``"LCC"``."""
+    return f"{laterality or ''}{view or ''}".upper()
+
+
+def present_views(session: Session, study_id: int) -> set[str]:
+    """The screening views among a study's analysable instances."""
+    rows = session.execute(select(Instance.laterality, Instance.view).where(
+        Instance.study_id == study_id, Instance.analysable.is_(True))).all()
+    return {name for name in (view_name(lat, view) for lat, view in rows) if name in SCREENING_VIEW_NAMES}
+
+
+def missing_views(present: set[str]) -> list[str]:
+    return [name for name in SCREENING_VIEW_NAMES if name not in present]
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """How long a study waits: ``settle`` once all four views are in, ``timeout`` otherwise."""
+
+    settle: timedelta
+    timeout: timedelta
+
+    @classmethod
+    def from_seconds(cls, settle: float, timeout: float) -> Readiness:
+        return cls(timedelta(seconds=settle), timedelta(seconds=timeout))
+
+
+def promote_ready_studies(sessions: sessionmaker[Session], readiness: Readiness,
+                          now: datetime | None = None) -> list[int]:
+    """Mark RECEIVING studies READY and create their jobs; returns the new job ids.
+
+    Only studies with at least one analysable (MG) instance are considered: a study of other modalities is
+    stored and never analysed.
+    """
+    now = now or utcnow()
+    with sessions() as session:
+        candidates = session.scalars(select(Study.id).where(
+            Study.state == StudyState.RECEIVING, Study.last_received_at <= now - readiness.settle,
+            exists().where(Instance.study_id == Study.id, Instance.analysable.is_(True)))).all()
+    created = []
+    for study_id in candidates:
+        job_id = _promote(sessions, study_id, readiness, now)
+        if job_id is not None:
+            created.append(job_id)
+    return created
+
+
+def _promote(sessions: sessionmaker[Session], study_id: int, readiness: Readiness, now: datetime) -> int | None:
+    with sessions.begin() as session:
+        present = present_views(session, study_id)
+        waited_out = Study.last_received_at <= now - readiness.timeout
+        condition = (Study.last_received_at <= now - readiness.settle) if len(present) == 4 else waited_out
+        claimed = session.execute(update(Study).where(
+            Study.id == study_id, Study.state == StudyState.RECEIVING, condition).values(
+            state=StudyState.READY)).rowcount
+        if not claimed:
+            return None
+        study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
+        job = Job(study_id=study_id, state=JobState.READY)
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    absent = missing_views(present)
+    log.info("study %s is ready (job %d)%s", study_uid, job_id,
+             f"; missing views {', '.join(absent)}" if absent else "")
+    return job_id

@@ -1,0 +1,152 @@
+"""The job state machine, UPS-like: READY -> QUEUED -> RUNNING -> DONE / FAILED (study: RECEIVING first).
+
+Every transition is one transaction and a compare-and-set on the job's state, so a message delivered twice
+(a redelivery after a worker crash, a reconcile after a restart) never runs a job twice at the same time and
+never records two results. A worker owns a RUNNING job through a ``lease`` token and keeps it alive with
+heartbeats; a RUNNING job whose heartbeat is older than the stale limit may be claimed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from worklist.models import Export, ExportState, Job, JobState, Result, Study, StudyState, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's hold on a RUNNING job."""
+
+    job_id: int
+    lease: str
+    attempt: int
+    study_instance_uid: str
+
+
+def queue_job(sessions: sessionmaker[Session], job_id: int, task_id: str,
+              from_states: tuple[JobState, ...] = (JobState.READY,)) -> bool:
+    """READY (or, for a re-send, QUEUED/RUNNING) -> QUEUED under a new task id."""
+    with sessions.begin() as session:
+        return bool(session.execute(update(Job).where(Job.id == job_id, Job.state.in_(from_states)).values(
+            state=JobState.QUEUED, task_id=task_id, lease=None, updated_at=utcnow())).rowcount)
+
+
+def claim_job(sessions: sessionmaker[Session], job_id: int, worker: str, stale_after: timedelta) -> Claim | None:
+    """READY or QUEUED (or RUNNING with a stale heartbeat) -> RUNNING with a fresh lease; None if another
+    worker holds it or it is finished. READY is accepted because a task may arrive before its sender has
+    recorded QUEUED."""
+    now = utcnow()
+    lease = uuid.uuid4().hex
+    with sessions.begin() as session:
+        claimed = session.execute(update(Job).where(Job.id == job_id, or_(
+            Job.state.in_((JobState.READY, JobState.QUEUED)),
+            and_(Job.state == JobState.RUNNING, Job.heartbeat_at < now - stale_after))).values(
+            state=JobState.RUNNING, lease=lease, worker=worker[:128], attempts=Job.attempts + 1,
+            started_at=now, heartbeat_at=now, updated_at=now)).rowcount
+        if not claimed:
+            return None
+        attempt, study_uid = session.execute(select(Job.attempts, Study.study_instance_uid).join(Study).where(
+            Job.id == job_id)).one()
+    return Claim(job_id, lease, attempt, study_uid)
+
+
+def heartbeat(sessions: sessionmaker[Session], claim: Claim) -> bool:
+    """Refresh the heartbeat; False when the lease was lost (the job was claimed by someone else)."""
+    with sessions.begin() as session:
+        return bool(session.execute(update(Job).where(Job.id == claim.job_id, Job.lease == claim.lease).values(
+            heartbeat_at=utcnow())).rowcount)
+
+
+def complete_job(sessions: sessionmaker[Session], claim: Claim, findings: dict[str, Any], suspicion: float,
+                 timings: dict[str, float], model_version: str, exports: list[tuple[str, str, str]]) -> bool:
+    """RUNNING -> DONE: the result row, the study's score and state, and one PENDING export per
+    (destination, SOP Instance UID, path), in one transaction. False (nothing written) if the lease was lost.
+
+    A study that received instances after the job was created goes back to RECEIVING, so it is analysed
+    again with everything it has (the new SR supersedes this one).
+    """
+    now = utcnow()
+    with sessions.begin() as session:
+        finished = session.execute(update(Job).where(
+            Job.id == claim.job_id, Job.lease == claim.lease, Job.state == JobState.RUNNING).values(
+            state=JobState.DONE, finished_at=now, updated_at=now, timings=timings, error=None,
+            model_version=model_version[:128])).rowcount
+        if not finished:
+            return False
+        job = session.get(Job, claim.job_id)
+        session.add(Result(job_id=job.id, scores=findings, suspicion=suspicion))
+        for destination, sop_uid, path in exports:
+            session.add(Export(job_id=job.id, destination=destination, sop_instance_uid=sop_uid, path=path,
+                               state=ExportState.PENDING, next_attempt_at=now))
+        _settle_study(session, job, StudyState.ANALYSED, suspicion)
+    log.info("job %d done for study %s (suspicion %.3f)", claim.job_id, claim.study_instance_uid, suspicion)
+    return True
+
+
+def fail_job(sessions: sessionmaker[Session], claim: Claim, error: str, retry: bool) -> JobState | None:
+    """RUNNING -> QUEUED (``retry``: the caller re-sends it) or FAILED with the error text; None if the
+    lease was lost."""
+    now = utcnow()
+    state = JobState.QUEUED if retry else JobState.FAILED
+    with sessions.begin() as session:
+        changed = session.execute(update(Job).where(
+            Job.id == claim.job_id, Job.lease == claim.lease, Job.state == JobState.RUNNING).values(
+            state=state, error=error[:4000], lease=None, updated_at=now,
+            finished_at=None if retry else now)).rowcount
+        if not changed:
+            return None
+        if state == JobState.FAILED:
+            _settle_study(session, session.get(Job, claim.job_id), StudyState.FAILED, None)
+    log.warning("job %d for study %s %s after attempt %d: %s", claim.job_id, claim.study_instance_uid,
+                "will be retried" if retry else "FAILED", claim.attempt, error[:300])
+    return state
+
+
+def _settle_study(session: Session, job: Job, state: StudyState, suspicion: float | None) -> None:
+    study = session.get(Study, job.study_id)
+    late = session.scalar(select(Study.last_received_at > job.created_at).where(Study.id == study.id))
+    study.state = StudyState.RECEIVING if late else state
+    if suspicion is not None:
+        study.suspicion = suspicion
+
+
+def stale_running_jobs(sessions: sessionmaker[Session], stale_after: timedelta,
+                       now: datetime | None = None) -> list[int]:
+    """RUNNING jobs whose worker has not sent a heartbeat for ``stale_after``."""
+    now = now or utcnow()
+    with sessions() as session:
+        return list(session.scalars(select(Job.id).where(
+            Job.state == JobState.RUNNING, Job.heartbeat_at < now - stale_after)).all())
+
+
+def jobs_to_resend(sessions: sessionmaker[Session], stale_after: timedelta) -> list[int]:
+    """READY and QUEUED jobs, and stale RUNNING ones: the jobs that may have no live task (reconcile)."""
+    with sessions() as session:
+        waiting = session.scalars(select(Job.id).where(Job.state.in_((JobState.READY, JobState.QUEUED)))).all()
+    return sorted({*waiting, *stale_running_jobs(sessions, stale_after)})
+
+
+def release_jobs_of(sessions: sessionmaker[Session], worker: str) -> list[int]:
+    """RUNNING jobs of a worker known to be dead -> QUEUED, to be sent again at once."""
+    with sessions.begin() as session:
+        ids = list(session.scalars(select(Job.id).where(Job.state == JobState.RUNNING, Job.worker == worker)).all())
+        if ids:
+            session.execute(update(Job).where(Job.id.in_(ids), Job.state == JobState.RUNNING).values(
+                state=JobState.QUEUED, lease=None, updated_at=utcnow()))
+    for job_id in ids:
+        log.warning("job %d was running on worker %s, which died: it will be sent again", job_id, worker)
+    return ids
+
+
+def job_state(sessions: sessionmaker[Session], job_id: int) -> JobState | None:
+    with sessions() as session:
+        return session.scalar(select(Job.state).where(Job.id == job_id))
