@@ -4,7 +4,8 @@ Statuses returned by ``handle_store`` (PS3.4 Annex B.2.3):
 
 - ``0x0000`` Success: the file is on disk (fsynced) and its row is committed.
 - ``0xA700`` Refused, out of resources: the disk or the database failed; the sender should retry later.
-- ``0xC000`` Error, cannot understand: the dataset cannot be decoded or carries an invalid UID.
+- ``0xC000`` Error, cannot understand: the dataset cannot be decoded, its pixel data is cut short, or it
+  carries an invalid UID.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore, InvalidUIDError
+from dicom_node.validation import MalformedInstanceError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,8 @@ def handle_store(event: Event, store: InstanceStore) -> int:
         dataset.file_meta = event.file_meta
         stored = store.store(event.encoded_dataset(), dataset, str(event.context.transfer_syntax),
                              event.assoc.requestor.ae_title)
-    except InvalidUIDError as error:
-        log.warning("refused instance: %s", error)
+    except (InvalidUIDError, MalformedInstanceError) as error:
+        log.warning("refused instance %s from %s: %s", sop_uid[:64], event.assoc.requestor.ae_title, error)
         return CANNOT_UNDERSTAND
     except OSError as error:
         reason = "disk full" if error.errno == errno.ENOSPC else f"I/O error {error.errno}"

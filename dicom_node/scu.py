@@ -38,12 +38,18 @@ class SendOutcome:
         return self.status == 0 or 0xB000 <= self.status <= 0xBFFF
 
 
+def _with_fallbacks(contexts: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Each compressed pair in its own presentation context (so that a peer which accepts it gets the file as
+    it is, rather than picking an uncompressed syntax from a shared list), plus the uncompressed pairs."""
+    return contexts | {(sop_class, syntax) for sop_class, _ in contexts for syntax in UNCOMPRESSED}
+
+
 def _associate(destination: Destination, calling_ae: str, contexts: set[tuple[str, str]], timeout: float,
                ssl_context: ssl.SSLContext | None):
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    for sop_class, syntax in sorted(contexts):  # the file's own syntax first, then uncompressed fallbacks
-        ae.add_requested_context(sop_class, list(dict.fromkeys([syntax, *UNCOMPRESSED])))
+    for sop_class, syntax in sorted(_with_fallbacks(contexts)):
+        ae.add_requested_context(sop_class, syntax)
     tls = (ssl_context, destination.host) if ssl_context is not None else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls)
     if not assoc.is_established:
@@ -68,8 +74,8 @@ def send_files(destination: Destination, paths: Sequence[Path], calling_ae: str,
         return []
     datasets = [pydicom.dcmread(path) for path in paths]
     contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
-    if len(contexts) > 128:
-        raise SendError("more than 128 SOP class / transfer syntax pairs in one send")
+    if len(_with_fallbacks(contexts)) > 128:
+        raise SendError("more than 128 presentation contexts (SOP class / transfer syntax pairs) in one send")
     assoc = _associate(destination, calling_ae, contexts, timeout, ssl_context)
     outcomes = []
     try:

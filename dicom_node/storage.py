@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.validation import check_instance
 from models.errors import NodeError
 from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES
 from worklist.models import Instance, Series, Study, StudyState, utcnow
@@ -103,11 +104,13 @@ class InstanceStore:
         self.sessions = sessions
 
     def store(self, encoded: bytes, dataset: Dataset, transfer_syntax_uid: str, calling_ae: str) -> StoredInstance:
-        """Write one received instance and commit its rows. Raises on any failure (nothing is claimed)."""
+        """Write one received instance and commit its rows. Raises on any failure (nothing is claimed):
+        ``InvalidUIDError`` and ``MalformedInstanceError`` for a dataset that must not be stored."""
         study_uid = validated_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = validated_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = validated_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
         sop_class = validated_uid(dataset.get("SOPClassUID"), "SOPClassUID")
+        check_instance(dataset, transfer_syntax_uid)
         path = instance_path(self.root, study_uid, series_uid, sop_uid)
         atomic_write(path, encoded)
         analysable = sop_class in MAMMOGRAPHY_SOP_CLASSES and dataset.get("Modality") == "MG"

@@ -22,7 +22,7 @@ IN_CI = bool(os.environ.get("CI"))
 def require_tool(path: str) -> str:
     """A Debian tool the test needs: fail under CI when absent, skip on a developer machine."""
     if shutil.which(path) is None:
-        message = f"{path} is not installed (apt-get install dcmtk dicom3tools)"
+        message = f"{path} is not installed (bash deploy/install-system-deps.sh)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)

@@ -18,6 +18,7 @@ from dicom_node.node import Node
 from dicom_node.settings import Destination, Settings
 from models import save_model_version
 from tests.conftest import IN_CI, free_port, require_tool, tiny_model
+from tests.peers import StoreSCP
 from training.synthetic import write_studies
 from worklist.db import make_engine, upgrade
 from worklist.models import Export, ExportState, Job, JobState, Result, Study, StudyState
@@ -43,31 +44,6 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> list[list[Path]]:
     root = tmp_path_factory.mktemp("studies")
     write_studies(root, 2, seed=91, rows=256, cols=160, progress=False)
     return [sorted(folder.glob("*.dcm")) for folder in sorted(p for p in root.iterdir() if p.is_dir())]
-
-
-class StoreSCP:
-    """DCMTK's storescp on a free port, writing into a folder (the destination PACS)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> StoreSCP:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen([require_tool("/usr/bin/storescp"), "-aet", "PACS", "+xa", "-od",
-                                         str(self.folder), str(self.port)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
-        time.sleep(0.3)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-
-    def received(self) -> list[pydicom.Dataset]:
-        return [pydicom.dcmread(path) for path in sorted(self.folder.iterdir()) if path.is_file()]
 
 
 def redis_url() -> str:

@@ -3,10 +3,7 @@ highdicom/pydicom read-back and a real DCMTK storescp."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -32,7 +29,8 @@ from dicom_node.results.findings import (
     ViewFindings,
 )
 from dicom_node.results.seg import TRANSFER_SYNTAX
-from tests.conftest import free_port, require_tool
+from tests.conftest import require_tool
+from tests.peers import Orthanc, StoreSCP
 
 MODEL = ModelIdentity(name="Mammo-CLIP test", software_version="0.1.0", model_version="test-2026.11")
 
@@ -215,45 +213,50 @@ def test_seg_rejects_heatmaps_of_the_wrong_shape_or_kind(sources: list[pydicom.D
 
 
 @pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    """DCMTK's storescp accepting every transfer syntax it knows, writing into a temporary folder."""
-    folder = tmp_path / "received"
-    folder.mkdir()
-    port = free_port()
-    process = subprocess.Popen([require_tool("/usr/bin/storescp"), "-aet", "PACS", "+xa", "-od", str(folder),
-                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert process.poll() is None and time.monotonic() < deadline, "storescp did not start"
-                time.sleep(0.05)
-        yield port, folder
-    finally:
-        process.terminate()
-        process.wait(10)
+def result_files(tmp_path: Path, sources: list[pydicom.Dataset]) -> list[Path]:
+    """An SR of the four views and the (JPEG 2000) SEG of the first, as the node writes them."""
+    return [write_sr(make_findings(sources), sources, tmp_path / "sr.dcm"),
+            write_seg(sources[0], heatmaps_for(sources[0]), tmp_path / "seg.dcm")]
 
 
-def test_storescp_accepts_the_sr_and_the_seg(tmp_path: Path, sources: list[pydicom.Dataset],
-                                             storescp: tuple[int, Path]) -> None:
-    port, folder = storescp
-    files = [write_sr(make_findings(sources), sources, tmp_path / "sr.dcm"),
-             write_seg(sources[0], heatmaps_for(sources[0]), tmp_path / "seg.dcm")]
-    ae = AE(ae_title="MAMMO_AI")
-    ae.add_requested_context(Comprehensive3DSRStorage, ExplicitVRLittleEndian)
-    ae.add_requested_context(SegmentationStorage, JPEG2000Lossless)
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACS")
-    assert assoc.is_established
+def test_storescp_accepts_the_sr_and_the_seg(tmp_path: Path, result_files: list[Path]) -> None:
+    pacs = StoreSCP(tmp_path / "received").start()
     try:
-        statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in files]
+        ae = AE(ae_title="MAMMO_AI")
+        ae.add_requested_context(Comprehensive3DSRStorage, ExplicitVRLittleEndian)
+        ae.add_requested_context(SegmentationStorage, JPEG2000Lossless)
+        assoc = ae.associate("127.0.0.1", pacs.port, ae_title="PACS")
+        assert assoc.is_established
+        try:
+            statuses = [assoc.send_c_store(pydicom.dcmread(path)).Status for path in result_files]
+        finally:
+            assoc.release()
     finally:
-        assoc.release()
+        pacs.stop()
     assert statuses == [0, 0]
-    received = {pydicom.dcmread(path).SOPInstanceUID for path in folder.iterdir()}
-    assert received == {pydicom.dcmread(path).SOPInstanceUID for path in files}
+    received = {ds.SOPInstanceUID for ds in pacs.received()}
+    assert received == {pydicom.dcmread(path).SOPInstanceUID for path in result_files}
+
+
+def test_orthanc_accepts_the_sr_and_the_seg_from_the_export_path(tmp_path: Path, result_files: list[Path]) -> None:
+    from dicom_node.scu import send_files
+    from dicom_node.settings import Destination
+
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    try:
+        outcomes = send_files(Destination(name="orthanc", ae_title="ORTHANC", host="127.0.0.1",
+                                          port=orthanc.dicom_port), result_files, "MAMMO_AI")
+        stored = orthanc.stored()
+    finally:
+        orthanc.stop()
+    assert [outcome.status for outcome in outcomes] == [0, 0]
+    sr, seg = (pydicom.dcmread(path) for path in result_files)
+    assert set(stored) == {sr.SOPInstanceUID, seg.SOPInstanceUID}
+    assert stored[sr.SOPInstanceUID]["SOPClassUID"] == Comprehensive3DSRStorage
+    assert stored[seg.SOPInstanceUID]["SOPClassUID"] == SegmentationStorage
+    assert stored[seg.SOPInstanceUID]["SegmentationType"] == "FRACTIONAL"
+    assert stored[seg.SOPInstanceUID]["TransferSyntax"] == str(TRANSFER_SYNTAX)  # taken as sent, no fallback
+    assert stored[sr.SOPInstanceUID]["StudyInstanceUID"] == sr.StudyInstanceUID
 
 
 def test_overlay_png_is_written_at_display_size(tmp_path: Path, sources: list[pydicom.Dataset]) -> None:

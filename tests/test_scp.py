@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import RLELossless
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import JPEG2000Lossless, RLELossless
 from pynetdicom import AE
 from sqlalchemy import func, select
 
@@ -90,15 +91,56 @@ def test_dcmtk_storescu_study_is_on_disk_and_in_the_db(node: Node, study_files: 
     assert node.count(Instance) == 4
 
 
-def _send(node: Node, dataset: pydicom.Dataset, calling: str = "PYNETDICOM") -> int:
+def _send(node: Node, dataset: pydicom.Dataset | Path, calling: str = "PYNETDICOM") -> int:
+    """C-STORE a dataset, or a file's bytes exactly as they are (pynetdicom sends a path without decoding it)."""
+    header = pydicom.dcmread(dataset, stop_before_pixels=True) if isinstance(dataset, Path) else dataset
     ae = AE(ae_title=calling)
-    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", node.settings.port, ae_title=node.settings.ae_title)
     assert assoc.is_established
     try:
         return int(assoc.send_c_store(dataset).Status)
     finally:
         assoc.release()
+
+
+def _truncated(path: Path, folder: Path) -> Path:
+    broken = folder / "truncated.dcm"
+    broken.write_bytes(path.read_bytes()[:-5000])  # a transfer cut short: the pixel data ends early
+    return broken
+
+
+def _unknown_vr(path: Path, folder: Path) -> Path:
+    data = path.read_bytes()
+    rows = data.index(b"\x28\x00\x10\x00US")  # (0028,0010) Rows in explicit VR little endian
+    broken = folder / "unknown_vr.dcm"
+    broken.write_bytes(data[:rows + 4] + b"ZZ" + data[rows + 6:])
+    return broken
+
+
+def _truncated_jpeg2000(path: Path, folder: Path) -> Path:
+    dataset = pydicom.dcmread(path)
+    dataset.compress(JPEG2000Lossless, generate_instance_uid=False)
+    (frame,) = generate_frames(dataset.PixelData, number_of_frames=1)
+    dataset.PixelData = encapsulate([frame[: len(frame) // 2]])  # the codestream loses its end
+    broken = folder / "truncated_j2k.dcm"
+    dataset.save_as(broken)
+    return broken
+
+
+@pytest.mark.parametrize("breaking", [_truncated, _unknown_vr, _truncated_jpeg2000])
+def test_a_malformed_instance_is_refused_and_the_node_keeps_serving(
+        node: Node, study_files: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        breaking: Callable[[Path, Path], Path]) -> None:
+    broken = breaking(study_files[0], tmp_path)
+    with caplog.at_level(logging.WARNING, logger="dicom_node.scp"):
+        assert _send(node, broken) == 0xC000
+    assert node.count(Instance) == 0 and not list(node.root.rglob("*.dcm"))
+    uid = pydicom.dcmread(study_files[0], stop_before_pixels=True).SOPInstanceUID
+    (line,) = [r.getMessage() for r in caplog.records if "refused instance" in r.getMessage()]
+    assert uid in line and ("does not decode" in line or "pixel data" in line)
+    assert _send(node, study_files[1]) == 0x0000  # the next association is served
+    assert node.count(Instance) == 1
 
 
 def test_path_traversal_uid_is_refused_and_never_becomes_a_path(node: Node, study_files: list[Path]) -> None:
