@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from dicom_node.demo import LocalReceiver, free_port
 from dicom_node.node import Node
 from dicom_node.scu import send_files
-from dicom_node.settings import Destination, Settings
+from dicom_node.settings import Destination, Settings, load_settings
 from training.synthetic import write_studies
 from worklist.db import make_engine, upgrade
 from worklist.models import Export, ExportState, Instance, Job, JobState, Study
@@ -82,7 +82,7 @@ def main() -> None:
         if model is None:
             from training.demo import ensure_demo_model
 
-            model = ensure_demo_model(Path("mammo-data") / "cache")
+            model = ensure_demo_model(load_settings().data_dir / "cache")  # the demo's own cache
         receiver = LocalReceiver(root / "pacs")
         settings = Settings(data_dir=data_dir, port=free_port(), model_path=model, text_encoder_path=args.text_encoder,
                             study_settle_seconds=args.settle,

@@ -67,7 +67,20 @@ def main(ctx: click.Context, config_file: Path | None, verbose: bool) -> None:
     logging.basicConfig(level="DEBUG" if verbose else settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    if not verbose:  # pynetdicom logs every DIMSE message at INFO; the node logs each stored instance itself
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     ctx.obj = settings
+
+
+def _log_to_file(path: Path) -> None:
+    """Keep the terminal for results: INFO and below go to ``path``, warnings still show."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setLevel(logging.WARNING)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(file_handler)
 
 
 def _model_options(function: click.decorators.FC) -> click.decorators.FC:
@@ -123,6 +136,10 @@ def demo(settings: Settings, model_path: Path | None, text_encoder: Path | None,
     from dicom_node.demo import run_demo
     from dicom_node.serving import load_serving_model
 
+    if not click.get_current_context().find_root().params["verbose"]:
+        _log_to_file(settings.data_dir / "demo.log")
+        click.echo(f"logs: {settings.data_dir / 'demo.log'} and {settings.data_dir / 'demo-worker.log'} "
+                   "(-v shows them here)")
     try:
         if model_path or text_encoder:
             settings = settings.model_copy(update={"model_path": model_path or settings.model_path,

@@ -4,6 +4,7 @@ retry-exports."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def worker(settings: Settings, queues: str, concurrency: int) -> None:
         except NodeError as error:
             raise _fail(error) from None
     pool = "solo" if concurrency == 1 else "threads"
-    app.worker_main(["worker", "-Q", ",".join(names), "--pool", pool, "--concurrency", str(concurrency),
+    quiet = ["--quiet"] if logging.getLevelName(settings.log_level) > logging.INFO else []  # no banner
+    app.worker_main([*quiet, "worker", "-Q", ",".join(names), "--pool", pool, "--concurrency", str(concurrency),
                      "--loglevel", settings.log_level, "-n", f"mammo-{worker_name().replace(':', '-')}@%h",
                      "--without-gossip", "--without-mingle", "--without-heartbeat"])
 

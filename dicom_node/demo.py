@@ -35,6 +35,7 @@ from worklist.models import Export, ExportState, Job, JobState, Result, Study, S
 log = logging.getLogger(__name__)
 
 DEMO_PACS_AE = "DEMO_PACS"
+DEMO_MODALITY_AE = "DEMO_MODALITY"
 RESULT_SOP_CLASSES = (Comprehensive3DSRStorage, SegmentationStorage, SecondaryCaptureImageStorage,
                       DigitalMammographyXRayImageStorageForPresentation)
 
@@ -94,7 +95,7 @@ def demo_settings(settings: Settings, receiver_port: int) -> Settings:
         "data_dir": Path(settings.data_dir).resolve(), "port": free_port(), "bind_host": "127.0.0.1",
         "destinations": [Destination(name="demo-pacs", ae_title=DEMO_PACS_AE, host="127.0.0.1",
                                      port=receiver_port)],
-        "study_settle_seconds": 0.5})
+        "allowed_calling_aes": [*settings.allowed_calling_aes, DEMO_MODALITY_AE], "study_settle_seconds": 0.5})
 
 
 def wait_for_delivery(sessions, study_uid: str, timeout: float,  # noqa: ANN001  (sessionmaker)
@@ -140,12 +141,12 @@ def run_demo(settings: Settings, seed: int, timeout: float = 900.0,
     manifest = write_studies(study_dir, 1, seed=1_000_000 + seed, rows=768, cols=480, progress=False)
     files = sorted(study_dir.glob("*/*.dcm"))
     try:
-        with Node(node_settings) as node:
+        with Node(node_settings, worker_log=data_dir / "demo-worker.log") as node:
             on_state(f"node {node_settings.ae_title} on port {node.port}; destination {DEMO_PACS_AE} on port "
                      f"{node_settings.destinations[0].port}")
             sent_at = time.monotonic()
             outcomes = send_files(Destination(name="node", ae_title=node_settings.ae_title, host="127.0.0.1",
-                                              port=node.port), files, "DEMO_MODALITY")
+                                              port=node.port), files, DEMO_MODALITY_AE)
             if not all(outcome.stored for outcome in outcomes):
                 raise NodeError(f"the node refused the study: {[hex(o.status) for o in outcomes]}")
             on_state(f"sent {len(files)} images by C-STORE")

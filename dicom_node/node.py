@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,17 +30,23 @@ WORKER_QUEUES = "gpu,io"
 class WorkerProcess:
     """A ``mammo-node worker`` child process, restarted when it dies."""
 
-    def __init__(self, settings: Settings, concurrency: int) -> None:
+    def __init__(self, settings: Settings, concurrency: int, log_file: Path | None = None) -> None:
         self.argv = [sys.executable, "-m", "dicom_node.cli", "worker", "--queues", WORKER_QUEUES,
                      "--concurrency", str(concurrency)]
         self.env = {**os.environ, **settings.to_env()}
+        self.log_file = log_file
         self.process: subprocess.Popen[bytes] | None = None
         self.name = ""
 
     def start(self) -> None:
         import socket
 
-        self.process = subprocess.Popen(self.argv, env=self.env)
+        if self.log_file is None:
+            self.process = subprocess.Popen(self.argv, env=self.env)
+        else:
+            with self.log_file.open("ab") as log_handle:  # the child keeps its own copy of the descriptor
+                self.process = subprocess.Popen(self.argv, env=self.env, stdout=log_handle,
+                                                stderr=subprocess.STDOUT)
         self.name = f"{socket.gethostname()}:{self.process.pid}"
         log.info("worker process %s started", self.name)
 
@@ -60,7 +67,9 @@ class WorkerProcess:
 class Node:
     """Everything ``serve`` runs, started and stopped together."""
 
-    def __init__(self, settings: Settings, embedded_worker: bool = True, worker_concurrency: int = 2) -> None:
+    def __init__(self, settings: Settings, embedded_worker: bool = True, worker_concurrency: int = 2,
+                 worker_log: Path | None = None) -> None:
+        """``worker_log``: a file for the embedded worker's output (default: this process's stdout)."""
         from dicom_node.tasks import configure, send_analysis, send_export
 
         self.settings = settings
@@ -70,7 +79,7 @@ class Node:
         require_current(self.engine)
         self.sessions: sessionmaker[Session] = session_factory(self.engine)
         self.scheduler = Scheduler(settings, self.sessions, send_analysis, send_export)
-        self.worker = WorkerProcess(settings, worker_concurrency) if embedded_worker else None
+        self.worker = WorkerProcess(settings, worker_concurrency, worker_log) if embedded_worker else None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.server = None

@@ -139,10 +139,9 @@ def test_embedded_round_trip_storescu_to_storescp(tmp_path: Path, model_version:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite is the embedded test above
 def test_production_round_trip_over_redis_and_postgresql(tmp_path: Path, model_version: Path, pacs: StoreSCP,
                                                          studies: list[list[Path]], db_url: str) -> None:
-    if db_url.startswith("sqlite"):
-        pytest.skip("the SQLite path is the embedded test")
     settings = node_settings(tmp_path, model_version, pacs, db_url=db_url, broker_url=redis_url())
     with Node(settings) as node:
         check_round_trip(node, pacs, studies[1])
