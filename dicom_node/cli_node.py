@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import click
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Destination, Settings
 from models.errors import NodeError
@@ -18,7 +19,8 @@ def _fail(error: Exception) -> click.ClickException:
     return click.ClickException(str(error))
 
 
-def _sessions(settings: Settings):
+def worklist_sessions(settings: Settings) -> sessionmaker[Session]:
+    """Sessions on the worklist database, which must be at the newest schema."""
     from worklist.db import make_engine, require_current, session_factory
 
     engine = make_engine(settings.database_url())
@@ -183,7 +185,7 @@ def status(settings: Settings, as_json: bool) -> None:
     from worklist.queries import node_status
 
     try:
-        report = node_status(_sessions(settings))
+        report = node_status(worklist_sessions(settings))
     except NodeError as error:
         raise _fail(error) from None
     from dicom_node.tasks import broker_url
@@ -223,7 +225,7 @@ def studies(settings: Settings, limit: int, as_json: bool) -> None:
     from worklist.queries import triage_list
 
     try:
-        rows = triage_list(_sessions(settings), limit)
+        rows = triage_list(worklist_sessions(settings), limit)
     except NodeError as error:
         raise _fail(error) from None
     if as_json:
@@ -247,7 +249,7 @@ def retry_exports(settings: Settings) -> None:
     from worklist.exports import retry_failed
 
     try:
-        count = retry_failed(_sessions(settings))
+        count = retry_failed(worklist_sessions(settings))
     except NodeError as error:
         raise _fail(error) from None
     click.echo(f"{count} failed export(s) queued again")

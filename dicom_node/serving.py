@@ -43,14 +43,15 @@ def load_serving_model(settings: Settings, model_path: Path | None = None, text_
                       device=settings.resolved_device())
 
 
-def model_identity(model: MammoClip) -> ModelIdentity:
-    """Algorithm name, software version and model version (name and weights hash) of a loaded model."""
+def model_identity(model: MammoClip, version_name: str | None = None) -> ModelIdentity:
+    """Algorithm name, software version and model version (registry name, else card name, and the weights
+    hash) of a loaded model."""
     from dicom_node.results.findings import ModelIdentity
 
     card = getattr(model, "card", {}) or {}
     report = getattr(model, "load_report", None)
     sha = (card.get("weights_sha256") or getattr(report, "sha256", "") or "unknown")[:12]
-    name = card.get("name") or Path(getattr(report, "source", "model")).name
+    name = version_name or card.get("name") or Path(getattr(report, "source", "model")).name
     return ModelIdentity(name=f"Mammo-CLIP zero-shot ({model.config.image_encoder})",
                          software_version=software_version(), model_version=f"{name}@{sha}",
                          clinical=bool(card.get("clinical_use", False)))

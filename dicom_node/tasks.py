@@ -91,6 +91,8 @@ class _Context:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
+        self._analyzer = None
+        self._served: tuple[str, str] | None = None  # (name, sha256) of the registry version loaded
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
@@ -100,13 +102,23 @@ class _Context:
 
     @property
     def analyzer(self):
+        """The analyzer of the model to serve now: the registry's active version, else the configured model.
+        A version activated meanwhile is loaded before the next job, without a worker restart."""
+        from training.registry import active_model
+
+        active = active_model(self.sessions)
+        wanted = (active.name, active.sha256) if active else None
         with self._lock:
-            if "_analyzer" not in self.__dict__:
+            if self._analyzer is None or wanted != self._served:
                 from dicom_node.analysis import Analyzer
                 from dicom_node.serving import load_serving_model, model_identity
 
-                model = load_serving_model(self.settings, progress=False)
-                self._analyzer = Analyzer(model, model_identity(model), self.settings.results_dir)
+                model = load_serving_model(self.settings, active.path if active else None,
+                                           active.text_encoder_path if active else None, progress=False)
+                self._analyzer = Analyzer(model, model_identity(model, active.name if active else None),
+                                          self.settings.results_dir)
+                self._served = wanted
+                log.info("serving %s", f"model version {active.name}" if active else "the configured model")
             return self._analyzer
 
 

@@ -34,8 +34,10 @@ def tiny_bert_config() -> BertConfig:
                       intermediate_size=64, max_position_embeddings=512)
 
 
-def tiny_model(image_encoder: str = "efficientnet-test", height: int = 64, width: int = 48) -> MammoClip:
-    torch.manual_seed(0)
+def tiny_model(image_encoder: str = "efficientnet-test", height: int = 64, width: int = 48,
+               seed: int = 0) -> MammoClip:
+    """A tiny random-weight model (the same weights for the same seed)."""
+    torch.manual_seed(seed)
     tokenizer = load_tokenizer(default_text_encoder_dir())
     config = ClipConfig(image_encoder=image_encoder, input_height=height, input_width=width)
     return MammoClip(config, TextEncoder.from_config(tiny_bert_config(), tokenizer)).eval()

@@ -216,3 +216,27 @@ def test_a_study_without_screening_views_fails_with_a_reason(tmp_path: Path, mod
             assert session.scalar(select(Study.state).where(Study.study_instance_uid == study_uid)) == \
                 StudyState.FAILED
     assert pacs.received() == []
+
+
+@pytest.mark.slow
+def test_an_activated_model_version_is_served_from_the_next_job_without_a_restart(
+        tmp_path: Path, model_version: Path, pacs: StoreSCP, studies: list[list[Path]]) -> None:
+    from training.registry import activate, register
+
+    other = save_model_version(tiny_model(seed=1), tmp_path / "other")  # other weights: another version
+    with Node(node_settings(tmp_path, model_version, pacs)) as node:
+        register(node.sessions, model_version, name="site-v1")
+        register(node.sessions, other, name="site-v2")
+        activate(node.sessions, "site-v1")
+        worker_pid = node.worker.process.pid
+        for files, name in ((studies[0], "site-v1"), (studies[1], "site-v2")):
+            storescu(node.settings, files)
+            study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+            job, _ = wait_for(lambda uid=study_uid: delivered(node, uid), what="analysis and delivery")
+            assert job.state == JobState.DONE and job.model_version.startswith(f"{name}@"), job.model_version
+            activate(node.sessions, "site-v2")
+        assert node.worker.process.pid == worker_pid  # the same worker process loaded the new version
+    srs = [ds for ds in pacs.received() if str(ds.SOPClassUID) == SR_CLASS]
+    named = {str(value).split("@")[0] for ds in srs for item in ds.ContributingEquipmentSequence
+             for value in item.get("SoftwareVersions", []) if str(value).startswith("model ")}
+    assert named == {"model site-v1", "model site-v2"}  # each SR names the version that produced it

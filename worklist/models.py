@@ -169,6 +169,8 @@ class Export(Base):
 
 
 class ModelVersion(Base):
+    """A registered model version; at most one is active (served by the workers)."""
+
     __tablename__ = "model_version"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -177,4 +179,6 @@ class ModelVersion(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     active: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     card: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    text_encoder_path: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

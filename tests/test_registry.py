@@ -1,0 +1,92 @@
+"""The model registry on SQLite and PostgreSQL, and the `mammo-node model` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models import save_model_version
+from models.errors import ConfigurationError, NodeError
+from tests.conftest import tiny_model
+from training.registry import activate, active_model, register, rollback, versions
+from worklist.db import make_engine, session_factory, upgrade
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("versions")
+    return [save_model_version(tiny_model(seed=number), root / f"v{number}",
+                               card={"name": "site", "clinical_use": False}) for number in (1, 2)]
+
+
+@pytest.fixture
+def sessions(db_url: str):
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def test_register_activate_and_roll_back(sessions, model_folders: list[Path]) -> None:
+    first = register(sessions, model_folders[0], name="v1")
+    assert register(sessions, model_folders[0], name="v1").id == first.id  # the same weights again: no-op
+    with pytest.raises(ConfigurationError, match="exists with other weights"):
+        register(sessions, model_folders[1], name="v1")
+    second = register(sessions, model_folders[1])
+    assert second.name.startswith("site-") and second.sha256 != first.sha256
+    assert active_model(sessions) is None
+    with pytest.raises(ConfigurationError, match="no earlier active model version"):
+        rollback(sessions)
+    activate(sessions, "v1")
+    activate(sessions, second.name)
+    assert active_model(sessions).name == second.name
+    assert [v.name for v in versions(sessions) if v.active] == [second.name]
+    assert rollback(sessions).name == "v1"
+    assert active_model(sessions).sha256 == first.sha256
+    with pytest.raises(ConfigurationError, match="no model version named 'v9'"):
+        activate(sessions, "v9")
+
+
+def test_an_unloadable_path_is_not_registered(sessions, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NodeError, match=r"not a model version|missing"):
+        register(sessions, tmp_path / "empty", name="broken")
+    assert versions(sessions) == []
+
+
+def test_a_moved_version_cannot_be_activated(sessions, model_folders: list[Path], tmp_path: Path) -> None:
+    moved = shutil.copytree(model_folders[0], tmp_path / "moving")
+    register(sessions, moved, name="moving")
+    shutil.rmtree(moved)
+    with pytest.raises(ConfigurationError, match="no longer exists"):
+        activate(sessions, "moving")
+
+
+def test_model_commands(tmp_path: Path, model_folders: list[Path]) -> None:
+    env = {**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True,
+                              timeout=120, env=env)
+
+    assert run("db", "upgrade").returncode == 0
+    assert "no registered model versions" in run("model", "list").stdout
+    registered = run("model", "register", str(model_folders[0]), "--name", "v1")
+    assert registered.returncode == 0 and "registered v1" in registered.stdout, registered.stderr
+    assert run("model", "register", str(model_folders[1]), "--name", "v2").returncode == 0
+    assert "v2 is active" in run("model", "activate", "v2").stdout
+    listed = json.loads(run("model", "list", "--json").stdout)
+    assert [(row["name"], row["active"]) for row in listed] == [("v1", False), ("v2", True)]
+    shown = json.loads(run("model", "show", "v2").stdout)
+    assert shown["card"]["name"] == "site" and shown["card"]["clinical_use"] is False
+    assert "not for clinical use" in run("model", "list").stdout
+    failed = run("model", "rollback")
+    assert failed.returncode == 1 and "no earlier active model version" in failed.stderr
+    run("model", "activate", "v1")
+    assert "v2 is active again" in run("model", "rollback").stdout

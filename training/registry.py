@@ -1,0 +1,104 @@
+"""The model registry: versions the node can serve, which one is active, and the way back.
+
+A version is a model-version folder (``weights.safetensors``, ``config.json``, ``card.json``) or a
+reference ``.tar`` checkpoint (with its text encoder directory), registered by name in the worklist
+database. At most one version is active; the workers load it before their next job, without a restart.
+``rollback`` re-activates the version that was active before the current one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.errors import ConfigurationError
+from worklist.models import ModelVersion, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """What a worker needs to load the active version (a plain copy, detached from any session)."""
+
+    name: str
+    path: Path
+    sha256: str
+    text_encoder_path: Path | None
+
+
+def register(sessions: sessionmaker[Session], path: Path, name: str | None = None,
+             text_encoder: Path | None = None) -> ModelVersion:
+    """Load ``path`` once (it must be a loadable model) and record it; registering the same weights under
+    the same name again is a no-op, other weights under a taken name are refused."""
+    from models import load_model
+
+    path = Path(path).resolve()
+    model = load_model(path, text_encoder=text_encoder, device="cpu")
+    sha = model.load_report.sha256
+    card: dict[str, Any] = dict(getattr(model, "card", {}) or {})
+    name = name or f"{card.get('name') or path.stem}-{sha[:8]}"
+    with sessions.begin() as session:
+        existing = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
+        if existing is not None:
+            if existing.sha256 != sha:
+                raise ConfigurationError(f"a model version named {name!r} exists with other weights "
+                                         f"({existing.sha256[:12]}); choose another --name")
+            return existing
+        version = ModelVersion(name=name, path=str(path), sha256=sha, card=card,
+                               text_encoder_path=str(Path(text_encoder).resolve()) if text_encoder else None)
+        session.add(version)
+    log.info("registered model version %s (%s)", name, sha[:12])
+    return version
+
+
+def versions(sessions: sessionmaker[Session]) -> list[ModelVersion]:
+    with sessions() as session:
+        return list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.id)))
+
+
+def get_version(sessions: sessionmaker[Session], name: str) -> ModelVersion:
+    with sessions() as session:
+        version = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
+    if version is None:
+        raise ConfigurationError(f"no model version named {name!r} (`mammo-node model list` shows them)")
+    return version
+
+
+def activate(sessions: sessionmaker[Session], name: str) -> ModelVersion:
+    """Make ``name`` the only active version (one transaction); its files must still be there."""
+    version = get_version(sessions, name)
+    if not Path(version.path).exists():
+        raise ConfigurationError(f"model version {name!r}: {version.path} no longer exists")
+    with sessions.begin() as session:
+        session.execute(update(ModelVersion).where(ModelVersion.active.is_(True)).values(active=False))
+        session.execute(update(ModelVersion).where(ModelVersion.id == version.id)
+                        .values(active=True, activated_at=utcnow()))
+    log.info("model version %s is now active", name)
+    return get_version(sessions, name)
+
+
+def rollback(sessions: sessionmaker[Session]) -> ModelVersion:
+    """Re-activate the version that was active before the current one."""
+    with sessions() as session:
+        previous = session.scalar(
+            select(ModelVersion).where(ModelVersion.active.is_(False), ModelVersion.activated_at.is_not(None))
+            .order_by(ModelVersion.activated_at.desc()).limit(1))
+    if previous is None:
+        raise ConfigurationError("no earlier active model version to roll back to")
+    return activate(sessions, previous.name)
+
+
+def active_model(sessions: sessionmaker[Session]) -> ActiveModel | None:
+    """The active version, or None when the registry has none (the configured model is served then)."""
+    with sessions() as session:
+        version = session.scalar(select(ModelVersion).where(ModelVersion.active.is_(True)))
+        if version is None:
+            return None
+        return ActiveModel(version.name, Path(version.path), version.sha256,
+                           Path(version.text_encoder_path) if version.text_encoder_path else None)
