@@ -11,10 +11,8 @@ from torch import Tensor
 
 from models.clip import MammoClip
 from models.preprocess import preprocess_dicom, read_dicom, view_of
+from models.sop_classes import SCREENING_VIEWS, ViewKey
 from models.zero_shot import ZeroShotClassifier, aggregate_breasts
-
-ViewKey = tuple[str, str]
-SCREENING_VIEWS: tuple[ViewKey, ...] = (("L", "CC"), ("R", "CC"), ("L", "MLO"), ("R", "MLO"))
 
 
 @dataclass
