@@ -86,8 +86,9 @@ def test_dataset_pairs_views_uses_reports_and_counts_what_it_left_out(
     assert (len(evaluation), evaluation.images, evaluation.studies) == (2 * count, 4 * count - 2, count)
     with_report = [item for item in evaluation.items if item.sections]
     assert {item.laterality for item in with_report} == reported
+    # "birads 4 :" — the reference tokenizes with wordpunct and joins tokens with spaces
     assert with_report[0].sections == ("scattered areas of fibroglandular density a 12 mm oval mass in the left "
-                                       "breast", "birads 4: suspicious tissue sampling is advised")
+                                       "breast", "birads 4 : suspicious tissue sampling is advised")
     single = next(i for i, item in enumerate(evaluation.items) if len(item.views) == 1)
     item = evaluation[single]
     path = next(iter(evaluation.items[single].views.values()))[0]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +30,13 @@ from models.preprocess import PreprocessConfig, normalize
 from training.archive.store import ArchiveImage, ArchiveStudy, open_index
 from training.convert import cache_key
 from training.label_text import breast_text
+from training.reports import training_texts
 
 log = logging.getLogger(__name__)
 
 SIDES = ("L", "R")
 VIEWS = ("CC", "MLO")
 DENSITIES = ("A", "B", "C", "D")
-REPORT_SECTIONS = ("FINDINGS", "IMPRESSION")  # the two the reference trains on (augment_text.py)
-SECTION_HEADER = re.compile(r"^\s*([A-Z][A-Z ]{2,40}):", re.MULTILINE)
-SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
 
 
 @dataclass(frozen=True)
@@ -65,24 +62,6 @@ class BreastItem:
     views: dict[str, tuple[str, ...]]
     sections: tuple[str, ...]
     labels: dict[str, Any] | None
-
-
-def report_sentences(text: str) -> list[str]:
-    """The reference's text cleaning: lower case, ASCII only, "bi-rads" as "birads", no sentence-final
-    punctuation, and sentences of fewer than three words dropped."""
-    text = text.encode("ascii", "ignore").decode().lower().replace("bi-rads", "birads")
-    sentences = (" ".join(part.rstrip(".!?;").split()) for part in SENTENCE_END.split(text))
-    return [sentence for sentence in sentences if len(sentence.split()) > 2]
-
-
-def report_sections(text: str | None) -> tuple[str, ...]:
-    """FINDINGS and IMPRESSION, cleaned, each one text; the whole report when it has neither header."""
-    if not text:
-        return ()
-    parts = SECTION_HEADER.split(text)
-    bodies = [body for name, body in zip(parts[1::2], parts[2::2], strict=True) if name.strip() in REPORT_SECTIONS]
-    cleaned = (" ".join(report_sentences(body)) for body in bodies or [text])
-    return tuple(section for section in cleaned if section)
 
 
 def breast_labels(labels: dict[str, Any] | None, side: str) -> dict[str, Any] | None:
@@ -119,7 +98,7 @@ def _breast(study: ArchiveStudy, side: str, key: str, size: str, left_out: Count
     if not views:
         return None
     item = BreastItem(side, {view: tuple(paths) for view, paths in views.items()},
-                      report_sections(study.report_text), breast_labels(study.labels, side))
+                      tuple(training_texts(study.report_text or "")), breast_labels(study.labels, side))
     if not item.sections and item.labels is None:
         left_out["breasts without a report or complete labels"] += 1
         return None

@@ -1,0 +1,424 @@
+"""Screening reports as training data: sections, the reference's text cleaning, labels, and label CSVs.
+
+``split_sections`` and ``clean_report_text`` make the training text of a report; ``parse_labels`` reads
+breast labels from it (a NegEx-style, sentence-level rule set, not a learned model); ``read_label_csv`` and
+``synthesize_breast_report`` make labels and report-style text for archives that have labels but no reports
+(VinDr-Mammo, RSNA screening).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import random
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.label_text import breast_text
+
+SIDES = ("L", "R")
+DENSITIES = ("A", "B", "C", "D")
+# ACR BI-RADS Atlas: the overall assessment is that of the worse breast, in this order of increasing concern.
+BIRADS_HIERARCHY = (1, 2, 3, 6, 0, 4, 5)
+
+# --- sections -------------------------------------------------------------------------------------------
+
+_HEADING_NAMES = (r"(?:overall\s+|final\s+)?(?:findings?|impressions?|assessments?|conclusions?)|recommendations?"
+                  r"|(?:clinical\s+)?(?:history|indications?)|techniques?|comparisons?|exam(?:ination)?")
+HEADING = re.compile(rf"(?im)^[ \t]*(?P<line>{_HEADING_NAMES})[ \t]*:?[ \t]*$|(?<![\w-])(?P<colon>{_HEADING_NAMES})"
+                     r"[ \t]*:")
+SECTION_OF = {"finding": "findings", "impression": "impression", "assessment": "impression",
+              "conclusion": "impression"}
+
+
+@dataclass(frozen=True)
+class ReportSections:
+    """A report's findings, impression (with assessment and conclusion) and everything else."""
+
+    findings: str
+    impression: str
+    other: str
+
+
+def _section_field(heading: str) -> str:
+    last_word = heading.lower().split()[-1]
+    return SECTION_OF.get(last_word.removesuffix("s"), "other")
+
+
+def split_sections(text: str) -> ReportSections:
+    """Split at headings (case-insensitive; on a line of their own, or followed by a colon). Text before the
+    first heading is ``other`` when there is a FINDINGS heading, else it is the findings (a narrative report,
+    perhaps with an IMPRESSION after it)."""
+    matches = list(HEADING.finditer(text))
+    fields = [_section_field(match.group("line") or match.group("colon")) for match in matches]
+    untitled = text[:matches[0].start()] if matches else text
+    parts: dict[str, list[str]] = {"findings": [], "impression": [], "other": []}
+    parts["other" if "findings" in fields else "findings"].append(untitled)
+    starts = [match.start() for match in matches] + [len(text)]
+    for match, name, end in zip(matches, fields, starts[1:], strict=True):
+        parts[name].append(text[match.end():end])
+    joined = {name: "\n".join(p.strip() for p in bodies if p.strip()) for name, bodies in parts.items()}
+    return ReportSections(**joined)
+
+
+# --- the reference's cleaning ---------------------------------------------------------------------------
+
+PLACEHOLDER = re.compile(r"\[\*\*.*?\*\*\]|_{2,}|\bX{3,}\b")  # MIMIC "[**...**]" and "___", IU X-ray "XXXX"
+BIRADS_WORD = re.compile(r"\bbi[\s-]?rads\b", re.IGNORECASE)
+PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")  # a period, unless it is a decimal point
+WORDPUNCT = re.compile(r"\d+(?:\.\d+)+|\w+|[^\w\s]+")  # nltk.wordpunct_tokenize, keeping decimals
+
+
+def _clean_sentence(sentence: str) -> str:
+    tokens = (token.encode("ascii", "ignore").decode("ascii") for token in WORDPUNCT.findall(sentence.lower()))
+    kept = [token for token in tokens if token]
+    return " ".join(kept) if len(kept) > 2 else ""
+
+
+def clean_report_text(text: str) -> str:
+    """Training text as the reference makes it (Mammo-CLIP ``src/codebase/augment_text.py``,
+    ``_split_report_into_segment_concat``, with ``process_df``'s "BI-RADS" -> "BIRADS"): newlines become
+    spaces, the text is split into sentences at periods, each sentence is lower-cased and tokenized like
+    ``nltk.wordpunct_tokenize`` (words and punctuation runs, joined by single spaces), non-ASCII characters
+    are dropped from the tokens, sentences of fewer than three tokens are dropped, and the sentences are
+    concatenated without their periods (the reference's ``*_wo_period`` data).
+
+    Beyond the reference: NFKD normalization first (full-width letters, ligatures, and accented letters keep
+    their base letter: "café" is "cafe", not "caf"), U+FFFD replacement characters as spaces (the reference
+    replaces pairs of them), de-identification placeholders and section headings removed, "bi-rads"/"bi rads"
+    in any case, and decimals kept whole ("1.5 cm", where the reference splits a sentence at the point).
+    """
+    text = unicodedata.normalize("NFKD", text).replace("\ufffd", " ")
+    text = HEADING.sub(". ", PLACEHOLDER.sub(" ", text))
+    text = BIRADS_WORD.sub("birads", text).replace("\n", " ")
+    sentences = (_clean_sentence(sentence) for sentence in PERIOD.split(text))
+    return " ".join(sentence for sentence in sentences if sentence)
+
+
+def training_texts(report: str) -> list[str]:
+    """The cleaned FINDINGS and IMPRESSION, without empty or repeated ones: the reference's per-breast
+    ``text`` list, from which each training step draws."""
+    sections = split_sections(report)
+    texts = [clean_report_text(sections.findings), clean_report_text(sections.impression)]
+    return list(dict.fromkeys(text for text in texts if text))
+
+
+# --- labels from report text ----------------------------------------------------------------------------
+
+SENTENCE_BREAK = re.compile(r"(?<!\d)\.|\.(?!\d)|!|\n[ \t]*\n|\n(?=[ \t]*[A-Z0-9*•-])")
+CLAUSE_BREAK = re.compile(r";|\b(?:but|however|except|although|though|whereas|while|aside from|apart from"
+                          r"|other than)\b", re.IGNORECASE)
+PSEUDO_NEGATION = re.compile(
+    r"\bno (?:significant |substantial )?(?:interval )?(?:change|increase|growth)\b|\bnot only\b"
+    r"|\bwithout (?:significant |interval )?change\b|\bnot (?:previously )?(?:seen|present|visible|visualized|"
+    r"identified) (?:on|in) (?:the )?(?:prior|previous|comparison)\w*|\bnot previously\b", re.IGNORECASE)
+PRE_NEGATION = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|neither|nor|resolved|resolution of)\b",
+                          re.IGNORECASE)
+POST_NEGATION = re.compile(
+    r"\bnot (?:be )?(?:seen|identified|visualized|visible|present|appreciated|demonstrated|evident|detected"
+    r"|suspicious)\b|\b(?:has|have)? ?resolved\b|\b(?:is|are) absent\b|\bno longer\b", re.IGNORECASE)
+UNCERTAIN = re.compile(r"\?|\b(?:possible|possibly|questionable|equivocal|may represent|could represent|versus|vs"
+                       r"|cannot (?:be )?(?:excluded|exclude|ruled out|rule out)|can not be|not (?:be )?excluded)\b",
+                       re.IGNORECASE)
+NOT_THIS_EXAM = re.compile(r"\b(?:obscur\w*|sensitivity|rule out|r/o|to exclude|evaluate for|history of"
+                           r"|status post|s/p|excision of|excised|removed)\b", re.IGNORECASE)
+BENIGN_CALCIFICATION = re.compile(r"\b(?:benign|vascular|dermal|skin|secretory|milk of calcium|coarse|popcorn|rim"
+                                  r"|eggshell|dystrophic|rod-like|lucent)", re.IGNORECASE)
+FINDING_TERMS = {"mass": re.compile(r"\bmass(?:es)?\b", re.IGNORECASE),
+                 "calcification": re.compile(r"\b(?:micro-?)?calcifications?\b|\b(?:micro)?calcs?\b", re.IGNORECASE)}
+SIDE_WORD = re.compile(r"\b(?i:(?P<left>left)|(?P<right>right)|(?P<both>bilateral(?:ly)?|both breasts))\b"
+                       r"|\b(?P<letter>[LR])\b")
+SIDE_HEADING = re.compile(r"^\W*(?i:left|right|bilateral)(?i:\s+breast)?\s*:")
+BIRADS_VALUE = re.compile(r"(?i:\b(?P<word>bi[\s-]?rads\b\W{0,3}(?:(?:assessment|category|cat)\b\W{0,3}){0,2}"
+                          r"|category\W{0,3}))(?P<value>[0-6])(?i:[abc])?\b")
+DENSITY_WORDS = re.compile(r"densit|composition|fibroglandular|fatty|dense", re.IGNORECASE)
+DENSITY_LETTER = re.compile(r"(?i:\b(?:acr|density|composition|category|type))\s*(?i:category|type|class)?\s*[:-]?"
+                            r"\s*\(?(?P<letter>[A-D])\b(?!-)")
+DENSITY_PHRASES = (("A", re.compile(r"\b(?:almost entirely|predominantly|mostly) fat(?:ty)?\b", re.IGNORECASE)),
+                   ("B", re.compile(r"\bscattered (?:areas of )?fibroglandular\b", re.IGNORECASE)),
+                   ("C", re.compile(r"\bheterogeneously dense\b", re.IGNORECASE)),
+                   ("D", re.compile(r"\bextremely dense\b", re.IGNORECASE)))
+
+
+@dataclass
+class ReportLabels:
+    """Labels read from one report. ``None``: the report does not say; sides are "L"/"R"."""
+
+    birads: int | None
+    birads_by_side: dict[str, int]
+    density: str | None
+    mass: bool | None
+    calcification: bool | None
+    mass_sides: set[str]
+    calcification_sides: set[str]
+    uncertain: list[str]
+
+
+@dataclass
+class _Evidence:
+    """What a report says about one finding: affirmed sides, and whether it was negated or uncertain."""
+
+    affirmed: bool = False
+    sides: set[str] = field(default_factory=set)
+    negated: bool = False
+    uncertain: bool = False
+
+    def decide(self, complete: bool) -> bool | None:
+        if self.affirmed:
+            return True
+        if self.uncertain:
+            return None
+        return False if self.negated or complete else None
+
+
+def _sides(text: str) -> set[str]:
+    sides: set[str] = set()
+    for match in SIDE_WORD.finditer(text):
+        sides |= _match_sides(match)
+    return sides
+
+
+def _match_sides(match: re.Match[str]) -> set[str]:
+    if match.group("both"):
+        return set(SIDES)
+    if match.group("letter"):
+        return {match.group("letter")}
+    return {"L"} if match.group("left") else {"R"}
+
+
+def _sentences(body: str) -> list[tuple[str, set[str]]]:
+    """Sentences of a section with the sides of the latest "Left breast:"-style heading before them."""
+    context: set[str] = set()
+    result = []
+    for raw in SENTENCE_BREAK.split(body):
+        sentence = " ".join(raw.split())
+        if not sentence:
+            continue
+        heading = SIDE_HEADING.match(sentence)
+        if heading:
+            context = _sides(heading.group())
+        result.append((sentence, context))
+    return result
+
+
+def _mention_status(clause: str, start: int, end: int, kind: str) -> str | None:
+    """"affirmed", "negated", "uncertain", or None for a mention that is not about this examination
+    ("may obscure small masses", "history of", "excised")."""
+    if NOT_THIS_EXAM.search(clause):
+        return None
+    if UNCERTAIN.search(clause):
+        return "uncertain"
+    if PRE_NEGATION.search(clause[:start]) or POST_NEGATION.search(clause[end:]):
+        return "negated"
+    if kind == "calcification":
+        window = " ".join(clause[:start].split()[-5:] + clause[end:].split()[:10])
+        if BENIGN_CALCIFICATION.search(window):
+            return "negated"  # benign calcifications are no suspicious calcifications
+    return "affirmed"
+
+
+def _read_findings(sentence: str, context: set[str], evidence: dict[str, _Evidence]) -> bool:
+    """Add the sentence's finding mentions to ``evidence``; True when one of them was uncertain."""
+    sentence_sides = _sides(sentence) or context
+    uncertain = False
+    for clause in CLAUSE_BREAK.split(sentence):
+        masked = PSEUDO_NEGATION.sub(lambda m: " " * len(m.group()), clause)
+        for kind, term in FINDING_TERMS.items():
+            for match in term.finditer(masked):
+                status = _mention_status(masked, match.start(), match.end(), kind)
+                if status == "affirmed":
+                    evidence[kind].affirmed = True
+                    evidence[kind].sides |= _sides(clause) or sentence_sides
+                elif status == "negated":
+                    evidence[kind].negated = True
+                elif status == "uncertain":
+                    evidence[kind].uncertain = uncertain = True
+    return uncertain
+
+
+def _birads_rank(value: int) -> int:
+    return BIRADS_HIERARCHY.index(value)
+
+
+def _read_birads(sentence: str) -> list[tuple[int, set[str]]]:
+    """(category, sides) stated in a sentence. A side word attaches to the following category when the
+    sentence names a side first ("Right: BI-RADS 4, left: BI-RADS 2"), else to the preceding one
+    ("BI-RADS 4 right, BI-RADS 2 left"); a category with no side is the overall one (empty set)."""
+    mentions = [m for m in BIRADS_VALUE.finditer(sentence)
+                if m.group("word").lower().startswith("bi") or not DENSITY_WORDS.search(sentence)]
+    if not mentions:
+        return []
+    side_words = list(SIDE_WORD.finditer(sentence))
+    assigned: list[set[str]] = [set() for _ in mentions]
+    side_first = bool(side_words) and side_words[0].start() < mentions[0].start()
+    for word in side_words:
+        if side_first:
+            index = next((i for i, m in enumerate(mentions) if m.start() > word.start()), len(mentions) - 1)
+        else:
+            index = max((i for i, m in enumerate(mentions) if m.end() <= word.start()), default=0)
+        assigned[index] |= _match_sides(word)
+    return [(int(m.group("value")), sides) for m, sides in zip(mentions, assigned, strict=True)]
+
+
+def _read_density(sentence: str) -> list[str]:
+    found = [match.group("letter") for match in DENSITY_LETTER.finditer(sentence)]
+    return found + [letter for letter, phrase in DENSITY_PHRASES if phrase.search(sentence)]
+
+
+def parse_labels(text: str) -> ReportLabels:
+    """Labels from the FINDINGS and IMPRESSION of a report (``split_sections``: untitled text counts as
+    findings when there is no FINDINGS heading); history, indication, comparison and the rest are ignored:
+    "6-month follow-up of a BI-RADS 3 mass" is not this examination's finding.
+
+    A finding is True when affirmed anywhere (positive precedence), None when any mention of it is
+    uncertain ("possible mass"), False when negated or, in a report with a BI-RADS assessment (a complete
+    report), not mentioned. Negation is NegEx-style: a trigger ("no", "without", "negative for", "free of",
+    ...) before the finding in the same clause negates everything up to the clause's end, so lists are
+    covered; clauses end at ";", "but", "however", "except" and similar. Benign-appearing, vascular,
+    coarse... calcifications do not count as suspicious ones. BI-RADS is the most severe category stated,
+    overall or per breast, in the ACR hierarchy 1 < 2 < 3 < 6 < 0 < 4 < 5; density is the densest stated.
+    """
+    sections = split_sections(text)
+    evidence = {kind: _Evidence() for kind in FINDING_TERMS}
+    birads: list[tuple[int, set[str]]] = []
+    densities: list[str] = []
+    uncertain: list[str] = []
+    for body in (sections.findings, sections.impression):
+        for sentence, context in _sentences(body):
+            if _read_findings(sentence, context, evidence) and sentence not in uncertain:
+                uncertain.append(sentence)
+            birads += _read_birads(sentence)
+            densities += _read_density(sentence)
+    by_side: dict[str, int] = {}
+    for value, sides in birads:
+        for side in sides:
+            by_side[side] = max(by_side.get(side, value), value, key=_birads_rank)
+    overall = max((value for value, _ in birads), key=_birads_rank, default=None)
+    complete = overall is not None
+    return ReportLabels(
+        birads=overall, birads_by_side=by_side, density=max(densities, default=None),
+        mass=evidence["mass"].decide(complete), calcification=evidence["calcification"].decide(complete),
+        mass_sides=evidence["mass"].sides, calcification_sides=evidence["calcification"].sides, uncertain=uncertain)
+
+
+# --- label CSVs -----------------------------------------------------------------------------------------
+
+VINDR_COLUMNS = ("study_id", "image_id", "laterality", "breast_birads", "breast_density")
+RSNA_COLUMNS = ("patient_id", "image_id", "laterality", "cancer")
+LATERALITY = {"l": "L", "left": "L", "r": "R", "right": "R"}
+
+
+@dataclass
+class BreastLabels:
+    """Labels of one breast of one study; ``None`` is unknown.
+
+    ``malignant``: RSNA's ``cancer`` (biopsy-proven). For VinDr-Mammo it is a proxy, BI-RADS >= 5, because
+    VinDr has no pathology. ``mass``/``calcification``: VinDr's ``finding_categories`` ("Mass",
+    "Suspicious Calcification"); unknown for RSNA and for VinDr's breast-level file, which has no findings.
+    """
+
+    study: str
+    laterality: str
+    image_ids: list[str] = field(default_factory=list)
+    mass: bool | None = None
+    calcification: bool | None = None
+    malignant: bool | None = None
+    density: str | None = None
+    birads: int | None = None
+
+
+def _columns(path: Path, fieldnames: Iterable[str]) -> tuple[str, dict[str, str]]:
+    """The layout ("vindr" or "rsna") and a map from lower-case column name to the file's name."""
+    columns = {name.strip().lower(): name for name in fieldnames}
+    if all(name in columns for name in VINDR_COLUMNS):
+        return "vindr", columns
+    if all(name in columns for name in RSNA_COLUMNS):
+        return "rsna", columns
+    raise ValueError(
+        f"{path}: unknown label CSV layout; expected VinDr-Mammo columns {', '.join(VINDR_COLUMNS)} "
+        f"(optionally finding_categories, from finding_annotations.csv) or RSNA columns "
+        f"{', '.join(RSNA_COLUMNS)} (optionally density, BIRADS); found {', '.join(columns) or 'no header'}")
+
+
+def _int_or_none(text: str) -> int | None:
+    match = re.search(r"\d+(?:\.0*)?", text)
+    return int(float(match.group())) if match else None
+
+
+def _density_or_none(text: str) -> str | None:
+    match = re.search(r"\b([A-D])\s*$", text.strip().upper())
+    return match.group(1) if match else None
+
+
+def _categories(text: str, where: str) -> set[str]:
+    if not text.strip():
+        return set()
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as error:
+        raise ValueError(f"{where}: finding_categories is not a list: {text!r}") from error
+    return {str(item).strip().lower() for item in ([value] if isinstance(value, str) else value)}
+
+
+def _merge_flag(old: bool | None, new: bool | None) -> bool | None:
+    return new if old is None else old or bool(new)
+
+
+def _merge_row(breast: BreastLabels, row: Mapping[str, str], layout: str, where: str) -> None:
+    image_id = row["image_id"].strip()
+    if image_id and image_id not in breast.image_ids:
+        breast.image_ids.append(image_id)
+    if layout == "vindr":
+        birads, density = _int_or_none(row["breast_birads"]), _density_or_none(row["breast_density"])
+        if "finding_categories" in row:
+            found = _categories(row["finding_categories"], where)
+            breast.mass = _merge_flag(breast.mass, "mass" in found)
+            breast.calcification = _merge_flag(breast.calcification, "suspicious calcification" in found)
+    else:
+        birads, density = _int_or_none(row.get("birads", "")), _density_or_none(row.get("density", ""))
+        cancer = _int_or_none(row["cancer"])
+        breast.malignant = _merge_flag(breast.malignant, None if cancer is None else bool(cancer))
+    if birads is not None:
+        breast.birads = birads if breast.birads is None else max(breast.birads, birads, key=_birads_rank)
+        if layout == "vindr":
+            breast.malignant = breast.birads >= 5
+    breast.density = breast.density or density
+
+
+def read_label_csv(path: str | Path) -> list[BreastLabels]:
+    """Breast labels from a VinDr-Mammo (``breast-level_annotations.csv`` or ``finding_annotations.csv``)
+    or RSNA screening (``train.csv``) file, rows (per image or per finding) grouped by (study, laterality):
+    VinDr's ``study_id``, RSNA's ``patient_id`` (one screening examination per patient). Column names are
+    matched case-insensitively; an unknown layout is a ValueError naming the columns expected."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        layout, columns = _columns(path, reader.fieldnames or [])
+        key = "study_id" if layout == "vindr" else "patient_id"
+        breasts: dict[tuple[str, str], BreastLabels] = {}
+        for raw in reader:
+            row = {name: (raw[original] or "") for name, original in columns.items()}
+            side = LATERALITY.get(row["laterality"].strip().lower())
+            if side is None:
+                raise ValueError(f"{path}, line {reader.line_num}: laterality {row['laterality']!r} is not L or R")
+            study = row[key].strip()
+            breast = breasts.setdefault((study, side), BreastLabels(study, side))
+            _merge_row(breast, row, layout, f"{path}, line {reader.line_num}")
+    return list(breasts.values())
+
+
+def synthesize_breast_report(labels: BreastLabels, rng: random.Random) -> str | None:
+    """Report-style text for a breast (``training.label_text.breast_text``), or None when a label it would
+    state is unknown: mass, calcification, malignant, density (A-D) or BI-RADS (0-5). ``breast_text`` has
+    no way to leave a label out, and a default would put a made-up finding or density into the training
+    text (the rule ``training.datasets.breast_labels`` follows too); RSNA rows, which have no findings,
+    therefore give None."""
+    values = {"mass": labels.mass, "calcification": labels.calcification, "malignant": labels.malignant}
+    if (any(value is None for value in values.values()) or labels.density not in DENSITIES
+            or labels.birads not in range(6)):
+        return None
+    mapping = {name: int(bool(value)) for name, value in values.items()}
+    return breast_text({**mapping, "density": labels.density, "birads": labels.birads}, labels.laterality, rng)
