@@ -28,3 +28,15 @@ def test_ingest_benchmark_prints_the_table_for_verified_runs() -> None:
         ("storescp", "1", "8"), ("node", "1", "8"), ("storescp", "2", "8"), ("node", "2", "8")]
     assert rows[1][-1].endswith("x") and rows[3][-1].endswith("x")
     assert any(line.startswith("every run verified") for line in lines)
+
+
+def test_train_synthetic_quick_runs_every_stage(tmp_path) -> None:
+    """The smoke size (--quick) does not check the AUC targets; the full run does (see the README)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_synthetic.py"), "--quick", "--out",
+                             str(tmp_path / "run")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = [line.split()[0] for line in result.stdout.splitlines() if line.split()[:1] and
+              line.split()[0] in ("generate", "index", "convert", "pretrain", "total")]
+    assert stages == ["generate", "index", "convert", "pretrain", "total"]
+    assert "NOT a clinical model" in result.stdout
+    assert (tmp_path / "run").exists()

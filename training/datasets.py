@@ -75,7 +75,8 @@ def breast_labels(labels: dict[str, Any] | None, side: str) -> dict[str, Any] | 
     return breast if complete and breast["density"] in DENSITIES else None
 
 
-def _unusable(image: ArchiveImage, key: str, size: str) -> str | None:
+def unusable_reason(image: ArchiveImage, key: str, size: str) -> str | None:
+    """Why an indexed image cannot be used at this preprocessing (``key``, ``size``), or None."""
     if image.convert_error:
         return "images whose conversion failed"
     if image.cache_path is None or image.cache_key != key:
@@ -90,7 +91,7 @@ def _breast(study: ArchiveStudy, side: str, key: str, size: str, left_out: Count
     for image in sorted(study.images, key=lambda image: image.id):
         if image.laterality != side or image.view not in VIEWS:
             continue
-        reason = _unusable(image, key, size)
+        reason = unusable_reason(image, key, size)
         if reason:
             left_out[reason] += 1
         else:

@@ -1,0 +1,178 @@
+"""Classification heads on a synthetic archive: linear probe outputs, reload, few-shot, multi-class, learnability."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import load_model, save_model_version
+from models.errors import CheckpointError
+from models.preprocess import PreprocessConfig
+from tests.conftest import tiny_model
+from training.archive.indexer import index_archive
+from training.archive.store import open_index
+from training.convert import convert_archive
+from training.evaluate import binary_metrics
+from training.finetune import (
+    FinetuneConfig,
+    few_shot,
+    finetune,
+    load_batch,
+    load_head,
+    load_images,
+    probabilities,
+    score_images,
+    train_linear,
+)
+from training.synthetic import write_studies
+
+INPUT = PreprocessConfig(height=64, width=48)
+QUICK = FinetuneConfig(target="mass", steps=60, evaluate_every=5, n_bootstrap=200, synthetic_data=True,
+                       progress=False)
+OUTPUTS = ["card.json", "head.json", "head.safetensors", "metrics.json", "report.html", "roc.png"]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """40 synthetic studies indexed with their manifest as label table, converted at 64x48, and a tiny model."""
+    root = tmp_path_factory.mktemp("finetune")
+    manifest = write_studies(root / "studies", 40, seed=7, rows=256, cols=160, progress=False)
+    index_archive(root / "studies", open_index(root / "index"), None, manifest, seed=3, progress=False)
+    convert_archive(open_index(root / "index"), root / "cache", INPUT, workers=1, progress=False)
+    save_model_version(tiny_model(seed=1), root / "tiny", card={"name": "tiny-test-model"})
+    return {"root": root, "index": root / "index", "manifest": manifest, "tiny": root / "tiny"}
+
+
+@pytest.fixture(scope="module")
+def mass_head(archive: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return finetune(archive["index"], archive["tiny"], tmp_path_factory.mktemp("mass") / "head", config=QUICK)
+
+
+def _rescored_auc(archive: dict[str, Path], folder: Path) -> tuple[float, torch.Tensor]:
+    """Image-level test AUC of the reloaded head, scored through ``score_images`` as the node would."""
+    model, head = load_model(archive["tiny"]), load_head(folder)
+    records, _ = load_images(archive["index"], "test", INPUT, head.info["target"])
+    scores = score_images(model, head, load_batch(records, INPUT), batch_size=7)
+    return binary_metrics([int(r.label) for r in records], scores.numpy(), n_bootstrap=0).auc, scores
+
+
+def test_linear_probe_writes_every_output(mass_head: Path, archive: dict[str, Path]) -> None:
+    assert sorted(p.name for p in mass_head.iterdir()) == OUTPUTS
+    metrics = json.loads((mass_head / "metrics.json").read_text())
+    breast = metrics["test"]["breast"]
+    assert 0 <= breast["auc"] <= 1 and breast["auc_ci"][0] <= breast["auc"] <= breast["auc_ci"][1]
+    assert [p["target_specificity"] for p in breast["operating_points"]] == [0.9, 0.95]
+    assert all(0 <= p["sensitivity"] <= 1 and p["specificity"] >= 0.9 for p in breast["operating_points"])
+    counts = metrics["counts"]
+    assert counts["test"]["breasts"] == breast["n"] == metrics["test"]["image"]["n"] / 2
+    assert counts["test"]["studies"] == metrics["test"]["study"]["n"]
+    assert sum(counts[s]["studies"] for s in ("train", "validation", "test")) == 40
+    head = json.loads((mass_head / "head.json").read_text())
+    assert head["target"] == "mass" and head["classes"] == ["no mass", "mass"] and head["mode"] == "linear"
+    assert head["feature_dim"] == tiny_model().image_encoder.out_dim and not head["own_encoder"]
+    assert head["thresholds"]["split"] == "validation"
+    assert (mass_head / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in (mass_head / "report.html").read_text()
+    card = json.loads((mass_head / "card.json").read_text())
+    assert card["clinical_use"] is False and "NOT a clinical model" in card["intended_use"]
+    assert card["data"]["train"]["images"] == counts["train"]["images"] and card["base_model"] == "tiny-test-model"
+    with archive["manifest"].open() as handle:
+        rows = list(csv.DictReader(handle))
+    identifiers = {row[name] for row in rows for name in ("patient_id", "accession_number", "study_instance_uid",
+                                                          "sop_instance_uid")}
+    written = "".join((mass_head / name).read_text() for name in ("card.json", "head.json", "metrics.json",
+                                                                  "report.html"))
+    assert not [value for value in identifiers if value in written] and str(archive["root"]) not in written
+
+
+def test_reloaded_head_scores_as_evaluated(mass_head: Path, archive: dict[str, Path], tmp_path: Path) -> None:
+    auc, scores = _rescored_auc(archive, mass_head)
+    assert auc == pytest.approx(json.loads((mass_head / "metrics.json").read_text())["test"]["image"]["auc"],
+                                abs=1e-4)
+    assert torch.equal(scores, _rescored_auc(archive, mass_head)[1])
+    assert ((scores > 0) & (scores < 1)).all()
+    other = load_model(save_model_version(tiny_model(seed=2), tmp_path / "other"))
+    with pytest.raises(CheckpointError, match="another model's encoder"):
+        score_images(other, load_head(mass_head), torch.zeros(1, 3, 64, 48))
+
+
+def test_few_shot_takes_exactly_k_per_class(archive: dict[str, Path], tmp_path: Path) -> None:
+    records, _ = load_images(archive["index"], "train", INPUT, "calcification")
+    truth = np.array([int(r.label) for r in records])
+    chosen = few_shot(records, truth, 4, seed=1)
+    assert np.bincount(truth[chosen]).tolist() == [4, 4]
+    assert chosen == few_shot(records, truth, 4, seed=1) and chosen != few_shot(records, truth, 4, seed=2)
+    folder = finetune(archive["index"], archive["tiny"], tmp_path / "head",
+                      config=replace(QUICK, target="calcification", k_shot=4))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["k_shot"] == 4
+    assert metrics["counts"]["train"]["images_per_class"] == {"no calcification": 4, "calcification": 4}
+
+
+def test_density_head_reports_a_confusion_matrix(archive: dict[str, Path], tmp_path: Path) -> None:
+    folder = finetune(archive["index"], archive["tiny"], tmp_path / "head", config=replace(QUICK, target="density"))
+    assert (folder / "confusion.png").exists() and not (folder / "roc.png").exists()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    breast = metrics["test"]["breast"]
+    assert breast["class_names"] == ["A", "B", "C", "D"]
+    assert np.array(breast["confusion"]).shape == (4, 4) and np.sum(breast["confusion"]) == breast["n"]
+    assert 0 <= breast["balanced_accuracy"] <= 1
+    head = load_head(folder)
+    assert head.linear.out_features == 4 and head.info["thresholds"]["unavailable"] == "multi-class head"
+    model = load_model(archive["tiny"])
+    records, _ = load_images(archive["index"], "test", INPUT, "density")
+    probs = score_images(model, head, load_batch(records[:6], INPUT))
+    assert probs.shape == (6, 4) and torch.allclose(probs.sum(1), torch.ones(6))
+
+
+@pytest.mark.parametrize("mode", ["full", "adapter"])
+def test_image_modes_save_what_they_trained(mode: str, archive: dict[str, Path], tmp_path: Path) -> None:
+    """``full`` saves its own encoder; ``adapter`` saves adapters and leaves the model's encoder as it was."""
+    folder = finetune(archive["index"], archive["tiny"], tmp_path / "head",
+                      config=replace(QUICK, mode=mode, epochs=1, batch_size=32, learning_rate=1e-3))
+    head = load_head(folder)
+    base = load_model(archive["tiny"]).image_encoder.state_dict()
+    if mode == "full":
+        assert head.info["own_encoder"] and head.encoder is not None and head.adapters is None
+        tuned = head.encoder.state_dict()
+        assert not all(torch.equal(base[k], tuned[k]) for k in base)
+    else:
+        assert not head.info["own_encoder"] and head.encoder is None
+        assert len(head.adapters) == len(head.info["adapter_channels"]) > 0
+        assert any(p.abs().sum() > 0 for name, p in head.adapters.named_parameters() if ".up." in name)
+    auc, _ = _rescored_auc(archive, folder)
+    assert auc == pytest.approx(json.loads((folder / "metrics.json").read_text())["test"]["image"]["auc"], abs=1e-4)
+    model = load_model(archive["tiny"])
+    records, _ = load_images(archive["index"], "test", INPUT, "mass")
+    images = load_batch(records[:4], INPUT)
+    with torch.inference_mode():
+        plain = model.image_encoder(images)
+    score_images(model, head, images)
+    with torch.inference_mode():
+        assert torch.equal(model.image_encoder(images), plain)  # no adapter stays attached to the model
+
+
+def test_linear_probe_learns_separable_features() -> None:
+    """Features whose first dimensions carry the label, on very different scales: the probe must find them."""
+    rng = np.random.default_rng(0)
+
+    def features(n: int) -> tuple[torch.Tensor, np.ndarray]:
+        labels = (rng.random(n) < 0.2).astype(int)
+        x = rng.normal(size=(n, 64))
+        x[:, :4] += 2.0 * labels[:, None]
+        scales, offsets = np.geomspace(0.01, 100, 64), np.linspace(-50, 50, 64)
+        return torch.tensor(x * scales + offsets, dtype=torch.float32), labels
+
+    (train, y), (validation, y_val), (test, y_test) = features(400), features(100), features(300)
+    layer, history = train_linear(train, torch.as_tensor(y), validation, y_val, 1,
+                                  replace(QUICK, steps=200, evaluate_every=10))
+    assert len(history) == 20 and history[-1]["loss"] < history[0]["loss"]
+    with torch.no_grad():
+        auc = binary_metrics(y_test, probabilities(layer(test)).numpy(), n_bootstrap=0).auc
+    assert auc > 0.95
