@@ -13,6 +13,7 @@ import numpy as np
 from dicom_node.cli_archive import archive
 from dicom_node.cli_model import model
 from dicom_node.cli_node import COMMANDS
+from dicom_node.cli_train import train
 from dicom_node.serving import NOT_CLINICAL_BANNER
 from dicom_node.settings import Settings, load_settings
 from models.errors import NodeError
@@ -53,6 +54,7 @@ def main(ctx: click.Context, config_file: Path | None, verbose: bool) -> None:
       mammo-node status / studies      counts by state / the triage list by suspicion
       mammo-node retry-exports         send FAILED exports again
       mammo-node archive index ROOT    index a site archive of studies and reports for training
+      mammo-node train pretrain|finetune  train on the indexed archive
       mammo-node model list / activate the registry of model versions the node serves
       mammo-node synth OUT --studies 8 write synthetic four-view MG studies with masks and reports
       mammo-node classify STUDY_DIR    zero-shot scores for a folder of DICOM, without the node
@@ -297,7 +299,7 @@ def db_upgrade(settings: Settings) -> None:
     click.echo(f"database at {engine.url.render_as_string(hide_password=True)} is up to date")
 
 
-for _command in (*COMMANDS, archive, model):
+for _command in (*COMMANDS, archive, model, train):
     main.add_command(_command)
 studies = next(command for command in COMMANDS if command.name == "studies")
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -176,3 +179,16 @@ def test_linear_probe_learns_separable_features() -> None:
     with torch.no_grad():
         auc = binary_metrics(y_test, probabilities(layer(test)).numpy(), n_bootstrap=0).auc
     assert auc > 0.95
+
+
+def test_train_finetune_command(archive: dict[str, Path], tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "finetune", str(archive["index"]),
+                             str(archive["tiny"]), str(tmp_path / "head"), "--target", "mass", "--steps", "20",
+                             "--synthetic"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "report.html" in result.stdout and (tmp_path / "head" / "report.html").exists()
+    refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "finetune", str(archive["index"]),
+                              str(archive["tiny"]), str(tmp_path / "head"), "--target", "mass"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "already holds a trained head" in refused.stderr  # never overwritten

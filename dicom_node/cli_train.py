@@ -1,0 +1,72 @@
+"""``mammo-node train``: pretrain and fine-tune on an indexed archive (see ``mammo-node archive``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dicom_node.settings import Settings
+from models.errors import NodeError
+
+
+@click.group()
+def train() -> None:
+    """Pretrain Mammo-CLIP and fine-tune heads on the site's indexed, converted archive.
+
+    \b
+      mammo-node archive index /pacs-export --reports ris.csv && mammo-node archive convert
+      mammo-node train pretrain mammo-data/archive runs/pre-1 --start-from b5.tar --text-encoder BERT_DIR
+      mammo-node train finetune mammo-data/archive runs/pre-1/model runs/mass-1 --target mass
+      mammo-node model register runs/pre-1/model --name site-v1 && mammo-node model activate site-v1
+    Several GPUs: python -m torch.distributed.run --nproc_per_node=4 -m training.pretrain INDEX OUT ...
+    Models trained on synthetic data (--synthetic) are marked NOT clinical in their cards.
+    """
+
+
+@train.command("pretrain", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                             "help_option_names": []})
+@click.pass_context
+def pretrain_command(ctx: click.Context) -> None:
+    """Contrastive pretraining (image-text, CC-MLO, text-text) on INDEX into OUT; `--help` lists its options.
+
+    The same program torchrun runs as `-m training.pretrain`; one process here.
+    """
+    from training.pretrain import main as pretrain_main
+
+    try:
+        pretrain_main(ctx.args)
+    except NodeError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@train.command("finetune")
+@click.argument("index")
+@click.argument("model_path", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["malignancy", "mass", "calcification", "density", "birads"]),
+              default="malignancy", show_default=True)
+@click.option("--mode", type=click.Choice(["linear", "full", "adapter"]), default="linear", show_default=True,
+              help="linear: frozen encoder + logistic layer; full: encoder too; adapter: bottleneck adapters.")
+@click.option("--k-shot", type=int, help="Few-shot: K training images per class.")
+@click.option("--steps", type=int, default=500, show_default=True, help="Optimizer steps (linear).")
+@click.option("--epochs", type=int, default=5, show_default=True, help="Epochs (full, adapter).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--synthetic", is_flag=True, help="The archive is synthetic phantoms (the card says NOT clinical).")
+@click.pass_obj
+def finetune_command(settings: Settings, index: str, model_path: Path, out: Path, target: str, mode: str,
+                     k_shot: int | None, steps: int, epochs: int, seed: int, synthetic: bool) -> None:
+    """Train a TARGET head on INDEX's train split for MODEL_PATH, select on validation, report on test.
+
+    Writes head weights, head.json (thresholds at 90/95% specificity), metrics.json, roc.png and
+    report.html into OUT.
+    """
+    from training.finetune import FinetuneConfig, finetune
+
+    try:
+        config = FinetuneConfig(target=target, mode=mode, k_shot=k_shot, steps=steps, epochs=epochs, seed=seed,
+                                synthetic_data=synthetic)
+        folder = finetune(index, model_path, out, config=config)
+    except NodeError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"head written to {folder}; open {folder / 'report.html'}")
