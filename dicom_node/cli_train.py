@@ -18,6 +18,7 @@ def train() -> None:
       mammo-node archive index /pacs-export --reports ris.csv && mammo-node archive convert
       mammo-node train pretrain mammo-data/archive runs/pre-1 --start-from b5.tar --text-encoder BERT_DIR
       mammo-node train finetune mammo-data/archive runs/pre-1/model runs/mass-1 --target mass
+      mammo-node train evaluate mammo-data/archive runs/pre-1/model runs/eval-1   (zero-shot)
       mammo-node model register runs/pre-1/model --name site-v1 && mammo-node model activate site-v1
     Several GPUs: python -m torch.distributed.run --nproc_per_node=4 -m training.pretrain INDEX OUT ...
     Models trained on synthetic data (--synthetic) are marked NOT clinical in their cards.
@@ -70,3 +71,26 @@ def finetune_command(settings: Settings, index: str, model_path: Path, out: Path
     except NodeError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"head written to {folder}; open {folder / 'report.html'}")
+
+
+@train.command("evaluate")
+@click.argument("index")
+@click.argument("model_path", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
+@click.option("--text-encoder", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Local text-encoder directory, for a reference .tar checkpoint.")
+def evaluate_command(index: str, model_path: Path, out: Path, split: str, text_encoder: Path | None) -> None:
+    """Zero-shot evaluation of MODEL_PATH on INDEX's split: mass, calcification and malignancy AUC with 95% CI
+    and sensitivity at 90/95% specificity, per image, breast and study; metrics.json, roc.png, report.html."""
+    from training.zero_shot_eval import zero_shot_evaluation
+
+    try:
+        results = zero_shot_evaluation(index, model_path, out, split=split, text_encoder=text_encoder)
+    except NodeError as error:
+        raise click.ClickException(str(error)) from None
+    for target, levels in results.items():
+        breast = levels.get("breast", levels.get("unavailable"))
+        line = f"AUC {breast['auc']:.3f}" if isinstance(breast, dict) else str(breast)
+        click.echo(f"{target:<14} breast level: {line}")
+    click.echo(f"report: {out / 'report.html'}")

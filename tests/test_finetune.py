@@ -192,3 +192,18 @@ def test_train_finetune_command(archive: dict[str, Path], tmp_path: Path) -> Non
                               str(archive["tiny"]), str(tmp_path / "head"), "--target", "mass"],
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "already holds a trained head" in refused.stderr  # never overwritten
+
+
+def test_train_evaluate_command_zero_shot(archive: dict[str, Path], tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "evaluate", str(archive["index"]),
+                             str(archive["tiny"]), str(tmp_path / "eval")], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"malignancy", "mass", "calcification"} and metrics["split"] == "test"
+    scored = {target: levels["breast"] for target, levels in metrics["results"].items()
+              if isinstance(levels.get("breast"), dict)}
+    assert scored and (tmp_path / "eval" / "roc.png").exists()
+    for target, breast in scored.items():
+        assert 0.0 <= breast["auc"] <= 1.0 and f"{target:<14} breast level: AUC" in result.stdout
+    assert (tmp_path / "eval" / "report.html").read_text().count("Zero-shot") >= 1
