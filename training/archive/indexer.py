@@ -20,7 +20,7 @@ from training.archive.labels import labels_from_report, read_label_table
 from training.archive.report_sources import ReportBook, read_reports
 from training.archive.scan import ImageEntry, ReportEntry, Skipped, classify, walk_files
 from training.archive.split import assign_splits, patient_key, stratum
-from training.archive.store import ArchiveImage, ArchiveSkip, ArchiveStudy, get_meta, set_meta
+from training.archive.store import ArchiveImage, ArchiveSkip, ArchiveStudy, get_meta, set_meta, study_by_uid
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ def _upsert_image(session: Session, entry: ImageEntry, study: ArchiveStudy) -> b
 
 
 def _study(session: Session, entry: ImageEntry, salt: str, cache: dict[str, ArchiveStudy]) -> ArchiveStudy:
-    study = cache.get(entry.study_instance_uid) or session.scalar(
-        select(ArchiveStudy).where(ArchiveStudy.study_instance_uid == entry.study_instance_uid))
+    study = cache.get(entry.study_instance_uid) or study_by_uid(session, entry.study_instance_uid)
     if study is None:
         study = ArchiveStudy(study_instance_uid=entry.study_instance_uid, accession_number=entry.accession_number,
                              patient_key=patient_key(entry.patient_id, salt), study_date=entry.study_date)
