@@ -18,11 +18,13 @@ import torch
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from dicom_node.heads import ServedHead, class_scores, head_probabilities
 from dicom_node.results import build_heatmap_seg, build_sr, heatmap_overlay_png, save_dataset
 from dicom_node.results.findings import (
     BIRADS_LABELS,
     DENSITY_LABELS,
     FINDING_TASKS,
+    Assessment,
     BreastFindings,
     ModelIdentity,
     StudyFindings,
@@ -113,10 +115,12 @@ def _probabilities(row: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict
 class Analyzer:
     """A loaded model with its prompt embeddings, ready to analyse studies (one per worker process)."""
 
-    def __init__(self, model: MammoClip, identity: ModelIdentity, results_root: Path) -> None:
+    def __init__(self, model: MammoClip, identity: ModelIdentity, results_root: Path,
+                 heads: list[ServedHead] | None = None) -> None:
         self.model = model
         self.serving = inference_copy(model)
         self.identity = identity
+        self.heads = heads or []
         self.results_root = Path(results_root)
         self.classifier = ZeroShotClassifier(self.serving)
         self.directions = {name: direction for name, direction in task_directions(self.classifier).items()
@@ -146,8 +150,11 @@ class Analyzer:
         heartbeat()
         with watch.stage("model"):
             scores = score_views(self.classifier, images, keep_feature_maps=True)
+            trained = {served.target: head_probabilities(served, self.model, images, scores.feature_maps)
+                       for served in self.heads}
         heartbeat()
         findings = self._findings(study_uid, chosen, scores)
+        self._apply_heads(findings, trained)
         folder = self.job_folder(study_uid, job_id)
         objects: list[ResultObject] = []
         overlays: list[Path] = []
@@ -193,4 +200,25 @@ class Analyzer:
                    for side in ("L", "R") if side in scores.breasts]
         missing = [f"{lat}{view}" for lat, view in scores.missing_views]
         return StudyFindings(study_uid, self.identity, views, breasts, missing)
+
+    def _apply_heads(self, findings: StudyFindings, trained: dict[str, dict[ViewKey, torch.Tensor]]) -> None:
+        """Replace the zero-shot scores of each head's target with the head's, per view and per breast (max
+        over the views for a binary head, mean for a multi-class one), and name the head as their source."""
+        for served in self.heads:
+            per_view = trained[served.target]
+            for view in findings.views:
+                _set_score(view, served, per_view[(view.laterality, view.view)])
+            for breast in findings.breasts:
+                values = torch.stack([p for (side, _), p in per_view.items() if side == breast.laterality])
+                _set_score(breast, served, values.max(0).values if served.binary else values.mean(0))
+            findings.sources[served.target] = served.identity
+
+
+def _set_score(assessment: Assessment, served: ServedHead, probabilities: torch.Tensor) -> None:
+    if served.binary:
+        assessment.scores[served.target] = float(probabilities)
+    elif served.target == "density":
+        assessment.density = class_scores(served, probabilities)
+    else:
+        assessment.birads = class_scores(served, probabilities)
 

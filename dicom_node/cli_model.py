@@ -29,6 +29,8 @@ def model() -> None:
     version that produced it, and the SR names it.
       mammo-node model register runs/pretrain-2026-11/model --name site-b5-v1
       mammo-node model register /models/b5.tar --text-encoder /models/Bio_ClinicalBERT
+      mammo-node model register runs/pretrain-2026-11/model --name site-b5-v2 \\
+          --head runs/finetune-mass --head runs/finetune-density
       mammo-node model activate site-b5-v1
       mammo-node model rollback
     """
@@ -39,13 +41,20 @@ def model() -> None:
 @click.option("--name", help="Version name (default: the card's name and the weights hash).")
 @click.option("--text-encoder", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Local text-encoder directory, for a reference .tar checkpoint.")
+@click.option("--head", "heads", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A head folder written by `mammo-node train finetune`, trained on PATH's encoder; its scores "
+                   "replace the zero-shot ones for its target. Repeat for several targets.")
 @click.pass_obj
-def register_command(settings: Settings, path: Path, name: str | None, text_encoder: Path | None) -> None:
-    """Check that PATH loads (a model-version folder or a reference .tar) and add it to the registry."""
+def register_command(settings: Settings, path: Path, name: str | None, text_encoder: Path | None,
+                     heads: tuple[Path, ...]) -> None:
+    """Check that PATH loads (a model-version folder or a reference .tar), and that each --head fits it, and add
+    them to the registry as one version."""
     from training.registry import register
 
-    version = _run(lambda: register(worklist_sessions(settings), path, name, text_encoder))
+    version = _run(lambda: register(worklist_sessions(settings), path, name, text_encoder, heads))
     click.echo(f"registered {version.name} ({version.sha256[:12]}) from {version.path}")
+    for target, folder in (version.heads or {}).items():
+        click.echo(f"  trained {target} head: {folder}")
 
 
 @model.command("list")
@@ -58,14 +67,16 @@ def list_command(settings: Settings, as_json: bool) -> None:
     rows = versions(worklist_sessions(settings))
     if as_json:
         click.echo(json.dumps([{"name": v.name, "active": v.active, "sha256": v.sha256, "path": v.path,
-                                "clinical_use": bool(v.card.get("clinical_use", False))} for v in rows], indent=2))
+                                "heads": v.heads or {}, "clinical_use": bool(v.card.get("clinical_use", False))}
+                               for v in rows], indent=2))
         return
     if not rows:
         click.echo("no registered model versions: the node serves MAMMO_MODEL_PATH or the demo model")
     for version in rows:
         clinical = "" if version.card.get("clinical_use") else "  (not for clinical use)"
+        heads = f"  heads: {', '.join(version.heads)}" if version.heads else ""
         click.echo(f"{'*' if version.active else ' '} {version.name:<32} {version.sha256[:12]}  "
-                   f"{version.created_at:%Y-%m-%d %H:%M}  {version.path}{clinical}")
+                   f"{version.created_at:%Y-%m-%d %H:%M}  {version.path}{heads}{clinical}")
 
 
 @model.command("show")
@@ -78,7 +89,7 @@ def show_command(settings: Settings, name: str) -> None:
     version = _run(lambda: get_version(worklist_sessions(settings), name))
     click.echo(json.dumps({"name": version.name, "active": version.active, "path": version.path,
                            "sha256": version.sha256, "text_encoder_path": version.text_encoder_path,
-                           "card": version.card}, indent=2, default=str))
+                           "heads": version.heads or {}, "card": version.card}, indent=2, default=str))
 
 
 @model.command("activate")

@@ -111,12 +111,14 @@ class _Context:
         with self._lock:
             if self._analyzer is None or wanted != self._served:
                 from dicom_node.analysis import Analyzer
+                from dicom_node.heads import load_heads
                 from dicom_node.serving import load_serving_model, model_identity
 
                 model = load_serving_model(self.settings, active.path if active else None,
                                            active.text_encoder_path if active else None, progress=False)
-                self._analyzer = Analyzer(model, model_identity(model, active.name if active else None),
-                                          self.settings.results_dir)
+                identity = model_identity(model, active.name if active else None)
+                self._analyzer = Analyzer(model, identity, self.settings.results_dir,
+                                          load_heads(active.heads, model, identity) if active else None)
                 self._served = wanted
                 log.info("serving %s", f"model version {active.name}" if active else "the configured model")
             return self._analyzer

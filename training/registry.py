@@ -30,30 +30,40 @@ class ActiveModel:
     path: Path
     sha256: str
     text_encoder_path: Path | None
+    heads: dict[str, Path]
 
 
 def register(sessions: sessionmaker[Session], path: Path, name: str | None = None,
-             text_encoder: Path | None = None) -> ModelVersion:
-    """Load ``path`` once (it must be a loadable model) and record it; registering the same weights under
-    the same name again is a no-op, other weights under a taken name are refused."""
+             text_encoder: Path | None = None, heads: list[Path] | tuple[Path, ...] = ()) -> ModelVersion:
+    """Load ``path`` once (it must be a loadable model), check each trained head against it, and record them;
+    registering the same weights and heads under the same name again is a no-op, anything else under a taken
+    name is refused."""
+    from dicom_node.heads import read_head
     from models import load_model
 
     path = Path(path).resolve()
     model = load_model(path, text_encoder=text_encoder, device="cpu")
     sha = model.load_report.sha256
+    head_paths: dict[str, str] = {}
+    for folder in heads:
+        target = read_head(Path(folder), model, sha).info["target"]
+        if target in head_paths:
+            raise ConfigurationError(f"two heads for {target}: {head_paths[target]} and {folder}")
+        head_paths[target] = str(Path(folder).resolve())
     card: dict[str, Any] = dict(getattr(model, "card", {}) or {})
-    name = name or f"{card.get('name') or path.stem}-{sha[:8]}"
+    name = name or f"{card.get('name') or path.stem}-{sha[:8]}{'-heads' if head_paths else ''}"
     with sessions.begin() as session:
         existing = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
         if existing is not None:
-            if existing.sha256 != sha:
-                raise ConfigurationError(f"a model version named {name!r} exists with other weights "
+            if existing.sha256 != sha or (existing.heads or {}) != head_paths:
+                raise ConfigurationError(f"a model version named {name!r} exists with other weights or heads "
                                          f"({existing.sha256[:12]}); choose another --name")
             return existing
-        version = ModelVersion(name=name, path=str(path), sha256=sha, card=card,
+        version = ModelVersion(name=name, path=str(path), sha256=sha, card=card, heads=head_paths,
                                text_encoder_path=str(Path(text_encoder).resolve()) if text_encoder else None)
         session.add(version)
-    log.info("registered model version %s (%s)", name, sha[:12])
+    log.info("registered model version %s (%s)%s", name, sha[:12],
+             f" with heads for {', '.join(head_paths)}" if head_paths else "")
     return version
 
 
@@ -101,4 +111,5 @@ def active_model(sessions: sessionmaker[Session]) -> ActiveModel | None:
         if version is None:
             return None
         return ActiveModel(version.name, Path(version.path), version.sha256,
-                           Path(version.text_encoder_path) if version.text_encoder_path else None)
+                           Path(version.text_encoder_path) if version.text_encoder_path else None,
+                           {target: Path(folder) for target, folder in (version.heads or {}).items()})

@@ -72,6 +72,12 @@ class StudyFindings:
     views: list[ViewFindings]
     breasts: list[BreastFindings]
     missing_views: list[str] = field(default_factory=list)
+    # target -> the trained head that gave its scores; targets not listed are the zero-shot ``model``'s
+    sources: dict[str, ModelIdentity] = field(default_factory=dict)
+
+    def source(self, target: str) -> ModelIdentity:
+        """Which model gave the scores of ``target`` (a finding task, ``density`` or ``birads``)."""
+        return self.sources.get(target, self.model)
 
     @property
     def suspicion(self) -> float:
@@ -86,4 +92,6 @@ class StudyFindings:
         return cls(study_instance_uid=data["study_instance_uid"], model=ModelIdentity(**data["model"]),
                    views=[ViewFindings(**view) for view in data["views"]],
                    breasts=[BreastFindings(**breast) for breast in data["breasts"]],
-                   missing_views=list(data.get("missing_views", [])))
+                   missing_views=list(data.get("missing_views", [])),
+                   sources={target: ModelIdentity(**identity)
+                            for target, identity in data.get("sources", {}).items()})

@@ -50,10 +50,14 @@ class _Groups:
     """Builds the measurement groups of one report (shared algorithm identification and tracking UIDs)."""
 
     def __init__(self, findings: StudyFindings, sop_instance_uid: str) -> None:
-        self.algorithm = hd.sr.AlgorithmIdentification(name=findings.model.name[:64],
-                                                        version=findings.model.model_version[:64])
+        self.findings = findings
         # The SR's UID is derived from study and job, so tracking UIDs are too: a rerun repeats them.
         self.namespace = [findings.study_instance_uid, sop_instance_uid]
+
+    def algorithm(self, target: str) -> hd.sr.AlgorithmIdentification:
+        """TID 4019 for the model that gave ``target``'s scores (zero-shot or a trained head)."""
+        model = self.findings.source(target)
+        return hd.sr.AlgorithmIdentification(name=model.name[:64], version=model.model_version[:64])
 
     def _tracking(self, identifier: str) -> hd.sr.TrackingIdentifier:
         return hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[*self.namespace, identifier]),
@@ -64,21 +68,25 @@ class _Groups:
         """One group per finding task and one density group for a view or a breast."""
         sites = [hd.sr.FindingSite(anatomic_location=codes.SCT.Breast, laterality=LATERALITY[laterality])]
         sources = [hd.sr.SourceImageForMeasurementGroup.from_source_image(image) for image in images] or None
-        common = {"algorithm_id": self.algorithm, "finding_sites": sites, "source_images": sources}
+        common = {"finding_sites": sites, "source_images": sources}
+        birads = hd.sr.QualitativeEvaluation(ASSESSMENT_CATEGORY, BIRADS_VALUES[assessment.birads_category])
+        # The BI-RADS assessment rides with the malignancy score when one model gave both, else on its own.
+        birads_apart = self.findings.source("birads") != self.findings.source("malignancy")
         groups = []
         for task in FINDING_TASKS:
-            evaluations = None
-            if task == "malignancy" and with_birads:
-                evaluations = [hd.sr.QualitativeEvaluation(ASSESSMENT_CATEGORY,
-                                                           BIRADS_VALUES[assessment.birads_category])]
+            evaluations = [birads] if task == "malignancy" and with_birads and not birads_apart else None
             measurement = hd.sr.Measurement(name=PROBABILITY_NAMES[task], value=_probability(assessment, task),
                                             unit=UNITLESS)
             groups.append(Group(tracking_identifier=self._tracking(f"{label} {task}"),
                                 finding_type=FINDING_TYPES[task], measurements=[measurement],
-                                qualitative_evaluations=evaluations, **common))
+                                qualitative_evaluations=evaluations, algorithm_id=self.algorithm(task), **common))
+        if with_birads and birads_apart:
+            groups.append(Group(tracking_identifier=self._tracking(f"{label} BI-RADS"),
+                                finding_type=FINDING_TYPES["malignancy"], qualitative_evaluations=[birads],
+                                algorithm_id=self.algorithm("birads"), **common))
         density = hd.sr.QualitativeEvaluation(BREAST_COMPOSITION, DENSITY_VALUES[assessment.density_category])
         groups.append(Group(tracking_identifier=self._tracking(f"{label} density"), finding_type=DENSITY_FINDING,
-                            qualitative_evaluations=[density], **common))
+                            qualitative_evaluations=[density], algorithm_id=self.algorithm("density"), **common))
         return groups
 
     def study(self, findings: StudyFindings) -> Group:
@@ -86,7 +94,7 @@ class _Groups:
         suspicion = hd.sr.Measurement(name=codes.DCM.ProbabilityOfCancer, value=round(findings.suspicion, 6),
                                       unit=UNITLESS, derivation=codes.SCT.Maximum)
         group = Group(tracking_identifier=self._tracking("study suspicion"),
-                      finding_type=MALIGNANT_NEOPLASM_OF_BREAST, algorithm_id=self.algorithm,
+                      finding_type=MALIGNANT_NEOPLASM_OF_BREAST, algorithm_id=self.algorithm("malignancy"),
                       finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Breast)],
                       measurements=[suspicion])
         for text in (DISCLAIMER, missing_views_text(findings.missing_views)):

@@ -1,0 +1,108 @@
+"""Trained heads served with a model version: each replaces the zero-shot score of its target.
+
+A head comes from ``mammo-node train finetune`` (a folder with ``head.json`` and ``head.safetensors``) and is
+registered with the version whose encoder it was trained on (``mammo-node model register ... --head DIR``).
+A linear head reads the pooled features of the feature maps the analysis already computed, so it costs one
+matrix product; an adapter or fully fine-tuned head runs its own encoder pass over the views.
+
+Aggregation follows the head's own ``head.json`` (what its validation thresholds were set on): a binary head's
+breast score is the max over the breast's views, a multi-class head's the mean of the views' probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dicom_node.results.findings import BIRADS_LABELS, DENSITY_LABELS, FINDING_TASKS, ModelIdentity
+from models.clip import MammoClip
+from models.errors import ConfigurationError
+from models.sop_classes import ViewKey
+
+HEAD_TARGETS = (*FINDING_TASKS, "density", "birads")
+
+
+@dataclass
+class ServedHead:
+    """A loaded head, the target it scores and the identity the SR gives it."""
+
+    target: str
+    head: torch.nn.Module
+    identity: ModelIdentity
+
+    @property
+    def linear_only(self) -> bool:
+        """True when the head works on the model's own, unadapted encoder features."""
+        return self.head.encoder is None and self.head.adapters is None
+
+    @property
+    def binary(self) -> bool:
+        return self.head.linear.out_features == 1
+
+
+def read_head(folder: Path, model: MammoClip, weights_sha256: str) -> torch.nn.Module:
+    """Load a head folder and check that it fits ``model``: a known target, the same encoder, the same input
+    size, and (for a head on the model's own encoder) the same encoder weights."""
+    from training.finetune import load_head
+
+    head = load_head(folder)
+    info = head.info
+    where = f"head {folder}"
+    if info["target"] not in HEAD_TARGETS:
+        raise ConfigurationError(f"{where}: target {info['target']!r} is not one of {', '.join(HEAD_TARGETS)}")
+    if info["image_encoder"] != model.config.image_encoder:
+        raise ConfigurationError(f"{where} was trained on {info['image_encoder']}, the model is "
+                                 f"{model.config.image_encoder}")
+    size = (model.config.input_height, model.config.input_width)
+    if (info["input_height"], info["input_width"]) != size:
+        raise ConfigurationError(f"{where} was trained on {info['input_height']}x{info['input_width']} images, "
+                                 f"the model reads {size[0]}x{size[1]}")
+    if not info["own_encoder"] and info["base_model_sha256"] and info["base_model_sha256"] != weights_sha256:
+        raise ConfigurationError(f"{where} was trained on another model's encoder (weights "
+                                 f"{info['base_model_sha256'][:12]}, this version {weights_sha256[:12]})")
+    if info["target"] == "density" and tuple(info["classes"]) != DENSITY_LABELS:
+        raise ConfigurationError(f"{where}: density classes {info['classes']} are not A-D")
+    return head
+
+
+def load_heads(paths: Mapping[str, str | Path], model: MammoClip, base: ModelIdentity) -> list[ServedHead]:
+    """The registered heads of a version, on the model's device, each with its SR identity."""
+    served = []
+    for target, path in sorted(paths.items()):
+        head = read_head(Path(path), model, getattr(model.load_report, "sha256", ""))
+        if head.info["target"] != target:
+            raise ConfigurationError(f"head {path} scores {head.info['target']}, registered for {target}")
+        mode = head.info["mode"]
+        identity = ModelIdentity(name=f"Mammo-CLIP {target} head ({mode})", software_version=base.software_version,
+                                 model_version=base.model_version, clinical=base.clinical)
+        served.append(ServedHead(target, head.to(model.device).eval(), identity))
+    return served
+
+
+def head_probabilities(served: ServedHead, model: MammoClip, images: Mapping[ViewKey, Tensor],
+                       feature_maps: Mapping[ViewKey, Tensor]) -> dict[ViewKey, Tensor]:
+    """Per view: the positive-class probability (0-d) of a binary head, the class probabilities of another."""
+    from training.finetune import probabilities, score_images
+
+    keys = list(images)
+    if served.linear_only:
+        with torch.inference_mode():
+            pooled = model.image_encoder.pool(torch.stack([feature_maps[k] for k in keys]).to(model.device))
+            values = probabilities(served.head.linear(pooled.float())).cpu()
+    else:
+        values = score_images(model, served.head, torch.stack([images[k] for k in keys]), batch_size=1)
+    return dict(zip(keys, values, strict=True))
+
+
+def class_scores(served: ServedHead, probabilities: Tensor) -> dict[str, float]:
+    """A multi-class head's probabilities over the SR's categories: density A-D, or BI-RADS 1-5 (a head's
+    BI-RADS 0 or 6 has no place in the SR's assessment and is left out, the rest renormalized)."""
+    classes = [str(name) for name in served.head.info["classes"]]
+    labels = DENSITY_LABELS if served.target == "density" else BIRADS_LABELS
+    values = {label: float(probabilities[classes.index(label)]) if label in classes else 0.0 for label in labels}
+    total = sum(values.values())
+    return {label: value / total for label, value in values.items()} if total > 0 else values

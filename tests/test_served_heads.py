@@ -1,0 +1,115 @@
+"""Trained heads served by the node: registered with a version, checked against it, scoring in the analysis,
+named in the SR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+
+from dicom_node.analysis import Analyzer, SourceInstance
+from dicom_node.heads import load_heads
+from dicom_node.serving import model_identity
+from models import load_model, save_model_version
+from models.errors import ConfigurationError
+from tests.conftest import tiny_model
+from tests.test_results import assert_valid, text_values
+from training.finetune import Head, load_head, save_head, score_images
+from training.registry import activate, active_model, register
+from worklist.db import make_engine, session_factory, upgrade
+
+
+def write_head(folder: Path, target: str, classes: list[str], base_sha: str, *, height: int = 64,
+               seed: int = 0) -> Path:
+    """A linear head as `train finetune` writes it, with random weights."""
+    torch.manual_seed(seed)
+    info = {"target": target, "classes": classes, "mode": "linear", "image_encoder": "efficientnet-test",
+            "feature_dim": 0, "own_encoder": False, "adapter_channels": [], "adapter_reduction": 8,
+            "input_height": height, "input_width": 48, "base_model_sha256": base_sha}
+    encoder_dim = tiny_model().image_encoder.out_dim
+    info["feature_dim"] = encoder_dim
+    head = Head(encoder_dim, 1 if len(classes) == 2 else len(classes), None, None, info)
+    torch.nn.init.normal_(head.linear.weight, std=2.0)
+    folder.mkdir(parents=True)
+    save_head(head, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_model_version(tiny_model(seed=4), tmp_path_factory.mktemp("version") / "v1",
+                              card={"name": "site", "clinical_use": False})
+
+
+@pytest.fixture(scope="module")
+def base_sha(version: Path) -> str:
+    return load_model(version).load_report.sha256
+
+
+@pytest.fixture
+def sessions(db_url: str):
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def test_heads_are_registered_with_their_version_and_checked(sessions, version: Path, base_sha: str,
+                                                             tmp_path: Path) -> None:
+    mass = write_head(tmp_path / "mass", "mass", ["no mass", "mass"], base_sha)
+    density = write_head(tmp_path / "density", "density", ["A", "B", "C", "D"], base_sha)
+    registered = register(sessions, version, name="v1-heads", heads=[mass, density])
+    assert registered.heads == {"mass": str(mass.resolve()), "density": str(density.resolve())}
+    activate(sessions, "v1-heads")
+    assert active_model(sessions).heads == {"mass": mass.resolve(), "density": density.resolve()}
+    with pytest.raises(ConfigurationError, match="other weights or heads"):
+        register(sessions, version, name="v1-heads", heads=[mass])
+    with pytest.raises(ConfigurationError, match="another model's encoder"):
+        register(sessions, version, name="bad", heads=[write_head(tmp_path / "other", "mass", ["n", "m"], "ab" * 32)])
+    with pytest.raises(ConfigurationError, match="trained on 96x48"):
+        register(sessions, version, name="bad", heads=[write_head(tmp_path / "big", "mass", ["n", "m"], base_sha,
+                                                                   height=96)])
+    with pytest.raises(ConfigurationError, match="two heads for mass"):
+        register(sessions, version, name="bad", heads=[mass, write_head(tmp_path / "m2", "mass", ["n", "m"],
+                                                                         base_sha, seed=1)])
+
+
+def test_the_analysis_serves_head_scores_and_the_sr_names_the_head(version: Path, base_sha: str, tmp_path: Path,
+                                                                  synthetic_root: Path) -> None:
+    model = load_model(version)
+    identity = model_identity(model, "v1-heads")
+    mass = write_head(tmp_path / "mass", "mass", ["no mass", "mass"], base_sha)
+    density = write_head(tmp_path / "density", "density", ["A", "B", "C", "D"], base_sha, seed=2)
+    analyzer = Analyzer(model, identity, tmp_path / "results",
+                        load_heads({"mass": mass, "density": density}, model, identity))
+    study = next(p for p in sorted(synthetic_root.iterdir()) if p.is_dir())
+    instances = []
+    for path in sorted(study.glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        instances.append(SourceInstance(path, ds.SOPInstanceUID, ds.ImageLaterality, ds.ViewPosition))
+    output = analyzer.analyse(ds.StudyInstanceUID, 1, instances)
+    findings = output.findings
+    assert findings.source("mass").name == "Mammo-CLIP mass head (linear)"
+    assert findings.source("density").name == "Mammo-CLIP density head (linear)"
+    assert findings.source("calcification") == identity
+
+    # The served mass scores are the head's own, computed the way `train finetune` evaluates it.
+    from models.inference import load_study_images
+
+    images = load_study_images(sorted(study.glob("*.dcm")), model)
+    expected = score_images(model, load_head(mass), torch.stack(list(images.values())))
+    by_view = dict(zip(images, expected.tolist(), strict=True))
+    for view in findings.views:
+        assert view.scores["mass"] == pytest.approx(by_view[(view.laterality, view.view)], abs=1e-4)
+        assert sum(view.density.values()) == pytest.approx(1.0)
+    for breast in findings.breasts:
+        views = [v.scores["mass"] for v in findings.views if v.laterality == breast.laterality]
+        assert breast.scores["mass"] == pytest.approx(max(views))
+
+    sr_path = next(o.path for o in output.objects if o.kind == "SR")
+    assert_valid(sr_path)
+    texts = text_values(pydicom.dcmread(sr_path))
+    assert "Mammo-CLIP mass head (linear)" in texts and "Mammo-CLIP density head (linear)" in texts
+    assert identity.name in texts
