@@ -63,6 +63,26 @@ class BreastFindings(Assessment):
     laterality: str = ""
 
 
+@dataclass(frozen=True)
+class Detection:
+    """A lesion a detector found on one source image; ``box`` is (x0, y0, x1, y1) in that image's pixels
+    (column, row; 0,0 the top-left corner of the top-left pixel)."""
+
+    sop_instance_uid: str
+    laterality: str
+    view: str
+    finding: str  # one of the finding tasks: "mass" or "calcification"
+    score: float
+    box: tuple[float, float, float, float]
+
+    def __post_init__(self) -> None:
+        x0, y0, x1, y1 = self.box
+        if not (0 <= x0 < x1 and 0 <= y0 < y1):
+            raise ValueError(f"detection box {self.box} is not (x0, y0, x1, y1) with x0 < x1 and y0 < y1")
+        if self.finding not in FINDING_TASKS or not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"detection of {self.finding!r} with score {self.score} is not a finding in [0, 1]")
+
+
 @dataclass
 class StudyFindings:
     """Everything the node reports for one study analysis."""
@@ -74,6 +94,7 @@ class StudyFindings:
     missing_views: list[str] = field(default_factory=list)
     # target -> the trained head that gave its scores; targets not listed are the zero-shot ``model``'s
     sources: dict[str, ModelIdentity] = field(default_factory=dict)
+    detections: list[Detection] = field(default_factory=list)  # their model is ``source("detector")``
 
     def source(self, target: str) -> ModelIdentity:
         """Which model gave the scores of ``target`` (a finding task, ``density`` or ``birads``)."""
@@ -94,4 +115,6 @@ class StudyFindings:
                    breasts=[BreastFindings(**breast) for breast in data["breasts"]],
                    missing_views=list(data.get("missing_views", [])),
                    sources={target: ModelIdentity(**identity)
-                            for target, identity in data.get("sources", {}).items()})
+                            for target, identity in data.get("sources", {}).items()},
+                   detections=[Detection(**{**item, "box": tuple(item["box"])})
+                               for item in data.get("detections", [])])

@@ -6,6 +6,8 @@ tracking identifier:
 - per view and per breast, one group per finding (probability of malignancy, mass, calcification) and one
   density group (breast composition A-D); the breast's malignancy group also holds the BI-RADS-style
   category. View groups reference their image, breast groups the images of that breast;
+- one image-region group (TID 1410) per detected lesion: its finding type and score, and its box as a closed
+  POLYLINE SCOORD on the source image, so a TID 1500 viewer draws it;
 - one study group: the suspicion score (the highest breast probability of malignancy), the research-use
   statement and, when the study was incomplete, which screening views were missing.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -33,9 +36,10 @@ from dicom_node.results.codes import (
     UNITLESS,
 )
 from dicom_node.results.equipment import MANUFACTURER, add_algorithm_equipment, device_uid, software_versions
-from dicom_node.results.findings import DISCLAIMER, FINDING_TASKS, Assessment, StudyFindings
+from dicom_node.results.findings import DISCLAIMER, FINDING_TASKS, Assessment, Detection, StudyFindings
 
 Group = hd.sr.MeasurementsAndQualitativeEvaluations
+RegionGroup = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 SERIES_DESCRIPTION = "AI results - research/triage only"
 
 
@@ -89,6 +93,22 @@ class _Groups:
                             qualitative_evaluations=[density], algorithm_id=self.algorithm("density"), **common))
         return groups
 
+    def region(self, number: int, detection: Detection, image: Dataset) -> RegionGroup:
+        """A detected lesion: a closed rectangle on its source image, the finding type and the score."""
+        x0, y0, x1, y1 = detection.box
+        outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+        region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline,
+                                   source_image=hd.sr.SourceImageForRegion.from_source_image(image))
+        score = hd.sr.Measurement(name=PROBABILITY_NAMES[detection.finding], value=round(detection.score, 6),
+                                  unit=UNITLESS)
+        name = f"{detection.laterality}{detection.view}"
+        return RegionGroup(
+            tracking_identifier=self._tracking(f"{name} {detection.finding} region {number}"),
+            referenced_region=region, finding_type=FINDING_TYPES[detection.finding],
+            algorithm_id=self.algorithm("detector"), measurements=[score],
+            finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Breast,
+                                             laterality=LATERALITY[detection.laterality])])
+
     def study(self, findings: StudyFindings) -> Group:
         """The suspicion score with the research-use statement and the completeness statement (TEXT rows)."""
         suspicion = hd.sr.Measurement(name=codes.DCM.ProbabilityOfCancer, value=round(findings.suspicion, 6),
@@ -127,6 +147,11 @@ def build_sr(findings: StudyFindings, sources: Sequence[Dataset], *, series_inst
         images = [by_uid[view.sop_instance_uid] for view in findings.views if view.laterality == breast.laterality]
         measurement_groups += groups.assessment(f"{breast.laterality} breast", breast.laterality, breast, images,
                                                 with_birads=True)
+    regions = []
+    for number, detection in enumerate(findings.detections, start=1):
+        if detection.sop_instance_uid not in by_uid:
+            raise ValueError(f"a {detection.finding} detection has no source image among the {len(by_uid)} given")
+        regions.append(groups.region(number, detection, by_uid[detection.sop_instance_uid]))
     measurement_groups.append(groups.study(findings))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -135,7 +160,7 @@ def build_sr(findings: StudyFindings, sources: Sequence[Dataset], *, series_inst
             model_name=findings.model.name[:64]))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=PROCEDURE_REPORTED, imaging_measurements=measurement_groups,
+        procedure_reported=PROCEDURE_REPORTED, imaging_measurements=[*measurement_groups, *regions],
         referenced_images=list(sources))
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(sources), content=report[0], series_instance_uid=series_instance_uid,
