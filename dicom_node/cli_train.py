@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from dicom_node.settings import Settings
 from models.errors import NodeError
+
+
+def _subgroup_lines(subgroups: dict[str, Any]) -> list[str]:
+    """A compact subgroup table from ``metrics.json``: one line per attribute with each value's cases and AUC
+    (gap to overall), or why it has none."""
+    if "unavailable" in subgroups:
+        return [f"  subgroups: {subgroups['unavailable']}"]
+    by_attribute: dict[str, list[str]] = {}
+    for row in subgroups["rows"]:
+        result = f"AUC {row['auc']:.3f} ({row['gap']:+.3f})" if row["auc"] is not None else row["reason"]
+        by_attribute.setdefault(row["attribute"], []).append(f"{row['value']} n={row['n']} {result}")
+    return [f"  subgroups ({subgroups['level']} level), overall AUC {subgroups['overall_auc']:.3f}:",
+            *(f"    {attribute:<13} " + "; ".join(values) for attribute, values in by_attribute.items())]
 
 
 @click.group()
@@ -60,9 +75,9 @@ def finetune_command(settings: Settings, index: str, model_path: Path, out: Path
     """Train a TARGET head on INDEX's train split for MODEL_PATH, select on validation, report on test.
 
     Writes head weights, head.json (thresholds at 90/95% specificity), metrics.json, roc.png and
-    report.html into OUT.
+    report.html into OUT; prints the test split's subgroup AUCs (density, age band, manufacturer, view).
     """
-    from training.finetune import FinetuneConfig, finetune
+    from training.finetune import METRICS_FILE, FinetuneConfig, finetune
 
     try:
         config = FinetuneConfig(target=target, mode=mode, k_shot=k_shot, steps=steps, epochs=epochs, seed=seed,
@@ -70,6 +85,7 @@ def finetune_command(settings: Settings, index: str, model_path: Path, out: Path
         folder = finetune(index, model_path, out, config=config)
     except NodeError as error:
         raise click.ClickException(str(error)) from None
+    click.echo("\n".join(_subgroup_lines(json.loads((folder / METRICS_FILE).read_text())["subgroups"])))
     click.echo(f"head written to {folder}; open {folder / 'report.html'}")
 
 
@@ -82,7 +98,8 @@ def finetune_command(settings: Settings, index: str, model_path: Path, out: Path
               help="Local text-encoder directory, for a reference .tar checkpoint.")
 def evaluate_command(index: str, model_path: Path, out: Path, split: str, text_encoder: Path | None) -> None:
     """Zero-shot evaluation of MODEL_PATH on INDEX's split: mass, calcification and malignancy AUC with 95% CI
-    and sensitivity at 90/95% specificity, per image, breast and study; metrics.json, roc.png, report.html."""
+    and sensitivity at 90/95% specificity, per image, breast and study, and image-level subgroup AUCs (density,
+    age band, manufacturer, view); metrics.json, roc.png, report.html."""
     from training.zero_shot_eval import zero_shot_evaluation
 
     try:
@@ -93,4 +110,6 @@ def evaluate_command(index: str, model_path: Path, out: Path, split: str, text_e
         breast = levels.get("breast", levels.get("unavailable"))
         line = f"AUC {breast['auc']:.3f}" if isinstance(breast, dict) else str(breast)
         click.echo(f"{target:<14} breast level: {line}")
+        if "subgroups" in levels:
+            click.echo("\n".join(_subgroup_lines(levels["subgroups"])))
     click.echo(f"report: {out / 'report.html'}")

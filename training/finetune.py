@@ -48,11 +48,15 @@ from training.demo import NOT_CLINICAL
 from training.evaluate import (
     BinaryMetrics,
     MulticlassMetrics,
+    SubgroupTable,
+    age_band,
     aggregate_scores,
     binary_metrics,
     multiclass_metrics,
+    one_class_reason,
     plot_confusion,
     plot_roc,
+    subgroup_table,
     write_html_report,
 )
 from training.pretrain import RESEARCH_ONLY
@@ -70,6 +74,8 @@ HEAD_FILE = "head.json"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "card.json"
 REPORT_FILE = "report.html"
+SUBGROUP_NOTE = ("Subgroups: image-level AUC per study density label, age band (DICOM PatientAge, else birth date "
+                 "to study date), DICOM Manufacturer and view; gap = subgroup AUC minus overall image-level AUC.")
 
 
 @dataclass(frozen=True)
@@ -118,13 +124,18 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One converted view with its target label (``study`` is the index row id, never a DICOM identifier)."""
+    """One converted view with its target label (``study`` is the index row id, never a DICOM identifier) and
+    what the subgroup table splits by: the study's density letter, the patient's age in years at the study and
+    the equipment manufacturer (None when unknown)."""
 
     path: str
     study: int
     side: str
     view: str
     label: int | str
+    density: str | None
+    patient_age: int | None
+    manufacturer: str | None
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -164,7 +175,8 @@ def load_images(index_location: str | Path, split: str, preprocess: PreprocessCo
                     left_out[reason] += 1
                 else:
                     records.append(ImageRecord(str(image.cache_path), study.id, image.laterality, image.view,
-                                               label))
+                                               label, target_value(study.labels, image.laterality, "density"),
+                                               image.patient_age, image.manufacturer))
     return records, left_out
 
 
@@ -446,12 +458,30 @@ def evaluate(records: Sequence[ImageRecord], truth: np.ndarray, scores: np.ndarr
         labels, level_scores = aggregate(records, truth, scores, level)
         if not config.binary:
             results[level] = multiclass_metrics(labels, level_scores, classes)
-        elif labels.min() == labels.max():
-            results[level] = f"only one class ({int(labels.sum())} positives of {len(labels)})"
+        elif (reason := one_class_reason(labels)) is not None:
+            results[level] = reason
         else:
             results[level] = binary_metrics(labels, level_scores, n_bootstrap=config.n_bootstrap, seed=config.seed,
                                              specificities=SPECIFICITIES)
     return results
+
+
+def image_subgroups(records: Sequence[ImageRecord], truth: np.ndarray, scores: np.ndarray) -> SubgroupTable | str:
+    """Binary image-level AUC per density, age band, manufacturer and view against the overall image-level AUC;
+    the reason instead when the images hold one class."""
+    reason = one_class_reason(truth)
+    if reason is not None:
+        return reason
+    return subgroup_table(truth, scores, {"density": [r.density for r in records],
+                                          "age band": [age_band(r.patient_age) for r in records],
+                                          "manufacturer": [r.manufacturer for r in records],
+                                          "view": [r.view for r in records]})
+
+
+def subgroups_json(subgroups: SubgroupTable | str) -> dict[str, Any]:
+    """The table for ``metrics.json``, or why there is none, marked as image level."""
+    return {"level": "image",
+            **(subgroups.to_dict() if isinstance(subgroups, SubgroupTable) else {"unavailable": subgroups})}
 
 
 def _as_json(results: dict[str, Any]) -> dict[str, Any]:
@@ -532,6 +562,7 @@ def finetune(index_location: str | Path, model_path: Path | str, out_folder: Pat
         scores = {name: probabilities(layer.cpu()(features[name])).numpy() for name in ("validation", "test")}
     results = {"validation": evaluate(validation, validation_truth, scores["validation"], classes, config),
                "test": evaluate(test, test_truth, scores["test"], classes, config)}
+    subgroups = image_subgroups(test, test_truth, scores["test"]) if config.binary else "binary targets only"
     counts = {"train": split_counts(train, train_truth, classes),
               "validation": split_counts(validation, validation_truth, classes),
               "test": split_counts(test, test_truth, classes)}
@@ -549,17 +580,19 @@ def finetune(index_location: str | Path, model_path: Path | str, out_folder: Pat
     head.linear.load_state_dict(layer.state_dict())
     out.mkdir(parents=True, exist_ok=True)
     save_head(head, out)
-    write_outputs(out, config, model, results, counts, loaded, history)
+    write_outputs(out, config, model, results, subgroups, counts, loaded, history)
     return out
 
 
 def write_outputs(out: Path, config: FinetuneConfig, model: MammoClip, results: dict[str, dict[str, Any]],
-                  counts: dict[str, Any], loaded: dict[str, Any],
+                  subgroups: SubgroupTable | str, counts: dict[str, Any], loaded: dict[str, Any],
                   history: list[dict[str, float]]) -> None:
-    """``metrics.json``, the ROC (or confusion) figure, the HTML report and the card."""
+    """``metrics.json``, the ROC (or confusion) figure, the HTML report and the card; ``subgroups`` are the
+    test split's (or why there are none)."""
     test = results["test"]
     metrics = {"target": config.target, "mode": config.mode, "k_shot": config.k_shot, "counts": counts,
-               "validation": _as_json(results["validation"]), "test": _as_json(test), "history": history}
+               "validation": _as_json(results["validation"]), "test": _as_json(test),
+               "subgroups": subgroups_json(subgroups), "history": history}
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     title = f"{config.target} head ({config.mode}{f', {config.k_shot}-shot' if config.k_shot else ''})"
     binary = {level: value for level, value in test.items() if isinstance(value, BinaryMetrics)}
@@ -575,10 +608,12 @@ def write_outputs(out: Path, config: FinetuneConfig, model: MammoClip, results: 
     write_html_report(out / REPORT_FILE, title=f"{title}{synthetic}",
                       model_description=f"{base} ({model.config.image_encoder}), {config.mode} head",
                       dataset_description=described, binary=binary, multiclass=multiclass,
+                      subgroups={config.target: subgroups} if isinstance(subgroups, SubgroupTable) else {},
                       images={figure.stem: figure},
                       notes=[f"{level}: {value}" for level, value in test.items() if isinstance(value, str)]
                       + ["Breast score: max over views; study score: max over breasts (multi-class: mean).",
-                         "Thresholds in head.json are set on the validation split at breast level."])
+                         "Thresholds in head.json are set on the validation split at breast level.",
+                         SUBGROUP_NOTE if isinstance(subgroups, SubgroupTable) else f"subgroups: {subgroups}"])
     card = {"name": f"{config.target}-head", "intended_use": NOT_CLINICAL if config.synthetic_data else RESEARCH_ONLY,
             "clinical_use": False, "base_model": base, "config": asdict(config),
             "data": {"source": "synthetic phantoms" if config.synthetic_data else "archive index", **counts,

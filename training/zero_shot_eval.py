@@ -1,6 +1,6 @@
 """Zero-shot evaluation of any model on an indexed archive split, as the reference's evaluator does: each
 image is scored against the task prompts (``models.zero_shot``), views are aggregated to breasts and
-studies (max), and the metrics, ROC curves and an HTML report are written."""
+studies (max), and the metrics, ROC curves, image-level subgroup tables and an HTML report are written."""
 
 from __future__ import annotations
 
@@ -13,8 +13,17 @@ from tqdm import tqdm
 
 from models import load_model
 from models.zero_shot import ZeroShotClassifier
-from training.evaluate import BinaryMetrics, plot_roc, write_html_report
-from training.finetune import BINARY_TARGETS, FinetuneConfig, evaluate, load_batch, load_images
+from training.evaluate import BinaryMetrics, SubgroupTable, plot_roc, write_html_report
+from training.finetune import (
+    BINARY_TARGETS,
+    SUBGROUP_NOTE,
+    FinetuneConfig,
+    evaluate,
+    image_subgroups,
+    load_batch,
+    load_images,
+    subgroups_json,
+)
 
 NOTE = "Zero-shot scores: prompts only, no head trained on this site's data."
 
@@ -22,14 +31,16 @@ NOTE = "Zero-shot scores: prompts only, no head trained on this site's data."
 def zero_shot_evaluation(index_location: str | Path, model_path: Path | str, out: Path, *, split: str = "test",
                          text_encoder: Path | None = None, batch_size: int = 16, n_bootstrap: int = 1000,
                          progress: bool = True) -> dict[str, dict]:
-    """Metrics per binary target and level on ``split``; writes ``metrics.json``, ``roc.png`` and
-    ``report.html`` into ``out``. Targets without both classes in the split are reported with the reason."""
+    """Metrics per binary target and level, and its image-level subgroup table, on ``split``; writes
+    ``metrics.json``, ``roc.png`` and ``report.html`` into ``out``. Targets without both classes in the split are
+    reported with the reason."""
     model = load_model(model_path, text_encoder=text_encoder, device="cpu").eval()
     classifier = ZeroShotClassifier(model, BINARY_TARGETS)
     preprocess = model.config.preprocess()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     breast_curves: dict[str, BinaryMetrics] = {}
+    tables: dict[str, SubgroupTable] = {}
     for target in BINARY_TARGETS:
         records, left_out = load_images(index_location, split, preprocess, target)
         if not records:
@@ -40,18 +51,22 @@ def zero_shot_evaluation(index_location: str | Path, model_path: Path | str, out
             for start in tqdm(range(0, len(records), batch_size), desc=f"zero-shot {target}", disable=not progress):
                 embeddings = model.encode_images(load_batch(records[start:start + batch_size], preprocess))
                 scores.append(classifier.classify(embeddings)[target].score())
-        truth = np.array([record.label for record in records], dtype=int)
-        metrics = evaluate(records, truth, torch.cat(scores).numpy(), ("negative", target),
+        truth, image_scores = np.array([record.label for record in records], dtype=int), torch.cat(scores).numpy()
+        metrics = evaluate(records, truth, image_scores, ("negative", target),
                            FinetuneConfig(target=target, n_bootstrap=n_bootstrap))
+        subgroups = image_subgroups(records, truth, image_scores)
         results[target] = {level: value if isinstance(value, str) else value.to_dict()
-                           for level, value in metrics.items()} | {"left_out": dict(left_out)}
+                           for level, value in metrics.items()} | {"subgroups": subgroups_json(subgroups),
+                                                                   "left_out": dict(left_out)}
         if isinstance(metrics["breast"], BinaryMetrics):
             breast_curves[target] = metrics["breast"]
+        if isinstance(subgroups, SubgroupTable):
+            tables[target] = subgroups
     (out / "metrics.json").write_text(json.dumps({"split": split, "model": str(model_path), "results": results},
                                                  indent=2))
     images = {"ROC, breast level": plot_roc(breast_curves, out / "roc.png", f"Zero-shot, {split} split")} \
         if breast_curves else {}
     write_html_report(out / "report.html", title="Zero-shot evaluation", model_description=str(model_path),
                       dataset_description=f"archive index {index_location}, {split} split",
-                      binary=breast_curves, images=images, notes=[NOTE])
+                      binary=breast_curves, subgroups=tables, images=images, notes=[NOTE, SUBGROUP_NOTE])
     return results

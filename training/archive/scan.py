@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date, datetime
 from pathlib import Path
 
 import pydicom
@@ -64,10 +65,23 @@ def walk_files(root: Path) -> Iterator[Path]:
                 yield Path(folder, name)
 
 
-def patient_age_years(value: object) -> int | None:
-    """DICOM PatientAge (``052Y``, ``018M``...) in whole years; None when absent or invalid."""
-    years = parse_patient_age(str(value) if value else None)
-    return None if years is None else int(years)
+def _dicom_date(value: object) -> date | None:
+    try:
+        return datetime.strptime(str(value or "")[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def patient_age_years(ds: Dataset) -> int | None:
+    """Age at the study in whole years: PatientAge (``052Y``, ``018M``...), else PatientBirthDate to StudyDate;
+    None when neither is usable."""
+    years = parse_patient_age(str(ds.get("PatientAge") or "") or None)
+    if years is not None:
+        return int(years)
+    born, studied = _dicom_date(ds.get("PatientBirthDate")), _dicom_date(ds.get("StudyDate"))
+    if born is None or studied is None or born > studied:
+        return None
+    return studied.year - born.year - ((studied.month, studied.day) < (born.month, born.day))
 
 
 def sr_text(ds: Dataset) -> str:
@@ -113,4 +127,4 @@ def classify(path: Path) -> ImageEntry | ReportEntry | Skipped:
         accession_number=str(ds.get("AccessionNumber") or "")[:16] or None, patient_id=str(ds.get("PatientID", "")),
         study_date=str(ds.get("StudyDate") or "")[:8] or None, laterality=laterality, view=view,
         manufacturer=str(ds.get("Manufacturer") or "")[:64] or None,
-        patient_age=patient_age_years(ds.get("PatientAge")), rows=int(ds.Rows), columns=int(ds.Columns))
+        patient_age=patient_age_years(ds), rows=int(ds.Rows), columns=int(ds.Columns))

@@ -17,6 +17,7 @@ from training.evaluate.metrics import (
     binary_metrics,
     calibration,
     multiclass_metrics,
+    one_class_reason,
     parse_patient_age,
     subgroup_table,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "binary_metrics",
     "calibration",
     "multiclass_metrics",
+    "one_class_reason",
     "parse_patient_age",
     "plot_confusion",
     "plot_reliability",

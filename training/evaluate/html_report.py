@@ -94,14 +94,20 @@ def _gap_cell(gap: float | None) -> Cell:
     return (text, "gap") if gap is not None and abs(gap) >= GAP_HIGHLIGHT else text
 
 
-def _subgroups_html(table: SubgroupTable | None) -> str:
-    if table is None:
-        return ""
-    intro = (f"<p>Overall AUC {table.overall_auc:.3f}. Subgroups with fewer than {table.min_cases} cases or one "
-             f"class have no AUC; gaps of {GAP_HIGHLIGHT:.2f} or more are highlighted.</p>\n")
-    return intro + _table(("attribute", "value", "cases", "positives", "AUC", "gap to overall", "note"), (
-        (r.attribute, r.value, str(r.n), str(r.positives), _number(r.auc), _gap_cell(r.gap), r.reason or "")
-        for r in table.rows))
+_SUBGROUP_HEADERS = ("attribute", "value", "cases", "positives", "AUC", "gap to overall", "note")
+
+
+def _subgroups_html(tables: Mapping[str, SubgroupTable]) -> str:
+    """Each task's subgroup table under its name (no heading for an unnamed one)."""
+    parts = []
+    for task, table in tables.items():
+        heading = f"<h3>{html.escape(task)}</h3>\n" if task else ""
+        intro = (f"<p>Overall AUC {table.overall_auc:.3f}. Subgroups with fewer than {table.min_cases} cases or "
+                 f"one class have no AUC; gaps of {GAP_HIGHLIGHT:.2f} or more are highlighted.</p>\n")
+        rows = [(r.attribute, r.value, str(r.n), str(r.positives), _number(r.auc), _gap_cell(r.gap), r.reason or "")
+                for r in table.rows]
+        parts.append(heading + intro + _table(_SUBGROUP_HEADERS, rows))
+    return "".join(parts)
 
 
 def _image_html(caption: str, path: Path) -> str:
@@ -117,10 +123,14 @@ def write_html_report(path: Path | str, *, title: str, model_description: str, d
                       binary: Mapping[str, BinaryMetrics] = _EMPTY,
                       multiclass: Mapping[str, MulticlassMetrics] = _EMPTY,
                       calibration: Mapping[str, Calibration] = _EMPTY,
-                      subgroups: SubgroupTable | None = None,
+                      subgroups: SubgroupTable | Mapping[str, SubgroupTable] = _EMPTY,
                       images: Mapping[str, Path] = _EMPTY,
                       notes: Sequence[str] = ()) -> Path:
-    """Write the report as one HTML file with the PNG figures (caption -> path) embedded as data URIs."""
+    """Write the report as one HTML file with the PNG figures (caption -> path) embedded as data URIs.
+
+    ``subgroups``: one table, or one per task (task -> table).
+    """
+    tables = {"": subgroups} if isinstance(subgroups, SubgroupTable) else subgroups
     notes_html = "<ul>\n" + "".join(f"<li>{html.escape(n)}</li>\n" for n in notes) + "</ul>\n" if notes else ""
     body = "".join((
         f'<div class="banner">{html.escape(BANNER)}</div>\n<h1>{html.escape(title)}</h1>\n',
@@ -129,7 +139,7 @@ def write_html_report(path: Path | str, *, title: str, model_description: str, d
         _section("Binary tasks", _binary_html(binary)),
         _section("Multiclass tasks", "".join(_multiclass_html(task, m) for task, m in multiclass.items())),
         _section("Calibration", _calibration_html(calibration)),
-        _section("Subgroups", _subgroups_html(subgroups)),
+        _section("Subgroups", _subgroups_html(tables)),
         _section("Figures", "".join(_image_html(caption, p) for caption, p in images.items())),
         _section("Notes", notes_html),
     ))

@@ -142,7 +142,7 @@ def _binary_inputs(y_true: Sequence[int] | np.ndarray, y_score: Sequence[float] 
     return truth.astype(int), score
 
 
-def _one_class_reason(truth: np.ndarray) -> str | None:
+def one_class_reason(truth: np.ndarray) -> str | None:
     """Why no AUC can be computed for these labels, or None when both classes are present."""
     positives = int(truth.sum())
     if positives in (0, len(truth)):
@@ -209,7 +209,7 @@ def binary_metrics(y_true: Sequence[int] | np.ndarray, y_score: Sequence[float] 
                    specificities: Sequence[float] = (0.90, 0.95)) -> BinaryMetrics:
     """AUC with a percentile bootstrap 95% CI, sensitivity at fixed specificities and the ROC curve."""
     truth, score = _binary_inputs(y_true, y_score)
-    reason = _one_class_reason(truth)
+    reason = one_class_reason(truth)
     if reason is not None:
         raise ValueError(f"binary metrics need both classes: {reason}")
     resampled = _bootstrap_aucs(truth, score, n_bootstrap, np.random.default_rng(seed))
@@ -244,7 +244,7 @@ def multiclass_metrics(y_true_labels: Sequence[str] | Sequence[int] | np.ndarray
         raise ValueError(f"probabilities must have shape ({len(truth)}, {len(class_names)}), got {probs.shape}")
     matrix = confusion_matrix(truth, probs.argmax(axis=1), labels=range(len(class_names)))
     recall = [_ratio(matrix[k, k], matrix[k].sum()) for k in range(len(class_names))]
-    auc_ovr = [None if _one_class_reason(truth == k) else _auc((truth == k).astype(int), probs[:, k])
+    auc_ovr = [None if one_class_reason(truth == k) else _auc((truth == k).astype(int), probs[:, k])
                for k in range(len(class_names))]
     defined = [value for value in recall if value is not None]
     return MulticlassMetrics(
@@ -279,7 +279,7 @@ def _value_order(value: str) -> tuple[int, str]:
 
 def _subgroup_row(attribute: str, value: str, truth: np.ndarray, score: np.ndarray, overall: float,
                   min_cases: int) -> SubgroupRow:
-    reason = f"fewer than {min_cases} cases" if len(truth) < min_cases else _one_class_reason(truth)
+    reason = f"fewer than {min_cases} cases" if len(truth) < min_cases else one_class_reason(truth)
     auc = None if reason else _auc(truth, score)
     return SubgroupRow(attribute=attribute, value=value, n=len(truth), positives=int(truth.sum()), auc=auc,
                        gap=None if auc is None else auc - overall, reason=reason)
@@ -289,7 +289,7 @@ def subgroup_table(y_true: Sequence[int] | np.ndarray, y_score: Sequence[float] 
                    groups: Mapping[str, Sequence[str | None]], min_cases: int = 10) -> SubgroupTable:
     """AUC per value of each attribute (density, age band, manufacturer, view...); a missing value is "unknown"."""
     truth, score = _binary_inputs(y_true, y_score)
-    reason = _one_class_reason(truth)
+    reason = one_class_reason(truth)
     if reason is not None:
         raise ValueError(f"subgroup AUCs need both classes overall: {reason}")
     overall = _auc(truth, score)
