@@ -33,8 +33,11 @@ def archive() -> None:
               help="Reports: a CSV or JSON-lines file keyed by AccessionNumber or StudyInstanceUID, or a folder "
                    "of <accession>.txt files. Text SR objects found under ROOT are read too.")
 @click.option("--labels", "label_table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Label table (VinDr-Mammo or RSNA columns, or study_instance_uid/accession_number, laterality, "
-                   "mass, calcification, malignant, density, birads); wins over labels read from reports.")
+              help="Label CSV, its layout told by its header: VinDr-Mammo (breast-level_annotations.csv, or "
+                   "finding_annotations.csv for mass and calcification too), RSNA (train.csv), or study_instance_uid/"
+                   "accession_number, laterality, mass, calcification, malignant, density, birads. Rows are matched "
+                   "by image file name (VinDr/RSNA image_id), then study folder name (study_id/patient_id), then "
+                   "study UID or accession; they win over labels read from reports.")
 @click.option("--index", help="Index folder, .sqlite file or database URL (default: MAMMO_DATA_DIR/archive).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the patient split (fixed at the first run).")
 @click.pass_obj
@@ -44,8 +47,9 @@ def index_command(settings: Settings, root: Path, reports: Path | None, label_ta
 
     Screening views (CC/MLO, MG For Presentation or For Processing) are indexed; anything else is
     skipped and counted with its reason. Labels (BI-RADS, density, mass, calcification, side) are read
-    from the report text; patients are split train/validation/test (70/10/20, stratified by findings).
-    Running it again adds what is new and keeps every patient's split.
+    from the report text, or taken from --labels; a study labelled there that has no report gets a
+    report-style text synthesized from its labels. Patients are split train/validation/test (70/10/20,
+    stratified by findings). Running it again adds what is new and keeps every patient's split.
     """
     from training.archive.indexer import index_archive
     from training.archive.store import open_index

@@ -3,7 +3,7 @@
 ``split_sections`` and ``clean_report_text`` make the training text of a report; ``parse_labels`` reads
 breast labels from it (a NegEx-style, sentence-level rule set, not a learned model); ``read_label_csv`` and
 ``synthesize_breast_report`` make labels and report-style text for archives that have labels but no reports
-(VinDr-Mammo, RSNA screening).
+(VinDr-Mammo, RSNA screening, or a site's own label table).
 """
 
 from __future__ import annotations
@@ -239,7 +239,8 @@ def _read_findings(sentence: str, context: set[str], evidence: dict[str, _Eviden
     return uncertain
 
 
-def _birads_rank(value: int) -> int:
+def birads_rank(value: int) -> int:
+    """Position of a BI-RADS category in the ACR hierarchy (``BIRADS_HIERARCHY``): higher is more severe."""
     return BIRADS_HIERARCHY.index(value)
 
 
@@ -295,8 +296,8 @@ def parse_labels(text: str) -> ReportLabels:
     by_side: dict[str, int] = {}
     for value, sides in birads:
         for side in sides:
-            by_side[side] = max(by_side.get(side, value), value, key=_birads_rank)
-    overall = max((value for value, _ in birads), key=_birads_rank, default=None)
+            by_side[side] = max(by_side.get(side, value), value, key=birads_rank)
+    overall = max((value for value, _ in birads), key=birads_rank, default=None)
     complete = overall is not None
     return ReportLabels(
         birads=overall, birads_by_side=by_side, density=max(densities, default=None),
@@ -308,16 +309,27 @@ def parse_labels(text: str) -> ReportLabels:
 
 VINDR_COLUMNS = ("study_id", "image_id", "laterality", "breast_birads", "breast_density")
 RSNA_COLUMNS = ("patient_id", "image_id", "laterality", "cancer")
+GENERIC_KEYS = ("study_instance_uid", "accession_number")
+GENERIC_LABELS = ("mass", "calcification", "malignant", "density", "birads")
 LATERALITY = {"l": "L", "left": "L", "r": "R", "right": "R"}
+FLAG_VALUES = {"1": True, "1.0": True, "true": True, "yes": True, "y": True,
+               "0": False, "0.0": False, "false": False, "no": False, "n": False}
+
+
+def _merge_flag(old: bool | None, new: bool | None) -> bool | None:
+    return new if old is None else old or bool(new)
 
 
 @dataclass
 class BreastLabels:
     """Labels of one breast of one study; ``None`` is unknown.
 
+    ``study``: VinDr's ``study_id``, RSNA's ``patient_id``, or the generic layout's ``study_instance_uid``
+    ("" when a row has only an ``accession_number``, which is kept in ``accession_number``).
     ``malignant``: RSNA's ``cancer`` (biopsy-proven). For VinDr-Mammo it is a proxy, BI-RADS >= 5, because
     VinDr has no pathology. ``mass``/``calcification``: VinDr's ``finding_categories`` ("Mass",
     "Suspicious Calcification"); unknown for RSNA and for VinDr's breast-level file, which has no findings.
+    The generic layout has columns of these names (0/1, also true/false, yes/no).
     """
 
     study: str
@@ -328,24 +340,45 @@ class BreastLabels:
     malignant: bool | None = None
     density: str | None = None
     birads: int | None = None
+    accession_number: str | None = None
+
+    def merge(self, other: BreastLabels) -> None:
+        """Add the labels of another row (or breast): a finding counts when either has it, BI-RADS is the
+        more severe (ACR hierarchy), density the first known."""
+        self.image_ids += [image_id for image_id in other.image_ids if image_id not in self.image_ids]
+        self.mass = _merge_flag(self.mass, other.mass)
+        self.calcification = _merge_flag(self.calcification, other.calcification)
+        self.malignant = _merge_flag(self.malignant, other.malignant)
+        if other.birads is not None:
+            self.birads = other.birads if self.birads is None else max(self.birads, other.birads, key=birads_rank)
+        self.density = self.density or other.density
 
 
 def _columns(path: Path, fieldnames: Iterable[str]) -> tuple[str, dict[str, str]]:
-    """The layout ("vindr" or "rsna") and a map from lower-case column name to the file's name."""
+    """The layout ("vindr", "rsna" or "generic") and a map from lower-case column name to the file's name."""
     columns = {name.strip().lower(): name for name in fieldnames}
     if all(name in columns for name in VINDR_COLUMNS):
         return "vindr", columns
     if all(name in columns for name in RSNA_COLUMNS):
         return "rsna", columns
+    if "laterality" in columns and any(key in columns for key in GENERIC_KEYS) and any(
+            name in columns for name in GENERIC_LABELS):
+        return "generic", columns
     raise ValueError(
         f"{path}: unknown label CSV layout; expected VinDr-Mammo columns {', '.join(VINDR_COLUMNS)} "
-        f"(optionally finding_categories, from finding_annotations.csv) or RSNA columns "
-        f"{', '.join(RSNA_COLUMNS)} (optionally density, BIRADS); found {', '.join(columns) or 'no header'}")
+        f"(optionally finding_categories, from finding_annotations.csv), RSNA columns "
+        f"{', '.join(RSNA_COLUMNS)} (optionally density, BIRADS), or {' or '.join(GENERIC_KEYS)}, laterality "
+        f"and any of {', '.join(GENERIC_LABELS)}; found {', '.join(columns) or 'no header'}")
 
 
-def _int_or_none(text: str) -> int | None:
+def _birads_or_none(text: str) -> int | None:
     match = re.search(r"\d+(?:\.0*)?", text)
-    return int(float(match.group())) if match else None
+    value = int(float(match.group())) if match else None
+    return value if value in BIRADS_HIERARCHY else None
+
+
+def _flag_or_none(text: str) -> bool | None:
+    return FLAG_VALUES.get(text.strip().lower())
 
 
 def _density_or_none(text: str) -> str | None:
@@ -363,50 +396,47 @@ def _categories(text: str, where: str) -> set[str]:
     return {str(item).strip().lower() for item in ([value] if isinstance(value, str) else value)}
 
 
-def _merge_flag(old: bool | None, new: bool | None) -> bool | None:
-    return new if old is None else old or bool(new)
-
-
-def _merge_row(breast: BreastLabels, row: Mapping[str, str], layout: str, where: str) -> None:
-    image_id = row["image_id"].strip()
-    if image_id and image_id not in breast.image_ids:
-        breast.image_ids.append(image_id)
+def _row_labels(row: Mapping[str, str], layout: str, side: str, where: str) -> BreastLabels:
+    """The labels one row states."""
+    key = {"vindr": "study_id", "rsna": "patient_id"}.get(layout, "study_instance_uid")
+    image_id = row.get("image_id", "").strip()
+    labels = BreastLabels(row.get(key, "").strip(), side, [image_id] if image_id else [],
+                          accession_number=row.get("accession_number", "").strip() or None)
     if layout == "vindr":
-        birads, density = _int_or_none(row["breast_birads"]), _density_or_none(row["breast_density"])
+        labels.birads = _birads_or_none(row["breast_birads"])
+        labels.density = _density_or_none(row["breast_density"])
+        labels.malignant = None if labels.birads is None else labels.birads >= 5
         if "finding_categories" in row:
             found = _categories(row["finding_categories"], where)
-            breast.mass = _merge_flag(breast.mass, "mass" in found)
-            breast.calcification = _merge_flag(breast.calcification, "suspicious calcification" in found)
-    else:
-        birads, density = _int_or_none(row.get("birads", "")), _density_or_none(row.get("density", ""))
-        cancer = _int_or_none(row["cancer"])
-        breast.malignant = _merge_flag(breast.malignant, None if cancer is None else bool(cancer))
-    if birads is not None:
-        breast.birads = birads if breast.birads is None else max(breast.birads, birads, key=_birads_rank)
-        if layout == "vindr":
-            breast.malignant = breast.birads >= 5
-    breast.density = breast.density or density
+            labels.mass, labels.calcification = "mass" in found, "suspicious calcification" in found
+        return labels
+    labels.birads, labels.density = _birads_or_none(row.get("birads", "")), _density_or_none(row.get("density", ""))
+    labels.mass, labels.calcification = _flag_or_none(row.get("mass", "")), _flag_or_none(row.get("calcification", ""))
+    labels.malignant = _flag_or_none(row.get("cancer" if layout == "rsna" else "malignant", ""))
+    return labels
 
 
 def read_label_csv(path: str | Path) -> list[BreastLabels]:
-    """Breast labels from a VinDr-Mammo (``breast-level_annotations.csv`` or ``finding_annotations.csv``)
-    or RSNA screening (``train.csv``) file, rows (per image or per finding) grouped by (study, laterality):
-    VinDr's ``study_id``, RSNA's ``patient_id`` (one screening examination per patient). Column names are
-    matched case-insensitively; an unknown layout is a ValueError naming the columns expected."""
+    """Breast labels from a VinDr-Mammo (``breast-level_annotations.csv`` or ``finding_annotations.csv``),
+    RSNA screening (``train.csv``) or generic file (``study_instance_uid`` and/or ``accession_number``,
+    ``laterality``, any of mass, calcification, malignant (0/1), density (A-D), birads), rows (per image, per
+    finding or per breast) grouped by (study, laterality): VinDr's ``study_id``, RSNA's ``patient_id`` (one
+    screening examination per patient), the generic keys. Column names are matched case-insensitively; an
+    unknown layout is a ValueError naming the columns expected."""
     path = Path(path)
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         layout, columns = _columns(path, reader.fieldnames or [])
-        key = "study_id" if layout == "vindr" else "patient_id"
-        breasts: dict[tuple[str, str], BreastLabels] = {}
+        breasts: dict[tuple[str, str | None, str], BreastLabels] = {}
         for raw in reader:
             row = {name: (raw[original] or "") for name, original in columns.items()}
             side = LATERALITY.get(row["laterality"].strip().lower())
             if side is None:
                 raise ValueError(f"{path}, line {reader.line_num}: laterality {row['laterality']!r} is not L or R")
-            study = row[key].strip()
-            breast = breasts.setdefault((study, side), BreastLabels(study, side))
-            _merge_row(breast, row, layout, f"{path}, line {reader.line_num}")
+            labels = _row_labels(row, layout, side, f"{path}, line {reader.line_num}")
+            key = (labels.study, labels.accession_number, side)
+            breasts.setdefault(key, BreastLabels(labels.study, side, accession_number=labels.accession_number))
+            breasts[key].merge(labels)
     return list(breasts.values())
 
 

@@ -7,20 +7,30 @@ and every converted cache file, and adds only what is new.
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 from tqdm import tqdm
 
-from training.archive.labels import labels_from_report, read_label_table
+from training.archive.labels import LabelTable, labels_from_report, read_label_table, study_labels, synthesized_report
 from training.archive.report_sources import ReportBook, read_reports
 from training.archive.scan import ImageEntry, ReportEntry, Skipped, classify, walk_files
 from training.archive.split import assign_splits, patient_key, stratum
-from training.archive.store import ArchiveImage, ArchiveSkip, ArchiveStudy, get_meta, set_meta, study_by_uid
+from training.archive.store import (
+    SYNTHESIZED_REPORT,
+    ArchiveImage,
+    ArchiveSkip,
+    ArchiveStudy,
+    get_meta,
+    set_meta,
+    study_by_uid,
+)
+from training.reports import BreastLabels
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +45,23 @@ class IndexSummary:
     new_images: int = 0
     with_report: int = 0
     labelled: int = 0
+    synthesized: int = 0
     report_objects: int = 0
+    label_file: str | None = None
+    label_studies: int = 0
+    label_breasts: int = 0
+    unmatched_labels: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     splits: Counter[str] = field(default_factory=Counter)
 
     def lines(self) -> list[str]:
         text = [f"{self.files} files read: {self.images} screening images ({self.new_images} new) in "
                 f"{self.studies} studies; {self.report_objects} report objects (text SR); {self.with_report} "
-                f"studies with a report, {self.labelled} labelled",
+                f"studies with a report, {self.synthesized} with one synthesized from labels, {self.labelled} labelled",
                 "split by patient: " + ", ".join(f"{name} {count}" for name, count in sorted(self.splits.items()))]
+        if self.label_file:
+            text.append(f"labels: {self.label_studies} studies from {self.label_file}, {self.unmatched_labels} of its "
+                        f"{self.label_breasts} labelled breasts matched no indexed study")
         if self.skipped:
             text.append(f"skipped {sum(self.skipped.values())} files:")
             text += [f"  {count:6d}  {reason}" for reason, count in self.skipped.most_common()]
@@ -88,17 +106,29 @@ def _record_skip(session: Session, skipped: Skipped) -> None:
     session.merge(ArchiveSkip(path=str(skipped.path.resolve()), reason=skipped.reason))
 
 
-def _pair_reports_and_labels(session: Session, book: ReportBook, label_table: Path | None) -> None:
-    table = read_label_table(label_table) if label_table else None
-    for study in session.scalars(select(ArchiveStudy)):
+def _pair_reports_and_labels(session: Session, book: ReportBook, table: LabelTable | None,
+                             summary: IndexSummary) -> None:
+    """Reports (and the labels read from them) first; then a label table's labels win, and a study they label
+    that has no report gets one synthesized from them (replaced as soon as a real report is found)."""
+    studies = session.scalars(select(ArchiveStudy).options(selectinload(ArchiveStudy.images))).all()
+    matched: dict[str, dict[str, BreastLabels]] = {}
+    if table is not None:
+        matched, summary.unmatched_labels = table.match(studies)
+        summary.label_file, summary.label_studies, summary.label_breasts = table.name, len(matched), len(table.breasts)
+    for study in studies:
         found = book.find(study.accession_number, study.study_instance_uid)
         if found is not None:
             study.report_text, study.report_source = found
             study.labels, study.label_source = labels_from_report(study.report_text), "report"
-        if table is not None:
-            labels = table.labels_for(study)
-            if labels is not None:
-                study.labels, study.label_source = labels, f"label table {label_table.name}"
+        breasts = matched.get(study.study_instance_uid)
+        if table is None or breasts is None:
+            continue
+        study.labels = study_labels(breasts)
+        study.label_source = f"label table {table.name}"
+        if study.report_text is None or study.report_synthesized:
+            text = synthesized_report(breasts, random.Random(study.study_instance_uid))  # the same text every run
+            study.report_text = text
+            study.report_source = SYNTHESIZED_REPORT + table.name if text else None
 
 
 def _assign_splits(session: Session, seed: int) -> None:
@@ -115,10 +145,12 @@ def _assign_splits(session: Session, seed: int) -> None:
 def index_archive(root: Path, sessions: sessionmaker[Session], reports: Path | None = None,
                   label_table: Path | None = None, seed: int = 0, progress: bool = True) -> IndexSummary:
     """Index every file under ``root``; pair studies with reports (``reports`` first, then text SRs found in
-    the archive) and labels; assign splits to new patients. Returns the counts."""
+    the archive) and labels (``label_table``: a generic, VinDr-Mammo or RSNA label CSV); assign splits to new
+    patients. Returns the counts."""
     book = ReportBook()
     if reports is not None:
         read_reports(reports, book)
+    table = read_label_table(label_table) if label_table else None
     summary = IndexSummary()
     studies: dict[str, ArchiveStudy] = {}
     with sessions.begin() as session:
@@ -137,13 +169,14 @@ def index_archive(root: Path, sessions: sessionmaker[Session], reports: Path | N
                 _record_skip(session, found)
                 summary.skipped[found.reason] += 1
         session.flush()
-        _pair_reports_and_labels(session, book, label_table)
+        _pair_reports_and_labels(session, book, table, summary)
         _assign_splits(session, int(get_meta(session, "split_seed") or seed))
         session.flush()
         all_studies = session.scalars(select(ArchiveStudy)).all()
         summary.studies = len(all_studies)
         summary.images = sum(len(s.images) for s in all_studies)
-        summary.with_report = sum(1 for s in all_studies if s.report_text)
+        summary.synthesized = sum(1 for s in all_studies if s.report_synthesized)
+        summary.with_report = sum(1 for s in all_studies if s.report_text) - summary.synthesized
         summary.labelled = sum(1 for s in all_studies if s.labels)
         summary.splits = Counter(s.split for s in all_studies)
     log.info("indexed %s: %d images in %d studies", root, summary.images, summary.studies)

@@ -2,29 +2,29 @@
 
 Labels are stored per breast: ``{"L": {"mass": 1, "calcification": 0, "malignant": None, "birads": 2},
 "R": {...}, "density": "C", "birads": 2}``. ``None`` means unknown (a report states BI-RADS, not pathology:
-malignancy comes only from a label table).
+malignancy comes only from a label table). A label table is a CSV in any layout ``training.reports.read_label_csv``
+reads (the project's generic one, VinDr-Mammo's, RSNA's); ``LabelTable.match`` finds the indexed studies its rows
+are about, and a study with labels but no report gets a report synthesized from them.
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from models.errors import ConfigurationError
 from training.archive.store import ArchiveStudy
+from training.reports import BreastLabels, birads_rank, parse_labels, read_label_csv, synthesize_breast_report
 
 SIDES = ("L", "R")
-FLAGS = ("mass", "calcification", "malignant")
-GENERIC_KEYS = ("study_instance_uid", "accession_number")
 
 
 def labels_from_report(text: str | None) -> dict[str, Any] | None:
     """Per-breast labels parsed from a report (negation-aware); None when nothing could be read."""
-    from training.reports import parse_labels
-
     if not text:
         return None
     parsed = parse_labels(text)
@@ -46,58 +46,77 @@ def _side_flag(present: bool | None, sides: set[str], side: str) -> int | None:
     return int(side in sides) if sides else None  # a finding on an unstated side: unknown for each breast
 
 
-def _flag(value: object) -> int | None:
-    text = str(value if value is not None else "").strip().lower()
-    if text in ("1", "true", "yes", "y", "1.0"):
-        return 1
-    if text in ("0", "false", "no", "n", "0.0"):
-        return 0
-    return None
-
-
 @dataclass
 class LabelTable:
-    """Breast labels keyed by study UID or accession number (the project's own manifest layout)."""
+    """The labelled breasts of a label CSV (``training.reports.read_label_csv``) and the file's name."""
 
-    by_study: dict[str, dict[str, Any]] = field(default_factory=dict)
-    by_accession: dict[str, dict[str, Any]] = field(default_factory=dict)
+    name: str
+    breasts: list[BreastLabels]
 
-    def labels_for(self, study: ArchiveStudy) -> dict[str, Any] | None:
-        return self.by_study.get(study.study_instance_uid) or (
-            self.by_accession.get(study.accession_number) if study.accession_number else None)
+    def match(self, studies: Iterable[ArchiveStudy]) -> tuple[dict[str, dict[str, BreastLabels]], int]:
+        """Each study's labelled breasts (by StudyInstanceUID, then side) and the number of the table's breasts
+        that matched no study. A breast matches the studies with an image whose file name (without extension)
+        is one of its ``image_ids`` (VinDr ``images/<study_id>/<image_id>.dicom``, RSNA
+        ``train_images/<patient_id>/<image_id>.dcm``); failing that, those with an image in a folder named
+        ``study`` (VinDr's study_id, RSNA's patient_id); failing that, the study of that StudyInstanceUID, or
+        of its ``accession_number``."""
+        by_image: defaultdict[str, set[str]] = defaultdict(set)
+        by_folder: defaultdict[str, set[str]] = defaultdict(set)
+        by_uid: defaultdict[str, set[str]] = defaultdict(set)
+        by_accession: defaultdict[str, set[str]] = defaultdict(set)
+        for study in studies:
+            uid = study.study_instance_uid
+            by_uid[uid].add(uid)
+            if study.accession_number:
+                by_accession[study.accession_number].add(uid)
+            for image in study.images:
+                by_image[Path(image.path).stem].add(uid)
+                by_folder[Path(image.path).parent.name].add(uid)
+        matched: dict[str, dict[str, BreastLabels]] = {}
+        unmatched = 0
+        for breast in self.breasts:
+            tries = ((by_image, breast.image_ids), (by_folder, [breast.study]), (by_uid, [breast.study]),
+                     (by_accession, [breast.accession_number]))
+            uids = next((found for index, names in tries if (found := _lookup(index, names))), set())
+            unmatched += not uids
+            for uid in uids:
+                sides = matched.setdefault(uid, {})
+                sides.setdefault(breast.laterality, BreastLabels(uid, breast.laterality)).merge(breast)
+        return matched, unmatched
 
 
-def _merge_row(labels: dict[str, Any], row: Mapping[str, str], columns: Mapping[str, str]) -> None:
-    side = str(row[columns["laterality"]]).strip().upper()[:1]
-    if side not in SIDES:
-        return
-    breast = labels.setdefault(side, {})
-    for name in FLAGS:
-        if name in columns:
-            value = _flag(row[columns[name]])
-            breast[name] = value if breast.get(name) is None else max(breast[name], value or 0)
-    if "birads" in columns and str(row[columns["birads"]]).strip().isdigit():
-        breast["birads"] = int(row[columns["birads"]])
-        labels["birads"] = max(labels.get("birads") or 0, breast["birads"])
-    if "density" in columns and str(row[columns["density"]]).strip().upper() in ("A", "B", "C", "D"):
-        labels["density"] = str(row[columns["density"]]).strip().upper()
+def _lookup(index: Mapping[str, set[str]], names: Iterable[str | None]) -> set[str]:
+    return set().union(*(index.get(name, set()) for name in names if name))
+
+
+def _as_int(flag: bool | None) -> int | None:
+    return None if flag is None else int(flag)
+
+
+def study_labels(breasts: Mapping[str, BreastLabels]) -> dict[str, Any]:
+    """A study's labels as stored, from its labelled breasts: the study's density is the densest breast's,
+    its BI-RADS the most severe (ACR hierarchy)."""
+    labels: dict[str, Any] = {
+        side: {"mass": _as_int(breast.mass), "calcification": _as_int(breast.calcification),
+               "malignant": _as_int(breast.malignant), "birads": breast.birads} for side, breast in breasts.items()}
+    labels["density"] = max((breast.density for breast in breasts.values() if breast.density), default=None)
+    labels["birads"] = max((breast.birads for breast in breasts.values() if breast.birads is not None),
+                           key=birads_rank, default=None)
+    return labels
+
+
+def synthesized_report(breasts: Mapping[str, BreastLabels], rng: random.Random) -> str | None:
+    """Report-style text of a study that has labels but no report: ``synthesize_breast_report`` of the right
+    breast, then of the left, joined with a space as the reference joins the sentences it makes from labels
+    (``generate_report_from_labels``); None when no breast has complete labels."""
+    texts = (synthesize_breast_report(breasts[side], rng) for side in ("R", "L") if side in breasts)
+    return " ".join(text for text in texts if text) or None
 
 
 def read_label_table(path: Path) -> LabelTable:
-    """A CSV with ``study_instance_uid`` or ``accession_number``, ``laterality`` and any of mass,
-    calcification, malignant (0/1), density (A-D), birads (0-6); one row per image or per breast."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = {name.strip().lower(): name for name in reader.fieldnames or []}
-        rows = list(reader)
-    keys = [key for key in GENERIC_KEYS if key in columns]
-    if not keys or "laterality" not in columns or not {*FLAGS, "density", "birads"} & set(columns):
-        raise ConfigurationError(
-            f"{path}: a label table needs study_instance_uid or accession_number, laterality, and any of "
-            f"{', '.join(FLAGS)}, density, birads; found {', '.join(columns) or 'no header'}")
-    table = LabelTable()
-    for row in rows:
-        for key, target in (("study_instance_uid", table.by_study), ("accession_number", table.by_accession)):
-            if key in columns and row[columns[key]]:
-                _merge_row(target.setdefault(row[columns[key]].strip(), {}), row, columns)
-    return table
+    """The label CSV at ``path``, in any layout ``read_label_csv`` tells from the header: the generic one
+    (study_instance_uid/accession_number, laterality, flags), VinDr-Mammo's or RSNA's."""
+    try:
+        return LabelTable(path.name, read_label_csv(path))
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None

@@ -11,15 +11,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, inspect, select
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, inspect, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from models.errors import ConfigurationError
 from worklist.db import make_engine, session_factory
 from worklist.models import utcnow
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 INDEX_FILE = "archive.sqlite"
+# Older schema versions upgraded in place by ``open_index``. Version 1 had VARCHAR(32) label_source and
+# VARCHAR(256) report_source, too short for "label table breast-level_annotations.csv" or a deep archive path;
+# SQLite does not enforce lengths, so there only the version changes.
+UPGRADES = {"1": "ALTER TABLE archive_study ALTER COLUMN label_source TYPE TEXT, "
+                 "ALTER COLUMN report_source TYPE TEXT"}
+SYNTHESIZED_REPORT = "synthesized from labels in "  # report_source of a report made from a label table's labels
 
 
 class IndexBase(DeclarativeBase):
@@ -44,11 +50,16 @@ class ArchiveStudy(IndexBase):
     patient_key: Mapped[str] = mapped_column(String(32), index=True)
     study_date: Mapped[str | None] = mapped_column(String(8))
     report_text: Mapped[str | None] = mapped_column(Text)
-    report_source: Mapped[str | None] = mapped_column(String(256))
+    report_source: Mapped[str | None] = mapped_column(Text)
     labels: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    label_source: Mapped[str | None] = mapped_column(String(32))
+    label_source: Mapped[str | None] = mapped_column(Text)
     split: Mapped[str | None] = mapped_column(String(16), index=True)
     images: Mapped[list[ArchiveImage]] = relationship(back_populates="study", cascade="all, delete-orphan")
+
+    @property
+    def report_synthesized(self) -> bool:
+        """Whether ``report_text`` was synthesized from a label table's labels rather than written by a reader."""
+        return (self.report_source or "").startswith(SYNTHESIZED_REPORT)
 
 
 class ArchiveImage(IndexBase):
@@ -96,7 +107,8 @@ def index_url(location: str | Path) -> str:
 
 
 def open_index(location: str | Path, create: bool = True) -> sessionmaker[Session]:
-    """Sessions on the index at ``location`` (created if ``create``); refuses an index of another schema."""
+    """Sessions on the index at ``location`` (created if ``create``); upgrades an index of an older schema
+    (``UPGRADES``), refuses one of another."""
     engine = make_engine(index_url(location))
     if not create and not inspect(engine).has_table(ArchiveMeta.__tablename__):
         raise ConfigurationError(f"no archive index at {location}: run `mammo-node archive index` first")
@@ -104,7 +116,9 @@ def open_index(location: str | Path, create: bool = True) -> sessionmaker[Sessio
     sessions = session_factory(engine)
     with sessions.begin() as session:
         version = get_meta(session, "schema_version")
-        if version is None:
+        if version in UPGRADES and engine.dialect.name != "sqlite":
+            session.execute(text(UPGRADES[version]))
+        if version is None or version in UPGRADES:
             set_meta(session, "schema_version", SCHEMA_VERSION)
         elif version != SCHEMA_VERSION:
             raise ConfigurationError(f"the archive index at {location} has schema {version}; this version reads "
