@@ -299,6 +299,32 @@ def db_upgrade(settings: Settings) -> None:
     click.echo(f"database at {engine.url.render_as_string(hide_password=True)} is up to date")
 
 
+@main.group()
+def config() -> None:
+    """The node's settings: an example file with every setting, and the settings in effect."""
+
+
+@config.command("example")
+def config_example() -> None:
+    """Print a mammo-node.toml with every setting commented out at its default (deploy/mammo-node.toml).
+
+    \b
+      mammo-node config example > /etc/mammo-node/mammo-node.toml
+    """
+    from dicom_node.config_example import example_toml
+
+    click.echo(example_toml(), nl=False)
+
+
+@config.command("show")
+@click.pass_obj
+def config_show(settings: Settings) -> None:
+    """Print the settings in effect (file + environment), as JSON, with secrets and passwords hidden."""
+    from dicom_node.cli_node import redacted_settings
+
+    click.echo(json.dumps(redacted_settings(settings), indent=2))
+
+
 for _command in (*COMMANDS, archive, model, train):
     main.add_command(_command)
 studies = next(command for command in COMMANDS if command.name == "studies")

@@ -200,6 +200,17 @@ def status(settings: Settings, as_json: bool) -> None:
         click.echo(f"{key:<13}{value if not isinstance(value, dict) else _counts(value)}")
 
 
+def redacted_settings(settings: Settings) -> dict[str, object]:
+    """The settings as JSON values; tokens and passwords replaced by ``***``, URLs without their password."""
+    values = settings.model_dump(mode="json")
+    for name, value in values.items():
+        if value and ("token" in name or "password" in name):
+            values[name] = "***"
+        elif value and name.endswith("_url"):
+            values[name] = _redacted(value)
+    return values
+
+
 def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
