@@ -268,3 +268,23 @@ def test_an_index_of_schema_1_is_upgraded_in_place(db_url: str) -> None:
                                  label_source="label table breast-level_annotations.csv"))
     study = next(iter(_studies(open_index(db_url, create=False)).values()))
     assert (study.label_source, study.report_source) == ("label table breast-level_annotations.csv", long_source)
+
+
+def test_pretraining_phrases_label_only_studies_from_their_labels(tmp_path: Path, vindr: dict[str, object]) -> None:
+    """The stored synthesized text is for people and `archive show`; training draws new phrasings from the
+    labels, while a reader's report gives its own sections."""
+    from models.preprocess import PreprocessConfig
+    from training.archive.split import SPLITS
+    from training.convert import convert_archive
+    from training.datasets import load_breasts
+
+    sessions = open_index(tmp_path / "index")
+    index_archive(vindr["root"], sessions, vindr["reports"], vindr["finding"], progress=False)
+    config = PreprocessConfig(height=64, width=48)
+    convert_archive(sessions, tmp_path / "cache", config, workers=1, progress=False)
+    reported = {uid for uid, study in _studies(sessions).items() if study.report_source
+                and not study.report_synthesized}
+    items = [item for split in SPLITS for item in load_breasts(tmp_path / "index", split, config)[0]]
+    assert sum(1 for item in items if item.sections) == 2 * len(reported)
+    assert all(item.labels is not None for item in items if not item.sections)
+    assert len(items) == 10  # five labelled studies, both breasts; the unlabelled one has neither text nor labels

@@ -98,8 +98,11 @@ def _breast(study: ArchiveStudy, side: str, key: str, size: str, left_out: Count
             views.setdefault(image.view, []).append(str(image.cache_path))
     if not views:
         return None
+    # A text synthesized from a label table at indexing is one fixed phrasing of both breasts: the labels
+    # themselves give new, breast-specific phrasings every step.
+    report = None if study.report_synthesized else study.report_text
     item = BreastItem(side, {view: tuple(paths) for view, paths in views.items()},
-                      tuple(training_texts(study.report_text or "")), breast_labels(study.labels, side))
+                      tuple(training_texts(report or "")), breast_labels(study.labels, side))
     if not item.sections and item.labels is None:
         left_out["breasts without a report or complete labels"] += 1
         return None

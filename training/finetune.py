@@ -40,6 +40,7 @@ from models import MammoClip, load_model
 from models.efficientnet import EfficientNetEncoder
 from models.errors import CheckpointError, ConfigurationError
 from models.preprocess import PreprocessConfig, normalize
+from training.archive.split import SPLITS
 from training.archive.store import ArchiveStudy, open_index
 from training.batch_norm import batch_norm_momentum
 from training.convert import cache_key
@@ -66,7 +67,6 @@ log = logging.getLogger(__name__)
 BINARY_TARGETS = {"malignancy": "malignant", "mass": "mass", "calcification": "calcification"}
 TARGETS = (*BINARY_TARGETS, "density", "birads")
 MODES = ("linear", "full", "adapter")
-SPLITS = ("train", "validation", "test")
 LEVELS = ("image", "breast", "study")
 SPECIFICITIES = (0.90, 0.95)
 HEAD_WEIGHTS = "head.safetensors"

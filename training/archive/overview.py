@@ -7,13 +7,14 @@ from collections import Counter
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from training.archive.store import ArchiveImage, ArchiveSkip, ArchiveStudy
+from training.archive.store import SYNTHESIZED_REPORT, ArchiveImage, ArchiveSkip, ArchiveStudy
 
 
 def describe_index(sessions: sessionmaker[Session]) -> list[str]:
+    read_by_people = ArchiveStudy.report_text.is_not(None) & ~func.coalesce(
+        ArchiveStudy.report_source, "").startswith(SYNTHESIZED_REPORT)
     with sessions() as session:
-        studies = session.execute(select(ArchiveStudy.split, ArchiveStudy.report_text.is_not(None),
-                                         ArchiveStudy.label_source)).all()
+        studies = session.execute(select(ArchiveStudy.split, read_by_people, ArchiveStudy.label_source)).all()
         images = session.execute(select(ArchiveImage.view, ArchiveImage.cache_key.is_not(None),
                                         ArchiveImage.convert_error.is_not(None))).all()
         skips = session.execute(select(ArchiveSkip.reason, func.count()).group_by(ArchiveSkip.reason)
@@ -22,7 +23,7 @@ def describe_index(sessions: sessionmaker[Session]) -> list[str]:
     splits = Counter(split for split, _, _ in studies)
     lines = [f"{len(studies)} studies of {patients} patients, {len(images)} images",
              "studies per split: " + ", ".join(f"{name} {count}" for name, count in sorted(splits.items())),
-             f"with a report: {sum(1 for _, has, _ in studies if has)}; labels from: "
+             f"with a reader's report: {sum(1 for _, has, _ in studies if has)}; labels from: "
              + (", ".join(f"{source} {n}" for source, n in Counter(s for _, _, s in studies if s).items()) or "none"),
              "views: " + ", ".join(f"{view} {n}" for view, n in sorted(Counter(v for v, _, _ in images).items())),
              f"converted: {sum(1 for _, done, _ in images if done)}, failed: {sum(1 for *_, bad in images if bad)}"]
