@@ -55,8 +55,8 @@ def timed(stages: list[Stage], name: str, images: int, function: Callable[[], T]
     return result
 
 
-def run(out: Path, studies: int, steps: int, batch_size: int, seed: int, progress: bool) -> tuple[
-        dict[str, dict[str, object]], list[Stage]]:
+def run(out: Path, studies: int, steps: int, batch_size: int, seed: int, progress: bool,
+        mode: str = "linear") -> tuple[dict[str, dict[str, object]], list[Stage]]:
     """All stages; returns the breast-level test metrics per target and the stage timings."""
     recipe = DemoRecipe()
     clip = recipe.clip_config()
@@ -75,8 +75,8 @@ def run(out: Path, studies: int, steps: int, batch_size: int, seed: int, progres
                   lambda: pretrain(index, out / "pretrain", config=config))
     results = {}
     for target in TARGETS:
-        probe = FinetuneConfig(target=target, mode="linear", seed=seed, synthetic_data=True, progress=progress)
-        folder = timed(stages, f"probe {target}", 4 * studies, lambda probe=probe: finetune(
+        probe = FinetuneConfig(target=target, mode=mode, seed=seed, synthetic_data=True, progress=progress)
+        folder = timed(stages, f"{mode} {target}", 4 * studies, lambda probe=probe: finetune(
             index, model, out / f"probe-{probe.target}", config=probe))
         results[target] = json.loads((folder / "metrics.json").read_text())["test"]["breast"]
     return results, stages
@@ -107,17 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one, removed after)")
     parser.add_argument("--quick", action="store_true", help="40 studies, 8 steps: a smoke run, no targets")
     parser.add_argument("--progress", action="store_true", help="progress bars")
+    parser.add_argument("--mode", choices=("linear", "adapter", "full"), default="linear",
+                        help="fine-tuning mode of the heads (the acceptance targets are set for linear probes)")
     args = parser.parse_args(argv)
     if args.quick:
         args.studies, args.steps, args.batch_size = 40, 8, 16
     logging.basicConfig(level=logging.WARNING)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.studies} studies, "
-          f"{args.steps} pretraining steps of {args.batch_size} breasts", flush=True)
+          f"{args.steps} pretraining steps of {args.batch_size} breasts, {args.mode} heads", flush=True)
     out = args.out or Path(tempfile.mkdtemp(prefix="train-synthetic-"))
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} is not empty")
     try:
-        results, stages = run(out, args.studies, args.steps, args.batch_size, args.seed, args.progress)
+        results, stages = run(out, args.studies, args.steps, args.batch_size, args.seed, args.progress, args.mode)
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)
