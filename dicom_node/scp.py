@@ -1,5 +1,7 @@
 """The Storage SCP: C-ECHO and C-STORE of mammograms (pynetdicom), answering only after the store committed.
 
+The same AE answers C-FIND (Study Root, STUDY level) over the worklist: see ``dicom_node.find_scp``.
+
 Statuses returned by ``handle_store`` (PS3.4 Annex B.2.3):
 
 - ``0x0000`` Success: the file is on disk (fsynced) and its row is committed.
@@ -29,10 +31,11 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node.find_scp import handle_find
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore, InvalidUIDError
 from dicom_node.validation import MalformedInstanceError
@@ -96,6 +99,9 @@ def build_ae(settings: Settings) -> AE:
     ae.maximum_associations = settings.maximum_associations
     ae.require_calling_aet = list(settings.allowed_calling_aes)
     ae.add_supported_context(Verification)
+    # explicit VR first: the private state/suspicion keep their VR, so peers print them as text
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind,
+                             [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for sop_class in BREAST_SOP_CLASSES:
         ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
     if settings.store_non_mammography:  # otherwise their presentation contexts are refused at association
@@ -109,9 +115,10 @@ def build_ae(settings: Settings) -> AE:
 
 def start_scp(settings: Settings, store: InstanceStore,
               ssl_context: ssl.SSLContext | None = None) -> ThreadedAssociationServer:
-    """Start the Storage SCP in background threads; call ``.shutdown()`` on the result to stop it."""
+    """Start the Storage (and C-FIND) SCP in background threads; call ``.shutdown()`` on the result to stop it."""
     ae = build_ae(settings)
-    handlers = [(evt.EVT_C_STORE, handle_store, [store]), (evt.EVT_REJECTED, _log_rejected)]
+    handlers = [(evt.EVT_C_STORE, handle_store, [store]), (evt.EVT_REJECTED, _log_rejected),
+                (evt.EVT_C_FIND, handle_find, [store.sessions, settings.ae_title])]
     server = ae.start_server((settings.bind_host, settings.port), block=False, evt_handlers=handlers,
                              ssl_context=ssl_context)
     log.info("Storage SCP %s listening on %s:%d", settings.ae_title, settings.bind_host, server.server_address[1])
