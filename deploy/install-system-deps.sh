@@ -7,6 +7,9 @@ missing=()
 command -v /usr/bin/storescp >/dev/null 2>&1 || missing+=(dcmtk)
 command -v /usr/bin/dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v /usr/sbin/Orthanc >/dev/null 2>&1 || missing+=(orthanc)
+# Headless Chromium for the triage page's browser test.
+command -v /usr/bin/chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v /usr/bin/chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -33,8 +33,11 @@ def worklist_sessions(settings: Settings) -> sessionmaker[Session]:
               help="Run an analysis worker beside the SCP (embedded mode). Use --no-worker when separate "
                    "`mammo-node worker` processes serve the queues (production, Redis broker).")
 @click.option("--worker-concurrency", default=2, show_default=True, help="Tasks the embedded worker runs at once.")
+@click.option("--api/--no-api", "with_api", default=True, show_default=True,
+              help="Serve the triage page and HTTP API on MAMMO_API_BIND_HOST:MAMMO_API_PORT (127.0.0.1:8080). "
+                   "It refuses every request until MAMMO_API_TOKEN or MAMMO_API_BASIC_USER/PASSWORD is set.")
 @click.pass_obj
-def serve(settings: Settings, embedded_worker: bool, worker_concurrency: int) -> None:
+def serve(settings: Settings, embedded_worker: bool, worker_concurrency: int, with_api: bool) -> None:
     """Run the node: Storage SCP, scheduler and (by default) an analysis worker, until Ctrl-C.
 
     \b
@@ -49,7 +52,9 @@ def serve(settings: Settings, embedded_worker: bool, worker_concurrency: int) ->
     """
     from dicom_node.node import Node
     from dicom_node.serving import NOT_CLINICAL_BANNER
+    from worklist.api import serve_api_in_thread
 
+    api = node = None
     try:
         node = Node(settings, embedded_worker=embedded_worker, worker_concurrency=worker_concurrency)
         if settings.model_path is None and embedded_worker:
@@ -58,15 +63,23 @@ def serve(settings: Settings, embedded_worker: bool, worker_concurrency: int) ->
             click.echo(NOT_CLINICAL_BANNER, err=True)
             ensure_demo_model(settings.data_dir / "cache")  # trained once, in the foreground, with progress
         node.start()
+        if with_api:
+            api = serve_api_in_thread(settings, node.sessions)
     except (NodeError, OSError) as error:
+        if node is not None and node.server is not None:
+            node.stop()
         raise _fail(error) from None
     click.echo(f"{settings.ae_title} listening on {settings.bind_host}:{node.port}"
                f"{' with an embedded worker' if embedded_worker else ''} (Ctrl-C to stop)")
+    if api is not None:
+        click.echo(f"triage page and API on {api.url}/")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
         click.echo("stopping")
     finally:
+        if api is not None:
+            api.stop()
         node.stop()
 
 

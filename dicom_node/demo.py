@@ -90,9 +90,11 @@ class DemoOutcome:
 
 
 def demo_settings(settings: Settings, receiver_port: int) -> Settings:
-    """The user's settings, with a free SCP port, the local destination, and a short settle time."""
+    """The user's settings, with a free SCP port, the local destination, a short settle time, and the triage
+    page on a free loopback port that lets this machine's browser in without credentials."""
     return settings.model_copy(update={
         "data_dir": Path(settings.data_dir).resolve(), "port": free_port(), "bind_host": "127.0.0.1",
+        "api_bind_host": "127.0.0.1", "api_port": free_port(), "api_allow_local_unauthenticated": True,
         "destinations": [Destination(name="demo-pacs", ae_title=DEMO_PACS_AE, host="127.0.0.1",
                                      port=receiver_port)],
         "allowed_calling_aes": [*settings.allowed_calling_aes, DEMO_MODALITY_AE], "study_settle_seconds": 0.5})
@@ -128,6 +130,7 @@ def run_demo(settings: Settings, seed: int, timeout: float = 900.0,
     from dicom_node.node import Node
     from dicom_node.scu import send_files
     from training.synthetic import write_studies
+    from worklist.api import serve_api_in_thread
     from worklist.db import make_engine, upgrade
 
     data_dir = Path(settings.data_dir).resolve()
@@ -141,9 +144,10 @@ def run_demo(settings: Settings, seed: int, timeout: float = 900.0,
     manifest = write_studies(study_dir, 1, seed=1_000_000 + seed, rows=768, cols=480, progress=False)
     files = sorted(study_dir.glob("*/*.dcm"))
     try:
-        with Node(node_settings, worker_log=data_dir / "demo-worker.log") as node:
+        with Node(node_settings, worker_log=data_dir / "demo-worker.log") as node, \
+                serve_api_in_thread(node_settings, node.sessions) as api:
             on_state(f"node {node_settings.ae_title} on port {node.port}; destination {DEMO_PACS_AE} on port "
-                     f"{node_settings.destinations[0].port}")
+                     f"{node_settings.destinations[0].port}; triage page on {api.url}/")
             sent_at = time.monotonic()
             outcomes = send_files(Destination(name="node", ae_title=node_settings.ae_title, host="127.0.0.1",
                                               port=node.port), files, DEMO_MODALITY_AE)

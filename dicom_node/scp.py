@@ -35,6 +35,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node import metrics
 from dicom_node.find_scp import handle_find
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore, InvalidUIDError
@@ -69,25 +70,35 @@ def handle_store(event: Event, store: InstanceStore) -> int:
         stored = store.store(event.encoded_dataset(), dataset, str(event.context.transfer_syntax),
                              event.assoc.requestor.ae_title)
     except (InvalidUIDError, MalformedInstanceError) as error:
+        metrics.rejected(metrics.MALFORMED)
         log.warning("refused instance %s from %s: %s", sop_uid[:64], event.assoc.requestor.ae_title, error)
         return CANNOT_UNDERSTAND
     except OSError as error:
+        metrics.rejected(metrics.DISK_FULL if error.errno == errno.ENOSPC else metrics.IO_ERROR)
         reason = "disk full" if error.errno == errno.ENOSPC else f"I/O error {error.errno}"
         log.error("could not store instance %s: %s", sop_uid[:64], reason)
         return OUT_OF_RESOURCES
     except SQLAlchemyError as error:
+        metrics.rejected(metrics.DATABASE_ERROR)
         log.error("could not record instance %s: database error %s", sop_uid[:64], type(error).__name__)
         return OUT_OF_RESOURCES
     except Exception as error:  # a malformed dataset can raise anything while decoding
+        metrics.rejected(metrics.UNDECODABLE)
         log.warning("refused undecodable instance %s: %s", sop_uid[:64], type(error).__name__)
         return CANNOT_UNDERSTAND
+    metrics.stored(stored.analysable)
     if not stored.analysable:
         log.info("instance %s is SOP class %s: stored, not analysed", stored.sop_instance_uid,
                  event.request.AffectedSOPClassUID)
     return SUCCESS
 
 
+def _count_accepted(event: Event) -> None:
+    metrics.association(accepted=True)
+
+
 def _log_rejected(event: Event) -> None:
+    metrics.association(accepted=False)
     requestor = event.assoc.requestor
     log.warning("association rejected: calling AE %r from %s", requestor.ae_title, requestor.address)
 
@@ -117,7 +128,8 @@ def start_scp(settings: Settings, store: InstanceStore,
               ssl_context: ssl.SSLContext | None = None) -> ThreadedAssociationServer:
     """Start the Storage (and C-FIND) SCP in background threads; call ``.shutdown()`` on the result to stop it."""
     ae = build_ae(settings)
-    handlers = [(evt.EVT_C_STORE, handle_store, [store]), (evt.EVT_REJECTED, _log_rejected),
+    handlers = [(evt.EVT_C_STORE, handle_store, [store]), (evt.EVT_ACCEPTED, _count_accepted),
+                (evt.EVT_REJECTED, _log_rejected),
                 (evt.EVT_C_FIND, handle_find, [store.sessions, settings.ae_title])]
     server = ae.start_server((settings.bind_host, settings.port), block=False, evt_handlers=handlers,
                              ssl_context=ssl_context)

@@ -75,6 +75,25 @@ class Settings(BaseSettings):
     export_max_attempts: int = Field(10, ge=1, le=100, description="C-STORE attempts before an export is FAILED.")
     export_backoff_seconds: float = Field(
         5.0, gt=0, description="First retry delay of a failed export; doubles each attempt (capped at 15 min).")
+    triage_order: list[str] = Field(
+        default_factory=lambda: ["-suspicion", "last_received_at"],
+        description="Order of the triage list's ranked section: keys among suspicion, last_received_at, "
+                    "first_received_at, study_date; '-' in front for descending. The default is index-backed.")
+    api_bind_host: str = Field("127.0.0.1", description="Address the triage web page and HTTP API listen on.")
+    api_port: int = Field(8080, ge=0, le=65535, description="Port of the triage web page and HTTP API (0: any free).")
+    api_token: str | None = Field(
+        None, repr=False, description="Bearer token of the HTTP API (Authorization: Bearer ...). With no token "
+                                      "and no basic user/password every request is refused (401), except /healthz.")
+    api_basic_user: str | None = Field(None, description="HTTP basic-auth user of the web page and API.")
+    api_basic_password: str | None = Field(
+        None, repr=False, description="HTTP basic-auth password (with api_basic_user).")
+    api_allow_local_unauthenticated: bool = Field(
+        False, description="Let clients on this machine (loopback) in without credentials. For the demo only.")
+    api_show_patient_names: bool = Field(
+        False, description="Show patient names and IDs on the triage page and in the API (off: never shown).")
+    api_min_free_disk_mb: float = Field(
+        1024.0, ge=0, description="/readyz reports not ready when data_dir has less free space than this (MiB).")
+    api_refresh_seconds: int = Field(30, ge=0, description="Auto-refresh period of the triage pages (0: off).")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -14,10 +14,12 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -61,6 +63,8 @@ def _enum(kind: type[enum.Enum]) -> Enum:
 
 class Study(Base):
     __tablename__ = "study"
+    # the triage list's ranked order (worklist.triage; migration 0005)
+    __table_args__ = (Index("ix_study_triage", "state", text("suspicion DESC"), "last_received_at", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
@@ -92,6 +96,8 @@ class Series(Base):
 
 class Instance(Base):
     __tablename__ = "instance"
+    # the four-view check of each study, read from the index alone (worklist.triage; migration 0005)
+    __table_args__ = (Index("ix_instance_views", "study_id", "analysable", "laterality", "view"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)

@@ -4,46 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from worklist.completeness import SCREENING_VIEW_NAMES, view_name
-from worklist.models import Export, Instance, Job, Study, StudyState
-
-# Analysed studies first (by suspicion), then those still in progress, then failed ones, listed apart.
-_STATE_ORDER = case((Study.state == StudyState.ANALYSED, 0), (Study.state == StudyState.FAILED, 2), else_=1)
+from worklist.models import Export, Instance, Job, Study
+from worklist.triage import Section, triage
 
 
 def triage_list(sessions: sessionmaker[Session], limit: int = 50) -> list[dict[str, Any]]:
-    """Studies in reading order: highest suspicion first; ties go to the study waiting longest."""
-    with sessions() as session:
-        studies = session.scalars(select(Study).order_by(
-            _STATE_ORDER, Study.suspicion.desc().nulls_last(), Study.last_received_at).limit(limit)).all()
-        ids = [study.id for study in studies]
-        views: dict[int, set[str]] = {i: set() for i in ids}
-        for study_id, laterality, view in session.execute(select(
-                Instance.study_id, Instance.laterality, Instance.view).where(
-                Instance.study_id.in_(ids), Instance.analysable.is_(True))).all():
-            views[study_id].add(view_name(laterality, view))
-        exports: dict[int, dict[str, int]] = {i: {} for i in ids}
-        for study_id, state, count in session.execute(select(Job.study_id, Export.state, func.count()).join(
-                Job, Export.job_id == Job.id).where(Job.study_id.in_(ids)).group_by(Job.study_id, Export.state)):
-            exports[study_id][str(state)] = count
-        last_job = dict(session.execute(select(Job.study_id, func.max(Job.id)).where(
-            Job.study_id.in_(ids)).group_by(Job.study_id)).all())
-        errors = dict(session.execute(select(Job.id, Job.error).where(Job.id.in_(last_job.values()))).all())
-        return [{
-            "study_instance_uid": study.study_instance_uid,
-            "accession": study.accession_number,
-            "state": str(study.state),
-            "suspicion": study.suspicion,
-            "views": [name for name in SCREENING_VIEW_NAMES if name in views[study.id]],
-            "missing_views": [name for name in SCREENING_VIEW_NAMES if name not in views[study.id]],
-            "exports": exports[study.id],
-            "error": errors.get(last_job.get(study.id)),
-            "first_received_at": study.first_received_at,
-            "last_received_at": study.last_received_at,
-        } for study in studies]
+    """Studies in reading order (``worklist.triage``): the ranked section (highest suspicion first; ties go to
+    the study waiting longest), then those analysed on fewer than four views, those in progress, and the failed."""
+    sections = triage(sessions, limit=limit)
+    rows = [row for section in (Section.RANKED, Section.INCOMPLETE, Section.IN_PROGRESS, Section.FAILED)
+            for row in sections[section]][:limit]
+    return [{"study_instance_uid": row.study_instance_uid, "accession": row.accession, "state": row.state,
+             "section": row.section, "suspicion": row.suspicion, "views": row.views,
+             "missing_views": row.missing_views, "exports": row.exports, "error": row.error,
+             "first_received_at": row.first_received_at, "last_received_at": row.last_received_at} for row in rows]
 
 
 def node_status(sessions: sessionmaker[Session]) -> dict[str, Any]:

@@ -1,0 +1,301 @@
+"""The triage API and page over real sockets (uvicorn in a thread): ranking, sections, authentication, patient
+names, readiness, metrics, thumbnails and overlays. Rows are written with the worklist ORM."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from email.message import Message
+from pathlib import Path
+
+import pydicom
+import pytest
+from PIL import Image
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.settings import Settings
+from dicom_node.storage import InstanceStore
+from models.errors import ConfigurationError
+from tests.conftest import free_port
+from tests.worklist_rows import FOUR, PATIENT_ID, PATIENT_NAME, T0, add_study, findings
+from worklist.api import ApiServer, serve_api_in_thread
+from worklist.api_auth import Authenticator
+from worklist.db import make_engine, session_factory, upgrade
+from worklist.models import ExportState, Job, JobState, Result, Study, StudyState
+from worklist.triage import Section, parse_order, triage
+
+TOKEN = "s3cret-token"
+
+
+def get(url: str, token: str | None = TOKEN, basic: tuple[str, str] | None = None) -> tuple[int, bytes, Message]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if basic:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(basic).encode()).decode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return response.status, response.read(), response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers
+
+
+def get_json(url: str, **kwargs: object) -> dict:
+    status, body, _ = get(url, **kwargs)
+    assert status == 200, body[:500]
+    return json.loads(body)
+
+
+def make_settings(tmp_path: Path, db_url: str, **overrides: object) -> Settings:
+    values = {"data_dir": tmp_path / "data", "db_url": db_url, "api_port": free_port(), "api_token": TOKEN,
+              "api_min_free_disk_mb": 0, **overrides}
+    return Settings(**values)
+
+
+@pytest.fixture
+def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(db_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_sessions(tmp_path: Path) -> Iterator[tuple[str, sessionmaker[Session]]]:
+    url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    yield url, session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:
+    """``serve(db_url, sessions, **settings) -> ApiServer`` on a free port; stopped after the test."""
+    servers: list[ApiServer] = []
+
+    def start(db_url: str, sessions: sessionmaker[Session], **overrides: object) -> ApiServer:
+        settings = make_settings(tmp_path, db_url, **overrides)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        servers.append(serve_api_in_thread(settings, sessions))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def uids(rows: list[dict]) -> list[str]:
+    return [row["study_instance_uid"] for row in rows]
+
+
+def test_ranked_by_suspicion_ties_to_the_longest_waiting(db_url, sessions, serve) -> None:
+    late_tie = add_study(sessions, 1, StudyState.ANALYSED, 0.5, minutes=30)
+    low = add_study(sessions, 2, StudyState.ANALYSED, 0.1, minutes=0)
+    high = add_study(sessions, 3, StudyState.ANALYSED, 0.9, minutes=20)
+    early_tie = add_study(sessions, 4, StudyState.ANALYSED, 0.5, minutes=10)
+    server = serve(db_url, sessions)
+    listing = get_json(f"{server.url}/api/studies")
+    ranked = listing["sections"]["ranked"]
+    assert uids(ranked) == [high, early_tie, late_tie, low]
+    assert [row["rank"] for row in ranked] == [1, 2, 3, 4]
+    first = ranked[0]
+    assert first["breasts"]["L"]["malignancy"] == pytest.approx(0.9) and first["breasts"]["R"]["density"] == "B"
+    assert first["model_version"] == "demo@0123456789ab" and first["state"] == "ANALYSED"
+    assert first["first_received_at"].startswith("2026-11-01T08:20") and first["done_at"].startswith("2026-11-01")
+    assert uids(get_json(f"{server.url}/api/studies?limit=2&offset=2")["sections"]["ranked"]) == [late_tie, low]
+    status, page, _ = get(f"{server.url}/")
+    html = page.decode()
+    assert status == 200 and html.index(high) < html.index(early_tie) < html.index(late_tie) < html.index(low)
+
+
+def test_the_order_is_a_declarative_config(db_url, sessions) -> None:
+    late_high = add_study(sessions, 1, StudyState.ANALYSED, 0.9, minutes=30)
+    early_low = add_study(sessions, 2, StudyState.ANALYSED, 0.1, minutes=0)
+    by_waiting = triage(sessions, parse_order(["last_received_at", "-suspicion"]))
+    assert uids([row.to_json() for row in by_waiting[Section.RANKED]]) == [early_low, late_high]
+    with pytest.raises(ConfigurationError, match="priority"):
+        parse_order(["-priority"])
+
+
+def test_failed_and_incomplete_studies_are_listed_apart(db_url, sessions, serve) -> None:
+    ranked = add_study(sessions, 1, StudyState.ANALYSED, 0.3)
+    three_views = add_study(sessions, 2, StudyState.ANALYSED, 0.99, views=FOUR[:3])
+    failed = add_study(sessions, 3, StudyState.FAILED, error="ImageDecodeError: pixel data cut short")
+    waiting = add_study(sessions, 4, StudyState.RECEIVING, views=FOUR[:1])
+    not_mammography = add_study(sessions, 5, StudyState.RECEIVING, analysable=False)  # never analysed
+    server = serve(db_url, sessions)
+    sections = get_json(f"{server.url}/api/studies")["sections"]
+    assert {name: uids(rows) for name, rows in sections.items()} == {
+        "ranked": [ranked], "incomplete": [three_views], "failed": [failed], "in_progress": [waiting]}
+    assert sections["incomplete"][0]["missing_views"] == ["RMLO"] and sections["incomplete"][0]["suspicion"] == 0.99
+    assert sections["failed"][0]["error"].startswith("ImageDecodeError")
+    assert get(f"{server.url}/api/studies/{not_mammography}")[0] == 404
+
+
+def test_study_and_its_exports(db_url, sessions, serve) -> None:
+    uid = add_study(sessions, 1, StudyState.ANALYSED, 0.7,
+                    exports=(ExportState.DELIVERED, ExportState.FAILED, ExportState.PENDING))
+    server = serve(db_url, sessions)
+    study = get_json(f"{server.url}/api/studies/{uid}")
+    assert study["section"] == "ranked" and study["views"]["LCC"]["malignancy"] == pytest.approx(0.7)
+    assert study["timings"] == {"preprocess": 0.2, "model": 1.5} and study["jobs"][0]["state"] == "DONE"
+    assert study["notes"] and "not" in study["notes"][0].lower()  # the demo model is not clinical
+    exports = get_json(f"{server.url}/api/studies/{uid}/exports")["destinations"]
+    assert [(d["destination"], d["state"]) for d in exports] == [("pacs", "FAILED")]
+    assert [(o["object"], o["state"]) for o in exports[0]["objects"]] == [
+        ("SR", "DELIVERED"), ("SEG_LCC", "FAILED"), ("SEG_RCC", "PENDING")]
+    assert get(f"{server.url}/api/studies/1.2.3.4")[0] == 404
+
+
+def test_authentication(sqlite_sessions, serve) -> None:
+    url, sessions = sqlite_sessions
+    add_study(sessions, 1, StudyState.ANALYSED, 0.5)
+    closed = serve(url, sessions, api_token=None)  # no credentials configured: everything refused
+    for token in (None, TOKEN, ""):
+        status, _, headers = get(f"{closed.url}/api/studies", token=token)
+        assert status == 401 and "WWW-Authenticate" in headers
+    assert get(f"{closed.url}/", token=None)[0] == 401 and get(f"{closed.url}/metrics", token=None)[0] == 401
+    assert get(f"{closed.url}/healthz", token=None)[0] == 200
+
+    server = serve(url, sessions, api_basic_user="reader", api_basic_password="pa:ss")
+    assert get(f"{server.url}/api/studies", token="wrong")[0] == 401
+    assert get(f"{server.url}/api/studies", token=TOKEN[:-1])[0] == 401
+    assert get(f"{server.url}/api/studies", token=TOKEN)[0] == 200
+    assert get(f"{server.url}/", token=None, basic=("reader", "pa:ss"))[0] == 200
+    status, _, headers = get(f"{server.url}/", token=None, basic=("reader", "wrong"))
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
+
+    demo = serve(url, sessions, api_token=None, api_allow_local_unauthenticated=True)
+    assert get(f"{demo.url}/api/studies", token=None)[0] == 200
+    assert get(f"{demo.url}/", token=None)[0] == 200
+
+
+def test_local_access_is_only_for_loopback_clients() -> None:
+    demo = Authenticator(Settings(api_allow_local_unauthenticated=True))
+    assert demo.allowed("", "127.0.0.1") and demo.allowed("", "::1") and demo.allowed("", "::ffff:127.0.0.1")
+    assert not demo.allowed("", "10.1.2.3") and not demo.allowed("", None)
+    assert not Authenticator(Settings()).allowed("", "127.0.0.1")
+    assert not Authenticator(Settings(api_token=TOKEN)).allowed(f"Basic {TOKEN}", "10.1.2.3")
+
+
+def test_no_patient_names_unless_allowed(sqlite_sessions, serve) -> None:
+    url, sessions = sqlite_sessions
+    uid = add_study(sessions, 1, StudyState.ANALYSED, 0.5, exports=(ExportState.DELIVERED,))
+    add_study(sessions, 2, StudyState.FAILED, error="boom")
+    paths = ("/", f"/studies/{uid}", "/api/studies", f"/api/studies/{uid}", f"/api/studies/{uid}/exports")
+    hidden = serve(url, sessions)
+    for path in paths:
+        status, body, _ = get(hidden.url + path)
+        assert status == 200 and PATIENT_NAME.encode() not in body and PATIENT_ID.encode() not in body, path
+    shown = serve(url, sessions, api_show_patient_names=True)
+    for path in paths[:4]:
+        body = get(shown.url + path)[1]
+        assert PATIENT_NAME.encode() in body and PATIENT_ID.encode() in body, path
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_readyz_reports_each_check_and_a_down_broker(db_url, sessions, serve) -> None:
+    embedded = serve(db_url, sessions)
+    status, body, _ = get(f"{embedded.url}/readyz")
+    report = json.loads(body)
+    assert status == 200 and report["ready"] is True
+    assert set(report["checks"]) == {"database", "broker", "disk", "model"}
+    assert report["checks"]["broker"]["ok"] is True and "embedded" in report["checks"]["broker"]["detail"]
+    assert report["checks"]["model"]["required"] is False
+
+    down = serve(db_url, sessions, broker_url=f"redis://127.0.0.1:{closed_port()}/0", api_min_free_disk_mb=1e12)
+    status, body, _ = get(f"{down.url}/readyz")
+    checks = json.loads(body)["checks"]
+    assert status == 503 and checks["database"]["ok"] is True
+    assert checks["broker"]["ok"] is False and "PING" in checks["broker"]["detail"]
+    assert checks["disk"]["ok"] is False
+
+
+def test_metrics_names_and_values(db_url, sessions, serve) -> None:
+    import dicom_node.metrics as scp_metrics
+
+    add_study(sessions, 1, StudyState.ANALYSED, 0.5, exports=(ExportState.DELIVERED, ExportState.DELIVERED))
+    add_study(sessions, 2, StudyState.ANALYSED, 0.4, exports=(ExportState.FAILED, ExportState.PENDING))
+    add_study(sessions, 3, StudyState.FAILED, error="boom")
+    add_study(sessions, 4, StudyState.RECEIVING)
+    before = scp_metrics.STORE_REJECTS.labels(scp_metrics.DISK_FULL)._value.get()
+    scp_metrics.rejected(scp_metrics.DISK_FULL)
+    server = serve(db_url, sessions)
+    status, body, headers = get(f"{server.url}/metrics")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    expected = {
+        'mammo_studies{state="ANALYSED"}': 2, 'mammo_studies{state="FAILED"}': 1,
+        'mammo_studies{state="RECEIVING"}': 1, 'mammo_studies{state="READY"}': 0,
+        'mammo_jobs{state="DONE"}': 2, 'mammo_jobs{state="FAILED"}': 1, 'mammo_jobs{state="QUEUED"}': 0,
+        'mammo_exports{state="DELIVERED"}': 2, 'mammo_exports{state="FAILED"}': 1, 'mammo_exports{state="PENDING"}': 1,
+        "mammo_instances": 16, 'mammo_job_stage_seconds_count{stage="model"}': 2,
+        'mammo_job_stage_seconds_bucket{le="2.5",stage="model"}': 2,
+        'mammo_job_stage_seconds_bucket{le="1.0",stage="model"}': 0,
+        'mammo_job_stage_seconds_sum{stage="preprocess"}': 0.4,
+        'mammo_model_info{clinical="false",name="demo",source="demo"}': 1,
+        'mammo_queue_depth{queue="gpu"}': 0, 'mammo_queue_depth{queue="io"}': 0,
+        'mammo_scp_store_rejects_total{reason="disk_full"}': before + 1,
+        'mammo_scp_instances_stored_total{analysable="true"}': None,
+        'mammo_scp_associations_total{outcome="rejected"}': None,
+    }
+    for name, value in expected.items():
+        assert name in values, name
+        assert value is None or values[name] == pytest.approx(value), (name, values[name])
+    add_study(sessions, 5, StudyState.ANALYSED, 0.2)  # cumulative: the next scrape adds only the new job
+    again = get(f"{server.url}/metrics")[1].decode()
+    assert 'mammo_job_stage_seconds_count{stage="model"} 3.0' in again
+
+
+def test_study_page_shows_the_four_views_and_overlays(synthetic_root, sqlite_sessions, serve, tmp_path) -> None:
+    url, sessions = sqlite_sessions
+    settings = make_settings(tmp_path, url)
+    store = InstanceStore(settings.incoming_dir, sessions)
+    files = sorted(next(p for p in sorted(synthetic_root.iterdir()) if p.is_dir()).glob("*.dcm"))
+    for path in files:
+        dataset = pydicom.dcmread(path)
+        store.store(path.read_bytes(), dataset, str(dataset.file_meta.TransferSyntaxUID), "MODALITY")
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    with sessions.begin() as session:
+        study = session.query(Study).filter_by(study_instance_uid=uid).one()
+        study.state, study.suspicion = StudyState.ANALYSED, 0.8
+        job = Job(study=study, state=JobState.DONE, model_version="demo@0123456789ab", finished_at=T0)
+        session.add_all([job, Result(job=job, scores=findings(uid, 0.8, 0.2), suspicion=0.8)])
+        session.flush()
+        job_id = job.id
+    overlay = settings.results_dir / uid / str(job_id) / "overlay_LCC.png"
+    overlay.parent.mkdir(parents=True)
+    Image.new("RGB", (16, 24), "red").save(overlay)
+
+    server = serve(url, sessions)
+    status, page, _ = get(f"{server.url}/studies/{uid}")
+    html = page.decode()
+    assert status == 200
+    assert all(f"/studies/{uid}/thumbnail_{view}.png" in html for view in ("LCC", "RCC", "LMLO", "RMLO"))
+    assert f"/studies/{uid}/overlay_LCC.png" in html and "overlay_RCC.png" not in html
+    assert "not a clinical model" in html.lower() or "not clinical" in html.lower()
+    status, png, headers = get(f"{server.url}/studies/{uid}/thumbnail_RMLO.png")
+    image = Image.open(io.BytesIO(png))
+    assert status == 200 and headers["Content-Type"] == "image/png" and image.height <= 256
+    assert len(list((settings.data_dir / "cache" / "thumbnails" / uid).glob("*.png"))) == 1  # cached on disk
+    assert get(f"{server.url}/studies/{uid}/overlay_LCC.png")[1] == overlay.read_bytes()
+    assert get(f"{server.url}/studies/{uid}/overlay_RCC.png")[0] == 404
+    assert get(f"{server.url}/studies/{uid}/thumbnail_XCC.png")[0] == 422
+    assert get(f"{server.url}/studies/..%2F..%2Fetc/thumbnail_LCC.png")[0] == 404
+
+
+def test_the_port_must_be_free(sqlite_sessions, serve) -> None:
+    url, sessions = sqlite_sessions
+    first = serve(url, sessions)
+    with pytest.raises(OSError, match="could not listen"):
+        serve(url, sessions, api_port=first.port)

@@ -1,0 +1,222 @@
+"""The triage web page and read-only HTTP API (FastAPI), served by uvicorn in a thread of the node process.
+
+    GET /                                  the triage list (HTML, auto-refresh)
+    GET /studies/{uid}                     a study: four views with heatmap overlays, scores, exports (HTML)
+    GET /studies/{uid}/thumbnail_{view}.png, /studies/{uid}/overlay_{view}.png   (view: LCC, RCC, LMLO, RMLO)
+    GET /api/studies[?limit=&offset=]      the triage list by section (JSON)
+    GET /api/studies/{uid}                 a study (JSON); /api/studies/{uid}/exports: export status
+    GET /healthz                           liveness (no authentication)
+    GET /readyz                            database, broker, disk (and model files), 503 when not ready
+    GET /metrics                           Prometheus text
+
+Every route but /healthz needs credentials (``worklist.api_auth``). Patient names and IDs appear only with
+``api_show_patient_names``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.serving import NOT_CLINICAL_BANNER
+from dicom_node.settings import Settings
+from worklist import api_pages
+from worklist.api_auth import Authenticator
+from worklist.api_metrics import worklist_registry
+from worklist.node_checks import as_json, readiness, served_model
+from worklist.study_detail import export_status, study_detail, view_instance
+from worklist.thumbnails import cached_thumbnail
+from worklist.triage import TriageRow, parse_order, triage
+
+log = logging.getLogger(__name__)
+
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                    "X-Frame-Options": "DENY",
+                    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"}
+
+
+NOT_CLINICAL_CARD = "The card of the model in service says it is not a clinical model: its scores are not clinical."
+NOT_CLINICAL_RESULTS = "Some scores shown come from a model not marked for clinical use: they are not clinical."
+
+
+class View(enum.StrEnum):
+    LCC = "LCC"
+    RCC = "RCC"
+    LMLO = "LMLO"
+    RMLO = "RMLO"
+
+
+def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
+    """The app over the node's worklist sessions (nothing is written to the database)."""
+    order = parse_order(settings.triage_order)
+    show_patient = settings.api_show_patient_names
+    registry = worklist_registry(settings, sessions)
+    thumbnails = Path(settings.data_dir) / "cache" / "thumbnails"
+    app = FastAPI(title="Mammo-CLIP Node triage", docs_url=None, redoc_url=None, openapi_url=None)
+    router = APIRouter(dependencies=[Depends(Authenticator(settings))])
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    def notes(rows: list[TriageRow]) -> list[str]:
+        """The not-clinical warning when the card of the model in service says so (its intended use, e.g.
+        trained on synthetic data), or when a shown result's model was not marked for clinical use."""
+        model = served_model(settings, sessions)
+        if model.clinical is False:
+            text = NOT_CLINICAL_BANNER if model.source == "demo" else model.card.get("intended_use")
+            return [" ".join((text or NOT_CLINICAL_CARD).split())]
+        return [NOT_CLINICAL_RESULTS] if any(row.clinical_model is False for row in rows) else []
+
+    def found(study_uid: str) -> tuple[TriageRow, dict[str, Any]]:
+        detail = study_detail(sessions, study_uid, show_patient)
+        if detail is None:
+            raise HTTPException(404, "no such study on the worklist")
+        return detail
+
+    def overlay(row: TriageRow, view: str) -> Path | None:
+        if row.result_job_id is None:
+            return None
+        path = settings.results_dir / row.study_instance_uid / str(row.result_job_id) / f"overlay_{view}.png"
+        return path if path.is_file() else None
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz")
+    def readyz() -> JSONResponse:
+        report = as_json(readiness(settings, sessions))
+        return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    @router.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(REGISTRY) + generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/api/studies")
+    def studies(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict[str, Any]:
+        sections = triage(sessions, order, limit, offset, show_patient)
+        rows = [row for section in sections.values() for row in section]
+        return {"order": settings.triage_order, "limit": limit, "offset": offset, "notes": notes(rows),
+                "sections": {section.value: [row.to_json() for row in items] for section, items in sections.items()}}
+
+    @router.get("/api/studies/{study_uid}")
+    def study(study_uid: str) -> dict[str, Any]:
+        row, detail = found(study_uid)
+        return {**row.to_json(), **detail, "notes": notes([row]),
+                "images": {view: {"thumbnail": f"/studies/{row.study_instance_uid}/thumbnail_{view}.png"
+                                  if view in row.views else None,
+                                  "overlay": f"/studies/{row.study_instance_uid}/overlay_{view}.png"
+                                  if overlay(row, view) else None} for view in View}}
+
+    @router.get("/api/studies/{study_uid}/exports")
+    def exports(study_uid: str) -> dict[str, Any]:
+        row, _ = found(study_uid)
+        return {"study_instance_uid": row.study_instance_uid,
+                "destinations": export_status(sessions, row.result_job_id)}
+
+    @router.get("/studies/{study_uid}/thumbnail_{view}.png")
+    def thumbnail(study_uid: str, view: View) -> FileResponse:
+        row, detail = found(study_uid)
+        chosen = view_instance(sessions, row.study_instance_uid, view.value,
+                               detail["views"].get(view.value, {}).get("sop_instance_uid"))
+        if chosen is None:
+            raise HTTPException(404, f"no {view.value} image")
+        sop_uid, path, sha256 = chosen
+        try:
+            png = cached_thumbnail(thumbnails / row.study_instance_uid, settings.incoming_dir / path, sop_uid, sha256)
+        except Exception as error:  # an undecodable image must not take the page down
+            log.warning("no thumbnail for instance %s: %s", sop_uid, type(error).__name__)
+            raise HTTPException(404, "the image cannot be rendered") from None
+        return FileResponse(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+    @router.get("/studies/{study_uid}/overlay_{view}.png")
+    def overlay_png(study_uid: str, view: View) -> FileResponse:
+        row, _ = found(study_uid)
+        path = overlay(row, view.value)
+        if path is None:
+            raise HTTPException(404, f"no {view.value} overlay")
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+    @router.get("/", response_class=HTMLResponse)
+    def index(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> str:
+        sections = triage(sessions, order, limit, offset, show_patient)
+        return api_pages.list_page(sections, notes([r for rows in sections.values() for r in rows]),
+                                   settings.api_refresh_seconds, settings.triage_order, show_patient, offset, limit)
+
+    @router.get("/studies/{study_uid}", response_class=HTMLResponse)
+    def study_page(study_uid: str) -> str:
+        row, detail = found(study_uid)
+        overlays = {view.value for view in View if overlay(row, view.value)}
+        return api_pages.study_page(row, detail, export_status(sessions, row.result_job_id), overlays,
+                                    notes([row]), settings.api_refresh_seconds)
+
+    app.include_router(router)
+    return app
+
+
+class ApiServer:
+    """A uvicorn server running the app in a background thread."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self.server = server
+        self.thread = thread
+
+    @property
+    def port(self) -> int:
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.config.host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> ApiServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_api_in_thread(settings: Settings, sessions: sessionmaker[Session], timeout: float = 10.0) -> ApiServer:
+    """Start the API on ``api_bind_host:api_port``; ``OSError`` when it cannot listen there."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(settings, sessions), host=settings.api_bind_host, port=settings.api_port,
+                            log_config=None, access_log=False, proxy_headers=False, lifespan="off",
+                            server_header=False)
+    server = uvicorn.Server(config)
+
+    def run() -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot listen; reported below
+            server.run()
+
+    thread = threading.Thread(target=run, name="triage-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        server.should_exit = True
+        thread.join(timeout)
+        raise OSError(f"the triage API could not listen on {settings.api_bind_host}:{settings.api_port}")
+    handle = ApiServer(server, thread)
+    log.info("triage page and API on %s/", handle.url)
+    return handle

@@ -1,0 +1,74 @@
+"""Who may use the triage API: a bearer token (API clients, Prometheus) or HTTP basic credentials (browsers).
+
+Credentials are compared in constant time. With none configured every request is refused (401), unless
+``api_allow_local_unauthenticated`` is set (the demo) and the client connects from a loopback address. The
+client address is the socket's peer (proxy headers are not trusted): behind a local reverse proxy every
+client would look local, so that setting is for the demo only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import logging
+import secrets
+
+from fastapi import HTTPException, Request
+
+from dicom_node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REALM = "mammo-node"
+
+
+def _equal(given: str, expected: str) -> bool:
+    return secrets.compare_digest(given.encode(), expected.encode())
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+
+class Authenticator:
+    """A FastAPI dependency that lets a request through or raises 401."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.token = settings.api_token or None
+        basic = settings.api_basic_user and settings.api_basic_password
+        self.basic = (settings.api_basic_user, settings.api_basic_password) if basic else None
+        self.allow_local = settings.api_allow_local_unauthenticated
+        self.challenge = f'Basic realm="{REALM}", charset="UTF-8"' if self.basic else f'Bearer realm="{REALM}"'
+        if not (self.token or self.basic or self.allow_local):
+            log.warning("the triage API has no credentials configured (api_token, api_basic_user/password): "
+                        "it refuses every request but /healthz")
+
+    def __call__(self, request: Request) -> None:
+        if self.allowed(request.headers.get("authorization", ""), request.client.host if request.client else None):
+            return
+        log.info("triage API request refused: no valid credentials (client %s)",
+                 request.client.host if request.client else "unknown")
+        raise HTTPException(401, "valid credentials required", headers={"WWW-Authenticate": self.challenge})
+
+    def allowed(self, authorization: str, client_host: str | None) -> bool:
+        scheme, _, value = authorization.partition(" ")
+        scheme, value = scheme.lower(), value.strip()
+        if self.token and scheme == "bearer" and _equal(value, self.token):
+            return True
+        if self.basic and scheme == "basic" and self._basic(value):
+            return True
+        return self.allow_local and is_loopback(client_host)
+
+    def _basic(self, value: str) -> bool:
+        try:
+            user, _, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user_ok = _equal(user, self.basic[0])
+        password_ok = _equal(password, self.basic[1])  # both compared, whatever the user check gave
+        return user_ok and password_ok

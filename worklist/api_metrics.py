@@ -1,0 +1,117 @@
+"""The worklist's Prometheus metrics, read from the database at each scrape.
+
+- ``mammo_instances``, ``mammo_studies{state}``, ``mammo_jobs{state}``, ``mammo_exports{state}``: row counts;
+- ``mammo_job_stage_seconds{stage}``: histogram of the analysis stages each DONE job recorded (``Job.timings``).
+  It is cumulative over this process's life: each scrape adds only the jobs that finished since the last
+  one (the first scrape reads every finished job once);
+- ``mammo_model_info{name, source, clinical}``: the model in service (registry, configured or demo);
+- ``mammo_queue_depth{queue}``: messages waiting in the broker (see ``worklist.node_checks``).
+
+The SCP's own counters (``dicom_node.metrics``) live in the default registry, served beside these.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.settings import Settings
+from worklist.models import ExportState, Job, JobState, StudyState
+from worklist.node_checks import queue_depths, served_model
+from worklist.queries import node_status
+
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TERMINAL = (JobState.DONE, JobState.FAILED)
+
+
+class StageHistogram:
+    """Per-stage bucket counts of finished jobs, updated incrementally.
+
+    Every job with an id at or below ``watermark`` is terminal and counted; above it, ``seen`` holds the
+    terminal jobs already counted while an older job was still running.
+    """
+
+    def __init__(self) -> None:
+        self.watermark = 0
+        self.seen: set[int] = set()
+        self.buckets: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def update(self, session: Session) -> None:
+        with self.lock:
+            rows = session.execute(select(Job.id, Job.state, Job.timings).where(Job.id > self.watermark)
+                                   .order_by(Job.id)).all()
+            for job_id, state, timings in rows:
+                if state in TERMINAL and job_id not in self.seen:
+                    self.seen.add(job_id)
+                    for stage, seconds in (timings or {}).items() if state == JobState.DONE else ():
+                        self._observe(stage, float(seconds))
+            running = [job_id for job_id, state, _ in rows if state not in TERMINAL]
+            self.watermark = min(running) - 1 if running else max((row[0] for row in rows), default=self.watermark)
+            self.seen = {job_id for job_id in self.seen if job_id > self.watermark}
+
+    def _observe(self, stage: str, seconds: float) -> None:
+        counts = self.buckets.setdefault(stage, [0] * (len(STAGE_BUCKETS) + 1))
+        counts[next((n for n, bound in enumerate(STAGE_BUCKETS) if seconds <= bound), len(STAGE_BUCKETS))] += 1
+        self.sums[stage] = self.sums.get(stage, 0.0) + seconds
+
+    def metric(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily("mammo_job_stage_seconds", "Analysis stage durations of DONE jobs.",
+                                       labels=["stage"])
+        with self.lock:
+            for stage, counts in sorted(self.buckets.items()):
+                cumulative, total = [], 0
+                for bound, count in zip((*map(str, STAGE_BUCKETS), "+Inf"), counts, strict=True):
+                    total += count
+                    cumulative.append((bound, total))
+                family.add_metric([stage], cumulative, self.sums[stage])
+        return family
+
+
+class WorklistCollector(Collector):
+    """Reads the worklist (and the broker's queue depth) at each scrape."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.stages = StageHistogram()
+
+    def collect(self) -> Iterator[Metric]:
+        status = node_status(self.sessions)
+        yield GaugeMetricFamily("mammo_instances", "Instances stored in the worklist.", value=status["instances"])
+        for name, kinds, helptext in (("studies", StudyState, "Studies by state."),
+                                      ("jobs", JobState, "Analysis jobs by state."),
+                                      ("exports", ExportState, "Result exports (object x destination) by state.")):
+            yield _by_label(f"mammo_{name}", helptext, "state",
+                            {str(kind): status[name].get(str(kind), 0) for kind in kinds})
+        with self.sessions() as session:
+            self.stages.update(session)
+        yield self.stages.metric()
+        model = served_model(self.settings, self.sessions)
+        info = InfoMetricFamily("mammo_model", "The model in service.")
+        info.add_metric([], {"name": model.name, "source": model.source, "clinical": str(model.clinical).lower()})
+        yield info
+        yield _by_label("mammo_queue_depth", "Messages waiting in the broker, by queue.", "queue",
+                        queue_depths(self.settings))
+
+
+def _by_label(name: str, helptext: str, label: str, values: dict[str, Any]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, helptext, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
+
+
+def worklist_registry(settings: Settings, sessions: sessionmaker[Session]) -> CollectorRegistry:
+    """A registry of its own per app (the default registry holds the process and SCP metrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(WorklistCollector(settings, sessions))
+    return registry
