@@ -1,11 +1,13 @@
 """The triage page in headless Chromium (selenium): ranked rows in order, the studies listed apart, the
-not-clinical banner, and a study page; the list's screenshot is written to docs/triage-page.png.
+not-clinical banner, and a study page; the list's screenshot goes to
+$MAMMO_SCREENSHOT_DIR (docs/ keeps one: MAMMO_SCREENSHOT_DIR=docs pytest tests/test_api_browser.py), else tmp.
 
 Needs Debian's chromium and chromium-driver (bash deploy/install-system-deps.sh): skipped without them on a
 developer machine, failed under CI."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dicom_node.settings import Settings
@@ -16,7 +18,6 @@ from worklist.db import make_engine, session_factory, upgrade
 from worklist.models import ExportState, StudyState
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "triage-page.png"
 
 
 def test_triage_page_in_headless_chromium(tmp_path: Path) -> None:
@@ -57,8 +58,9 @@ def test_triage_page_in_headless_chromium(tmp_path: Path) -> None:
             assert (section("incomplete"), section("failed"), section("in_progress")) == ([incomplete], [failed],
                                                                                            [waiting])
             assert "NOT a clinical model" in driver.find_element(By.CSS_SELECTOR, ".banner").text
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            assert driver.save_screenshot(str(SCREENSHOT))
+            screenshots = Path(os.environ.get("MAMMO_SCREENSHOT_DIR") or tmp_path)
+            screenshots.mkdir(parents=True, exist_ok=True)
+            assert driver.save_screenshot(str(screenshots / "triage-page.png"))
             driver.find_element(By.CSS_SELECTOR, f'#ranked tr[data-uid="{ranked[0]}"] a').click()
             assert driver.current_url.endswith(f"/studies/{ranked[0]}")
             assert len(driver.find_elements(By.CSS_SELECTOR, ".views figure")) == 4
