@@ -186,7 +186,8 @@ class Analyzer:
             save_dataset(sr, path)
             objects.insert(0, ResultObject("SR", uid, path))
         log.info("study %s job %d analysed: %s", study_uid, job_id,
-                 ", ".join(f"{k} {v:.2f}s" for k, v in watch.seconds.items()))
+                 ", ".join(f"{k} {v:.2f}s" for k, v in watch.seconds.items()),
+                 extra={"study_uid": study_uid, "job_id": job_id})
         return AnalysisOutput(findings, objects, overlays, watch.seconds)
 
     def _findings(self, study_uid: str, chosen: dict[ViewKey, SourceInstance], scores) -> StudyFindings:  # noqa: ANN001

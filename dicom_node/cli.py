@@ -14,6 +14,7 @@ from dicom_node.cli_archive import archive
 from dicom_node.cli_model import model
 from dicom_node.cli_node import COMMANDS
 from dicom_node.cli_train import train
+from dicom_node.logs import TEXT_FORMAT, JsonFormatter, configure_logging
 from dicom_node.serving import NOT_CLINICAL_BANNER
 from dicom_node.settings import Settings, load_settings
 from models.errors import NodeError
@@ -70,8 +71,7 @@ def main(ctx: click.Context, config_file: Path | None, verbose: bool) -> None:
         settings = load_settings(config_file)
     except NodeError as error:
         raise click.UsageError(str(error)) from None
-    logging.basicConfig(level="DEBUG" if verbose else settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("DEBUG" if verbose else settings.log_level, settings.log_format)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     if not verbose:  # pynetdicom logs every DIMSE message at INFO; the node logs each stored instance itself
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -85,7 +85,8 @@ def _log_to_file(path: Path) -> None:
     for handler in root.handlers:
         handler.setLevel(logging.WARNING)
     file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    json_logs = any(isinstance(handler.formatter, JsonFormatter) for handler in root.handlers)
+    file_handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter(TEXT_FORMAT))
     root.addHandler(file_handler)
 
 

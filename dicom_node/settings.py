@@ -42,6 +42,9 @@ class Settings(BaseSettings):
         None, description="Local Hugging Face text-encoder directory (Bio_ClinicalBERT) for a reference .tar.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the models run.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as one JSON object per line (time, level, logger, message, "
+                            "pid, and study_uid/job_id where known) for a log collector.")
     db_url: str | None = Field(None, description="SQLAlchemy URL; unset: SQLite file in data_dir.")
     ae_title: str = Field("MAMMO_AI", min_length=1, max_length=16, pattern=AE_TITLE_PATTERN,
                           description="The node's AE title (1-16 printable ASCII characters).")
@@ -94,6 +97,12 @@ class Settings(BaseSettings):
     api_min_free_disk_mb: float = Field(
         1024.0, ge=0, description="/readyz reports not ready when data_dir has less free space than this (MiB).")
     api_refresh_seconds: int = Field(30, ge=0, description="Auto-refresh period of the triage pages (0: off).")
+    drift_psi_threshold: float = Field(
+        0.2, gt=0, description="Score drift alert: a week's PSI of suspicion scores against its model version's "
+                               "reference week above this (0.2: a significant shift; 0.1-0.2 moderate).")
+    drift_min_studies: int = Field(
+        30, ge=1, description="Results a week needs to be compared (and to be a version's reference week).")
+    drift_check_seconds: float = Field(3600.0, gt=0, description="How often the node checks for score drift.")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -85,5 +85,5 @@ def _promote(sessions: sessionmaker[Session], study_id: int, readiness: Readines
         job_id = job.id
     absent = missing_views(present)
     log.info("study %s is ready (job %d)%s", study_uid, job_id,
-             f"; missing views {', '.join(absent)}" if absent else "")
+             f"; missing views {', '.join(absent)}" if absent else "", extra={"study_uid": study_uid, "job_id": job_id})
     return job_id

@@ -88,7 +88,8 @@ def complete_job(sessions: sessionmaker[Session], claim: Claim, findings: dict[s
             session.add(Export(job_id=job.id, destination=destination, sop_instance_uid=sop_uid, path=path,
                                state=ExportState.PENDING, next_attempt_at=now))
         _settle_study(session, job, StudyState.ANALYSED, suspicion)
-    log.info("job %d done for study %s (suspicion %.3f)", claim.job_id, claim.study_instance_uid, suspicion)
+    log.info("job %d done for study %s (suspicion %.3f)", claim.job_id, claim.study_instance_uid, suspicion,
+             extra={"study_uid": claim.study_instance_uid, "job_id": claim.job_id})
     return True
 
 
@@ -107,7 +108,8 @@ def fail_job(sessions: sessionmaker[Session], claim: Claim, error: str, retry: b
         if state == JobState.FAILED:
             _settle_study(session, session.get(Job, claim.job_id), StudyState.FAILED, None)
     log.warning("job %d for study %s %s after attempt %d: %s", claim.job_id, claim.study_instance_uid,
-                "will be retried" if retry else "FAILED", claim.attempt, error[:300])
+                "will be retried" if retry else "FAILED", claim.attempt, error[:300],
+                extra={"study_uid": claim.study_instance_uid, "job_id": claim.job_id})
     return state
 
 
