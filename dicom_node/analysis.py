@@ -18,7 +18,7 @@ import torch
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.heads import ServedHead, class_scores, head_probabilities
+from dicom_node.heads import ServedHead, ServedMultiView, class_scores, head_probabilities
 from dicom_node.results import build_heatmap_seg, build_sr, heatmap_overlay_png, save_dataset
 from dicom_node.results.findings import (
     BIRADS_LABELS,
@@ -116,11 +116,12 @@ class Analyzer:
     """A loaded model with its prompt embeddings, ready to analyse studies (one per worker process)."""
 
     def __init__(self, model: MammoClip, identity: ModelIdentity, results_root: Path,
-                 heads: list[ServedHead] | None = None) -> None:
+                 heads: list[ServedHead] | None = None, multiview: ServedMultiView | None = None) -> None:
         self.model = model
         self.serving = inference_copy(model)
         self.identity = identity
         self.heads = heads or []
+        self.multiview = multiview
         self.results_root = Path(results_root)
         self.classifier = ZeroShotClassifier(self.serving)
         self.directions = {name: direction for name, direction in task_directions(self.classifier).items()
@@ -155,6 +156,11 @@ class Analyzer:
         heartbeat()
         findings = self._findings(study_uid, chosen, scores)
         self._apply_heads(findings, trained)
+        if self.multiview is not None:
+            with watch.stage("multiview"):
+                findings.case_score = self.multiview.score(datasets)
+                findings.sources["case"] = self.multiview.identity
+            heartbeat()
         folder = self.job_folder(study_uid, job_id)
         objects: list[ResultObject] = []
         overlays: list[Path] = []

@@ -44,17 +44,22 @@ def model() -> None:
 @click.option("--head", "heads", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A head folder written by `mammo-node train finetune`, trained on PATH's encoder; its scores "
                    "replace the zero-shot ones for its target. Repeat for several targets.")
+@click.option("--multiview", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A four-view fusion model folder (`python -m training.multiview_train`); it gives the study "
+                   "score (suspicion) in place of the highest breast probability.")
 @click.pass_obj
 def register_command(settings: Settings, path: Path, name: str | None, text_encoder: Path | None,
-                     heads: tuple[Path, ...]) -> None:
+                     heads: tuple[Path, ...], multiview: Path | None) -> None:
     """Check that PATH loads (a model-version folder or a reference .tar), and that each --head fits it, and add
     them to the registry as one version."""
     from training.registry import register
 
-    version = _run(lambda: register(worklist_sessions(settings), path, name, text_encoder, heads))
+    version = _run(lambda: register(worklist_sessions(settings), path, name, text_encoder, heads, multiview))
     click.echo(f"registered {version.name} ({version.sha256[:12]}) from {version.path}")
     for target, folder in (version.heads or {}).items():
         click.echo(f"  trained {target} head: {folder}")
+    if version.multiview_path:
+        click.echo(f"  four-view fusion model (study score): {version.multiview_path}")
 
 
 @model.command("list")
@@ -89,7 +94,8 @@ def show_command(settings: Settings, name: str) -> None:
     version = _run(lambda: get_version(worklist_sessions(settings), name))
     click.echo(json.dumps({"name": version.name, "active": version.active, "path": version.path,
                            "sha256": version.sha256, "text_encoder_path": version.text_encoder_path,
-                           "heads": version.heads or {}, "card": version.card}, indent=2, default=str))
+                           "heads": version.heads or {}, "multiview": version.multiview_path,
+                           "card": version.card}, indent=2, default=str))
 
 
 @model.command("activate")

@@ -1,4 +1,5 @@
-"""Trained heads served with a model version: each replaces the zero-shot score of its target.
+"""Trained components served with a model version: heads, each replacing the zero-shot score of its target, and
+the four-view fusion model, which gives the study score.
 
 A head comes from ``mammo-node train finetune`` (a folder with ``head.json`` and ``head.safetensors``) and is
 registered with the version whose encoder it was trained on (``mammo-node model register ... --head DIR``).
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydicom.dataset import Dataset
 from torch import Tensor
 
 from dicom_node.results.findings import BIRADS_LABELS, DENSITY_LABELS, FINDING_TASKS, ModelIdentity
@@ -42,6 +44,33 @@ class ServedHead:
     @property
     def binary(self) -> bool:
         return self.head.linear.out_features == 1
+
+
+@dataclass
+class ServedMultiView:
+    """The four-view fusion model of a version (Chen et al.; ``models.multiview``): it gives the study score."""
+
+    model: torch.nn.Module
+    identity: ModelIdentity
+
+    def score(self, datasets: Mapping[ViewKey, Dataset]) -> float:
+        """P(malignant) of the study from its screening views (any 1 to 4), read from their DICOM datasets."""
+        from models.multiview import preprocess_view, study_probability
+
+        views = {key: preprocess_view(ds, self.model.config) for key, ds in datasets.items()}
+        return study_probability(self.model, views)
+
+
+def load_multiview_model(folder: Path, base: ModelIdentity, device: str) -> ServedMultiView:
+    """A registered four-view model, with the identity the SR gives its study score."""
+    from models.multiview import load_multiview
+
+    model = load_multiview(folder, device=device)
+    card = getattr(model, "card", {}) or {}
+    version = f"{Path(folder).name}@{str(card.get('weights_sha256', 'unknown'))[:12]}"
+    return ServedMultiView(model, ModelIdentity(name="MV-Mammo-CLIP four-view fusion (Chen 2024)",
+                                                software_version=base.software_version, model_version=version,
+                                                clinical=bool(card.get("clinical_use", False))))
 
 
 def read_head(folder: Path, model: MammoClip, weights_sha256: str) -> torch.nn.Module:

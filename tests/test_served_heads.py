@@ -113,3 +113,41 @@ def test_the_analysis_serves_head_scores_and_the_sr_names_the_head(version: Path
     texts = text_values(pydicom.dcmread(sr_path))
     assert "Mammo-CLIP mass head (linear)" in texts and "Mammo-CLIP density head (linear)" in texts
     assert identity.name in texts
+
+
+def test_a_four_view_model_gives_the_study_score_and_the_sr_says_so(sessions, version: Path, tmp_path: Path,
+                                                                    synthetic_root: Path) -> None:
+    from dicom_node.heads import load_multiview_model
+    from models.multiview import MultiViewConfig, build_multiview, preprocess_view, save_multiview, study_probability
+    from training.multiview_train import write_random_clip
+
+    config = MultiViewConfig(input_height=48, input_width=32, benign_prompts=("benign",),
+                             malignant_prompts=("malignant",))
+    folder = save_multiview(build_multiview(write_random_clip(tmp_path / "clip"), config), tmp_path / "mv",
+                            card={"name": "mv-test", "clinical_use": False})
+    registered = register(sessions, version, name="v1-mv", multiview=folder)
+    activate(sessions, "v1-mv")
+    assert active_model(sessions).multiview_path == folder.resolve() and registered.heads == {}
+
+    model = load_model(version)
+    identity = model_identity(model, "v1-mv")
+    analyzer = Analyzer(model, identity, tmp_path / "results",
+                        multiview=load_multiview_model(folder, identity, "cpu"))
+    study = next(p for p in sorted(synthetic_root.iterdir()) if p.is_dir())
+    instances, datasets = [], {}
+    for path in sorted(study.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        datasets[(ds.ImageLaterality, ds.ViewPosition)] = ds
+        instances.append(SourceInstance(path, ds.SOPInstanceUID, ds.ImageLaterality, ds.ViewPosition))
+    output = analyzer.analyse(ds.StudyInstanceUID, 1, instances)
+
+    served = analyzer.multiview.model
+    expected = study_probability(served, {key: preprocess_view(d, served.config) for key, d in datasets.items()})
+    assert output.findings.case_score == pytest.approx(expected, abs=1e-6)
+    assert output.findings.suspicion == output.findings.case_score
+    assert output.findings.source("case").name == "MV-Mammo-CLIP four-view fusion (Chen 2024)"
+    sr_path = next(o.path for o in output.objects if o.kind == "SR")
+    assert_valid(sr_path)
+    texts = text_values(pydicom.dcmread(sr_path))
+    assert "MV-Mammo-CLIP four-view fusion (Chen 2024)" in texts
+    assert "Study score: the four-view fusion model, from the analysed views together." in texts

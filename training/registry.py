@@ -31,13 +31,15 @@ class ActiveModel:
     sha256: str
     text_encoder_path: Path | None
     heads: dict[str, Path]
+    multiview_path: Path | None = None
 
 
 def register(sessions: sessionmaker[Session], path: Path, name: str | None = None,
-             text_encoder: Path | None = None, heads: list[Path] | tuple[Path, ...] = ()) -> ModelVersion:
-    """Load ``path`` once (it must be a loadable model), check each trained head against it, and record them;
-    registering the same weights and heads under the same name again is a no-op, anything else under a taken
-    name is refused."""
+             text_encoder: Path | None = None, heads: list[Path] | tuple[Path, ...] = (),
+             multiview: Path | None = None) -> ModelVersion:
+    """Load ``path`` once (it must be a loadable model), check each trained head against it and that the
+    four-view model (``multiview``, it gives the study score) loads, and record them; registering the same
+    weights and components under the same name again is a no-op, anything else under a taken name is refused."""
     from dicom_node.heads import read_head
     from models import load_model
 
@@ -50,16 +52,24 @@ def register(sessions: sessionmaker[Session], path: Path, name: str | None = Non
         if target in head_paths:
             raise ConfigurationError(f"two heads for {target}: {head_paths[target]} and {folder}")
         head_paths[target] = str(Path(folder).resolve())
+    multiview_path = None
+    if multiview is not None:
+        from models.multiview import load_multiview
+
+        load_multiview(multiview)
+        multiview_path = str(Path(multiview).resolve())
     card: dict[str, Any] = dict(getattr(model, "card", {}) or {})
     name = name or f"{card.get('name') or path.stem}-{sha[:8]}{'-heads' if head_paths else ''}"
     with sessions.begin() as session:
         existing = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
         if existing is not None:
-            if existing.sha256 != sha or (existing.heads or {}) != head_paths:
+            if existing.sha256 != sha or (existing.heads or {}) != head_paths or \
+                    existing.multiview_path != multiview_path:
                 raise ConfigurationError(f"a model version named {name!r} exists with other weights or heads "
                                          f"({existing.sha256[:12]}); choose another --name")
             return existing
         version = ModelVersion(name=name, path=str(path), sha256=sha, card=card, heads=head_paths,
+                               multiview_path=multiview_path,
                                text_encoder_path=str(Path(text_encoder).resolve()) if text_encoder else None)
         session.add(version)
     log.info("registered model version %s (%s)%s", name, sha[:12],
@@ -112,4 +122,5 @@ def active_model(sessions: sessionmaker[Session]) -> ActiveModel | None:
             return None
         return ActiveModel(version.name, Path(version.path), version.sha256,
                            Path(version.text_encoder_path) if version.text_encoder_path else None,
-                           {target: Path(folder) for target, folder in (version.heads or {}).items()})
+                           {target: Path(folder) for target, folder in (version.heads or {}).items()},
+                           Path(version.multiview_path) if version.multiview_path else None)

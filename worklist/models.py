@@ -187,5 +187,6 @@ class ModelVersion(Base):
     card: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     text_encoder_path: Mapped[str | None] = mapped_column(Text)
     heads: Mapped[dict[str, str] | None] = mapped_column(JSON)  # target -> trained head folder
+    multiview_path: Mapped[str | None] = mapped_column(Text)  # four-view fusion model: the study score
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -95,6 +95,7 @@ class StudyFindings:
     # target -> the trained head that gave its scores; targets not listed are the zero-shot ``model``'s
     sources: dict[str, ModelIdentity] = field(default_factory=dict)
     detections: list[Detection] = field(default_factory=list)  # their model is ``source("detector")``
+    case_score: float | None = None  # P(malignant) of the study from a four-view model, ``source("case")``
 
     def source(self, target: str) -> ModelIdentity:
         """Which model gave the scores of ``target`` (a finding task, ``density`` or ``birads``)."""
@@ -102,7 +103,10 @@ class StudyFindings:
 
     @property
     def suspicion(self) -> float:
-        """Study-level suspicion: the highest breast malignancy probability (the triage sort key)."""
+        """Study-level suspicion (the triage sort key): the four-view model's case score where one was served,
+        else the highest breast malignancy probability."""
+        if self.case_score is not None:
+            return self.case_score
         return max((breast.scores["malignancy"] for breast in self.breasts), default=0.0)
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,4 +121,5 @@ class StudyFindings:
                    sources={target: ModelIdentity(**identity)
                             for target, identity in data.get("sources", {}).items()},
                    detections=[Detection(**{**item, "box": tuple(item["box"])})
-                               for item in data.get("detections", [])])
+                               for item in data.get("detections", [])],
+                   case_score=data.get("case_score"))

@@ -110,14 +110,19 @@ class _Groups:
                                              laterality=LATERALITY[detection.laterality])])
 
     def study(self, findings: StudyFindings) -> Group:
-        """The suspicion score with the research-use statement and the completeness statement (TEXT rows)."""
+        """The suspicion score with the research-use statement, where the score comes from, and the completeness
+        statement (TEXT rows)."""
+        fused = findings.case_score is not None
         suspicion = hd.sr.Measurement(name=codes.DCM.ProbabilityOfCancer, value=round(findings.suspicion, 6),
-                                      unit=UNITLESS, derivation=codes.SCT.Maximum)
+                                      unit=UNITLESS, derivation=None if fused else codes.SCT.Maximum)
         group = Group(tracking_identifier=self._tracking("study suspicion"),
-                      finding_type=MALIGNANT_NEOPLASM_OF_BREAST, algorithm_id=self.algorithm("malignancy"),
+                      finding_type=MALIGNANT_NEOPLASM_OF_BREAST,
+                      algorithm_id=self.algorithm("case" if fused else "malignancy"),
                       finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Breast)],
                       measurements=[suspicion])
-        for text in (DISCLAIMER, missing_views_text(findings.missing_views)):
+        origin = ("Study score: the four-view fusion model, from the analysed views together." if fused else
+                  "Study score: the highest breast probability of malignancy.")
+        for text in (DISCLAIMER, origin, missing_views_text(findings.missing_views)):
             group[0].ContentSequence.append(hd.sr.TextContentItem(
                 name=codes.DCM.Comment, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
         return group
