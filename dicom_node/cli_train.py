@@ -34,6 +34,7 @@ def train() -> None:
       mammo-node train pretrain mammo-data/archive runs/pre-1 --start-from b5.tar --text-encoder BERT_DIR
       mammo-node train finetune mammo-data/archive runs/pre-1/model runs/mass-1 --target mass
       mammo-node train evaluate mammo-data/archive runs/pre-1/model runs/eval-1   (zero-shot)
+      mammo-node train multiview mammo-data/archive /models/clip-vit-b16 runs/mv-1 --protocol split
       mammo-node model register runs/pre-1/model --name site-v1 && mammo-node model activate site-v1
     Several GPUs: python -m torch.distributed.run --nproc_per_node=4 -m training.pretrain INDEX OUT ...
     Models trained on synthetic data (--synthetic) are marked NOT clinical in their cards.
@@ -52,6 +53,24 @@ def pretrain_command(ctx: click.Context) -> None:
 
     try:
         pretrain_main(ctx.args)
+    except NodeError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@train.command("multiview", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                              "help_option_names": []})
+@click.pass_context
+def multiview_command(ctx: click.Context) -> None:
+    """The four-view fusion CLIP with adapters (Chen et al.): INDEX CLIP_DIR OUT; `--help` lists its options.
+
+    \b
+    5-fold patient-level cross-validation (--protocol cv, the paper's), or train/validation/test (--protocol
+    split), optionally few-shot (--k-shot K); then `mammo-node model register BASE --multiview OUT/model`.
+    """
+    from training.multiview_train import main as multiview_main
+
+    try:
+        multiview_main(ctx.args)
     except NodeError as error:
         raise click.ClickException(str(error)) from None
 
