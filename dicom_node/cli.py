@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def main(ctx: click.Context, config_file: Path | None, verbose: bool) -> None:
     MAMMO_DESTINATIONS='[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}]'.
     Not for clinical use.
     """
+    os.umask(0o077)  # everything the node writes holds patient data or derives from it: owner only
     try:
         settings = load_settings(config_file)
     except NodeError as error:
