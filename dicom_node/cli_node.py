@@ -1,5 +1,5 @@
 """``mammo-node`` commands that run and operate the node: serve, worker, echo, send, status, studies,
-retry-exports."""
+retry-exports, drift."""
 
 from __future__ import annotations
 
@@ -279,4 +279,37 @@ def retry_exports(settings: Settings) -> None:
     click.echo(f"{count} failed export(s) queued again")
 
 
-COMMANDS = (serve, worker, echo, send, status, studies, retry_exports)
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def drift(settings: Settings, as_json: bool) -> None:
+    """Suspicion-score drift: per model version and ISO week (UTC), the results, their mean score and the PSI
+    of their distribution against the version's reference week.
+
+    \b
+    The reference is the version's first full week with at least MAMMO_DRIFT_MIN_STUDIES results; a PSI
+    above MAMMO_DRIFT_PSI_THRESHOLD (0.2) is a significant shift, which the running node logs as a warning.
+    """
+    from worklist.drift import drift_report
+
+    try:
+        report = drift_report(worklist_sessions(settings), settings)
+    except NodeError as error:
+        raise _fail(error) from None
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    width = max((len(version.version) for version in report.versions), default=13) + 2
+    click.echo(f"{'model version':<{width}}{'week':<10}{'results':>8}{'mean':>8}{'PSI':>8}")
+    for version in report.versions:
+        for week in version.weeks:
+            psi = "-" if week.psi is None else f"{week.psi:.3f}"
+            mark = "reference" if week == version.reference else "DRIFT" if report.over(week) else ""
+            click.echo(f"{version.version:<{width}}{week.week:<10}{week.n:>8}{week.mean:>8.3f}{psi:>8}  {mark}")
+    click.echo(f"PSI threshold {report.threshold:g}; weeks with fewer than {report.min_studies} results are not "
+               f"compared; model in service: {report.in_service or '-'}")
+    if alert := report.alert():
+        click.echo(alert)
+
+
+COMMANDS = (serve, worker, echo, send, status, studies, retry_exports, drift)

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
 from worklist.completeness import Readiness, promote_ready_studies
+from worklist.drift import DriftWatch
 from worklist.exports import jobs_with_due_exports
 from worklist.models import Job, JobState
 from worklist.state import jobs_to_resend, queue_job, release_jobs_of, stale_running_jobs
@@ -39,6 +40,7 @@ class Scheduler:
         self.export_hold = 60.0
         self._exports_sent: dict[int, tuple[datetime, float]] = {}  # job -> (due time sent for, when)
         self._last_stale_check = 0.0
+        self.drift = DriftWatch(settings)
 
     def dispatch(self, job_id: int) -> None:
         """Send the job, then record QUEUED (a READY or QUEUED job; a task that wins the race is fine)."""
@@ -69,7 +71,7 @@ class Scheduler:
         return job_ids
 
     def tick(self) -> None:
-        """One round: new READY studies, READY jobs, stale RUNNING jobs, due exports."""
+        """One round: new READY studies, READY jobs, stale RUNNING jobs, due exports, and (when due) score drift."""
         promote_ready_studies(self.sessions, self.readiness)
         with self.sessions() as session:
             ready = session.scalars(select(Job.id).where(Job.state == JobState.READY).order_by(Job.id)).all()
@@ -86,6 +88,8 @@ class Scheduler:
             if self._exports_sent.get(job_id, (None,))[0] != due:  # not yet sent for this attempt
                 self.send_export(job_id)
                 self._exports_sent[job_id] = (due, now)
+        if self.drift.due(now):
+            self.drift.check(self.sessions, now)
 
     def run(self, stop: threading.Event, interval: float = 0.25) -> None:
         """Tick until ``stop`` is set; an error in one tick (DB or broker down) is logged and retried."""

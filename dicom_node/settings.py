@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     store_non_mammography: bool = Field(
         True, description="Store non-MG objects without analysing them (false: refuse them with 0x0122).")
     maximum_associations: int = Field(10, ge=1, le=200)
+    scp_processes: int = Field(
+        1, ge=1, le=64, description="Storage SCP processes sharing the port (Linux SO_REUSEPORT), so concurrent "
+                                    "associations do not share one interpreter lock; 1: the SCP runs in the node "
+                                    "process. Recommended with several senders: the number of CPU cores. "
+                                    "maximum_associations applies to each process.")
     tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP accepts TLS only.")
     tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate.")
     tls_ca_certificates: Path | None = Field(
@@ -101,7 +106,8 @@ class Settings(BaseSettings):
         0.2, gt=0, description="Score drift alert: a week's PSI of suspicion scores against its model version's "
                                "reference week above this (0.2: a significant shift; 0.1-0.2 moderate).")
     drift_min_studies: int = Field(
-        30, ge=1, description="Results a week needs to be compared (and to be a version's reference week).")
+        200, ge=1, description="Results a week needs to be compared (and to be a version's reference week). "
+                               "Below ~200 the sampling noise of a 10-bin PSI alone crosses 0.2 in many weeks.")
     drift_check_seconds: float = Field(3600.0, gt=0, description="How often the node checks for score drift.")
 
     @classmethod

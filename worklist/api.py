@@ -5,6 +5,7 @@
     GET /studies/{uid}/thumbnail_{view}.png, /studies/{uid}/overlay_{view}.png   (view: LCC, RCC, LMLO, RMLO)
     GET /api/studies[?limit=&offset=]      the triage list by section (JSON)
     GET /api/studies/{uid}                 a study (JSON); /api/studies/{uid}/exports: export status
+    GET /drift, /api/drift, /drift.png     suspicion-score drift per model version and week (worklist.drift)
     GET /healthz                           liveness (no authentication)
     GET /readyz                            database, broker, disk (and model files), 503 when not ready
     GET /metrics                           Prometheus text
@@ -34,6 +35,7 @@ from dicom_node.settings import Settings
 from worklist import api_pages
 from worklist.api_auth import Authenticator
 from worklist.api_metrics import worklist_registry
+from worklist.drift import CachedReport, plot_png
 from worklist.node_checks import as_json, readiness, served_model
 from worklist.study_detail import export_status, study_detail, view_instance
 from worklist.thumbnails import cached_thumbnail
@@ -61,7 +63,8 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
     """The app over the node's worklist sessions (nothing is written to the database)."""
     order = parse_order(settings.triage_order)
     show_patient = settings.api_show_patient_names
-    registry = worklist_registry(settings, sessions)
+    drift = CachedReport(sessions, settings)
+    registry = worklist_registry(settings, sessions, drift)
     thumbnails = Path(settings.data_dir) / "cache" / "thumbnails"
     app = FastAPI(title="Mammo-CLIP Node triage", docs_url=None, redoc_url=None, openapi_url=None)
     router = APIRouter(dependencies=[Depends(Authenticator(settings))])
@@ -129,6 +132,10 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
         return {"study_instance_uid": row.study_instance_uid,
                 "destinations": export_status(sessions, row.result_job_id)}
 
+    @router.get("/api/drift")
+    def drift_json() -> dict[str, Any]:
+        return drift().to_json()
+
     @router.get("/studies/{study_uid}/thumbnail_{view}.png")
     def thumbnail(study_uid: str, view: View) -> FileResponse:
         row, detail = found(study_uid)
@@ -156,7 +163,8 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
     def index(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> str:
         sections = triage(sessions, order, limit, offset, show_patient)
         return api_pages.list_page(sections, notes([r for rows in sections.values() for r in rows]),
-                                   settings.api_refresh_seconds, settings.triage_order, show_patient, offset, limit)
+                                   settings.api_refresh_seconds, settings.triage_order, show_patient, offset, limit,
+                                   drift().alert())
 
     @router.get("/studies/{study_uid}", response_class=HTMLResponse)
     def study_page(study_uid: str) -> str:
@@ -164,6 +172,14 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
         overlays = {view.value for view in View if overlay(row, view.value)}
         return api_pages.study_page(row, detail, export_status(sessions, row.result_job_id), overlays,
                                     notes([row]), settings.api_refresh_seconds)
+
+    @router.get("/drift", response_class=HTMLResponse)
+    def drift_page() -> str:
+        return api_pages.drift_page(drift(), notes([]), settings.api_refresh_seconds)
+
+    @router.get("/drift.png")
+    def drift_png() -> Response:
+        return Response(plot_png(drift()), media_type="image/png")
 
     app.include_router(router)
     return app

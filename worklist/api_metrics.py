@@ -5,7 +5,9 @@
   It is cumulative over this process's life: each scrape adds only the jobs that finished since the last
   one (the first scrape reads every finished job once);
 - ``mammo_model_info{name, source, clinical}``: the model in service (registry, configured or demo);
-- ``mammo_queue_depth{queue}``: messages waiting in the broker (see ``worklist.node_checks``).
+- ``mammo_queue_depth{queue}``: messages waiting in the broker (see ``worklist.node_checks``);
+- ``mammo_suspicion_psi{model_version, week}``: per model version, the PSI of its newest compared week of
+  suspicion scores against its reference week (``worklist.drift``; a version with none yet is absent).
 
 The SCP's own counters (``dicom_node.metrics``) live in the default registry, served beside these.
 """
@@ -13,7 +15,7 @@ The SCP's own counters (``dicom_node.metrics``) live in the default registry, se
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -23,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
+from worklist.drift import DriftReport
 from worklist.models import ExportState, Job, JobState, StudyState
 from worklist.node_checks import queue_depths, served_model
 from worklist.queries import node_status
@@ -77,11 +80,12 @@ class StageHistogram:
 
 
 class WorklistCollector(Collector):
-    """Reads the worklist (and the broker's queue depth) at each scrape."""
+    """Reads the worklist (and the broker's queue depth) at each scrape; ``drift`` gives the drift report."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], drift: Callable[[], DriftReport]) -> None:
         self.settings = settings
         self.sessions = sessions
+        self.drift = drift
         self.stages = StageHistogram()
 
     def collect(self) -> Iterator[Metric]:
@@ -101,6 +105,12 @@ class WorklistCollector(Collector):
         yield info
         yield _by_label("mammo_queue_depth", "Messages waiting in the broker, by queue.", "queue",
                         queue_depths(self.settings))
+        psi = GaugeMetricFamily("mammo_suspicion_psi", "PSI of the newest compared week of suspicion scores against "
+                                "the model version's reference week.", labels=["model_version", "week"])
+        for version in self.drift().versions:
+            if version.latest is not None:
+                psi.add_metric([version.version, version.latest.week], version.latest.psi)
+        yield psi
 
 
 def _by_label(name: str, helptext: str, label: str, values: dict[str, Any]) -> GaugeMetricFamily:
@@ -110,8 +120,9 @@ def _by_label(name: str, helptext: str, label: str, values: dict[str, Any]) -> G
     return family
 
 
-def worklist_registry(settings: Settings, sessions: sessionmaker[Session]) -> CollectorRegistry:
+def worklist_registry(settings: Settings, sessions: sessionmaker[Session],
+                      drift: Callable[[], DriftReport]) -> CollectorRegistry:
     """A registry of its own per app (the default registry holds the process and SCP metrics)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(WorklistCollector(settings, sessions))
+    registry.register(WorklistCollector(settings, sessions, drift))
     return registry

@@ -1,4 +1,4 @@
-"""Server-rendered HTML of the triage page and the study page: plain HTML, escaped, small CSS, no scripts."""
+"""Server-rendered HTML of the triage, study and drift pages: plain HTML, escaped, small CSS, no scripts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 from dicom_node.results.findings import DISCLAIMER
+from worklist.drift import BINS, DriftReport
 from worklist.triage import Section, TriageRow, as_utc
 
 TITLES = {Section.RANKED: "Ranked by suspicion",
@@ -22,6 +23,7 @@ h1{font-size:1.4em;margin:0 0 .3em}h2{font-size:1.1em;margin:1.4em 0 .4em}
 table{border-collapse:collapse;width:100%}th,td{padding:.3em .5em;border-bottom:1px solid #ddd;text-align:left}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .banner{padding:.6em .8em;margin:.6em 0;border-radius:4px}.warn{background:#fff3cd;border:1px solid #e0b400}
+.alert{background:#f8d7da;border:1px solid #c00;font-weight:600}
 .error{color:#a00}.meta,.disclaimer{color:#555;font-size:.9em}
 .views{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:1em}
 figure{margin:0;border:1px solid #ddd;padding:.5em}figure img{max-height:300px;max-width:48%;margin-right:1%}
@@ -83,19 +85,23 @@ def _row_cells(section: Section, row: TriageRow) -> list[object]:
             escape(", ".join(row.views) or "-"), _time(row.last_received_at)]
 
 
-def _page(title: str, body: str, refresh: int, notes: Sequence[str]) -> str:
+def _page(title: str, body: str, refresh: int, notes: Sequence[str], drift_alert: str | None = None) -> str:
     meta = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh else ""
     banners = "".join(f'<div class="banner warn" role="alert">{escape(note)}</div>' for note in notes)
+    if drift_alert:
+        banners += (f'<div class="banner alert" id="drift-alert" role="alert">{escape(drift_alert)} '
+                    '<a href="/drift">Score drift</a></div>')
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">{meta}<title>{escape(title)}</title>'
             f'<style>{CSS}</style></head><body>{banners}{body}'
             f'<p class="disclaimer">{escape(DISCLAIMER)}</p></body></html>')
 
 
 def list_page(sections: dict[Section, list[TriageRow]], notes: Sequence[str], refresh: int, order: Sequence[str],
-              show_patient: bool, offset: int, limit: int) -> str:
-    """The triage list: one table per section; the ranked section pages with ``offset``."""
+              show_patient: bool, offset: int, limit: int, drift_alert: str | None = None) -> str:
+    """The triage list: one table per section; the ranked section pages with ``offset``; the drift banner."""
     parts = [f'<h1>Triage worklist</h1><p class="meta">Generated {_time(datetime.now(UTC))}'
-             f'{f" · refreshes every {refresh} s" if refresh else ""} · order: {escape(", ".join(order))}</p>']
+             f'{f" · refreshes every {refresh} s" if refresh else ""} · order: {escape(", ".join(order))}'
+             ' · <a href="/drift">score drift</a></p>']
     for section in Section:
         rows = sections[section]
         head = list(COLUMNS[section])
@@ -110,7 +116,26 @@ def list_page(sections: dict[Section, list[TriageRow]], notes: Sequence[str], re
         parts.append(f'<section id="{section.value}"><h2>{escape(TITLES[section])} ({len(rows)}'
                      f'{"+" if more else ""})</h2><table><thead><tr>{"".join(f"<th>{escape(h)}</th>" for h in head)}'
                      f"</tr></thead><tbody>{body}</tbody></table>{more}</section>")
-    return _page("Triage worklist", "".join(parts), refresh, notes)
+    return _page("Triage worklist", "".join(parts), refresh, notes, drift_alert)
+
+
+def drift_page(report: DriftReport, notes: Sequence[str], refresh: int) -> str:
+    """Per model version (newest first) and week (newest first): results, mean score, PSI; and the plot."""
+    rows = "".join(
+        ('<tr class="error">' if report.over(week) else "<tr>") + _cells([
+            escape(version.version), escape(week.week) + (" (reference)" if week == version.reference else ""),
+            week.n, _score(week.mean), _score(week.psi)]) + "</tr>"
+        for version in reversed(report.versions) for week in reversed(version.weeks)
+    ) or '<tr><td colspan="5">no results yet</td></tr>'
+    body = (f'<p><a href="/">← worklist</a></p><h1>Score drift</h1><p class="meta">Per model version, the '
+            f"distribution of study suspicion scores ({BINS} bins on [0, 1]) of each ISO week (UTC) against the "
+            f"version's reference week, its first full week with at least {report.min_studies} results, by the "
+            f"Population Stability Index (PSI). Above {report.threshold:g}: a significant shift. Weeks with fewer "
+            f"than {report.min_studies} results are not compared. Model in service: "
+            f'{escape(report.in_service or "-")}.</p><img src="/drift.png" alt="weekly score distributions per '
+            'model version"><table><thead><tr><th>model version</th><th>week</th><th>results</th>'
+            f"<th>mean score</th><th>PSI</th></tr></thead><tbody>{rows}</tbody></table>")
+    return _page("Score drift", body, refresh, notes, report.alert())
 
 
 def study_page(row: TriageRow, detail: dict[str, Any], exports: list[dict[str, Any]], overlays: set[str],

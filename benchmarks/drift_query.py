@@ -1,0 +1,117 @@
+"""Drift report time (``worklist.drift.drift_report``) at 10k and 100k results, on SQLite (default) or
+PostgreSQL (``--db-url``).
+
+Each database gets one study, one DONE job and one result per count, received over ``--weeks`` weeks (about
+the same number a day) under two model versions (the second from half-way). Then, with the database reopened
+as the node opens it, the median and best time over ``--repeats`` runs of:
+
+    report     drift_report(): the GROUP BY version, day, bin query and the weekly PSIs (what the scheduler,
+               /api/drift, /drift, the triage page's banner and /metrics run)
+    rows       the alternative it replaces: every (version, created_at, suspicion) row fetched into Python
+
+    python benchmarks/drift_query.py
+    python benchmarks/drift_query.py --results 1000 --repeats 3
+    python benchmarks/drift_query.py --db-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import create_engine, insert, select, text
+from triage_query import timed  # the sibling script: benchmarks/ is on sys.path when it runs
+
+from dicom_node.settings import Settings
+from worklist.db import make_engine, session_factory, upgrade
+from worklist.drift import drift_report
+from worklist.models import Job, Result, Study
+
+BATCH = 10_000
+START = datetime(2025, 1, 6, tzinfo=UTC)  # a Monday
+
+
+def fill(url: str, count: int, weeks: int, seed: int = 0) -> None:
+    """``count`` analysed studies with a job and a result each, spread evenly over ``weeks`` weeks."""
+    rng = random.Random(seed)
+    engine = make_engine(url)
+    upgrade(engine)
+    step = timedelta(weeks=weeks) / count
+    rows: dict[type, list[dict]] = {Study: [], Job: [], Result: []}
+    with engine.begin() as connection:
+        if url.startswith("sqlite"):
+            connection.exec_driver_sql("PRAGMA synchronous=OFF")
+        for number in range(1, count + 1):
+            at = START + step * number
+            version = "site-v1@0123456789ab" if number < count // 2 else "site-v2@ba9876543210"
+            rows[Study].append({"id": number, "study_instance_uid": f"1.2.826.0.1.3680043.10.{seed}.{number}",
+                                "state": "ANALYSED", "first_received_at": at, "last_received_at": at})
+            rows[Job].append({"id": number, "study_id": number, "state": "DONE", "attempts": 1,
+                              "model_version": version, "created_at": at, "updated_at": at})
+            rows[Result].append({"job_id": number, "scores": {}, "suspicion": rng.betavariate(2, 5),
+                                 "created_at": at})
+            if number % BATCH == 0 or number == count:
+                for table, batch in rows.items():
+                    connection.execute(insert(table), batch)
+                    batch.clear()
+        if not url.startswith("sqlite"):
+            connection.execute(text("ANALYZE"))
+    engine.dispose()
+
+
+def measure(url: str, count: int, repeats: int) -> None:
+    engine = make_engine(url)
+    sessions = session_factory(engine)
+    settings = Settings()
+    today = date(2026, 1, 1)
+    report = drift_report(sessions, settings, today)
+    weeks = sum(len(version.weeks) for version in report.versions)
+    assert sum(week.n for version in report.versions for week in version.weeks) == count
+
+    def rows() -> None:
+        with sessions() as session:
+            session.execute(select(Job.model_version, Result.created_at, Result.suspicion)
+                            .join(Job, Job.id == Result.job_id)).all()
+
+    for name, function in (("report", lambda: drift_report(sessions, settings, today)), ("rows", rows)):
+        median, best = timed(function, repeats)
+        print(f"{count:>8} results  {name:<7} median {median:7.1f} ms   best {best:7.1f} ms   ({weeks} version-weeks)")
+    engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--weeks", type=int, default=52)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--db-url", help="a PostgreSQL server URL (a temporary database is created on it)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        for count in args.results:
+            begin = time.perf_counter()
+            if args.db_url:
+                name = f"mammo_drift_bench_{uuid.uuid4().hex[:8]}"
+                admin = create_engine(args.db_url, isolation_level="AUTOCOMMIT")
+                with admin.connect() as connection:
+                    connection.execute(text(f'CREATE DATABASE "{name}"'))
+                url = args.db_url.rsplit("/", 1)[0] + f"/{name}"
+            else:
+                url = f"sqlite:///{Path(folder) / f'drift-{count}.sqlite'}"
+            fill(url, count, args.weeks)
+            print(f"{count:>8} results  filled in {time.perf_counter() - begin:.1f} s")
+            try:
+                measure(url, count, args.repeats)
+            finally:
+                if args.db_url:
+                    with admin.connect() as connection:
+                        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                    admin.dispose()
+
+
+if __name__ == "__main__":
+    main()
