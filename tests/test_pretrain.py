@@ -77,7 +77,7 @@ def test_dataset_pairs_views_uses_reports_and_counts_what_it_left_out(
     with open_index(index).begin() as session:
         studies = session.scalars(select(ArchiveStudy).where(ArchiveStudy.split == "train")
                                   .order_by(ArchiveStudy.id)).all()
-        studies[-1].report_text = REPORT
+        studies[-1].report_text, studies[-1].report_source = REPORT, "reports.csv"  # a reader's report
         studies[-1].images[0].cache_key = None  # converted at another size only
         reported = {image.laterality for image in studies[-1].images}
     evaluation = BreastDataset(index, "train", INPUT, augment=None)

@@ -244,6 +244,13 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+def _single_threaded_worker(_worker_id: int) -> None:
+    """A loader worker augments one breast at a time: OpenCV's own thread pool would only oversubscribe."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 class PretrainRun:
     """One pretraining run: model, data, optimizer state and position; ``run()`` trains and saves.
 
@@ -346,6 +353,7 @@ class PretrainRun:
         order = list(sampler)[self.position * self.config.batch_size:]
         return DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=order, drop_last=True,
                           num_workers=self.config.workers, pin_memory=self.device.type == "cuda",
+                          worker_init_fn=_single_threaded_worker if self.config.workers else None,
                           generator=torch.Generator().manual_seed(self.config.seed))
 
     def _next_batch(self) -> dict[str, Any]:
