@@ -18,7 +18,14 @@ import torch
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.heads import ServedHead, ServedMultiView, class_scores, head_probabilities
+from dicom_node.heads import (
+    ServedDetector,
+    ServedFactor,
+    ServedHead,
+    ServedMultiView,
+    class_scores,
+    head_probabilities,
+)
 from dicom_node.results import build_heatmap_seg, build_sr, heatmap_overlay_png, save_dataset
 from dicom_node.results.findings import (
     BIRADS_LABELS,
@@ -30,6 +37,7 @@ from dicom_node.results.findings import (
     StudyFindings,
     ViewFindings,
 )
+from dicom_node.results.seg import FACTOR_PREFIX
 from dicom_node.storage import validated_uid
 from models.clip import MammoClip
 from models.errors import ImageDecodeError
@@ -116,12 +124,15 @@ class Analyzer:
     """A loaded model with its prompt embeddings, ready to analyse studies (one per worker process)."""
 
     def __init__(self, model: MammoClip, identity: ModelIdentity, results_root: Path,
-                 heads: list[ServedHead] | None = None, multiview: ServedMultiView | None = None) -> None:
+                 heads: list[ServedHead] | None = None, multiview: ServedMultiView | None = None,
+                 detector: ServedDetector | None = None, factor: ServedFactor | None = None) -> None:
         self.model = model
         self.serving = inference_copy(model)
         self.identity = identity
         self.heads = heads or []
         self.multiview = multiview
+        self.detector = detector
+        self.factor = factor
         self.results_root = Path(results_root)
         self.classifier = ZeroShotClassifier(self.serving)
         self.directions = {name: direction for name, direction in task_directions(self.classifier).items()
@@ -161,6 +172,11 @@ class Analyzer:
                 findings.case_score = self.multiview.score(datasets)
                 findings.sources["case"] = self.multiview.identity
             heartbeat()
+        if self.detector is not None:
+            with watch.stage("detector"):
+                findings.detections = self.detector.detect(datasets)
+                findings.sources["detector"] = self.detector.identity
+            heartbeat()
         folder = self.job_folder(study_uid, job_id)
         objects: list[ResultObject] = []
         overlays: list[Path] = []
@@ -170,10 +186,13 @@ class Analyzer:
             with watch.stage("heatmaps"):
                 maps = finding_maps(self.serving, scores.feature_maps[key], self.directions, view.scores)
                 heatmaps = {name: boxes[key].paste(m.numpy()) for name, m in maps.items()}
+                if self.factor is not None:
+                    heatmaps |= self.factor.maps(scores.feature_maps[key], boxes[key])
             with watch.stage("encode"):
                 uid = result_uid(study_uid, job_id, "SEG", view.name)
                 seg = build_heatmap_seg(datasets[key], heatmaps, self.identity, series_instance_uid=seg_series,
-                                        sop_instance_uid=uid, series_number=9001, instance_number=number)
+                                        sop_instance_uid=uid, series_number=9001, instance_number=number,
+                                        segment_models=self._segment_models(heatmaps))
                 path = folder / f"SEG_{view.name}.dcm"
                 save_dataset(seg, path)
                 objects.append(ResultObject("SEG", uid, path))
@@ -182,6 +201,11 @@ class Analyzer:
                 heatmap_overlay_png(datasets[key], heatmaps["malignancy"], overlay,
                                     f"{view.name} malignancy {view.scores['malignancy']:.2f}")
                 overlays.append(overlay)
+                for name in (name for name in heatmaps if name.startswith(FACTOR_PREFIX)):
+                    attribute = name.removeprefix(FACTOR_PREFIX)
+                    overlay = folder / f"overlay_factor_{attribute}_{view.name}.png"
+                    heatmap_overlay_png(datasets[key], heatmaps[name], overlay, f"{view.name} FActOR {attribute}")
+                    overlays.append(overlay)
             heartbeat()
         with watch.stage("encode"):
             uid = result_uid(study_uid, job_id, "SR")
@@ -207,6 +231,12 @@ class Analyzer:
                    for side in ("L", "R") if side in scores.breasts]
         missing = [f"{lat}{view}" for lat, view in scores.missing_views]
         return StudyFindings(study_uid, self.identity, views, breasts, missing)
+
+    def _segment_models(self, heatmaps: dict[str, object]) -> dict[str, ModelIdentity]:
+        """The FActOR segments' own algorithm identity (the zero-shot heatmaps are the base model's)."""
+        if self.factor is None:
+            return {}
+        return {name: self.factor.identity for name in heatmaps if name.startswith(FACTOR_PREFIX)}
 
     def _apply_heads(self, findings: StudyFindings, trained: dict[str, dict[ViewKey, torch.Tensor]]) -> None:
         """Replace the zero-shot scores of each head's target with the head's, per view and per breast (max

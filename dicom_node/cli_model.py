@@ -47,19 +47,29 @@ def model() -> None:
 @click.option("--multiview", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A four-view fusion model folder (`python -m training.multiview_train`); it gives the study "
                    "score (suspicion) in place of the highest breast probability.")
+@click.option("--detector", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A lesion detector folder (`python -m training.detector_train`): its boxes go into the SR.")
+@click.option("--factor", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Mammo-FActOR projectors trained on PATH's encoder (`python -m training.factor`): their "
+                   "attribute maps go into each view's SEG as their own segments.")
 @click.pass_obj
 def register_command(settings: Settings, path: Path, name: str | None, text_encoder: Path | None,
-                     heads: tuple[Path, ...], multiview: Path | None) -> None:
+                     heads: tuple[Path, ...], multiview: Path | None, detector: Path | None,
+                     factor: Path | None) -> None:
     """Check that PATH loads (a model-version folder or a reference .tar), and that each --head fits it, and add
     them to the registry as one version."""
     from training.registry import register
 
-    version = _run(lambda: register(worklist_sessions(settings), path, name, text_encoder, heads, multiview))
+    version = _run(lambda: register(worklist_sessions(settings), path, name, text_encoder, heads, multiview,
+                                    detector, factor))
     click.echo(f"registered {version.name} ({version.sha256[:12]}) from {version.path}")
     for target, folder in (version.heads or {}).items():
         click.echo(f"  trained {target} head: {folder}")
-    if version.multiview_path:
-        click.echo(f"  four-view fusion model (study score): {version.multiview_path}")
+    for label, folder in (("four-view fusion model (study score)", version.multiview_path),
+                          ("lesion detector (SR regions)", version.detector_path),
+                          ("Mammo-FActOR (SEG segments)", version.factor_path)):
+        if folder:
+            click.echo(f"  {label}: {folder}")
 
 
 @model.command("list")
@@ -95,6 +105,7 @@ def show_command(settings: Settings, name: str) -> None:
     click.echo(json.dumps({"name": version.name, "active": version.active, "path": version.path,
                            "sha256": version.sha256, "text_encoder_path": version.text_encoder_path,
                            "heads": version.heads or {}, "multiview": version.multiview_path,
+                           "detector": version.detector_path, "factor": version.factor_path,
                            "card": version.card}, indent=2, default=str))
 
 

@@ -1,5 +1,6 @@
-"""Trained components served with a model version: heads, each replacing the zero-shot score of its target, and
-the four-view fusion model, which gives the study score.
+"""Trained components served with a model version: heads, each replacing the zero-shot score of its target; the
+four-view fusion model, which gives the study score; the lesion detector, whose boxes go into the SR; and the
+Mammo-FActOR projectors, whose attribute maps go into the SEGs as their own segments.
 
 A head comes from ``mammo-node train finetune`` (a folder with ``head.json`` and ``head.safetensors``) and is
 registered with the version whose encoder it was trained on (``mammo-node model register ... --head DIR``).
@@ -15,15 +16,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from pydicom.dataset import Dataset
 from torch import Tensor
 
-from dicom_node.results.findings import BIRADS_LABELS, DENSITY_LABELS, FINDING_TASKS, ModelIdentity
+from dicom_node.results.findings import BIRADS_LABELS, DENSITY_LABELS, FINDING_TASKS, Detection, ModelIdentity
+from models.checkpoints import file_sha256
 from models.clip import MammoClip
 from models.errors import ConfigurationError
+from models.preprocess import CropBox
 from models.sop_classes import ViewKey
+
+if TYPE_CHECKING:
+    from training.registry import ActiveModel
 
 HEAD_TARGETS = (*FINDING_TASKS, "density", "birads")
 
@@ -71,6 +79,69 @@ def load_multiview_model(folder: Path, base: ModelIdentity, device: str) -> Serv
     return ServedMultiView(model, ModelIdentity(name="MV-Mammo-CLIP four-view fusion (Chen 2024)",
                                                 software_version=base.software_version, model_version=version,
                                                 clinical=bool(card.get("clinical_use", False))))
+
+
+@dataclass
+class ServedDetector:
+    """The lesion detector of a version (``models.detector``): boxes that the SR writes as image regions."""
+
+    model: torch.nn.Module
+    identity: ModelIdentity
+
+    def detect(self, datasets: Mapping[ViewKey, Dataset]) -> list[Detection]:
+        """Every detection of every view, in source-image pixels, with the view's SOP Instance UID."""
+        from models.detector import detect_datasets
+
+        found = detect_datasets(self.model, datasets)
+        return [Detection(str(datasets[key].SOPInstanceUID), key[0], key[1], box.finding, box.score, box.box)
+                for key, boxes in found.items() for box in boxes if box.finding in FINDING_TASKS]
+
+
+@dataclass
+class ServedFactor:
+    """Mammo-FActOR projectors of a version (``models.factor``): an attribution map per attribute and view."""
+
+    model: torch.nn.Module
+    identity: ModelIdentity
+
+    def maps(self, feature_map: Tensor, crop: CropBox) -> dict[str, np.ndarray]:
+        """``factor <attribute>`` -> the attribute's map in the source image's pixels (values 0-1)."""
+        from models.factor import localize_view
+
+        return {f"factor {name}": values for name, values in localize_view(self.model, feature_map, crop).maps.items()}
+
+
+def _identity(name: str, folder: Path, card: Mapping[str, object], base: ModelIdentity) -> ModelIdentity:
+    sha = str(card.get("weights_sha256") or file_sha256(next(Path(folder).glob("*.safetensors"))))
+    return ModelIdentity(name=name, software_version=base.software_version,
+                         model_version=f"{Path(folder).name}@{sha[:12]}", clinical=bool(card.get("clinical_use")))
+
+
+def load_detector_model(folder: Path, base: ModelIdentity, device: str) -> ServedDetector:
+    from models.checkpoints import read_card
+    from models.detector import load_detector
+
+    return ServedDetector(load_detector(folder, device=device),
+                          _identity("Mammo-CLIP lesion detector (RetinaNet)", folder, read_card(folder), base))
+
+
+def load_factor_model(folder: Path, model: MammoClip, base: ModelIdentity) -> ServedFactor:
+    from models.checkpoints import read_card
+    from models.factor import load_factor
+
+    return ServedFactor(load_factor(folder, model, device=model.device),
+                        _identity("Mammo-FActOR attribute maps", folder, read_card(folder), base))
+
+
+def served_components(active: ActiveModel | None, model: MammoClip, base: ModelIdentity,
+                      device: str) -> dict[str, Any]:
+    """The ``Analyzer`` keyword arguments for what the active version carries besides its weights."""
+    if active is None:
+        return {}
+    return {"heads": load_heads(active.heads, model, base),
+            "multiview": load_multiview_model(active.multiview_path, base, device) if active.multiview_path else None,
+            "detector": load_detector_model(active.detector_path, base, device) if active.detector_path else None,
+            "factor": load_factor_model(active.factor_path, model, base) if active.factor_path else None}
 
 
 def read_head(folder: Path, model: MammoClip, weights_sha256: str) -> torch.nn.Module:

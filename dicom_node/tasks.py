@@ -111,17 +111,14 @@ class _Context:
         with self._lock:
             if self._analyzer is None or wanted != self._served:
                 from dicom_node.analysis import Analyzer
-                from dicom_node.heads import load_heads, load_multiview_model
+                from dicom_node.heads import served_components
                 from dicom_node.serving import load_serving_model, model_identity
 
                 model = load_serving_model(self.settings, active.path if active else None,
                                            active.text_encoder_path if active else None, progress=False)
                 identity = model_identity(model, active.name if active else None)
-                multiview = active.multiview_path if active else None
-                self._analyzer = Analyzer(
-                    model, identity, self.settings.results_dir,
-                    load_heads(active.heads, model, identity) if active else None,
-                    load_multiview_model(multiview, identity, self.settings.resolved_device()) if multiview else None)
+                self._analyzer = Analyzer(model, identity, self.settings.results_dir, **served_components(
+                    active, model, identity, self.settings.resolved_device()))
                 self._served = wanted
                 log.info("serving %s", f"model version {active.name}" if active else "the configured model")
             return self._analyzer

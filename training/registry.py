@@ -32,14 +32,18 @@ class ActiveModel:
     text_encoder_path: Path | None
     heads: dict[str, Path]
     multiview_path: Path | None = None
+    detector_path: Path | None = None
+    factor_path: Path | None = None
 
 
 def register(sessions: sessionmaker[Session], path: Path, name: str | None = None,
              text_encoder: Path | None = None, heads: list[Path] | tuple[Path, ...] = (),
-             multiview: Path | None = None) -> ModelVersion:
-    """Load ``path`` once (it must be a loadable model), check each trained head against it and that the
-    four-view model (``multiview``, it gives the study score) loads, and record them; registering the same
-    weights and components under the same name again is a no-op, anything else under a taken name is refused."""
+             multiview: Path | None = None, detector: Path | None = None,
+             factor: Path | None = None) -> ModelVersion:
+    """Load ``path`` once (it must be a loadable model), check each trained head and the FActOR projectors
+    against it and that the four-view model (it gives the study score) and the lesion detector load, and record
+    them; registering the same weights and components under the same name again is a no-op, anything else
+    under a taken name is refused."""
     from dicom_node.heads import read_head
     from models import load_model
 
@@ -58,18 +62,29 @@ def register(sessions: sessionmaker[Session], path: Path, name: str | None = Non
 
         load_multiview(multiview)
         multiview_path = str(Path(multiview).resolve())
+    if detector is not None:
+        from models.detector import load_detector
+
+        load_detector(detector)
+    if factor is not None:
+        from models.factor import load_factor
+
+        load_factor(factor, model)
+    detector_path = str(Path(detector).resolve()) if detector else None
+    factor_path = str(Path(factor).resolve()) if factor else None
     card: dict[str, Any] = dict(getattr(model, "card", {}) or {})
     name = name or f"{card.get('name') or path.stem}-{sha[:8]}{'-heads' if head_paths else ''}"
     with sessions.begin() as session:
         existing = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
         if existing is not None:
-            if existing.sha256 != sha or (existing.heads or {}) != head_paths or \
-                    existing.multiview_path != multiview_path:
+            if (existing.sha256, existing.heads or {}, existing.multiview_path, existing.detector_path,
+                    existing.factor_path) != (sha, head_paths, multiview_path, detector_path, factor_path):
                 raise ConfigurationError(f"a model version named {name!r} exists with other weights or heads "
                                          f"({existing.sha256[:12]}); choose another --name")
             return existing
         version = ModelVersion(name=name, path=str(path), sha256=sha, card=card, heads=head_paths,
-                               multiview_path=multiview_path,
+                               multiview_path=multiview_path, detector_path=detector_path,
+                               factor_path=factor_path,
                                text_encoder_path=str(Path(text_encoder).resolve()) if text_encoder else None)
         session.add(version)
     log.info("registered model version %s (%s)%s", name, sha[:12],
@@ -123,4 +138,5 @@ def active_model(sessions: sessionmaker[Session]) -> ActiveModel | None:
         return ActiveModel(version.name, Path(version.path), version.sha256,
                            Path(version.text_encoder_path) if version.text_encoder_path else None,
                            {target: Path(folder) for target, folder in (version.heads or {}).items()},
-                           Path(version.multiview_path) if version.multiview_path else None)
+                           *(Path(p) if p else None for p in (version.multiview_path, version.detector_path,
+                                                               version.factor_path)))

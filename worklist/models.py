@@ -188,5 +188,7 @@ class ModelVersion(Base):
     text_encoder_path: Mapped[str | None] = mapped_column(Text)
     heads: Mapped[dict[str, str] | None] = mapped_column(JSON)  # target -> trained head folder
     multiview_path: Mapped[str | None] = mapped_column(Text)  # four-view fusion model: the study score
+    detector_path: Mapped[str | None] = mapped_column(Text)  # lesion detector: boxes in the SR
+    factor_path: Mapped[str | None] = mapped_column(Text)  # Mammo-FActOR: attribute maps in the SEGs
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -26,15 +26,30 @@ CONTENT_DESCRIPTION = "AI heatmap - research/triage only, not for diagnosis"
 SEGMENT_COLORS = {"malignancy": (55.0, 75.0, 60.0), "mass": (85.0, -5.0, 80.0), "calcification": (60.0, -30.0, -40.0)}
 
 
+FACTOR_PREFIX = "factor "  # a Mammo-FActOR map: "factor mass", "factor calcification"
+
+
+def _finding(name: str) -> str:
+    """The finding a heatmap shows: ``mass`` for both the zero-shot ``mass`` and the FActOR ``factor mass``."""
+    return name.removeprefix(FACTOR_PREFIX)
+
+
+def _algorithm(model: ModelIdentity) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(name=model.name[:64], family=codes.cid7162.ArtificialIntelligence,
+                                              version=model.model_version[:64])
+
+
 def _description(number: int, name: str, view: str, laterality: str, algorithm: hd.AlgorithmIdentificationSequence,
                  sop_instance_uid: str) -> hd.seg.SegmentDescription:
+    finding = _finding(name)
     description = hd.seg.SegmentDescription(
         segment_number=number, segment_label=f"{name} heatmap"[:64], segmented_property_category=SEGMENT_CATEGORY,
-        segmented_property_type=SEGMENT_TYPES[name], algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        segmented_property_type=SEGMENT_TYPES[finding], algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm, tracking_id=f"{view} {name} heatmap"[:64],
         tracking_uid=generate_uid(entropy_srcs=[sop_instance_uid, name]), anatomic_regions=[codes.SCT.Breast],
-        display_color=hd.color.CIELabColor(*SEGMENT_COLORS[name]))
-    description.SegmentDescription = f"Where the model sees evidence of {name} (probability-like, 0-1)"[:64]
+        display_color=hd.color.CIELabColor(*SEGMENT_COLORS[finding]))
+    description.SegmentDescription = (f"FActOR attribution map of {finding} (0-1)" if name != finding else
+                                      f"Where the model sees evidence of {name} (probability-like, 0-1)")[:64]
     if laterality in LATERALITY:
         modifier = hd.sr.CodedConcept.from_code(LATERALITY[laterality])
         description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [modifier]
@@ -43,24 +58,25 @@ def _description(number: int, name: str, view: str, laterality: str, algorithm: 
 
 def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model: ModelIdentity, *,
                       series_instance_uid: str, sop_instance_uid: str, series_number: int,
-                      instance_number: int) -> hd.seg.Segmentation:
+                      instance_number: int,
+                      segment_models: Mapping[str, ModelIdentity] | None = None) -> hd.seg.Segmentation:
     """A SEG with one probability segment per heatmap (keys of ``SEGMENT_TYPES``: ``malignancy``, ``mass``,
-    ``calcification``); each heatmap has the source's Rows x Columns and values in [0, 1]."""
+    ``calcification``, or ``factor mass`` etc. for Mammo-FActOR maps); each heatmap has the source's Rows x Columns
+    and values in [0, 1]. ``segment_models`` names the algorithm of a segment made by another model than ``model``."""
     if not heatmaps:
         raise ValueError("no heatmap to encode")
     shape = (int(source.Rows), int(source.Columns))
     for name, values in heatmaps.items():
-        if name not in SEGMENT_TYPES:
+        if _finding(name) not in SEGMENT_TYPES:
             raise ValueError(f"no segment code for heatmap {name!r}")
         if values.shape != shape:
             raise ValueError(f"heatmap {name!r} is {values.shape}, the source image is {shape}")
     names = list(heatmaps)
     laterality = str(source.get("ImageLaterality", source.get("Laterality", "")))
     view = f"{laterality}{source.get('ViewPosition', '')}"
-    algorithm = hd.AlgorithmIdentificationSequence(name=model.name[:64], family=codes.cid7162.ArtificialIntelligence,
-                                                   version=model.model_version[:64])
-    descriptions = [_description(number, name, view, laterality, algorithm, sop_instance_uid)
-                    for number, name in enumerate(names, start=1)]
+    others = segment_models or {}
+    descriptions = [_description(number, name, view, laterality, _algorithm(others.get(name, model)),
+                                 sop_instance_uid) for number, name in enumerate(names, start=1)]
     # Float in [0, 1]: highdicom scales it to 0..255 (an integer array would be taken as a binary mask).
     pixels = np.empty((1, *shape, len(names)), dtype=np.float32)
     for index, name in enumerate(names):
