@@ -3,6 +3,11 @@
 The order is what makes "nothing lost" true: the file is complete on disk (temp file, fsync, rename, fsync of
 the folder) and its row is committed before the Storage SCP answers Success. A resend of the same SOP
 Instance UID rewrites the same path and updates the same row, so it is idempotent.
+
+A SOP Instance UID is filed under one study, series and patient only. An instance whose UIDs clash with what is
+stored (its SOP Instance UID already in another study or series, its series in another study, or its study
+stored under another Patient ID) is refused with ``UIDConflictError`` before anything is written, so that no
+patient's image is ever analysed in another patient's study; the first instance stays as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.validation import check_instance
+from dicom_node.validation import check_encoding, check_instance
 from models.errors import NodeError
 from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES
 from worklist.models import Instance, Series, Study, StudyState, utcnow
@@ -33,6 +38,11 @@ UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 class InvalidUIDError(NodeError, ValueError):
     """A UID that breaks the DICOM UID grammar (and so can never name a file)."""
+
+
+class UIDConflictError(InvalidUIDError):
+    """An instance whose UIDs clash with stored ones (the same SOP Instance UID in another study, series or
+    patient): refused, the stored instance is kept."""
 
 
 def validated_uid(value: object, name: str) -> str:
@@ -96,6 +106,22 @@ def _get_or_create(session: Session, model: type, key: str, value: str, **fields
         return session.scalars(select(model).where(getattr(model, key) == value)).one()
 
 
+def _conflict(session: Session, sop_uid: str, series_uid: str, study_uid: str, patient_id: str | None) -> str | None:
+    """Why this instance clashes with the stored ones, or None. Names UIDs only, never a patient."""
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    if study is not None and study.patient_id and patient_id and study.patient_id != patient_id:
+        return f"study {study_uid} is already stored under another Patient ID"
+    series = session.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+    if series is not None and series.study.study_instance_uid != study_uid:
+        return f"series {series_uid} is already stored in study {series.study.study_instance_uid}"
+    instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+    if instance is not None and (instance.study.study_instance_uid, instance.series.series_instance_uid) != \
+            (study_uid, series_uid):
+        return (f"SOP Instance UID {sop_uid} is already stored in study {instance.study.study_instance_uid}, series "
+                f"{instance.series.series_instance_uid}")
+    return None
+
+
 class InstanceStore:
     """Files under ``root`` and rows in the worklist database, written together."""
 
@@ -105,14 +131,21 @@ class InstanceStore:
 
     def store(self, encoded: bytes, dataset: Dataset, transfer_syntax_uid: str, calling_ae: str) -> StoredInstance:
         """Write one received instance and commit its rows. Raises on any failure (nothing is claimed):
-        ``InvalidUIDError`` and ``MalformedInstanceError`` for a dataset that must not be stored."""
+        ``InvalidUIDError`` (``UIDConflictError``) and ``MalformedInstanceError`` for a dataset that must not be
+        stored, before anything is written. A database failure leaves a complete file without a row, which the
+        resend the sender is asked for (0xA700) rewrites."""
+        check_encoding(encoded, transfer_syntax_uid)
         study_uid = validated_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = validated_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = validated_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
         sop_class = validated_uid(dataset.get("SOPClassUID"), "SOPClassUID")
         check_instance(dataset, transfer_syntax_uid)
+        patient_id = str(dataset.get("PatientID") or "")[:64] or None
+        with self.sessions() as session:
+            reason = _conflict(session, sop_uid, series_uid, study_uid, patient_id)
+        if reason is not None:
+            raise UIDConflictError(f"{reason}; refused so that no image is filed under two studies or patients")
         path = instance_path(self.root, study_uid, series_uid, sop_uid)
-        atomic_write(path, encoded)
         analysable = sop_class in MAMMOGRAPHY_SOP_CLASSES and dataset.get("Modality") == "MG"
         fields = {
             "sop_class_uid": sop_class, "transfer_syntax_uid": transfer_syntax_uid,
@@ -121,11 +154,29 @@ class InstanceStore:
             "path": str(path.relative_to(self.root)), "size_bytes": len(encoded),
             "sha256": hashlib.sha256(encoded).hexdigest(), "calling_ae": calling_ae[:16],
         }
+        existed = path.exists()
+        atomic_write(path, encoded)
+        try:
+            existing = self._record(dataset, (study_uid, series_uid, sop_uid), patient_id, fields)
+        except UIDConflictError:
+            if not existed:  # a clash committed meanwhile by another process: the file is nobody's
+                path.unlink(missing_ok=True)
+            raise
+        log.info("stored instance %s of study %s (%s, %d bytes%s)", sop_uid, study_uid, sop_class, len(encoded),
+                 ", resend" if existing else "")
+        return StoredInstance(sop_uid, study_uid, path, analysable, existing)
+
+    def _record(self, dataset: Dataset, uids: tuple[str, str, str], patient_id: str | None,
+                fields: dict[str, object]) -> bool:
+        """Commit the rows of a written instance; True if it was a resend. Re-checks the UIDs in the transaction."""
+        study_uid, series_uid, sop_uid = uids
         with self.sessions.begin() as session:
+            reason = _conflict(session, sop_uid, series_uid, study_uid, patient_id)
+            if reason is not None:  # stored by another process meanwhile
+                raise UIDConflictError(f"{reason}; refused so that no image is filed under two studies or patients")
             study = _get_or_create(
                 session, Study, "study_instance_uid", study_uid,
-                accession_number=str(dataset.get("AccessionNumber") or "")[:16] or None,
-                patient_id=str(dataset.get("PatientID") or "")[:64] or None,
+                accession_number=str(dataset.get("AccessionNumber") or "")[:16] or None, patient_id=patient_id,
                 patient_name=str(dataset.get("PatientName") or "")[:324] or None,
                 study_date=str(dataset.get("StudyDate") or "")[:8] or None)
             series = _get_or_create(session, Series, "series_instance_uid", series_uid, study=study,
@@ -138,8 +189,6 @@ class InstanceStore:
                     setattr(existing, name, value)
                 existing.received_at = utcnow()
             study.last_received_at = utcnow()
-            if study.state == StudyState.ANALYSED and analysable:
+            if study.state == StudyState.ANALYSED and fields["analysable"]:
                 study.state = StudyState.RECEIVING  # a late instance: the study will be analysed again
-        log.info("stored instance %s of study %s (%s, %d bytes%s)", sop_uid, study_uid, sop_class, len(encoded),
-                 ", resend" if existing is not None else "")
-        return StoredInstance(sop_uid, study_uid, path, analysable, existing is not None)
+        return existing is not None
