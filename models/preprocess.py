@@ -76,30 +76,48 @@ def presentation_pixels(ds: Dataset) -> np.ndarray:
     """Pixels as float32 in [0, 1]-like units where bright means dense (MONOCHROME2 sense).
 
     The VOI window is applied when present. For MONOCHROME1 the values and the window centre are mirrored
-    about the stored range before windowing, so a MONOCHROME1 image and its MONOCHROME2 twin agree.
+    about the stored range before windowing, so a MONOCHROME1 image and its MONOCHROME2 twin agree. Anything
+    that cannot be displayed as a mammogram (another photometric interpretation, a window of no width, values
+    of the wrong type, non-finite results) is an ``ImageDecodeError`` naming the problem.
     """
+    photometric = ds.get("PhotometricInterpretation")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageDecodeError(f"{_describe(ds)}: photometric interpretation {photometric!r} is not grayscale.")
     try:
         stored = ds.pixel_array
     except Exception as error:  # pydicom raises many types for undecodable pixel data
         raise ImageDecodeError(f"{_describe(ds)}: pixel data cannot be decoded ({error}).") from error
     if stored.ndim != 2:
         raise ImageDecodeError(f"{_describe(ds)}: expected one grayscale frame, got array shape {stored.shape}.")
-    values = apply_modality_lut(stored, ds).astype(np.float64)
-    monochrome1 = ds.get("PhotometricInterpretation") == "MONOCHROME1"
-    slope = float(ds.get("RescaleSlope", 1.0))
-    intercept = float(ds.get("RescaleIntercept", 0.0))
-    mirror = (2 ** int(ds.get("BitsStored", 16)) - 1) * slope + 2 * intercept
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    try:
+        values = _displayed(ds, stored, photometric == "MONOCHROME1")
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as error:
+        raise ImageDecodeError(f"{_describe(ds)}: its modality or VOI attributes cannot be applied "
+                               f"({type(error).__name__}: {error}).") from error
+    if not np.isfinite(values).all():
+        raise ImageDecodeError(f"{_describe(ds)}: its modality or VOI attributes give non-finite pixel values.")
+    return values
+
+
+def _displayed(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = apply_modality_lut(stored, ds).astype(np.float64)
+        slope = float(ds.get("RescaleSlope", 1.0))
+        intercept = float(ds.get("RescaleIntercept", 0.0))
+        mirror = (2 ** int(ds.get("BitsStored", 16)) - 1) * slope + 2 * intercept
+        if "WindowCenter" in ds and "WindowWidth" in ds:
+            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+            function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+            if not (np.isfinite(center) and np.isfinite(width)) or width <= 0 or (function == "LINEAR" and width < 1):
+                raise ValueError(f"VOI window centre {center} / width {width} ({function}) is not a usable window")
+            if monochrome1:
+                values, center = mirror - values, mirror - center
+            return _window(values, center, width, function).astype(np.float32)
+        if "VOILUTSequence" in ds:
+            values = apply_voi(values, ds).astype(np.float64)
         if monochrome1:
-            values, center = mirror - values, mirror - center
-        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-        return _window(values, center, width, function).astype(np.float32)
-    if "VOILUTSequence" in ds:
-        values = apply_voi(values, ds).astype(np.float64)
-    if monochrome1:
-        values = values.max() - values
-    return values.astype(np.float32)
+            values = values.max() - values
+        return values.astype(np.float32)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -445,13 +445,6 @@ def _bad_voi_lut(ds: Dataset) -> None:
     ds.VOILUTSequence = Sequence([Dataset()])
 
 
-def _known_bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, raises=(AssertionError, ValueError, TypeError, AttributeError),
-                             reason=f"models/preprocess.py: {reason} (docs/fuzzing.md)")
-
-
-UNCHECKED_WINDOW = "a VOI window of width <= 0 is applied as is and the result scored"
-UNCHECKED_TYPES = "non-numeric window/rescale values raise ValueError/TypeError, not ImageDecodeError"
 HOSTILE_IMAGES = [
     pytest.param(_resize(1, 1), id="1x1"),
     pytest.param(_resize(1, 96), id="1x96"),
@@ -468,22 +461,17 @@ HOSTILE_IMAGES = [
     pytest.param(_set(RescaleSlope="1e300"), id="rescale-slope-1e300"),
     pytest.param(_set(BitsStored=0), id="bits-stored-0"),
     pytest.param(_set(PhotometricInterpretation="MONOCHROME1", WindowWidth=0, VOILUTFunction="LINEAR_EXACT"),
-                 id="monochrome1-window-0-linear-exact", marks=_known_bug(UNCHECKED_WINDOW)),
+                 id="monochrome1-window-0-linear-exact"),
     pytest.param(_set(PhotometricInterpretation="MONOCHROME1", WindowWidth=0, VOILUTFunction="SIGMOID"),
-                 id="monochrome1-window-0-sigmoid", marks=_known_bug(UNCHECKED_WINDOW)),
-    pytest.param(_set(PhotometricInterpretation="MONOCHROME1", WindowWidth=-500), id="monochrome1-window-negative",
-                 marks=_known_bug(UNCHECKED_WINDOW)),
-    pytest.param(_set(PhotometricInterpretation="RGB"), id="rgb-label-one-sample",
-                 marks=_known_bug("a non-MONOCHROME photometric interpretation is analysed as MONOCHROME2")),
-    pytest.param(_set(PhotometricInterpretation="PALETTE COLOR"), id="palette-without-lut",
-                 marks=_known_bug("a non-MONOCHROME photometric interpretation is analysed as MONOCHROME2")),
-    pytest.param(_element(0x00281050, "LO", "abc", PhotometricInterpretation="MONOCHROME1"), id="window-centre-text",
-                 marks=_known_bug(UNCHECKED_TYPES)),
-    pytest.param(_element(0x00281051, "SQ", Sequence([Dataset()])), id="window-width-sequence",
-                 marks=_known_bug(UNCHECKED_TYPES)),
-    pytest.param(_element(0x00281053, "LO", "x"), id="rescale-slope-text", marks=_known_bug(UNCHECKED_TYPES)),
-    pytest.param(_set(WindowCenter=[], WindowWidth=[]), id="window-empty", marks=_known_bug(UNCHECKED_TYPES)),
-    pytest.param(_bad_voi_lut, id="voi-lut-item-without-descriptor", marks=_known_bug(UNCHECKED_TYPES)),
+                 id="monochrome1-window-0-sigmoid"),
+    pytest.param(_set(PhotometricInterpretation="MONOCHROME1", WindowWidth=-500), id="monochrome1-window-negative"),
+    pytest.param(_set(PhotometricInterpretation="RGB"), id="rgb-label-one-sample"),
+    pytest.param(_set(PhotometricInterpretation="PALETTE COLOR"), id="palette-without-lut"),
+    pytest.param(_element(0x00281050, "LO", "abc", PhotometricInterpretation="MONOCHROME1"), id="window-centre-text"),
+    pytest.param(_element(0x00281051, "SQ", Sequence([Dataset()])), id="window-width-sequence"),
+    pytest.param(_element(0x00281053, "LO", "x"), id="rescale-slope-text"),
+    pytest.param(_set(WindowCenter=[], WindowWidth=[]), id="window-empty"),
+    pytest.param(_bad_voi_lut, id="voi-lut-item-without-descriptor"),
 ]
 
 
