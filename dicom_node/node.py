@@ -1,5 +1,8 @@
 """The running node: Storage SCP, scheduler, and (embedded mode) a supervised Celery worker process.
 
+The SCP runs in this process, or with ``scp_processes`` > 1 in that many supervised child processes sharing
+the port (``dicom_node.scp_pool``).
+
 ``mammo-node serve`` builds one ``Node``; the demo and the tests build one in-process the same way.
 """
 
@@ -13,11 +16,13 @@ import sys
 import threading
 from pathlib import Path
 
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import start_scp
+from dicom_node.scp_pool import ScpPool
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore
 from worklist.db import make_engine, require_current, session_factory
@@ -82,7 +87,7 @@ class Node:
         self.worker = WorkerProcess(settings, worker_concurrency, worker_log) if embedded_worker else None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.server = None
+        self.server: ThreadedAssociationServer | ScpPool | None = None
 
     @property
     def port(self) -> int:
@@ -91,13 +96,18 @@ class Node:
     def start(self) -> Node:
         """Reconcile, then listen, schedule and (embedded) run the worker."""
         self.scheduler.reconcile(release_running=self.worker is not None and self.settings.broker_url is None)
-        self.server = start_scp(self.settings, InstanceStore(self.settings.incoming_dir, self.sessions),
-                                self.settings.server_ssl_context())
+        self.server = self._start_scp()
         if self.worker is not None:
             self.worker.start()
             self._spawn(self._supervise, "worker-supervisor")
         self._spawn(lambda: self.scheduler.run(self._stop), "scheduler")
         return self
+
+    def _start_scp(self) -> ThreadedAssociationServer | ScpPool:
+        if self.settings.scp_processes > 1:
+            return ScpPool(self.settings).start()
+        return start_scp(self.settings, InstanceStore(self.settings.incoming_dir, self.sessions),
+                         self.settings.server_ssl_context())
 
     def _spawn(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

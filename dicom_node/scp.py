@@ -1,6 +1,8 @@
 """The Storage SCP: C-ECHO and C-STORE of mammograms (pynetdicom), answering only after the store committed.
 
 The same AE answers C-FIND (Study Root, STUDY level) over the worklist: see ``dicom_node.find_scp``.
+``start_scp`` serves in this process; ``make_shared_port_server`` is the same SCP for one of several processes
+sharing the port (``dicom_node.scp_pool``).
 
 Statuses returned by ``handle_store`` (PS3.4 Annex B.2.3):
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import socket
 import ssl
 
 from pydicom.uid import (
@@ -124,14 +128,35 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
+class ReusePortServer(ThreadedAssociationServer):
+    """An association server whose socket shares its port with the node's other SCP processes (SO_REUSEPORT):
+    the kernel spreads the incoming connections over them. Only sockets of the same user can join the port."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def scp_handlers(settings: Settings, store: InstanceStore) -> list[tuple]:
+    """The event handlers of the SCP: C-STORE into ``store``, C-FIND over its database, association counts."""
+    return [(evt.EVT_C_STORE, handle_store, [store]), (evt.EVT_ACCEPTED, _count_accepted),
+            (evt.EVT_REJECTED, _log_rejected), (evt.EVT_C_FIND, handle_find, [store.sessions, settings.ae_title])]
+
+
 def start_scp(settings: Settings, store: InstanceStore,
               ssl_context: ssl.SSLContext | None = None) -> ThreadedAssociationServer:
     """Start the Storage (and C-FIND) SCP in background threads; call ``.shutdown()`` on the result to stop it."""
-    ae = build_ae(settings)
-    handlers = [(evt.EVT_C_STORE, handle_store, [store]), (evt.EVT_ACCEPTED, _count_accepted),
-                (evt.EVT_REJECTED, _log_rejected),
-                (evt.EVT_C_FIND, handle_find, [store.sessions, settings.ae_title])]
-    server = ae.start_server((settings.bind_host, settings.port), block=False, evt_handlers=handlers,
-                             ssl_context=ssl_context)
+    server = build_ae(settings).start_server((settings.bind_host, settings.port), block=False,
+                                             evt_handlers=scp_handlers(settings, store), ssl_context=ssl_context)
     log.info("Storage SCP %s listening on %s:%d", settings.ae_title, settings.bind_host, server.server_address[1])
+    return server
+
+
+def make_shared_port_server(settings: Settings, store: InstanceStore,
+                            ssl_context: ssl.SSLContext | None = None) -> ReusePortServer:
+    """The SCP of ``start_scp``, bound with SO_REUSEPORT and listening; the caller runs ``serve_forever()``."""
+    server = build_ae(settings).make_server((settings.bind_host, settings.port), ssl_context=ssl_context,
+                                            evt_handlers=scp_handlers(settings, store), server_class=ReusePortServer)
+    log.info("Storage SCP %s process %d listening on %s:%d", settings.ae_title, os.getpid(), settings.bind_host,
+             server.server_address[1])
     return server
