@@ -8,8 +8,10 @@ Statuses returned by ``handle_store`` (PS3.4 Annex B.2.3):
 
 - ``0x0000`` Success: the file is on disk (fsynced) and its row is committed.
 - ``0xA700`` Refused, out of resources: the disk or the database failed; the sender should retry later.
-- ``0xC000`` Error, cannot understand: the dataset cannot be decoded, its pixel data is cut short, or it
-  carries an invalid UID.
+- ``0xA900`` Error, dataset does not match SOP class: the dataset's SOP class is not the command's.
+- ``0xC000`` Error, cannot understand: the dataset cannot be decoded (checked element by element, inflated
+  with a limit), its pixel data is cut short, it carries an invalid UID, or its SOP instance UID is not the
+  command's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import socket
 import ssl
 
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -43,13 +46,14 @@ from dicom_node import metrics
 from dicom_node.find_scp import handle_find
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore, InvalidUIDError
-from dicom_node.validation import MalformedInstanceError
+from dicom_node.validation import MalformedInstanceError, decode_received
 
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 
 BREAST_SOP_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.1.2",      # Digital Mammography X-Ray Image - For Presentation
@@ -68,9 +72,22 @@ TRANSFER_SYNTAXES = [
 def handle_store(event: Event, store: InstanceStore) -> int:
     """EVT_C_STORE handler: write and record the instance, then return a status (see the module docstring)."""
     sop_uid = str(event.request.AffectedSOPInstanceUID)
-    try:
-        dataset = event.dataset
+    try:  # decoding can only be the sender's fault: never "out of resources"
+        dataset = decode_received(event.encoded_dataset(include_meta=False), str(event.context.transfer_syntax))
         dataset.file_meta = event.file_meta
+        status = _command_disagrees(event, dataset)
+    except MalformedInstanceError as error:
+        metrics.rejected(metrics.MALFORMED)
+        log.warning("refused instance %s from %s: %s", sop_uid[:64], event.assoc.requestor.ae_title, error)
+        return CANNOT_UNDERSTAND
+    except Exception as error:  # a malformed dataset can raise anything while decoding
+        metrics.rejected(metrics.UNDECODABLE)
+        log.warning("refused undecodable instance %s: %s", sop_uid[:64], type(error).__name__)
+        return CANNOT_UNDERSTAND
+    if status is not None:
+        metrics.rejected(metrics.MALFORMED)
+        return status
+    try:
         stored = store.store(event.encoded_dataset(), dataset, str(event.context.transfer_syntax),
                              event.assoc.requestor.ae_title)
     except (InvalidUIDError, MalformedInstanceError) as error:
@@ -86,7 +103,7 @@ def handle_store(event: Event, store: InstanceStore) -> int:
         metrics.rejected(metrics.DATABASE_ERROR)
         log.error("could not record instance %s: database error %s", sop_uid[:64], type(error).__name__)
         return OUT_OF_RESOURCES
-    except Exception as error:  # a malformed dataset can raise anything while decoding
+    except Exception as error:  # validation of a decoded dataset can still raise anything
         metrics.rejected(metrics.UNDECODABLE)
         log.warning("refused undecodable instance %s: %s", sop_uid[:64], type(error).__name__)
         return CANNOT_UNDERSTAND
@@ -95,6 +112,21 @@ def handle_store(event: Event, store: InstanceStore) -> int:
         log.info("instance %s is SOP class %s: stored, not analysed", stored.sop_instance_uid,
                  event.request.AffectedSOPClassUID)
     return SUCCESS
+
+
+def _command_disagrees(event: Event, dataset: Dataset) -> int | None:
+    """0xA900 when the dataset's SOP class is not the command's, 0xC000 when its SOP instance is not; None when
+    they agree (the instance is stored under the UIDs the sender announced, nothing else)."""
+    request = event.request
+    if str(dataset.get("SOPClassUID", "")) != str(request.AffectedSOPClassUID):
+        log.warning("refused instance %s: its SOP class is not the C-STORE command's",
+                    str(request.AffectedSOPInstanceUID)[:64])
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS
+    if str(dataset.get("SOPInstanceUID", "")) != str(request.AffectedSOPInstanceUID):
+        log.warning("refused instance %s: the dataset's SOP instance UID is not the C-STORE command's",
+                    str(request.AffectedSOPInstanceUID)[:64])
+        return CANNOT_UNDERSTAND
+    return None
 
 
 def _count_accepted(event: Event) -> None:

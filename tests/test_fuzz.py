@@ -238,8 +238,6 @@ def test_hostile_inputs_get_clean_statuses_and_leave_nothing_half_written(
     assert fuzz_node.process.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason="scp.py decodes with pynetdicom's event.dataset, which inflates without a "
-                                       "limit; fix: validation.decode_received (docs/fuzzing.md)")
 @pytest.mark.timeout(300)
 def test_a_deflate_bomb_is_refused_before_it_inflates(fuzz_node: FuzzNode, seeds: list[Dataset],
                                                       chunked_send: None, tmp_path: Path) -> None:
@@ -256,8 +254,6 @@ def test_a_deflate_bomb_is_refused_before_it_inflates(fuzz_node: FuzzNode, seeds
     assert growth < 128, f"the node grew by {growth:.0f} MiB for a {len(bomb.body) >> 10} KiB request"
 
 
-@pytest.mark.xfail(strict=True, reason="scp.py does not compare the C-STORE command's Affected SOP Class/Instance "
-                                       "UIDs with the dataset's (docs/fuzzing.md)")
 def test_command_and_dataset_uids_must_agree(fuzz_node: FuzzNode, seeds: list[Dataset], chunked_send: None,
                                              tmp_path: Path) -> None:
     corpus = Corpus(seeds, SEED + 2)
@@ -268,9 +264,6 @@ def test_command_and_dataset_uids_must_agree(fuzz_node: FuzzNode, seeds: list[Da
     assert send_batch(fuzz_node.port, [case], tmp_path) == [0xC000]  # stored under ds.SOPInstanceUID today
 
 
-@pytest.mark.xfail(strict=True, reason="scp.py answers 0xA700 (out of resources) when pynetdicom's decoding raises "
-                                       "OSError for a sequence cut short; fix: validation.decode_received "
-                                       "(docs/fuzzing.md)")
 def test_a_sequence_without_its_delimiter_is_not_answered_out_of_resources(
         fuzz_node: FuzzNode, seeds: list[Dataset], chunked_send: None, tmp_path: Path) -> None:
     corpus = Corpus(seeds, SEED + 5)
