@@ -1,0 +1,532 @@
+"""Training and evaluation of the lesion detector (``models.detector``), as the reference's
+``train_detector.py`` (§5.4 of the reference notes): Adam, gradient-norm clipping (0.1), focal loss, mAP@0.5.
+
+Boxes come from the synthetic generator's masks (``manifest.csv``: each mask's bounding box) or from a
+VinDr-style CSV (``image_id, laterality, view_position, finding_categories, xmin, ymin, xmax, ymax`` in
+source-image pixels; optional ``study_id`` and ``split``). Each image is prepared once by
+``models.preprocess.prepare_dicom`` and its boxes are mapped into model-input pixels through the crop box.
+Training augments with random horizontal and vertical flips (the reference's affine and elastic transforms
+are not applied). mAP is VOC-style: per class, detections sorted by score are matched greedily to unmatched
+ground-truth boxes of the same image at IoU >= 0.5, and AP is the area under the all-point interpolated
+precision-recall curve; the mean runs over the classes that have ground-truth boxes.
+
+    python -m training.detector_train --manifest synthetic/manifest.csv --model mammo-data/demo-model --out det
+    python -m training.detector_train --boxes finding_annotations.csv --images vindr/images --model b5.tar \
+        --out det-b5 --input-size 512 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from models import load_model
+from models.detector import DetectorConfig, MammoDetector, detector_from_clip, save_detector, to_model_boxes
+from models.errors import ConfigurationError
+from models.preprocess import CropBox, normalize, prepare_dicom
+from models.sop_classes import ViewKey
+from training.batch_norm import batch_norm_momentum
+from training.demo import NOT_CLINICAL
+from training.pretrain import RESEARCH_ONLY
+
+log = logging.getLogger(__name__)
+
+# VinDr-Mammo finding categories (lower case) -> detector classes
+CATEGORY_CLASSES = {"mass": "mass", "suspicious calcification": "calcification", "calcification": "calcification"}
+SPLIT_NAMES = {"training": "train", "train": "train", "test": "test", "validation": "test", "val": "test"}
+BOX_COLUMNS = ("image_id", "laterality", "view_position", "finding_categories", "xmin", "ymin", "xmax", "ymax")
+DICOM_SUFFIXES = ("", ".dcm", ".dicom")
+METRICS_FILE = "metrics.json"
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class BoxAnnotation:
+    """One image and its lesion boxes in source-image pixels (x0, y0, x1, y1); ``group`` (patient or study)
+    is never split between training and evaluation; ``split`` is the CSV's, normalized to train/test."""
+
+    source: str
+    view: ViewKey
+    boxes: tuple[tuple[float, float, float, float], ...]
+    findings: tuple[str, ...]
+    group: str
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class DetectionSample:
+    """A prepared image (uint8 at the model input size) with its boxes in model-input pixels and class indices."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    crop: CropBox
+    annotation: BoxAnnotation
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """The bounding box (x0, y0, x1, y1, pixel edges) of a mask's non-zero pixels; None when it is empty."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    return float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)
+
+
+def annotations_from_manifest(manifest: Path | str) -> list[BoxAnnotation]:
+    """Every view of a synthetic ``manifest.csv``, with one box per finding mask (``*_<kind>.png``)."""
+    manifest = Path(manifest)
+    annotations = []
+    with manifest.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            boxes, findings = [], []
+            for relative in filter(None, row["mask_paths"].split(";")):
+                box = mask_box(cv2.imread(str(manifest.parent / relative), cv2.IMREAD_GRAYSCALE))
+                if box is not None:
+                    boxes.append(box)
+                    findings.append(Path(relative).stem.rsplit("_", 1)[1])
+            annotations.append(BoxAnnotation(str(manifest.parent / row["path"]), (row["laterality"], row["view"]),
+                                             tuple(boxes), tuple(findings), row["patient_id"]))
+    return annotations
+
+
+def parse_categories(text: str) -> list[str]:
+    """``"['Mass', 'Suspicious Calcification']"`` -> the detector classes it names (others dropped)."""
+    names = (part.strip().strip("'\"").lower() for part in text.strip().strip("[]").split(","))
+    return [CATEGORY_CLASSES[name] for name in names if name in CATEGORY_CLASSES]
+
+
+def _finite_box(row: Mapping[str, str]) -> tuple[float, float, float, float] | None:
+    try:
+        box = tuple(float(row[name]) for name in ("xmin", "ymin", "xmax", "ymax"))
+    except ValueError:
+        return None
+    if not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+        return None
+    return box
+
+
+def _find_images(root: Path) -> dict[str, Path]:
+    """Image files under ``root`` by name without suffix (VinDr: ``images/<study_id>/<image_id>.dicom``)."""
+    return {path.stem: path for path in sorted(root.rglob("*")) if path.is_file() and path.suffix in DICOM_SUFFIXES}
+
+
+def annotations_from_box_csv(csv_path: Path | str, image_root: Path | str) -> list[BoxAnnotation]:
+    """Images of a VinDr-style box CSV (one row per box; 'No Finding' rows give images without boxes)."""
+    with Path(csv_path).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    missing_columns = [c for c in BOX_COLUMNS if rows and c not in rows[0]]
+    if not rows or missing_columns:
+        raise ConfigurationError(f"{csv_path} has no rows or lacks columns {missing_columns}")
+    files = _find_images(Path(image_root))
+    by_image: dict[str, list[Mapping[str, str]]] = defaultdict(list)
+    for row in rows:
+        by_image[row["image_id"]].append(row)
+    annotations, unresolved = [], []
+    for image_id, image_rows in by_image.items():
+        if image_id not in files:
+            unresolved.append(image_id)
+            continue
+        boxes, findings = [], []
+        for row in image_rows:
+            box = _finite_box(row)
+            for finding in parse_categories(row["finding_categories"]) if box else []:
+                boxes.append(box)
+                findings.append(finding)
+        first = image_rows[0]
+        split = SPLIT_NAMES.get(str(first.get("split", "")).strip().lower())
+        annotations.append(BoxAnnotation(str(files[image_id]), (first["laterality"], first["view_position"]),
+                                         tuple(boxes), tuple(findings), first.get("study_id") or image_id, split))
+    if unresolved:
+        log.warning("%d image id(s) of %s have no file under %s (first: %s)", len(unresolved), csv_path, image_root,
+                    unresolved[:3])
+    if not annotations:
+        raise ConfigurationError(f"no image of {csv_path} was found under {image_root}")
+    return annotations
+
+
+def split_annotations(annotations: Sequence[BoxAnnotation], holdout: float,
+                      seed: int) -> tuple[list[BoxAnnotation], list[BoxAnnotation]]:
+    """The CSV's train/test split when every image has one, else ``holdout`` of the groups drawn with ``seed``."""
+    if all(a.split for a in annotations):
+        return [a for a in annotations if a.split == "train"], [a for a in annotations if a.split != "train"]
+    groups = sorted({a.group for a in annotations})
+    rng = np.random.default_rng(seed)
+    held = set(rng.permutation(groups)[:max(1, round(len(groups) * holdout))].tolist()) if holdout > 0 else set()
+    return [a for a in annotations if a.group not in held], [a for a in annotations if a.group in held]
+
+
+def _prepared(annotation: BoxAnnotation, config: DetectorConfig, cache_dir: Path | None) -> tuple[np.ndarray, CropBox]:
+    """``prepare_dicom`` once; with ``cache_dir`` the result is kept as ``.npy`` (memory-mapped) and ``.json``."""
+    if cache_dir is None:
+        return prepare_dicom(Path(annotation.source), config.preprocess())
+    name = hashlib.sha1(f"{annotation.source}|{config.input_height}x{config.input_width}".encode()).hexdigest()
+    image_path, crop_path = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
+    if image_path.exists() and crop_path.exists():
+        crop = json.loads(crop_path.read_text())
+        return np.load(image_path, mmap_mode="r"), CropBox(**{**crop, "source_shape": tuple(crop["source_shape"])})
+    image, crop = prepare_dicom(Path(annotation.source), config.preprocess())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(image_path, image)
+    crop_path.write_text(json.dumps(asdict(crop)))
+    return image, crop
+
+
+def prepare_samples(annotations: Sequence[BoxAnnotation], config: DetectorConfig, *, cache_dir: Path | None = None,
+                    progress: bool = True) -> list[DetectionSample]:
+    """Prepare each image and map its boxes of ``config.classes`` into model-input pixels (empty boxes dropped)."""
+    samples = []
+    for annotation in tqdm(annotations, desc="preparing images", unit="image", disable=not progress):
+        image, crop = _prepared(annotation, config, cache_dir)
+        wanted = [i for i, f in enumerate(annotation.findings) if f in config.classes]
+        boxes = to_model_boxes(np.array([annotation.boxes[i] for i in wanted]).reshape(-1, 4), crop,
+                               config.input_size).astype(np.float32)
+        labels = np.array([config.classes.index(annotation.findings[i]) for i in wanted], dtype=np.int64)
+        keep = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+        samples.append(DetectionSample(image, boxes[keep], labels[keep], crop, annotation))
+    return samples
+
+
+def flip(image: np.ndarray, boxes: np.ndarray, horizontal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror an image and its boxes left-right (``horizontal``) or top-bottom."""
+    height, width = image.shape
+    if horizontal:
+        return image[:, ::-1], np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+    return image[::-1], np.stack([boxes[:, 0], height - boxes[:, 3], boxes[:, 2], height - boxes[:, 1]], 1)
+
+
+def make_batch(samples: Sequence[DetectionSample], config: DetectorConfig,
+               rng: np.random.Generator | None = None) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Normalized images (N, 3, H, W) and torchvision targets; random flips when ``rng`` is given."""
+    preprocess = config.preprocess()
+    images, targets = [], []
+    for sample in samples:
+        image, boxes = np.asarray(sample.image), sample.boxes.reshape(-1, 4)
+        for horizontal in (True, False):
+            if rng is not None and rng.random() < 0.5:
+                image, boxes = flip(image, boxes, horizontal)
+        images.append(normalize(np.ascontiguousarray(image), preprocess))
+        targets.append({"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                        "labels": torch.as_tensor(sample.labels, dtype=torch.int64)})
+    return torch.stack(images), targets
+
+
+# -------------------------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class DetectionMetrics:
+    """mAP@IoU (VOC all-point AP) over images: per class (None: no ground-truth box) and their mean."""
+
+    average_precision: dict[str, float | None]
+    mean_average_precision: float | None
+    ground_truth_boxes: dict[str, int]
+    detections: dict[str, int]
+    images: int
+    iou_threshold: float
+    score_threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix (n, m) of x0, y0, x1, y1 boxes."""
+    a, b = a.reshape(-1, 4)[:, None, :], b.reshape(-1, 4)[None, :, :]
+    width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = width * height
+    union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / np.maximum(union - inter, np.finfo(np.float64).eps)
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Area under the precision envelope (all-point interpolation, VOC 2010+)."""
+    recall = np.concatenate([[0.0], recall, [1.0]])
+    precision = np.concatenate([[0.0], precision, [0.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.nonzero(recall[1:] != recall[:-1])[0]
+    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+
+
+def class_average_precision(detections: Sequence[tuple[np.ndarray, np.ndarray]], truths: Sequence[np.ndarray],
+                            iou_threshold: float = 0.5) -> float | None:
+    """AP of one class: per image (scores (k,), boxes (k, 4)) and ground-truth boxes (m, 4); None when m = 0."""
+    n_truth = sum(len(t) for t in truths)
+    if n_truth == 0:
+        return None
+    scored: list[tuple[float, bool]] = []
+    for (scores, boxes), truth in zip(detections, truths, strict=True):
+        taken = np.zeros(len(truth), dtype=bool)
+        overlaps = box_iou(boxes, truth) if len(truth) else np.zeros((len(boxes), 0))
+        for index in np.argsort(-scores, kind="stable"):
+            best = int(np.argmax(overlaps[index])) if len(truth) else -1
+            hit = best >= 0 and overlaps[index, best] >= iou_threshold and not taken[best]
+            if hit:
+                taken[best] = True
+            scored.append((float(scores[index]), hit))
+    scored.sort(key=lambda item: -item[0])
+    hits = np.array([hit for _, hit in scored], dtype=np.float64)
+    true_positives, false_positives = np.cumsum(hits), np.cumsum(1 - hits)
+    precision = true_positives / np.maximum(true_positives + false_positives, np.finfo(np.float64).eps)
+    return voc_ap(true_positives / n_truth, precision)
+
+
+def mean_average_precision(predictions: Sequence[Mapping[str, np.ndarray]], truths: Sequence[Mapping[str, np.ndarray]],
+                           classes: Sequence[str], iou_threshold: float = 0.5,
+                           score_threshold: float = 0.0) -> DetectionMetrics:
+    """mAP over images: ``predictions`` hold ``boxes``, ``scores``, ``labels``; ``truths`` ``boxes``, ``labels``."""
+    aps: dict[str, float | None] = {}
+    counts: dict[str, int] = {}
+    found: dict[str, int] = {}
+    for index, name in enumerate(classes):
+        per_image, per_truth = [], []
+        for prediction, truth in zip(predictions, truths, strict=True):
+            scores, boxes = np.asarray(prediction["scores"]), np.asarray(prediction["boxes"]).reshape(-1, 4)
+            mine = (np.asarray(prediction["labels"]) == index) & (scores >= score_threshold)
+            per_image.append((scores[mine], boxes[mine]))
+            per_truth.append(np.asarray(truth["boxes"]).reshape(-1, 4)[np.asarray(truth["labels"]) == index])
+        aps[name] = class_average_precision(per_image, per_truth, iou_threshold)
+        counts[name], found[name] = sum(len(t) for t in per_truth), sum(len(s) for s, _ in per_image)
+    values = [ap for ap in aps.values() if ap is not None]
+    return DetectionMetrics(aps, float(np.mean(values)) if values else None, counts, found, len(truths),
+                            iou_threshold, score_threshold)
+
+
+def evaluate(detector: MammoDetector, samples: Sequence[DetectionSample], *, score_threshold: float | None = None,
+             iou_threshold: float = 0.5, batch_size: int = 4) -> DetectionMetrics:
+    """mAP@``iou_threshold`` of the detector on prepared samples, in model-input pixels (as the reference).
+
+    ``score_threshold`` defaults to the detector's (0.2, the reference's evaluation threshold).
+    """
+    threshold = detector.config.score_threshold if score_threshold is None else score_threshold
+    predictions = []
+    for start in range(0, len(samples), batch_size):
+        images, _ = make_batch(samples[start:start + batch_size], detector.config)
+        predictions += [{k: v.float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in out.items()}
+                        for out in detector.predict(images, score_threshold=threshold)]
+    truths = [{"boxes": s.boxes, "labels": s.labels} for s in samples]
+    return mean_average_precision(predictions, truths, detector.config.classes, iou_threshold, threshold)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class DetectorTrainConfig:
+    """Optimization of one detector run (reference: Adam 5e-5, clip 0.1, batch 7, focal alpha 0.25 gamma 2).
+
+    ``batch_norm_momentum`` (e.g. 0.1) is used during training for the encoder's batch norms (None: keep the
+    checkpoint's 0.01); ``freeze_backbone`` keeps the encoder fixed and in eval mode (FPN and heads train).
+    """
+
+    epochs: int = 20
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 0.1
+    freeze_backbone: bool = False
+    batch_norm_momentum: float | None = None
+    augment: bool = True
+    amp: bool = True
+    amp_dtype: str = "bfloat16"
+    eval_score_threshold: float | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainingHistory:
+    """Loss per optimizer step and the validation metrics after each epoch."""
+
+    losses: list[float] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+
+
+class _Stepper:
+    """One optimizer step with optional autocast / gradient scaling and norm clipping."""
+
+    def __init__(self, detector: MammoDetector, config: DetectorTrainConfig) -> None:
+        self.detector, self.config = detector, config
+        self.params = [p for p in detector.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.amp = config.amp and detector.device.type == "cuda"
+        self.dtype = getattr(torch, config.amp_dtype)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.dtype == torch.float16)
+
+    def __call__(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, float]:
+        device = self.detector.device
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        with torch.autocast("cuda", dtype=self.dtype) if self.amp else nullcontext():
+            losses = self.detector(list(images.to(device)), targets)
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {"loss": float(loss.detach()), **{name: float(value.detach()) for name, value in losses.items()}}
+
+
+def _train_mode(detector: MammoDetector, frozen: bool) -> None:
+    detector.train()
+    if frozen:
+        detector.backbone.encoder.eval()
+
+
+def train_detector(detector: MammoDetector, train: Sequence[DetectionSample], config: DetectorTrainConfig,
+                   validation: Sequence[DetectionSample] = (), checkpoint: Path | None = None) -> TrainingHistory:
+    """Train in place; with ``validation`` the epoch of best mAP (the latest among ties) is kept.
+
+    ``checkpoint``: a folder rewritten by ``save_detector`` after every epoch (the latest weights).
+    """
+    if not train:
+        raise ConfigurationError("no training images")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    detector.backbone.encoder.requires_grad_(not config.freeze_backbone)
+    step = _Stepper(detector, config)
+    history, best_state, best_map = TrainingHistory(), None, -1.0
+    momentum = (batch_norm_momentum(detector.backbone.encoder, config.batch_norm_momentum)
+                if config.batch_norm_momentum is not None and not config.freeze_backbone else nullcontext())
+    batches = math.ceil(len(train) / config.batch_size)
+    with momentum, tqdm(total=config.epochs * batches, desc="training detector", unit="step",
+                        disable=not config.progress) as bar:
+        for epoch in range(config.epochs):
+            _train_mode(detector, config.freeze_backbone)
+            order = rng.permutation(len(train))
+            for start in range(0, len(train), config.batch_size):
+                chosen = [train[i] for i in order[start:start + config.batch_size]]
+                images, targets = make_batch(chosen, detector.config, rng if config.augment else None)
+                losses = step(images, targets)
+                history.losses.append(losses["loss"])
+                bar.set_postfix(epoch=epoch + 1, loss=f"{losses['loss']:.4f}")
+                bar.update()
+            record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(history.losses[-batches:]))}
+            if validation:
+                metrics = evaluate(detector, validation, score_threshold=config.eval_score_threshold)
+                record["validation"] = metrics.to_dict()
+                current = metrics.mean_average_precision or 0.0
+                if current >= best_map:  # ties: the later epoch
+                    best_map, history.best_epoch = current, epoch + 1
+                    best_state = copy.deepcopy(detector.state_dict())
+            history.epochs.append(record)
+            log.info("detector epoch %d: %s", epoch + 1, {k: v for k, v in record.items() if k != "validation"})
+            if checkpoint is not None:
+                save_detector(detector, checkpoint, {"epoch": epoch + 1, "partial": True})
+    if best_state is not None:
+        detector.load_state_dict(best_state)
+    detector.eval()
+    return history
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _counts(samples: Sequence[DetectionSample], classes: Sequence[str]) -> dict[str, int]:
+    return {"images": len(samples), "with_boxes": sum(len(s.labels) > 0 for s in samples),
+            **{f"{name}_boxes": int(sum((s.labels == i).sum() for s in samples)) for i, name in enumerate(classes)}}
+
+
+def write_outputs(out: Path, detector: MammoDetector, history: TrainingHistory, metrics: DetectionMetrics | None,
+                  data: dict[str, Any], synthetic: bool, config: DetectorTrainConfig) -> None:
+    """The detector folder (weights, config, card) and ``metrics.json`` (held-out mAP per class, history)."""
+    figures = {"validation": metrics.to_dict() if metrics else None, "best_epoch": history.best_epoch,
+               "data": data, "history": history.epochs}
+    card = {"name": "lesion-detector", "intended_use": NOT_CLINICAL if synthetic else RESEARCH_ONLY,
+            "clinical_use": False, "train_config": asdict(config), "data": data,
+            "mAP@0.5": metrics.mean_average_precision if metrics else None}
+    save_detector(detector, out, card)
+    (out / METRICS_FILE).write_text(json.dumps(figures, indent=2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.detector_train", description=__doc__.split("\n")[0])
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--manifest", type=Path, help="synthetic manifest.csv (boxes from the finding masks)")
+    data.add_argument("--boxes", type=Path, help="VinDr-style box CSV (needs --images)")
+    parser.add_argument("--images", type=Path, help="folder holding the CSV's images as <image_id>[.dicom|.dcm]")
+    parser.add_argument("--model", type=Path, help="Mammo-CLIP checkpoint or model version (backbone weights)")
+    parser.add_argument("--variant", default="efficientnet-b5", help="encoder when there is no --model (random)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--classes", nargs="+", default=["mass", "calcification"])
+    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
+    parser.add_argument("--anchor-size", type=float, default=32.0, help="side of the smallest (P3) anchor")
+    parser.add_argument("--fpn-channels", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--grad-clip", type=float, default=0.1)
+    parser.add_argument("--bn-momentum", type=float, default=None)
+    parser.add_argument("--freeze-backbone", action="store_true")
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--no-amp", action="store_true")
+    parser.add_argument("--eval-score-threshold", type=float, default=None)
+    parser.add_argument("--holdout", type=float, default=0.2, help="share of groups held out (no CSV split)")
+    parser.add_argument("--cache-dir", type=Path, help="keep prepared images here (.npy, memory-mapped)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _build_detector(args: argparse.Namespace) -> MammoDetector:
+    overrides: dict[str, Any] = {"anchor_size": args.anchor_size, "fpn_channels": args.fpn_channels}
+    if args.input_size:
+        overrides.update(input_height=args.input_size[0], input_width=args.input_size[1])
+    if args.model:
+        return detector_from_clip(load_model(args.model), args.classes, **overrides)
+    config = replace(DetectorConfig(classes=tuple(args.classes), image_encoder=args.variant), **overrides)
+    return MammoDetector(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train a detector from masks or a box CSV, evaluate mAP@0.5 on the held-out images, save the folder."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.boxes and not args.images:
+        raise ConfigurationError("--boxes needs --images (the folder holding the CSV's images)")
+    torch.manual_seed(args.seed)
+    annotations = (annotations_from_manifest(args.manifest) if args.manifest
+                   else annotations_from_box_csv(args.boxes, args.images))
+    detector = _build_detector(args).to(args.device)
+    train_part, held_part = split_annotations(annotations, args.holdout, args.seed)
+    train = prepare_samples(train_part, detector.config, cache_dir=args.cache_dir, progress=not args.no_progress)
+    held = prepare_samples(held_part, detector.config, cache_dir=args.cache_dir, progress=not args.no_progress)
+    config = DetectorTrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                                 grad_clip=args.grad_clip, freeze_backbone=args.freeze_backbone,
+                                 batch_norm_momentum=args.bn_momentum, augment=not args.no_augment,
+                                 amp=not args.no_amp, eval_score_threshold=args.eval_score_threshold, seed=args.seed,
+                                 progress=not args.no_progress)
+    history = train_detector(detector, train, config, held, checkpoint=args.out / "last")
+    metrics = evaluate(detector, held, score_threshold=args.eval_score_threshold) if held else None
+    data = {"source": str(args.manifest or args.boxes), "train": _counts(train, detector.config.classes),
+            "held_out": _counts(held, detector.config.classes)}
+    write_outputs(args.out, detector, history, metrics, data, bool(args.manifest), config)
+    if metrics:
+        print(json.dumps({"mAP@0.5": metrics.mean_average_precision, **metrics.average_precision}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
