@@ -158,9 +158,10 @@ def load_model_version(folder: Path) -> MammoClip:
             raise CheckpointError(f"{folder} is not a model version: {name} is missing.")
     config = json.loads((folder / CONFIG_FILE).read_text())
     if "clip" not in config:
-        raise CheckpointError(f"{folder} is not a Mammo-CLIP model version (architecture "
-                              f"{config.get('architecture', 'unknown')!r}); a four-view fusion model is served "
-                              "with one: `mammo-node model register BASE --multiview FOLDER`.")
+        kind = config.get("architecture") or config.get("kind") or "unknown"
+        raise CheckpointError(f"{folder} is not a Mammo-CLIP model version ({kind!r}); four-view models, detectors "
+                              "and FActOR projectors are served with one: `mammo-node model register BASE "
+                              "--multiview|--detector|--factor FOLDER`.")
     clip_config = ClipConfig.from_dict(config["clip"])
     bert_config = BertConfig.from_dict(config["text_encoder"])
     tokenizer_dir = folder / TOKENIZER_DIR
