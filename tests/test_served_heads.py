@@ -151,3 +151,58 @@ def test_a_four_view_model_gives_the_study_score_and_the_sr_says_so(sessions, ve
     texts = text_values(pydicom.dcmread(sr_path))
     assert "MV-Mammo-CLIP four-view fusion (Chen 2024)" in texts
     assert "Study score: the four-view fusion model, from the analysed views together." in texts
+
+
+@pytest.fixture(scope="module")
+def square_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A version at 64 x 64: the detector's P7 level (stride 128) needs at least that."""
+    return save_model_version(tiny_model(height=64, width=64, seed=5), tmp_path_factory.mktemp("square") / "v2",
+                              card={"name": "site-square", "clinical_use": False})
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the registry runs on both in the tests above
+def test_detector_and_factor_are_served_with_their_version(sessions, square_version: Path, tmp_path: Path,
+                                                           synthetic_root: Path) -> None:
+    version = square_version
+    from dicom_node.heads import served_components
+    from dicom_node.results.seg import FACTOR_PREFIX
+    from models.detector import detector_from_clip, save_detector
+    from models.factor import build_factor, save_factor
+
+    model = load_model(version)
+    detector = save_detector(detector_from_clip(model, score_threshold=0.0), tmp_path / "detector",
+                             card={"name": "det-test"})
+    factor = save_factor(build_factor(model), tmp_path / "factor")
+    register(sessions, version, name="v1-loc", detector=detector, factor=factor)
+    activate(sessions, "v1-loc")
+    active = active_model(sessions)
+    assert (active.detector_path, active.factor_path) == (detector.resolve(), factor.resolve())
+
+    identity = model_identity(model, "v1-loc")
+    analyzer = Analyzer(model, identity, tmp_path / "results", **served_components(active, model, identity, "cpu"))
+    study = next(p for p in sorted(synthetic_root.iterdir()) if p.is_dir())
+    instances = []
+    for path in sorted(study.glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        instances.append(SourceInstance(path, ds.SOPInstanceUID, ds.ImageLaterality, ds.ViewPosition))
+    output = analyzer.analyse(ds.StudyInstanceUID, 1, instances)
+
+    findings = output.findings
+    assert findings.source("detector").name == "Mammo-CLIP lesion detector (RetinaNet)"
+    assert findings.detections, "a detector with no score threshold reports boxes"
+    sources = {instance.sop_instance_uid for instance in instances}
+    assert all(d.sop_instance_uid in sources and d.finding in ("mass", "calcification") for d in findings.detections)
+    sr_path = next(o.path for o in output.objects if o.kind == "SR")
+    assert_valid(sr_path)
+    import highdicom as hd
+
+    assert len(hd.sr.srread(sr_path).content.get_planar_roi_measurement_groups()) == len(findings.detections)
+
+    seg_path = next(o.path for o in output.objects if o.kind == "SEG")
+    assert_valid(seg_path)
+    segments = {item.SegmentLabel: item for item in pydicom.dcmread(seg_path).SegmentSequence}
+    assert set(segments) == {"malignancy heatmap", "mass heatmap", "calcification heatmap",
+                             f"{FACTOR_PREFIX}mass heatmap", f"{FACTOR_PREFIX}calcification heatmap"}
+    factor_algorithm = segments[f"{FACTOR_PREFIX}mass heatmap"].SegmentationAlgorithmIdentificationSequence[0]
+    assert factor_algorithm.AlgorithmName == "Mammo-FActOR attribute maps"
+    assert sum(1 for path in output.overlays if "overlay_factor_" in path.name) == 8
