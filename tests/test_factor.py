@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -33,11 +34,13 @@ from tests.conftest import tiny_model
 from training.factor.data import FactorRecord
 from training.factor.localization import (
     box_iou,
+    ceiling_map,
     evaluate_localization,
     factor_method,
     mask_box,
     pointing_hit,
     random_method,
+    score,
 )
 from training.factor.train import FactorTrainConfig, feature_source, fit_factor, labels_of, validation_loss
 
@@ -157,6 +160,12 @@ def test_localization_metrics_on_hand_made_maps() -> None:
     heatmap = np.zeros((20, 10), np.float32)
     heatmap[5, 3] = 1.0
     assert pointing_hit(heatmap, [mask]) and not pointing_hit(np.roll(heatmap, 9, axis=0), [mask])
+    assert pointing_hit(np.roll(heatmap, 9, axis=0), [mask], tolerance=7)
+    assert not pointing_hit(np.roll(heatmap, 9, axis=0), [mask], tolerance=6)
+    ceiling = ceiling_map([mask], (5, 5))  # 4x2 cells: the mask fills cells (1, 1) and (1, 2)
+    assert ceiling.shape == (20, 10) and pointing_hit(ceiling, [mask])
+    scored = score("m", "mass", [heatmap, ceiling], [[mask], [mask]], 0.95, tolerance=2)
+    assert (scored.images, scored.pointing, scored.pointing_near) == (2, 1.0, 1.0)
 
 
 def lesion_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[dict[int, list[np.ndarray]]]]:
@@ -264,10 +273,11 @@ def test_the_benchmark_runs_every_stage_in_quick_mode(tmp_path) -> None:
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, str(root / "benchmarks" / "factor_localization.py"), "--quick",
                              "--threads", "1", "--out", str(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=600, cwd=root)
+                            capture_output=True, text=True, timeout=600, cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("mass", "calcification"))]
-    assert [row[0] for row in rows] == ["mass"] * 3 + ["calcification"] * 3
+    assert [row[0] for row in rows] == ["mass"] * 4 + ["calcification"] * 4
     assert "NOT a clinical model" in result.stdout
     folder = tmp_path / "run" / "factor"
     assert {p.name for p in folder.iterdir()} == {"factor.safetensors", "factor.json", "history.json", "card.json"}

@@ -5,7 +5,7 @@ lr 1e-4, batch 8, up to 20 epochs, AMP on CUDA, early stop after 5 epochs withou
 the epoch with the lowest validation loss kept. The encoder's feature maps are computed once and kept in
 memory (float16) when they fit in ``feature_cache_mb``, else recomputed for every batch.
 
-    python -m training.factor.train INDEX MODEL OUT [--attributes mass calcification] [--epochs 20]
+    python -m training.factor.train INDEX MODEL OUT [--attributes mass calcification] [--epochs 20] [--all-images]
 """
 
 from __future__ import annotations
@@ -213,11 +213,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--all-images", action="store_true",
+                        help="train on views without a finding too (the reference: views with a finding only)")
     parser.add_argument("--synthetic-data", action="store_true", help="the index holds synthetic phantoms")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     config = FactorTrainConfig(attributes=tuple(args.attributes), epochs=args.epochs, batch_size=args.batch_size,
-                               learning_rate=args.learning_rate, top_k=args.top_k, seed=args.seed,
+                               learning_rate=args.learning_rate, top_k=args.top_k,
+                               finding_images_only=not args.all_images, seed=args.seed,
                                synthetic_data=args.synthetic_data)
     print(train_factor(args.index, load_model(args.model, device=args.device), args.out, config=config))
 
