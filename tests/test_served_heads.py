@@ -37,6 +37,18 @@ def write_head(folder: Path, target: str, classes: list[str], base_sha: str, *, 
     return folder
 
 
+def first_study(root: Path) -> tuple[str, list[SourceInstance], dict[tuple[str, str], pydicom.Dataset]]:
+    """The first synthetic study under ``root``: its UID, its instances as the worklist lists them, and its
+    datasets by (laterality, view)."""
+    study = next(p for p in sorted(root.iterdir()) if p.is_dir())
+    instances, datasets = [], {}
+    for path in sorted(study.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        datasets[(ds.ImageLaterality, ds.ViewPosition)] = ds
+        instances.append(SourceInstance(path, ds.SOPInstanceUID, ds.ImageLaterality, ds.ViewPosition))
+    return str(ds.StudyInstanceUID), instances, datasets
+
+
 @pytest.fixture(scope="module")
 def version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_model_version(tiny_model(seed=4), tmp_path_factory.mktemp("version") / "v1",
@@ -84,12 +96,8 @@ def test_the_analysis_serves_head_scores_and_the_sr_names_the_head(version: Path
     density = write_head(tmp_path / "density", "density", ["A", "B", "C", "D"], base_sha, seed=2)
     analyzer = Analyzer(model, identity, tmp_path / "results",
                         load_heads({"mass": mass, "density": density}, model, identity))
-    study = next(p for p in sorted(synthetic_root.iterdir()) if p.is_dir())
-    instances = []
-    for path in sorted(study.glob("*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        instances.append(SourceInstance(path, ds.SOPInstanceUID, ds.ImageLaterality, ds.ViewPosition))
-    output = analyzer.analyse(ds.StudyInstanceUID, 1, instances)
+    study_uid, instances, _ = first_study(synthetic_root)
+    output = analyzer.analyse(study_uid, 1, instances)
     findings = output.findings
     assert findings.source("mass").name == "Mammo-CLIP mass head (linear)"
     assert findings.source("density").name == "Mammo-CLIP density head (linear)"
@@ -98,7 +106,7 @@ def test_the_analysis_serves_head_scores_and_the_sr_names_the_head(version: Path
     # The served mass scores are the head's own, computed the way `train finetune` evaluates it.
     from models.inference import load_study_images
 
-    images = load_study_images(sorted(study.glob("*.dcm")), model)
+    images = load_study_images([instance.path for instance in instances], model)
     expected = score_images(model, load_head(mass), torch.stack(list(images.values())))
     by_view = dict(zip(images, expected.tolist(), strict=True))
     for view in findings.views:
@@ -133,13 +141,8 @@ def test_a_four_view_model_gives_the_study_score_and_the_sr_says_so(sessions, ve
     identity = model_identity(model, "v1-mv")
     analyzer = Analyzer(model, identity, tmp_path / "results",
                         multiview=load_multiview_model(folder, identity, "cpu"))
-    study = next(p for p in sorted(synthetic_root.iterdir()) if p.is_dir())
-    instances, datasets = [], {}
-    for path in sorted(study.glob("*.dcm")):
-        ds = pydicom.dcmread(path)
-        datasets[(ds.ImageLaterality, ds.ViewPosition)] = ds
-        instances.append(SourceInstance(path, ds.SOPInstanceUID, ds.ImageLaterality, ds.ViewPosition))
-    output = analyzer.analyse(ds.StudyInstanceUID, 1, instances)
+    study_uid, instances, datasets = first_study(synthetic_root)
+    output = analyzer.analyse(study_uid, 1, instances)
 
     served = analyzer.multiview.model
     expected = study_probability(served, {key: preprocess_view(d, served.config) for key, d in datasets.items()})
@@ -180,12 +183,8 @@ def test_detector_and_factor_are_served_with_their_version(sessions, square_vers
 
     identity = model_identity(model, "v1-loc")
     analyzer = Analyzer(model, identity, tmp_path / "results", **served_components(active, model, identity, "cpu"))
-    study = next(p for p in sorted(synthetic_root.iterdir()) if p.is_dir())
-    instances = []
-    for path in sorted(study.glob("*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        instances.append(SourceInstance(path, ds.SOPInstanceUID, ds.ImageLaterality, ds.ViewPosition))
-    output = analyzer.analyse(ds.StudyInstanceUID, 1, instances)
+    study_uid, instances, _ = first_study(synthetic_root)
+    output = analyzer.analyse(study_uid, 1, instances)
 
     findings = output.findings
     assert findings.source("detector").name == "Mammo-CLIP lesion detector (RetinaNet)"
