@@ -20,12 +20,11 @@ import argparse
 import random
 import tempfile
 import time
-import uuid
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import create_engine, insert, select, text
-from triage_query import timed  # the sibling script: benchmarks/ is on sys.path when it runs
+from sqlalchemy import insert, select, text
+from triage_query import scratch_database, timed  # the sibling script: benchmarks/ is on sys.path when it runs
 
 from dicom_node.settings import Settings
 from worklist.db import make_engine, session_factory, upgrade
@@ -94,23 +93,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for count in args.results:
             begin = time.perf_counter()
-            if args.db_url:
-                name = f"mammo_drift_bench_{uuid.uuid4().hex[:8]}"
-                admin = create_engine(args.db_url, isolation_level="AUTOCOMMIT")
-                with admin.connect() as connection:
-                    connection.execute(text(f'CREATE DATABASE "{name}"'))
-                url = args.db_url.rsplit("/", 1)[0] + f"/{name}"
-            else:
-                url = f"sqlite:///{Path(folder) / f'drift-{count}.sqlite'}"
-            fill(url, count, args.weeks)
-            print(f"{count:>8} results  filled in {time.perf_counter() - begin:.1f} s")
-            try:
+            with scratch_database(args.db_url, Path(folder) / f"drift-{count}.sqlite") as url:
+                fill(url, count, args.weeks)
+                print(f"{count:>8} results  filled in {time.perf_counter() - begin:.1f} s")
                 measure(url, count, args.repeats)
-            finally:
-                if args.db_url:
-                    with admin.connect() as connection:
-                        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-                    admin.dispose()
 
 
 if __name__ == "__main__":

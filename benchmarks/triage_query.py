@@ -28,6 +28,8 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -142,6 +144,25 @@ def measure(url: str, count: int, repeats: int) -> None:
     engine.dispose()
 
 
+@contextmanager
+def scratch_database(server_url: str | None, sqlite_file: Path) -> Iterator[str]:
+    """A fresh database for one measurement: a temporary one on ``server_url`` (PostgreSQL), dropped after,
+    else the SQLite file ``sqlite_file``."""
+    if not server_url:
+        yield f"sqlite:///{sqlite_file}"
+        return
+    name = f"mammo_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, nargs="+", default=[10_000, 100_000])
@@ -152,23 +173,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for count in args.studies:
             begin = time.perf_counter()
-            if args.db_url:
-                name = f"mammo_triage_bench_{uuid.uuid4().hex[:8]}"
-                admin = create_engine(args.db_url, isolation_level="AUTOCOMMIT")
-                with admin.connect() as connection:
-                    connection.execute(text(f'CREATE DATABASE "{name}"'))
-                url = args.db_url.rsplit("/", 1)[0] + f"/{name}"
-            else:
-                url = f"sqlite:///{Path(folder) / f'triage-{count}.sqlite'}"
-            fill(url, count, args.incomplete)
-            print(f"{count:>8} studies  filled in {time.perf_counter() - begin:.1f} s")
-            try:
+            with scratch_database(args.db_url, Path(folder) / f"triage-{count}.sqlite") as url:
+                fill(url, count, args.incomplete)
+                print(f"{count:>8} studies  filled in {time.perf_counter() - begin:.1f} s")
                 measure(url, count, args.repeats)
-            finally:
-                if args.db_url:
-                    with admin.connect() as connection:
-                        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-                    admin.dispose()
 
 
 if __name__ == "__main__":
