@@ -74,11 +74,8 @@ def load_multiview_model(folder: Path, base: ModelIdentity, device: str) -> Serv
     from models.multiview import load_multiview
 
     model = load_multiview(folder, device=device)
-    card = getattr(model, "card", {}) or {}
-    version = f"{Path(folder).name}@{str(card.get('weights_sha256', 'unknown'))[:12]}"
-    return ServedMultiView(model, ModelIdentity(name="MV-Mammo-CLIP four-view fusion (Chen 2024)",
-                                                software_version=base.software_version, model_version=version,
-                                                clinical=bool(card.get("clinical_use", False))))
+    return ServedMultiView(model, _identity("MV-Mammo-CLIP four-view fusion (Chen 2024)", folder,
+                                            getattr(model, "card", {}) or {}, base))
 
 
 @dataclass
