@@ -26,7 +26,7 @@ from dicom_node.heads import (
     class_scores,
     head_probabilities,
 )
-from dicom_node.results import build_heatmap_seg, build_sr, heatmap_overlay_png, save_dataset
+from dicom_node.results import build_heatmap_seg, build_sr, display_image, heatmap_overlay_png, save_dataset
 from dicom_node.results.findings import (
     BIRADS_LABELS,
     DENSITY_LABELS,
@@ -198,13 +198,14 @@ class Analyzer:
                 objects.append(ResultObject("SEG", uid, path))
             with watch.stage("overlays"):
                 overlay = folder / f"overlay_{view.name}.png"
-                heatmap_overlay_png(datasets[key], heatmaps["malignancy"], overlay,
+                shown = display_image(datasets[key])  # decoded once for all this view's overlays
+                heatmap_overlay_png(shown, heatmaps["malignancy"], overlay,
                                     f"{view.name} malignancy {view.scores['malignancy']:.2f}")
                 overlays.append(overlay)
                 for name in (name for name in heatmaps if name.startswith(FACTOR_PREFIX)):
                     attribute = name.removeprefix(FACTOR_PREFIX)
                     overlay = folder / f"overlay_factor_{attribute}_{view.name}.png"
-                    heatmap_overlay_png(datasets[key], heatmaps[name], overlay, f"{view.name} FActOR {attribute}")
+                    heatmap_overlay_png(shown, heatmaps[name], overlay, f"{view.name} FActOR {attribute}")
                     overlays.append(overlay)
             heartbeat()
         with watch.stage("encode"):

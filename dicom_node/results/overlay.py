@@ -7,6 +7,7 @@ view of every study before the results go out.
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -24,18 +25,35 @@ MAX_ALPHA = 0.6
 TITLE_POINTS, DISCLAIMER_POINTS = 13, 10
 
 
-def _display_gray(source: Dataset, heatmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The displayed image as uint8 and the heatmap, both resized to at most ``MAX_HEIGHT`` rows."""
+@dataclass(frozen=True)
+class DisplayImage:
+    """A source image decoded once for display: uint8 gray, at most ``MAX_HEIGHT`` rows, and its source shape."""
+
+    gray: np.ndarray
+    source_shape: tuple[int, int]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of ``gray``, as OpenCV takes sizes."""
+        return self.gray.shape[1], self.gray.shape[0]
+
+
+def display_image(source: Dataset) -> DisplayImage:
+    """Decode ``source`` for display once; every overlay of that image can then reuse it."""
     image = presentation_pixels(source)
-    if heatmap.shape != image.shape:
-        raise ValueError(f"heatmap is {heatmap.shape}, the source image is {image.shape}")
     scale = min(1.0, MAX_HEIGHT / image.shape[0])
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))  # (width, height)
-    image = cv2.resize(image.astype(np.float32), size, interpolation=cv2.INTER_AREA)
-    low, high = float(image.min()), float(image.max())
-    gray = ((image - low) * (255.0 / (high - low)) if high > low else np.zeros_like(image)).astype(np.uint8)
-    heat = np.clip(cv2.resize(heatmap.astype(np.float32), size, interpolation=cv2.INTER_AREA), 0.0, 1.0)
-    return gray, heat
+    resized = cv2.resize(image.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    low, high = float(resized.min()), float(resized.max())
+    gray = ((resized - low) * (255.0 / (high - low)) if high > low else np.zeros_like(resized)).astype(np.uint8)
+    return DisplayImage(gray, (int(image.shape[0]), int(image.shape[1])))
+
+
+def _display_heat(image: DisplayImage, heatmap: np.ndarray) -> np.ndarray:
+    """The heatmap resized to the displayed image."""
+    if heatmap.shape != image.source_shape:
+        raise ValueError(f"heatmap is {heatmap.shape}, the source image is {image.source_shape}")
+    return np.clip(cv2.resize(heatmap.astype(np.float32), image.size, interpolation=cv2.INTER_AREA), 0.0, 1.0)
 
 
 def _blend(gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
@@ -56,11 +74,12 @@ def _text_band(lines: list[str], width: int, points: int) -> Image.Image:
     return band
 
 
-def heatmap_overlay_png(source: Dataset, heatmap: np.ndarray, path: Path, title: str) -> Path:
+def heatmap_overlay_png(source: Dataset | DisplayImage, heatmap: np.ndarray, path: Path, title: str) -> Path:
     """The displayed mammogram in gray, the heatmap (values in [0, 1], the source's shape) in jet colours with
     opacity growing with its value, at most ``MAX_HEIGHT`` pixels high, a title above and the research-use
-    statement below; written atomically."""
-    gray, heat = _display_gray(source, heatmap)
+    statement below; written atomically. Pass ``display_image(source)`` to draw several overlays of one image."""
+    shown = source if isinstance(source, DisplayImage) else display_image(source)
+    gray, heat = shown.gray, _display_heat(shown, heatmap)
     width = gray.shape[1]
     title_band = _text_band(textwrap.wrap(title, max(10, width // 7)) or [""], width, TITLE_POINTS)
     disclaimer_band = _text_band(textwrap.wrap(DISCLAIMER, max(20, width // 5)), width, DISCLAIMER_POINTS)
