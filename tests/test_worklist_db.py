@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from dicom_node.storage import atomic_write, validated_uid
 from models.errors import ConfigurationError
@@ -21,6 +21,33 @@ def test_migrations_create_every_table(db_url: str) -> None:
         upgrade(engine)  # idempotent
     finally:
         engine.dispose()
+
+
+def test_migration_0008_backfills_views_complete_from_the_instances(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.sqlite'}")
+    upgrade(engine, "0007")
+    with engine.begin() as connection:
+        for number, (state, views) in enumerate((("ANALYSED", "LCC RCC LMLO RMLO"), ("ANALYSED", "LCC RCC LMLO"),
+                                                 ("FAILED", "LCC RCC LMLO RMLO")), start=1):
+            connection.execute(text("INSERT INTO study (id, study_instance_uid, state, suspicion, first_received_at, "
+                                    "last_received_at) VALUES (:id, :uid, :state, 0.5, '2026-11-01', '2026-11-01')"),
+                               {"id": number, "uid": f"1.2.{number}", "state": state})
+            connection.execute(text("INSERT INTO series (id, study_id, series_instance_uid) VALUES (:id, :id, :uid)"),
+                               {"id": number, "uid": f"1.2.{number}.1"})
+            for index, name in enumerate(views.split()):
+                connection.execute(text(
+                    "INSERT INTO instance (study_id, series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid,"
+                    " laterality, view, analysable, path, size_bytes, sha256, received_at) VALUES (:study, :study,"
+                    " :uid, '1.2.840.10008.5.1.4.1.1.1.2', '1.2.840.10008.1.2.1', :side, :view, 1, 'p', 1, 'x',"
+                    " '2026-11-01')"), {"study": number, "uid": f"1.2.{number}.1.{index}", "side": name[0],
+                                       "view": name[1:]})
+    upgrade(engine)
+    with engine.connect() as connection:
+        flags = dict(connection.execute(text("SELECT id, views_complete FROM study")).all())
+        instances = connection.scalar(text("SELECT COUNT(*) FROM instance"))
+    engine.dispose()
+    assert flags == {1: True, 2: False, 3: False}
+    assert instances == 11  # an SQLite batch "move and copy" of study would have cascaded them away
 
 
 def test_an_unmigrated_database_is_refused_with_the_fix(tmp_path: Path) -> None:

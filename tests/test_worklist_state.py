@@ -104,10 +104,20 @@ def test_job_runs_once_and_records_result_and_exports(sessions):
         job = session.get(Job, job_id)
         study = session.get(Study, job.study_id)
         assert (job.state, job.timings, job.model_version) == (JobState.DONE, {"model": 1.0}, "demo@abc")
-        assert (study.state, study.suspicion) == (StudyState.ANALYSED, 0.7)
+        assert (study.state, study.suspicion, study.views_complete) == (StudyState.ANALYSED, 0.7, True)
         assert session.scalar(select(Result.suspicion).where(Result.job_id == job_id)) == 0.7
         assert sorted(session.scalars(select(Export.path).where(Export.job_id == job_id))) == [
             "/r/SEG_LCC.dcm", "/r/SR.dcm"]
+
+
+def test_a_study_analysed_on_three_views_is_marked_incomplete(sessions):
+    study = add_study(sessions, "1.2.3.17", ["LCC", "RCC", "LMLO"], age=61)
+    job_id = promote_ready_studies(sessions, READINESS)[0]
+    claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+    assert complete_job(sessions, claim, {}, 0.4, {}, "m", [])
+    with sessions() as session:
+        assert (session.get(Study, study).state, session.get(Study, study).views_complete) == (
+            StudyState.ANALYSED, False)
 
 
 def test_a_stale_running_job_is_taken_over_and_the_old_lease_cannot_finish(sessions):

@@ -33,9 +33,11 @@ def add_study(sessions: sessionmaker[Session], number: int, state: StudyState, s
     uid = f"1.2.826.0.1.3680043.10.543.{number}"
     received = T0 + timedelta(minutes=minutes)
     with sessions.begin() as session:
+        four_views = {f"{side}{view}" for side, view in views} == {"LCC", "RCC", "LMLO", "RMLO"}
         study = Study(study_instance_uid=uid, accession_number=f"ACC{number}", patient_name=PATIENT_NAME,
                       patient_id=PATIENT_ID, state=state, suspicion=suspicion, first_received_at=received,
-                      last_received_at=received)
+                      last_received_at=received, views_complete=state == StudyState.ANALYSED and analysable
+                      and suspicion is not None and four_views)
         series = Series(series_instance_uid=f"{uid}.1", modality="MG", study=study)
         for n, (laterality, view) in enumerate(views):
             session.add(Instance(study=study, series=series, sop_instance_uid=f"{uid}.1.{n}", laterality=laterality,

@@ -55,12 +55,12 @@ def _alembic_config(engine: Engine) -> Config:
     return config
 
 
-def upgrade(engine: Engine) -> None:
-    """Apply every migration up to the newest (``mammo-node db upgrade``)."""
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply every migration up to ``revision``, the newest by default (``mammo-node db upgrade``)."""
     config = _alembic_config(engine)
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
 
 
 def require_current(engine: Engine) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -63,8 +64,9 @@ def _enum(kind: type[enum.Enum]) -> Enum:
 
 class Study(Base):
     __tablename__ = "study"
-    # the triage list's ranked order (worklist.triage; migration 0005)
-    __table_args__ = (Index("ix_study_triage", "state", text("suspicion DESC"), "last_received_at", "id"),)
+    # the triage sections' filters and the ranked order (worklist.triage; migration 0008)
+    __table_args__ = (Index("ix_study_triage", "state", "views_complete", text("suspicion DESC"), "last_received_at",
+                            "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
@@ -76,6 +78,9 @@ class Study(Base):
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     suspicion: Mapped[float | None] = mapped_column(Float, index=True)
+    # the last analysis gave a suspicion score on the four screening views: the study is ranked, not listed
+    # apart as incomplete (set when the study is settled ANALYSED)
+    views_complete: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
     instances: Mapped[list[Instance]] = relationship(back_populates="study", cascade="all, delete-orphan")

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from worklist.completeness import SCREENING_VIEW_NAMES, present_views
 from worklist.models import Export, ExportState, Job, JobState, Result, Study, StudyState, utcnow
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,9 @@ def _settle_study(session: Session, job: Job, state: StudyState, suspicion: floa
     study.state = StudyState.RECEIVING if late else state
     if suspicion is not None:
         study.suspicion = suspicion
+    if study.state == StudyState.ANALYSED:
+        study.views_complete = study.suspicion is not None and present_views(session, study.id) == set(
+            SCREENING_VIEW_NAMES)
 
 
 def stale_running_jobs(sessions: sessionmaker[Session], stale_after: timedelta,

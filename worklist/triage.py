@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, not_, select
+from sqlalchemy import ColumnElement, and_, case, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import ConfigurationError
@@ -46,18 +46,9 @@ class Section(enum.StrEnum):
     IN_PROGRESS = "in_progress"
 
 
-def _view_count() -> Any:
-    """How many of the four screening views the study has among its analysable instances (correlated)."""
-    name = func.upper(Instance.laterality.concat(Instance.view))
-    return (select(func.count(name.distinct())).where(Instance.study_id == Study.id, Instance.analysable.is_(True),
-                                                      name.in_(SCREENING_VIEW_NAMES)).scalar_subquery())
-
-
-FOUR_VIEWS = _view_count() == len(SCREENING_VIEW_NAMES)
 SECTION_FILTERS: dict[Section, ColumnElement[bool]] = {
-    Section.RANKED: and_(Study.state == StudyState.ANALYSED, Study.suspicion.is_not(None), FOUR_VIEWS),
-    Section.INCOMPLETE: and_(Study.state == StudyState.ANALYSED, not_(and_(Study.suspicion.is_not(None),
-                                                                           FOUR_VIEWS))),
+    Section.RANKED: and_(Study.state == StudyState.ANALYSED, Study.views_complete.is_(True)),
+    Section.INCOMPLETE: and_(Study.state == StudyState.ANALYSED, Study.views_complete.is_(False)),
     Section.FAILED: Study.state == StudyState.FAILED,
     Section.IN_PROGRESS: and_(Study.state.in_((StudyState.RECEIVING, StudyState.READY)),
                               exists().where(Instance.study_id == Study.id, Instance.analysable.is_(True))),
