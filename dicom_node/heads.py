@@ -27,6 +27,7 @@ from dicom_node.results.findings import BIRADS_LABELS, DENSITY_LABELS, FINDING_T
 from models.checkpoints import file_sha256
 from models.clip import MammoClip
 from models.errors import ConfigurationError
+from models.heads import load_head, probabilities, score_images
 from models.preprocess import CropBox
 from models.sop_classes import ViewKey
 
@@ -144,7 +145,6 @@ def served_components(active: ActiveModel | None, model: MammoClip, base: ModelI
 def read_head(folder: Path, model: MammoClip, weights_sha256: str) -> torch.nn.Module:
     """Load a head folder and check that it fits ``model``: a known target, the same encoder, the same input
     size, and (for a head on the model's own encoder) the same encoder weights."""
-    from training.finetune import load_head
 
     head = load_head(folder)
     info = head.info
@@ -183,7 +183,6 @@ def load_heads(paths: Mapping[str, str | Path], model: MammoClip, base: ModelIde
 def head_probabilities(served: ServedHead, model: MammoClip, images: Mapping[ViewKey, Tensor],
                        feature_maps: Mapping[ViewKey, Tensor]) -> dict[ViewKey, Tensor]:
     """Per view: the positive-class probability (0-d) of a binary head, the class probabilities of another."""
-    from training.finetune import probabilities, score_images
 
     keys = list(images)
     if served.linear_only:

@@ -16,6 +16,7 @@ import torch
 
 from models import load_model, save_model_version
 from models.errors import CheckpointError
+from models.heads import load_head, probabilities, score_images
 from models.preprocess import PreprocessConfig
 from tests.conftest import tiny_model
 from training.archive.indexer import index_archive
@@ -27,10 +28,7 @@ from training.finetune import (
     few_shot,
     finetune,
     load_batch,
-    load_head,
     load_images,
-    probabilities,
-    score_images,
     train_linear,
 )
 from training.synthetic import write_studies

@@ -14,9 +14,9 @@ from dicom_node.heads import load_heads
 from dicom_node.serving import model_identity
 from models import load_model, save_model_version
 from models.errors import ConfigurationError
+from models.heads import Head, load_head, save_head, score_images
 from tests.conftest import tiny_model
 from tests.test_results import assert_valid, text_values
-from training.finetune import Head, load_head, save_head, score_images
 from training.registry import activate, active_model, register
 from worklist.db import make_engine, session_factory, upgrade
 
