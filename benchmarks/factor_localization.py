@@ -36,16 +36,9 @@ from training.archive.indexer import index_archive
 from training.archive.store import open_index
 from training.convert import convert_archive
 from training.demo import DemoRecipe, ensure_demo_model
-from training.factor.data import input_masks, load_factor_records, synthetic_masks
-from training.factor.localization import (
-    LocalizationScore,
-    cam_method,
-    evaluate_localization,
-    factor_method,
-    random_method,
-    table,
-)
-from training.factor.train import FactorTrainConfig, feature_source, train_factor
+from training.factor.data import GroundTruth
+from training.factor.localization import LocalizationScore, table
+from training.factor.train import FactorTrainConfig, evaluate_factor, train_factor
 from training.synthetic import write_studies
 
 STATEMENT = ("Synthetic localization numbers say that the FActOR pipeline works end to end; they say nothing "
@@ -93,29 +86,9 @@ def run(args: argparse.Namespace, out: Path) -> tuple[list[LocalizationScore], l
     factor = load_factor(folder, model)
 
     c = factor.config
-    tolerance = c.input_height // c.map_height // 2  # half a feature-map cell
-    sizes: list[float] = []
-
-    def evaluate() -> list[LocalizationScore]:
-        records, _ = load_factor_records(index, "test", preprocess, config.attributes)
-        masks = synthetic_masks(manifest)
-        positives, truths = [], []
-        for record in records:
-            kinds = masks.get(record.sop_instance_uid, {})
-            found = {k: input_masks(record.source, kinds[a], preprocess) for k, a in enumerate(config.attributes)
-                     if record.labels[k] and kinds.get(a)}
-            found = {k: found_masks for k, found_masks in found.items() if found_masks}
-            if found:
-                positives.append(record)
-                truths.append(found)
-                sizes.extend(float(mask.mean()) for found_masks in found.values() for mask in found_masks)
-        methods = {"FActOR": factor_method(factor), "random map": random_method(factor, args.seed),
-                   "zero-shot CAM": cam_method(model, factor)}
-        features = feature_source(model, positives, preprocess, config, "features (test)")
-        return evaluate_localization(methods, features, truths, config.attributes, c.quantile, tolerance=tolerance,
-                                     ceiling=(c.map_height, c.map_width))
-
-    scores = timed(stages, "evaluate", evaluate)
+    evaluation = timed(stages, "evaluate", lambda: evaluate_factor(model, factor, index, GroundTruth.read(manifest),
+                                                                   config))
+    sizes, tolerance, scores = evaluation.lesion_fractions, evaluation.tolerance, evaluation.scores
     median = float(np.median(sizes)) if sizes else float("nan")
     ratio = median / (1 - c.quantile)
     about = (f"FActOR: {c.channels} channel regions of {c.map_height}x{c.map_width} at {c.input_height}x"

@@ -40,10 +40,12 @@ def main() -> None:
     parser.add_argument("--clip-dir", type=Path, help="a local Hugging Face CLIP directory (default: random)")
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="20 studies, 2 folds, 1 epoch: a smoke test")
+    parser.add_argument("--workers", type=int, help="conversion processes (default: all cores; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="20 studies, 2 folds, 1 epoch, converted in this process: a smoke test")
     args = parser.parse_args()
     if args.quick:
-        args.studies, args.folds, args.epochs = 20, 2, 1
+        args.studies, args.folds, args.epochs, args.workers = 20, 2, 1, args.workers or 1
     height, width = (int(v) for v in args.size.lower().split("x"))
     out = args.out or Path(tempfile.mkdtemp(prefix="multiview-bench-"))
     times: dict[str, float] = {}
@@ -58,7 +60,8 @@ def main() -> None:
     stage("synthetic studies", start)
     start = time.perf_counter()
     index_archive(out / "studies", open_index(out / "index"), None, manifest, seed=args.seed, progress=False)
-    convert_archive(open_index(out / "index"), out / "cache", PreprocessConfig(height, width), progress=False)
+    convert_archive(open_index(out / "index"), out / "cache", PreprocessConfig(height, width), workers=args.workers,
+                    progress=False)
     stage("index and conversion", start)
     clip_dir = args.clip_dir or write_random_clip(out / "random-clip", hidden=128, layers=4, seed=args.seed)
     config = MultiviewTrainConfig(protocol="cv", folds=args.folds, k_shot=args.k_shot, epochs=args.epochs,

@@ -56,7 +56,9 @@ def main(ctx: click.Context, config_file: Path | None, verbose: bool) -> None:
       mammo-node status / studies      counts by state / the triage list by suspicion
       mammo-node retry-exports         send FAILED exports again
       mammo-node archive index ROOT    index a site archive of studies and reports for training
-      mammo-node train pretrain|finetune  train on the indexed archive
+      mammo-node train pretrain|finetune|evaluate  train and evaluate on the indexed archive
+      mammo-node train multiview|detector|factor   the four-view model, lesion boxes, FActOR maps
+      mammo-node drift / config example            score drift per model version / every setting
       mammo-node model list / activate the registry of model versions the node serves
       mammo-node synth OUT --studies 8 write synthetic four-view MG studies with masks and reports
       mammo-node classify STUDY_DIR    zero-shot scores for a folder of DICOM, without the node

@@ -45,12 +45,12 @@ def model() -> None:
               help="A head folder written by `mammo-node train finetune`, trained on PATH's encoder; its scores "
                    "replace the zero-shot ones for its target. Repeat for several targets.")
 @click.option("--multiview", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A four-view fusion model folder (`python -m training.multiview_train`); it gives the study "
+              help="A four-view fusion model folder (`mammo-node train multiview`); it gives the study "
                    "score (suspicion) in place of the highest breast probability.")
 @click.option("--detector", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A lesion detector folder (`python -m training.detector_train`): its boxes go into the SR.")
+              help="A lesion detector folder (`mammo-node train detector`): its boxes go into the SR.")
 @click.option("--factor", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Mammo-FActOR projectors trained on PATH's encoder (`python -m training.factor`): their "
+              help="Mammo-FActOR projectors trained on PATH's encoder (`mammo-node train factor`): their "
                    "attribute maps go into each view's SEG as their own segments.")
 @click.pass_obj
 def register_command(settings: Settings, path: Path, name: str | None, text_encoder: Path | None,

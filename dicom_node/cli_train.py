@@ -35,7 +35,10 @@ def train() -> None:
       mammo-node train finetune mammo-data/archive runs/pre-1/model runs/mass-1 --target mass
       mammo-node train evaluate mammo-data/archive runs/pre-1/model runs/eval-1   (zero-shot)
       mammo-node train multiview mammo-data/archive /models/clip-vit-b16 runs/mv-1 --protocol split
+      mammo-node train detector --manifest phantoms/manifest.csv --model runs/pre-1/model --out runs/det-1
+      mammo-node train factor mammo-data/archive runs/pre-1/model runs/factor-1 --masks phantoms/manifest.csv
       mammo-node model register runs/pre-1/model --name site-v1 && mammo-node model activate site-v1
+      mammo-node model register runs/pre-1/model --name site-v1-loc --detector runs/det-1 --factor runs/factor-1
     Several GPUs: python -m torch.distributed.run --nproc_per_node=4 -m training.pretrain INDEX OUT ...
     Models trained on synthetic data (--synthetic) are marked NOT clinical in their cards.
     """
@@ -71,6 +74,44 @@ def multiview_command(ctx: click.Context) -> None:
 
     try:
         multiview_main(ctx.args)
+    except NodeError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@train.command("detector", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                             "help_option_names": []})
+@click.pass_context
+def detector_command(ctx: click.Context) -> None:
+    """The lesion detector (RetinaNet, mass and calcification boxes): --manifest or --boxes, --out OUT; `--help`
+    lists its options.
+
+    \b
+    Trains on a synthetic manifest.csv or a VinDr-style box CSV, prints held-out mAP@0.5 per class, writes the
+    detector folder OUT; then `mammo-node model register BASE --detector OUT`. Synthetic: NOT clinical.
+    """
+    from training.detector_train import main as detector_main
+
+    try:
+        detector_main(ctx.args, prog="mammo-node train detector")
+    except NodeError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@train.command("factor", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                           "help_option_names": []})
+@click.pass_context
+def factor_command(ctx: click.Context) -> None:
+    """Mammo-FActOR projectors on a frozen encoder: INDEX MODEL OUT [--masks manifest.csv | --boxes CSV]; `--help`
+    lists its options.
+
+    \b
+    Trains on the indexed archive, prints IoU@0.25/0.5 and the pointing game per attribute on the test split,
+    writes the FActOR folder OUT; then `mammo-node model register MODEL --factor OUT`. Synthetic: NOT clinical.
+    """
+    from training.factor.train import main as factor_main
+
+    try:
+        factor_main(ctx.args, prog="mammo-node train factor")
     except NodeError as error:
         raise click.ClickException(str(error)) from None
 

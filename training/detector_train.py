@@ -10,7 +10,7 @@ are not applied). mAP is VOC-style: per class, detections sorted by score are ma
 ground-truth boxes of the same image at IoU >= 0.5, and AP is the area under the all-point interpolated
 precision-recall curve; the mean runs over the classes that have ground-truth boxes.
 
-    python -m training.detector_train --manifest synthetic/manifest.csv --model mammo-data/demo-model --out det
+    mammo-node train detector --manifest synthetic/manifest.csv --model mammo-data/demo-model --out det
     python -m training.detector_train --boxes finding_annotations.csv --images vindr/images --model b5.tar \
         --out det-b5 --input-size 512 512
 """
@@ -129,32 +129,45 @@ def _find_images(root: Path) -> dict[str, Path]:
     return {path.stem: path for path in sorted(root.rglob("*")) if path.is_file() and path.suffix in DICOM_SUFFIXES}
 
 
-def annotations_from_box_csv(csv_path: Path | str, image_root: Path | str) -> list[BoxAnnotation]:
-    """Images of a VinDr-style box CSV (one row per box; 'No Finding' rows give images without boxes)."""
+def box_csv_rows(csv_path: Path | str) -> dict[str, list[Mapping[str, str]]]:
+    """The rows of a VinDr-style box CSV grouped by ``image_id``, after checking its columns."""
     with Path(csv_path).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     missing_columns = [c for c in BOX_COLUMNS if rows and c not in rows[0]]
     if not rows or missing_columns:
         raise ConfigurationError(f"{csv_path} has no rows or lacks columns {missing_columns}")
-    files = _find_images(Path(image_root))
     by_image: dict[str, list[Mapping[str, str]]] = defaultdict(list)
     for row in rows:
         by_image[row["image_id"]].append(row)
+    return by_image
+
+
+def image_boxes(rows: Sequence[Mapping[str, str]]) -> tuple[tuple[tuple[float, float, float, float], ...],
+                                                            tuple[str, ...]]:
+    """One image's boxes (source pixels) and their detector classes; one box per class a row names."""
+    boxes, findings = [], []
+    for row in rows:
+        box = _finite_box(row)
+        for finding in parse_categories(row["finding_categories"]) if box else []:
+            boxes.append(box)
+            findings.append(finding)
+    return tuple(boxes), tuple(findings)
+
+
+def annotations_from_box_csv(csv_path: Path | str, image_root: Path | str) -> list[BoxAnnotation]:
+    """Images of a VinDr-style box CSV (one row per box; 'No Finding' rows give images without boxes)."""
+    by_image = box_csv_rows(csv_path)
+    files = _find_images(Path(image_root))
     annotations, unresolved = [], []
     for image_id, image_rows in by_image.items():
         if image_id not in files:
             unresolved.append(image_id)
             continue
-        boxes, findings = [], []
-        for row in image_rows:
-            box = _finite_box(row)
-            for finding in parse_categories(row["finding_categories"]) if box else []:
-                boxes.append(box)
-                findings.append(finding)
+        boxes, findings = image_boxes(image_rows)
         first = image_rows[0]
         split = SPLIT_NAMES.get(str(first.get("split", "")).strip().lower())
         annotations.append(BoxAnnotation(str(files[image_id]), (first["laterality"], first["view_position"]),
-                                         tuple(boxes), tuple(findings), first.get("study_id") or image_id, split))
+                                         boxes, findings, first.get("study_id") or image_id, split))
     if unresolved:
         log.warning("%d image id(s) of %s have no file under %s (first: %s)", len(unresolved), csv_path, image_root,
                     unresolved[:3])
@@ -440,7 +453,58 @@ def train_detector(detector: MammoDetector, train: Sequence[DetectionSample], co
     return history
 
 
-# ------------------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class DetectorData:
+    """Where the boxes come from: a synthetic ``manifest.csv`` (boxes of the finding masks) or a VinDr-style box
+    CSV and the folder of its images; without a CSV split, ``holdout`` of the groups is held out."""
+
+    manifest: Path | None = None
+    boxes: Path | None = None
+    images: Path | None = None
+    holdout: float = 0.2
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.manifest is None) == (self.boxes is None):
+            raise ConfigurationError("give either a synthetic manifest.csv (--manifest) or a box CSV (--boxes)")
+        if self.boxes is not None and self.images is None:
+            raise ConfigurationError("--boxes needs --images (the folder holding the CSV's images)")
+
+    @property
+    def synthetic(self) -> bool:
+        return self.manifest is not None
+
+    def annotations(self) -> list[BoxAnnotation]:
+        if self.boxes is not None and self.images is not None:
+            return annotations_from_box_csv(self.boxes, self.images)
+        return annotations_from_manifest(Path(str(self.manifest)))
+
+
+@dataclass(frozen=True)
+class DetectorRun:
+    """A finished run: the detector folder, held-out metrics (None: nothing held out), history, data counts."""
+
+    folder: Path
+    metrics: DetectionMetrics | None
+    history: TrainingHistory
+    data: dict[str, Any]
+    synthetic: bool
+
+
+def build_detector(model: Path | None, classes: Sequence[str], *, variant: str = "efficientnet-b5",
+                   input_size: tuple[int, int] | None = None, anchor_size: float = 32.0,
+                   fpn_channels: int = 256) -> MammoDetector:
+    """A detector on the image encoder of ``model`` (Mammo-CLIP checkpoint or version; its input size unless
+    ``input_size``), else on a random ``variant``."""
+    overrides: dict[str, Any] = {"anchor_size": anchor_size, "fpn_channels": fpn_channels}
+    if input_size:
+        overrides.update(input_height=input_size[0], input_width=input_size[1])
+    if model:
+        return detector_from_clip(load_model(model), classes, **overrides)
+    return MammoDetector(replace(DetectorConfig(classes=tuple(classes), image_encoder=variant), **overrides))
 
 
 def _counts(samples: Sequence[DetectionSample], classes: Sequence[str]) -> dict[str, int]:
@@ -460,71 +524,127 @@ def write_outputs(out: Path, detector: MammoDetector, history: TrainingHistory, 
     (out / METRICS_FILE).write_text(json.dumps(figures, indent=2))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.detector_train", description=__doc__.split("\n")[0])
+def run_detector(data: DetectorData, detector: MammoDetector, out: Path | str,
+                 config: DetectorTrainConfig) -> DetectorRun:
+    """Split, prepare, train (the best held-out epoch kept, ``out/last`` the latest), score mAP@0.5 on the
+    held-out images and write the detector folder with ``metrics.json``. ``out`` must not hold a run yet."""
+    out = Path(out)
+    if (out / METRICS_FILE).exists():
+        raise ConfigurationError(f"{out} already holds a training run: choose another folder")
+    train_part, held_part = split_annotations(data.annotations(), data.holdout, config.seed)
+    train, held = (prepare_samples(part, detector.config, cache_dir=data.cache_dir, progress=config.progress)
+                   for part in (train_part, held_part))
+    history = train_detector(detector, train, config, held, checkpoint=out / "last")
+    metrics = evaluate(detector, held, score_threshold=config.eval_score_threshold) if held else None
+    classes = detector.config.classes
+    counts = {"source": str(data.manifest or data.boxes), "train": _counts(train, classes),
+              "held_out": _counts(held, classes)}
+    write_outputs(out, detector, history, metrics, counts, data.synthetic, config)
+    return DetectorRun(out, metrics, history, counts, data.synthetic)
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def summary_lines(run: DetectorRun, base: Path | str | None = None) -> list[str]:
+    """What a run printed at its end: held-out AP per class and mAP, where it is, how to serve it."""
+    lines = []
+    if run.metrics is None:
+        lines.append("no held-out images: mAP not computed")
+    else:
+        m = run.metrics
+        best = f", best epoch {run.history.best_epoch}" if run.history.best_epoch else ""
+        lines.append(f"held-out mAP@{m.iou_threshold:g} {_figure(m.mean_average_precision)} on {m.images} images "
+                     f"(score >= {m.score_threshold:g}{best}); AP per class:")
+        lines += [f"  {name:<14} AP@{m.iou_threshold:g} {_figure(ap):>5}  ({m.ground_truth_boxes[name]} boxes, "
+                  f"{m.detections[name]} detections)" for name, ap in m.average_precision.items()]
+    lines += [f"detector written to {run.folder} (metrics.json; the latest epoch in {run.folder / 'last'})",
+              f"serve it: mammo-node model register {base or 'BASE'} --detector {run.folder}"]
+    if run.synthetic:
+        lines.append("trained on synthetic phantoms: NOT a clinical model")
+    return lines
+
+
+DESCRIPTION = """\
+Train the lesion detector (a RetinaNet on the Mammo-CLIP image encoder that boxes masses and calcifications)
+and report its mAP@0.5 per class on held-out images.
+
+data, one of:
+  --manifest manifest.csv    synthetic phantoms (`mammo-node synth`): one box per finding mask
+  --boxes CSV --images DIR   a VinDr-style box CSV (image_id, laterality, view_position, finding_categories,
+                             xmin, ymin, xmax, ymax in source-image pixels; optional study_id and split) and the
+                             folder holding its images as <image_id>, <image_id>.dicom or <image_id>.dcm
+The CSV's split column (training/test) is used when every image has one; otherwise --holdout of the studies
+(patients for a manifest) is held out and scored after every epoch (the best epoch is kept).
+
+writes OUT: the detector folder (weights.safetensors, config.json, card.json), metrics.json (held-out AP per
+class, mAP, per-epoch history) and OUT/last (the latest epoch). Serve it with the version whose encoder it was
+trained on (--model):
+  mammo-node model register BASE --name site-v1-det --detector OUT && mammo-node model activate site-v1-det
+
+A detector trained on synthetic phantoms is NOT a clinical model: its mAP only shows that the pipeline learns."""
+
+EXAMPLES = """\
+examples:
+  mammo-node synth phantoms --studies 40 --size 512x320
+  mammo-node train detector --manifest phantoms/manifest.csv --model mammo-data/demo-model --out runs/det-1
+  mammo-node train detector --boxes finding_annotations.csv --images vindr/images --model b5.tar \\
+      --input-size 512 512 --cache-dir /scratch/det-cache --out runs/det-b5"""
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--manifest", type=Path, help="synthetic manifest.csv (boxes from the finding masks)")
-    data.add_argument("--boxes", type=Path, help="VinDr-style box CSV (needs --images)")
-    parser.add_argument("--images", type=Path, help="folder holding the CSV's images as <image_id>[.dicom|.dcm]")
-    parser.add_argument("--model", type=Path, help="Mammo-CLIP checkpoint or model version (backbone weights)")
+    data.add_argument("--manifest", type=Path, metavar="CSV",
+                      help="synthetic manifest.csv (boxes from the finding masks)")
+    data.add_argument("--boxes", type=Path, metavar="CSV", help="VinDr-style box CSV (needs --images)")
+    parser.add_argument("--images", type=Path, metavar="DIR",
+                        help="folder holding the CSV's images as <image_id>[.dicom|.dcm]")
+    parser.add_argument("--model", type=Path, metavar="PATH", help="Mammo-CLIP checkpoint or model version whose "
+                                                                   "image encoder is the backbone (default: random)")
     parser.add_argument("--variant", default="efficientnet-b5", help="encoder when there is no --model (random)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="new folder for the detector")
     parser.add_argument("--classes", nargs="+", default=["mass", "calcification"])
-    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"))
+    parser.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
+                        help="detector input (default: the model's; the reference detectors use 512 512)")
     parser.add_argument("--anchor-size", type=float, default=32.0, help="side of the smallest (P3) anchor")
     parser.add_argument("--fpn-channels", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--grad-clip", type=float, default=0.1)
-    parser.add_argument("--bn-momentum", type=float, default=None)
-    parser.add_argument("--freeze-backbone", action="store_true")
-    parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--no-amp", action="store_true")
-    parser.add_argument("--eval-score-threshold", type=float, default=None)
+    parser.add_argument("--bn-momentum", type=float, default=None, help="encoder batch-norm momentum in training")
+    parser.add_argument("--freeze-backbone", action="store_true", help="train the FPN and heads only")
+    parser.add_argument("--no-augment", action="store_true", help="no random flips")
+    parser.add_argument("--no-amp", action="store_true", help="no autocast on CUDA")
+    parser.add_argument("--eval-score-threshold", type=float, default=None,
+                        help="score threshold of the mAP (default: the detector's 0.2)")
     parser.add_argument("--holdout", type=float, default=0.2, help="share of groups held out (no CSV split)")
-    parser.add_argument("--cache-dir", type=Path, help="keep prepared images here (.npy, memory-mapped)")
+    parser.add_argument("--cache-dir", type=Path, metavar="DIR", help="keep prepared images here (.npy, memory-mapped)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
-def _build_detector(args: argparse.Namespace) -> MammoDetector:
-    overrides: dict[str, Any] = {"anchor_size": args.anchor_size, "fpn_channels": args.fpn_channels}
-    if args.input_size:
-        overrides.update(input_height=args.input_size[0], input_width=args.input_size[1])
-    if args.model:
-        return detector_from_clip(load_model(args.model), args.classes, **overrides)
-    config = replace(DetectorConfig(classes=tuple(args.classes), image_encoder=args.variant), **overrides)
-    return MammoDetector(config)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Train a detector from masks or a box CSV, evaluate mAP@0.5 on the held-out images, save the folder."""
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m training.detector_train") -> int:
+    """Train a detector from masks or a box CSV, evaluate mAP@0.5 on the held-out images, save the folder and
+    print the summary (``mammo-node train detector`` runs this too)."""
+    args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if args.boxes and not args.images:
-        raise ConfigurationError("--boxes needs --images (the folder holding the CSV's images)")
+    data = DetectorData(args.manifest, args.boxes, args.images, args.holdout, args.cache_dir)
     torch.manual_seed(args.seed)
-    annotations = (annotations_from_manifest(args.manifest) if args.manifest
-                   else annotations_from_box_csv(args.boxes, args.images))
-    detector = _build_detector(args).to(args.device)
-    train_part, held_part = split_annotations(annotations, args.holdout, args.seed)
-    train = prepare_samples(train_part, detector.config, cache_dir=args.cache_dir, progress=not args.no_progress)
-    held = prepare_samples(held_part, detector.config, cache_dir=args.cache_dir, progress=not args.no_progress)
+    detector = build_detector(args.model, args.classes, variant=args.variant, input_size=args.input_size,
+                              anchor_size=args.anchor_size, fpn_channels=args.fpn_channels).to(args.device)
     config = DetectorTrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                                  grad_clip=args.grad_clip, freeze_backbone=args.freeze_backbone,
                                  batch_norm_momentum=args.bn_momentum, augment=not args.no_augment,
                                  amp=not args.no_amp, eval_score_threshold=args.eval_score_threshold, seed=args.seed,
                                  progress=not args.no_progress)
-    history = train_detector(detector, train, config, held, checkpoint=args.out / "last")
-    metrics = evaluate(detector, held, score_threshold=args.eval_score_threshold) if held else None
-    data = {"source": str(args.manifest or args.boxes), "train": _counts(train, detector.config.classes),
-            "held_out": _counts(held, detector.config.classes)}
-    write_outputs(args.out, detector, history, metrics, data, bool(args.manifest), config)
-    if metrics:
-        print(json.dumps({"mAP@0.5": metrics.mean_average_precision, **metrics.average_precision}))
+    run = run_detector(data, detector, args.out, config)
+    print("\n".join(summary_lines(run, args.model)))
     return 0
 
 
