@@ -7,7 +7,8 @@ sharing the port (``dicom_node.scp_pool``).
 Statuses returned by ``handle_store`` (PS3.4 Annex B.2.3):
 
 - ``0x0000`` Success: the file is on disk (fsynced) and its row is committed.
-- ``0xA700`` Refused, out of resources: the disk or the database failed; the sender should retry later.
+- ``0xA700`` Refused, out of resources: the disk or the database failed, or the data directory has less free
+  space than ``min_free_disk_mb`` (checked before anything is written); the sender should retry later.
 - ``0xA900`` Error, dataset does not match SOP class: the dataset's SOP class is not the command's.
 - ``0xC000`` Error, cannot understand: the dataset cannot be decoded (checked element by element, inflated
   with a limit), its pixel data is cut short, it carries an invalid UID, or its SOP instance UID is not the
@@ -19,8 +20,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import socket
 import ssl
+import threading
+import time
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -39,13 +44,13 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import metrics
 from dicom_node.find_scp import handle_find
 from dicom_node.settings import Settings
-from dicom_node.storage import InstanceStore, InvalidUIDError
+from dicom_node.storage import InstanceStore, InvalidUIDError, file_parts
+from dicom_node.transport import NodeServer
 from dicom_node.validation import MalformedInstanceError, decode_received
 
 log = logging.getLogger(__name__)
@@ -69,11 +74,54 @@ TRANSFER_SYNTAXES = [
 ]
 
 
-def handle_store(event: Event, store: InstanceStore) -> int:
+class FreeSpaceGuard:
+    """Whether ``folder``'s file system has at least ``min_free_mb`` MiB free. ``shutil.disk_usage`` is asked at
+    most once per ``interval`` seconds (the answer is cached), so the check costs nothing per instance."""
+
+    def __init__(self, folder: Path, min_free_mb: float, interval: float = 1.0) -> None:
+        self.folder = Path(folder)
+        self.min_free_bytes = int(min_free_mb * 1024 * 1024)
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._checked = float("-inf")
+        self._free: int | None = None
+
+    def free_bytes(self) -> int | None:
+        """The free bytes seen at most ``interval`` ago; None when they cannot be read (not a refusal)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked >= self.interval:
+                self._checked = now
+                folder = self.folder
+                while not folder.exists() and folder != folder.parent:  # before the first store
+                    folder = folder.parent
+                try:
+                    self._free = shutil.disk_usage(folder).free
+                except OSError:
+                    self._free = None
+            return self._free
+
+    def too_low(self) -> int | None:
+        """The free bytes when they are below the minimum, else None."""
+        if self.min_free_bytes <= 0:
+            return None
+        free = self.free_bytes()
+        return free if free is not None and free < self.min_free_bytes else None
+
+
+def handle_store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None = None) -> int:
     """EVT_C_STORE handler: write and record the instance, then return a status (see the module docstring)."""
     sop_uid = str(event.request.AffectedSOPInstanceUID)
+    free = space.too_low() if space is not None else None
+    if free is not None:  # refused before anything is decoded or written; UIDs only in the log
+        metrics.rejected(metrics.DISK_FULL)
+        log.error("refused instance %s: %.0f MiB free in %s, below min_free_disk_mb %.0f MiB (out of resources; "
+                  "the sender should retry)", sop_uid[:64], free / 2**20, space.folder,
+                  space.min_free_bytes / 2**20)
+        return OUT_OF_RESOURCES
     try:  # decoding can only be the sender's fault: never "out of resources"
-        dataset = decode_received(event.encoded_dataset(include_meta=False), str(event.context.transfer_syntax))
+        received = event.encoded_dataset(include_meta=False)
+        dataset = decode_received(received, str(event.context.transfer_syntax))
         dataset.file_meta = event.file_meta
         status = _command_disagrees(event, dataset)
     except MalformedInstanceError as error:
@@ -88,7 +136,7 @@ def handle_store(event: Event, store: InstanceStore) -> int:
         metrics.rejected(metrics.MALFORMED)
         return status
     try:
-        stored = store.store(event.encoded_dataset(), dataset, str(event.context.transfer_syntax),
+        stored = store.store(file_parts(event.file_meta, received), dataset, str(event.context.transfer_syntax),
                              event.assoc.requestor.ae_title)
     except (InvalidUIDError, MalformedInstanceError) as error:
         metrics.rejected(metrics.MALFORMED)
@@ -142,7 +190,7 @@ def _log_rejected(event: Event) -> None:
 def build_ae(settings: Settings) -> AE:
     """The application entity with the node's AE title, contexts, limits and allow-list."""
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_pdu_size = 0
+    ae.maximum_pdu_size = settings.maximum_pdu_size  # enforced on every read (dicom_node.transport)
     ae.maximum_associations = settings.maximum_associations
     ae.require_calling_aet = list(settings.allowed_calling_aes)
     ae.add_supported_context(Verification)
@@ -160,7 +208,7 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-class ReusePortServer(ThreadedAssociationServer):
+class ReusePortServer(NodeServer):
     """An association server whose socket shares its port with the node's other SCP processes (SO_REUSEPORT):
     the kernel spreads the incoming connections over them. Only sockets of the same user can join the port."""
 
@@ -171,15 +219,18 @@ class ReusePortServer(ThreadedAssociationServer):
 
 def scp_handlers(settings: Settings, store: InstanceStore) -> list[tuple]:
     """The event handlers of the SCP: C-STORE into ``store``, C-FIND over its database, association counts."""
-    return [(evt.EVT_C_STORE, handle_store, [store]), (evt.EVT_ACCEPTED, _count_accepted),
+    space = FreeSpaceGuard(store.root, settings.min_free_disk_mb)
+    return [(evt.EVT_C_STORE, handle_store, [store, space]), (evt.EVT_ACCEPTED, _count_accepted),
             (evt.EVT_REJECTED, _log_rejected), (evt.EVT_C_FIND, handle_find, [store.sessions, settings.ae_title])]
 
 
 def start_scp(settings: Settings, store: InstanceStore,
-              ssl_context: ssl.SSLContext | None = None) -> ThreadedAssociationServer:
+              ssl_context: ssl.SSLContext | None = None) -> NodeServer:
     """Start the Storage (and C-FIND) SCP in background threads; call ``.shutdown()`` on the result to stop it."""
-    server = build_ae(settings).start_server((settings.bind_host, settings.port), block=False,
-                                             evt_handlers=scp_handlers(settings, store), ssl_context=ssl_context)
+    server = build_ae(settings).make_server((settings.bind_host, settings.port), ssl_context=ssl_context,
+                                            evt_handlers=scp_handlers(settings, store),
+                                            server_class=NodeServer)
+    threading.Thread(target=server.serve_forever, name="StorageSCP", daemon=True).start()
     log.info("Storage SCP %s listening on %s:%d", settings.ae_title, settings.bind_host, server.server_address[1])
     return server
 

@@ -54,7 +54,16 @@ class Settings(BaseSettings):
         default_factory=list, description="Calling AE titles allowed to associate; empty: any (logged).")
     store_non_mammography: bool = Field(
         True, description="Store non-MG objects without analysing them (false: refuse them with 0x0122).")
-    maximum_associations: int = Field(10, ge=1, le=200)
+    maximum_associations: int = Field(
+        10, ge=1, le=200, description="Associations served at once; more are refused (A-ASSOCIATE-RJ, transient: "
+                                      "the sender retries).")
+    maximum_pdu_size: int = Field(
+        1 << 20, ge=65536, le=1 << 26, description="Largest P-DATA PDU the SCP announces and accepts (bytes); an "
+                                                 "association whose peer sends a longer one is aborted.")
+    min_free_disk_mb: float = Field(
+        500.0, ge=0, description="The Storage SCP refuses instances with 0xA700 (out of resources; the sender "
+                                 "retries) while data_dir has less free space than this (MiB), so a full disk "
+                                 "never holds a half-written study; checked at most once a second. 0: never.")
     scp_processes: int = Field(
         1, ge=1, le=64, description="Storage SCP processes sharing the port (Linux SO_REUSEPORT), so concurrent "
                                     "associations do not share one interpreter lock; 1: the SCP runs in the node "

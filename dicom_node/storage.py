@@ -2,7 +2,8 @@
 
 The order is what makes "nothing lost" true: the file is complete on disk (temp file, fsync, rename, fsync of
 the folder) and its row is committed before the Storage SCP answers Success. A resend of the same SOP
-Instance UID rewrites the same path and updates the same row, so it is idempotent.
+Instance UID rewrites the same path and updates the same row, so it is idempotent; a resend of the same bytes
+changes nothing (an analysed study is not analysed again for it), a changed instance re-opens its study.
 
 A SOP Instance UID is filed under one study, series and patient only. An instance whose UIDs clash with what is
 stored (its SOP Instance UID already in another study or series, its series in another study, or its study
@@ -17,15 +18,17 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pynetdicom.dsutils import encode_file_meta
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.validation import check_encoding, check_instance
+from dicom_node.validation import check_instance
 from models.errors import NodeError
 from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES
 from worklist.models import Instance, Series, Study, StudyState, utcnow
@@ -60,14 +63,17 @@ def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> 
     return Path(root, "studies", *parts)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` is either absent, the old file, or the complete new file."""
+def atomic_write(path: Path, data: bytes | Sequence[bytes]) -> None:
+    """Write ``data`` (bytes, or parts written one after the other) so that ``path`` is either absent, the old
+    file, or the complete new file."""
+    parts = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     temporary = path.parent / f".{uuid.uuid4().hex}.part"
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
+            for part in parts:
+                handle.write(part)
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(path)
@@ -79,6 +85,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def sha256_of(parts: Sequence[bytes]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def file_parts(file_meta: FileMetaDataset, dataset: bytes) -> tuple[bytes, bytes]:
+    """A received dataset as the two parts of its DICOM file: preamble, prefix and file meta; the dataset."""
+    return b"\0" * 128 + b"DICM" + encode_file_meta(file_meta), dataset
 
 
 @dataclass(frozen=True)
@@ -129,12 +147,14 @@ class InstanceStore:
         self.root = Path(root)
         self.sessions = sessions
 
-    def store(self, encoded: bytes, dataset: Dataset, transfer_syntax_uid: str, calling_ae: str) -> StoredInstance:
-        """Write one received instance and commit its rows. Raises on any failure (nothing is claimed):
-        ``InvalidUIDError`` (``UIDConflictError``) and ``MalformedInstanceError`` for a dataset that must not be
-        stored, before anything is written. A database failure leaves a complete file without a row, which the
-        resend the sender is asked for (0xA700) rewrites."""
-        check_encoding(encoded, transfer_syntax_uid)
+    def store(self, encoded: Sequence[bytes], dataset: Dataset, transfer_syntax_uid: str,
+              calling_ae: str) -> StoredInstance:
+        """Write one received instance (its DICOM file as parts: preamble and file meta, then the dataset as
+        received, whose element structure the caller has checked, e.g. with ``decode_received``) and commit its
+        rows. Raises on any failure (nothing is claimed): ``InvalidUIDError`` (``UIDConflictError``) and
+        ``MalformedInstanceError`` for a dataset that must not be stored, before anything is written. A database
+        failure leaves a complete file without a row, which the resend the sender is asked for (0xA700)
+        rewrites."""
         study_uid = validated_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = validated_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = validated_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -151,8 +171,8 @@ class InstanceStore:
             "sop_class_uid": sop_class, "transfer_syntax_uid": transfer_syntax_uid,
             "laterality": str(dataset.get("ImageLaterality") or dataset.get("Laterality") or "")[:2] or None,
             "view": str(dataset.get("ViewPosition") or "")[:16] or None, "analysable": analysable,
-            "path": str(path.relative_to(self.root)), "size_bytes": len(encoded),
-            "sha256": hashlib.sha256(encoded).hexdigest(), "calling_ae": calling_ae[:16],
+            "path": str(path.relative_to(self.root)), "size_bytes": sum(map(len, encoded)),
+            "sha256": sha256_of(encoded), "calling_ae": calling_ae[:16],
         }
         existed = path.exists()
         atomic_write(path, encoded)
@@ -162,7 +182,7 @@ class InstanceStore:
             if not existed:  # a clash committed meanwhile by another process: the file is nobody's
                 path.unlink(missing_ok=True)
             raise
-        log.info("stored instance %s of study %s (%s, %d bytes%s)", sop_uid, study_uid, sop_class, len(encoded),
+        log.info("stored instance %s of study %s (%s, %d bytes%s)", sop_uid, study_uid, sop_class, fields["size_bytes"],
                  ", resend" if existing else "")
         return StoredInstance(sop_uid, study_uid, path, analysable, existing)
 
@@ -182,6 +202,10 @@ class InstanceStore:
             series = _get_or_create(session, Series, "series_instance_uid", series_uid, study=study,
                                     modality=str(dataset.get("Modality") or "")[:16] or None)
             existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+            if existing is not None and existing.sha256 == fields["sha256"]:
+                # The same bytes again (a sender resending after a lost response or a failed association):
+                # nothing new to analyse, so the study is not re-opened (that would send a second SR and SEGs).
+                return True
             if existing is None:
                 session.add(Instance(sop_instance_uid=sop_uid, study=study, series=series, **fields))
             else:
@@ -190,5 +214,5 @@ class InstanceStore:
                 existing.received_at = utcnow()
             study.last_received_at = utcnow()
             if study.state == StudyState.ANALYSED and fields["analysable"]:
-                study.state = StudyState.RECEIVING  # a late instance: the study will be analysed again
+                study.state = StudyState.RECEIVING  # a new or changed instance: the study will be analysed again
         return existing is not None

@@ -32,14 +32,18 @@ def wait_for_port(port: int, process: subprocess.Popen, name: str, timeout: floa
 class StoreSCP:
     """DCMTK's storescp (AE ``PACS``, every transfer syntax it knows) writing into a folder."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, unique_filenames: bool = False) -> None:
+        """``unique_filenames``: every received object gets its own file (``+uf``), so a second copy of the same
+        SOP instance is counted instead of overwriting the first (the default names files by SOP UID)."""
         self.folder = folder
         self.port = free_port()
+        self.unique_filenames = unique_filenames
         self.process: subprocess.Popen | None = None
 
     def start(self) -> StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen([require_tool("/usr/bin/storescp"), "-aet", "PACS", "+xa", "-od",
+        naming = ["+uf"] if self.unique_filenames else []
+        self.process = subprocess.Popen([require_tool("/usr/bin/storescp"), "-aet", "PACS", "+xa", *naming, "-od",
                                          str(self.folder), str(self.port)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
         wait_for_port(self.port, self.process, "storescp")

@@ -6,6 +6,7 @@ that for a single frame, without plane positions) and holds one frame per segmen
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import highdicom as hd
@@ -21,6 +22,9 @@ from dicom_node.results.findings import ModelIdentity
 # JPEG 2000 Lossless, the usual archive syntax of mammography PACS. Measured on 2 cores for a 4096 x 3328 SEG
 # with 3 smooth heatmaps: 4.1 MB, 1.7 s to build; uncompressed 41 MB, 0.6 s; RLE 26 MB, 1.1 s; JPEG-LS 5.1 MB, 1.0 s.
 TRANSFER_SYNTAX = JPEG2000Lossless
+# pylibjpeg-openjpeg's encoder is not thread-safe: two encodes at once in one process crash it (SIGSEGV), which
+# killed the embedded worker (two analysis threads) again and again. One encode at a time per process.
+_JPEG2000_ENCODER = threading.Lock()
 SERIES_DESCRIPTION = "AI heatmaps - research/triage only"
 CONTENT_DESCRIPTION = "AI heatmap - research/triage only, not for diagnosis"
 SEGMENT_COLORS = {"malignancy": (55.0, 75.0, 60.0), "mass": (85.0, -5.0, 80.0), "calcification": (60.0, -30.0, -40.0)}
@@ -81,14 +85,16 @@ def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model
     pixels = np.empty((1, *shape, len(names)), dtype=np.float32)
     for index, name in enumerate(names):
         np.clip(heatmaps[name], 0.0, 1.0, out=pixels[0, ..., index])
-    seg = hd.seg.Segmentation(
-        source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
-        segment_descriptions=descriptions, series_instance_uid=series_instance_uid, series_number=series_number,
-        sop_instance_uid=sop_instance_uid, instance_number=instance_number, manufacturer=MANUFACTURER,
-        manufacturer_model_name=model.name[:64], software_versions=software_versions(model),
-        device_serial_number=SERIAL_NUMBER, fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
-        max_fractional_value=255, content_label="AI_HEATMAP", content_description=CONTENT_DESCRIPTION,
-        transfer_syntax_uid=TRANSFER_SYNTAX, omit_empty_frames=False)
+    with _JPEG2000_ENCODER:
+        seg = hd.seg.Segmentation(
+            source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+            segment_descriptions=descriptions, series_instance_uid=series_instance_uid,
+            series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=instance_number,
+            manufacturer=MANUFACTURER, manufacturer_model_name=model.name[:64],
+            software_versions=software_versions(model), device_serial_number=SERIAL_NUMBER,
+            fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY, max_fractional_value=255,
+            content_label="AI_HEATMAP", content_description=CONTENT_DESCRIPTION,
+            transfer_syntax_uid=TRANSFER_SYNTAX, omit_empty_frames=False)
     seg.SeriesDescription = SERIES_DESCRIPTION
     if "PatientOrientation" in source:  # General Image, Type 2C when there is no Frame of Reference
         seg.PatientOrientation = source.PatientOrientation
