@@ -264,7 +264,7 @@ def test_study_page_shows_the_four_views_and_overlays(synthetic_root, sqlite_ses
     files = sorted(next(p for p in sorted(synthetic_root.iterdir()) if p.is_dir()).glob("*.dcm"))
     for path in files:
         dataset = pydicom.dcmread(path)
-        store.store(path.read_bytes(), dataset, str(dataset.file_meta.TransferSyntaxUID), "MODALITY")
+        store.store([path.read_bytes()], dataset, str(dataset.file_meta.TransferSyntaxUID), "MODALITY")
     uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     with sessions.begin() as session:
         study = session.query(Study).filter_by(study_instance_uid=uid).one()

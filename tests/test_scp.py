@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import struct
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, RLELossless
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 from sqlalchemy import func, select
 
 from dicom_node.scp import start_scp
@@ -271,3 +274,20 @@ def test_mutual_tls_with_dcmtk_and_our_scu(db_url: str, tmp_path: Path, study_fi
     finally:
         server.shutdown()
         engine.dispose()
+
+
+def test_a_pdu_longer_than_announced_aborts_its_association_and_the_node_keeps_serving(
+        node: Node, study_files: list[Path]) -> None:
+    ae = AE(ae_title="OVERSIZE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.settings.port, ae_title=node.settings.ae_title)
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == node.settings.maximum_pdu_size == 1 << 20
+    # a P-DATA-TF PDU declaring 2 GiB: the node must stop reading it at once, not buffer what follows
+    assoc.dul.socket.socket.sendall(b"\x04\x00" + struct.pack(">L", 1 << 31) + bytes(65536))
+    deadline = time.monotonic() + 30
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted or not assoc.is_established
+    assert storescu(node, study_files[0]).returncode == 0
+    assert node.count() == 1

@@ -1,0 +1,82 @@
+"""The SCP's network reads: bounded by the PDU size the node announces, and in large chunks.
+
+pynetdicom reads each PDU by asking its socket for the length the PDU header declares, in 4 KiB ``recv``
+calls appended to a ``bytearray``. Two problems for a node on a hospital network:
+
+- a peer that declares a 4 GiB PDU is read until it stops sending, all of it in memory, whatever maximum
+  length the node announced in its A-ASSOCIATE-AC;
+- a 7 MB mammogram costs ~1,700 ``recv`` calls and as many re-allocations, under the GIL.
+
+``BoundedSocket`` refuses a read longer than the announced maximum (plus the 6-byte header) with an
+``OSError``, which pynetdicom's DUL handles as a closed transport (Evt17: the association is aborted and the
+connection closed), and reads into one preallocated buffer with ``recv_into`` in chunks of up to 1 MiB.
+"""
+
+from __future__ import annotations
+
+import logging
+import socketserver
+from typing import Any
+
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+log = logging.getLogger(__name__)
+
+PDU_HEADER = 6
+CHUNK = 1 << 20
+
+
+class PduTooLargeError(OSError):
+    """A peer declared a PDU longer than the maximum length the node announced."""
+
+
+class BoundedSocket(AssociationSocket):
+    """An ``AssociationSocket`` whose reads never exceed ``limit`` bytes and fill one buffer."""
+
+    limit: int
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read exactly ``nr_bytes`` (fewer only when the peer closes the connection first)."""
+        if nr_bytes > self.limit:
+            log.warning("association from %s aborted: it sent a PDU of %d bytes, above the %d announced",
+                        self.assoc.requestor.address, nr_bytes, self.limit)
+            raise PduTooLargeError(f"PDU of {nr_bytes} bytes exceeds the maximum of {self.limit}")
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        read = 0
+        while read < nr_bytes:
+            count = self.socket.recv_into(view[read:], min(nr_bytes - read, CHUNK))
+            if not count:  # closed by the peer: what arrived, as pynetdicom's own socket returns it
+                view.release()
+                del buffer[read:]
+                return buffer
+            read += count
+        view.release()
+        return buffer
+
+
+class NodeRequestHandler(RequestHandler):
+    """pynetdicom's request handler, its association reading through a ``BoundedSocket``."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        # The socket pynetdicom made has already queued the "connection open" event: it is kept and given the
+        # subclass's reads (a second socket object would queue that event twice).
+        sock = assoc.dul.socket
+        sock.__class__ = BoundedSocket
+        maximum = self.ae.maximum_pdu_size
+        sock.limit = PDU_HEADER + maximum if maximum else 1 << 62
+        return assoc
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with ``NodeRequestHandler``. ``shutdown()`` stops serving and
+    closes the socket (the server is made with ``make_server``, so it is not in its AE's server list)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, request_handler=NodeRequestHandler, **kwargs)
+
+    def shutdown(self) -> None:
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
