@@ -23,6 +23,7 @@ from pathlib import Path
 
 from celery import Celery, Task
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
@@ -181,7 +182,12 @@ def analyze_study(self: Task, job_id: int) -> None:
     ctx = context()
     settings = ctx.settings
     stale = timedelta(seconds=settings.job_stale_seconds)
-    claim = claim_job(ctx.sessions, job_id, worker_name(), stale)
+    try:
+        claim = claim_job(ctx.sessions, job_id, worker_name(), stale)
+    except SQLAlchemyError as error:  # the job stays QUEUED: its message must come back, not be acked away
+        log.warning("job %d could not be claimed (database error %s): retrying in 5 s", job_id,
+                    type(error).__name__)
+        raise self.retry(countdown=5, max_retries=None) from None
     if claim is None:
         state = job_state(ctx.sessions, job_id)
         if state is not None and state.value == "RUNNING":  # maybe a dead worker's: look again once it is stale
