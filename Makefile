@@ -18,5 +18,6 @@ test: install-test
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest
 
+# make bench [BENCH_ARGS=--quick]: every benchmark and one summary table (benchmarks/run_all.py)
 bench: install-test
-	$(PYTHON) benchmarks/inference.py
+	$(PYTHON) benchmarks/run_all.py $(BENCH_ARGS)

@@ -12,11 +12,13 @@ as the node opens it, the median and best time over ``--repeats`` runs of:
     python benchmarks/drift_query.py
     python benchmarks/drift_query.py --results 1000 --repeats 3
     python benchmarks/drift_query.py --db-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+    python benchmarks/drift_query.py --quick --json rows.json   # 10k only, 3 repeats; summary rows as JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import tempfile
 import time
@@ -63,7 +65,8 @@ def fill(url: str, count: int, weeks: int, seed: int = 0) -> None:
     engine.dispose()
 
 
-def measure(url: str, count: int, repeats: int) -> None:
+def measure(url: str, count: int, repeats: int) -> dict[str, float]:
+    """Print the report's and the row fetch's median and best time; returns the medians (ms)."""
     engine = make_engine(url)
     sessions = session_factory(engine)
     settings = Settings()
@@ -77,10 +80,13 @@ def measure(url: str, count: int, repeats: int) -> None:
             session.execute(select(Job.model_version, Result.created_at, Result.suspicion)
                             .join(Job, Job.id == Result.job_id)).all()
 
+    medians = {}
     for name, function in (("report", lambda: drift_report(sessions, settings, today)), ("rows", rows)):
-        median, best = timed(function, repeats)
-        print(f"{count:>8} results  {name:<7} median {median:7.1f} ms   best {best:7.1f} ms   ({weeks} version-weeks)")
+        medians[name], best = timed(function, repeats)
+        print(f"{count:>8} results  {name:<7} median {medians[name]:7.1f} ms   best {best:7.1f} ms   "
+              f"({weeks} version-weeks)")
     engine.dispose()
+    return medians
 
 
 def main() -> None:
@@ -89,14 +95,26 @@ def main() -> None:
     parser.add_argument("--weeks", type=int, default=52)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--db-url", help="a PostgreSQL server URL (a temporary database is created on it)")
+    parser.add_argument("--quick", action="store_true", help="10k results only, 3 repeats")
+    parser.add_argument("--json", type=Path, help="write the summary rows (report against fetching the rows) here")
     args = parser.parse_args()
+    if args.quick:
+        args.results, args.repeats = [10_000], 3
+    backend = "PostgreSQL" if args.db_url else "SQLite"
+    summary: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as folder:
         for count in args.results:
             begin = time.perf_counter()
             with scratch_database(args.db_url, Path(folder) / f"drift-{count}.sqlite") as url:
                 fill(url, count, args.weeks)
                 print(f"{count:>8} results  filled in {time.perf_counter() - begin:.1f} s")
-                measure(url, count, args.repeats)
+                medians = measure(url, count, args.repeats)
+            summary.append({"name": f"drift report, {count:,} results ({backend})",
+                            "figure": round(medians["report"], 1), "baseline": round(medians["rows"], 1),
+                            "unit": "ms", "ratio": round(medians["rows"] / medians["report"], 2), "target": None,
+                            "met": None})
+    if args.json:
+        args.json.write_text(json.dumps(summary))
 
 
 if __name__ == "__main__":

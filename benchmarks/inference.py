@@ -8,14 +8,17 @@ Both use the same random weights, so the embeddings must agree (max |delta| is p
 
     python benchmarks/inference.py                      # B2 and B5 at 1520x912 on the best device
     python benchmarks/inference.py --variants b2 --repeats 3 --device cpu
+    python benchmarks/inference.py --quick --json rows.json   # B2 at 760x456, one repeat; summary rows as JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +77,12 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=912)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="B2 at 760x456, one repeat: a smoke run")
+    parser.add_argument("--json", type=Path, help="write the summary rows (speed-up, max |delta|) here")
     args = parser.parse_args()
+    if args.quick:
+        args.variants, args.height, args.width, args.repeats = ["b2"], 760, 456, 1
+    rows: list[dict[str, object]] = []
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"input={args.height}x{args.width}, 4 views per study")
     print(f"{'model':<6}{'reference s/study':>19}{'ours s/study':>14}{'speed-up':>10}{'studies/min':>13}"
@@ -91,9 +99,16 @@ def main() -> None:
         delta = float((our_emb - ref_emb).abs().max())
         print(f"{variant:<6}{ref_time:19.3f}{our_time:14.3f}{ref_time / our_time:9.2f}x{60 / our_time:13.1f}"
               f"{delta:12.2e}")
+        name = f"inference {variant.upper()} 4 views {args.height}x{args.width} {args.device}"
+        rows += [{"name": name, "figure": round(our_time, 3), "baseline": round(ref_time, 3), "unit": "s/study",
+                  "ratio": round(ref_time / our_time, 2), "target": ">= 2x", "met": ref_time / our_time >= 2},
+                 {"name": f"{name}: max abs delta of embeddings", "figure": delta, "baseline": None, "unit": "",
+                  "ratio": None, "target": "< 1e-4", "met": delta < 1e-4}]
         if args.device == "cuda":
             print(f"       peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
             torch.cuda.reset_peak_memory_stats()
+    if args.json:
+        args.json.write_text(json.dumps(rows))
 
 
 if __name__ == "__main__":
