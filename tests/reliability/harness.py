@@ -23,6 +23,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from dicom_node.settings import Settings
@@ -286,9 +287,12 @@ class Sender(threading.Thread):
     def send_once(self, files: list[Path]) -> set[Path]:
         raise NotImplementedError
 
-    def release_hold(self) -> None:
-        if self.hold is not None:
-            self.hold.wait(timeout=45)  # under the SCP's 60 s idle timeout
+    def release_hold(self, keep_alive: Callable[[], object]) -> None:
+        """Keep the association open until ``hold`` is set (at most 5 min), with a C-ECHO every 10 s so that the
+        SCP's 60 s idle timeout never closes it: under load the 8 may take a while to be all in."""
+        deadline = time.monotonic() + 300
+        while self.hold is not None and not self.hold.wait(timeout=10) and time.monotonic() < deadline:
+            keep_alive()
 
 
 class PynetdicomSender(Sender):
@@ -296,6 +300,7 @@ class PynetdicomSender(Sender):
         headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in files}
         ae = AE(ae_title=self.calling)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context(Verification)  # the keep-alive of a held association
         for pair in sorted({(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers.values()}):
             ae.add_requested_context(*pair)
         try:
@@ -324,7 +329,7 @@ class PynetdicomSender(Sender):
                 if code is None or not assoc.is_established:
                     break
             if assoc.is_established and len(confirmed) == len(files):
-                self.release_hold()
+                self.release_hold(assoc.send_c_echo)
         finally:
             if assoc.is_established:
                 assoc.release()

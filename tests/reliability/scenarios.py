@@ -118,7 +118,7 @@ def load(suite: Suite) -> Row:
             PynetdicomSender("OVER_PYNETDICOM", settings.port, settings.ae_title, batches[10])]
         for sender in extras:
             sender.start()
-        refused_all = _refused(extras, timeout=40)
+        refused_all = _refused(extras, timeout=90)
         hold.set()  # the 8 release; the extras get in on their next try
         for sender in holders + extras:
             sender.join()
