@@ -10,12 +10,14 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
 
+from dicom_node.settings import Settings
 from tests.peers import StoreSCP
 from tests.reliability.harness import (
     Cluster,
@@ -146,15 +148,31 @@ def _refused(senders: list[Sender], timeout: float) -> bool:
 # ------------------------------------------------------------------------------------------- 2. worker kill
 
 
-def _production(suite: Suite, folder: Path, pacs: StoreSCP, db_url: str, redis: RedisServer, **overrides: object):
-    """The node (`serve --no-worker`), a gpu-queue worker and an io-queue worker as three processes."""
-    settings = make_settings(folder, suite.model, pacs, db_url=db_url, broker_url=redis.url,
-                             study_settle_seconds=0.5, **overrides)
-    cluster = Cluster(environment(settings), folder)
-    start_node(cluster, settings, embedded_worker=False)
-    cluster.start("gpu", "worker", "-Q", "gpu")
-    cluster.start("io", "worker", "-Q", "io", "-c", "2")
-    return settings, cluster
+Production = tuple[Settings, Cluster, StoreSCP, str, RedisServer]
+
+
+@contextmanager
+def _production(suite: Suite, folder: Path, **overrides: object) -> Iterator[Production]:
+    """The node (`serve --no-worker`), a gpu-queue worker and an io-queue worker as three processes, on a fresh
+    PostgreSQL database and a private Redis, delivering to a storescp in ``folder``; all stopped afterwards.
+    Yields the settings, the processes, the PACS, the database URL and the Redis server."""
+    with postgres_database() as db_url:
+        redis = RedisServer(folder / "redis").start()
+        pacs = StoreSCP(folder / "pacs", unique_filenames=True).start()
+        cluster = None
+        try:
+            settings = make_settings(folder, suite.model, pacs, db_url=db_url, broker_url=redis.url,
+                                     study_settle_seconds=0.5, **overrides)
+            cluster = Cluster(environment(settings), folder)
+            start_node(cluster, settings, embedded_worker=False)
+            cluster.start("gpu", "worker", "-Q", "gpu")
+            cluster.start("io", "worker", "-Q", "io", "-c", "2")
+            yield settings, cluster, pacs, db_url, redis
+        finally:
+            if cluster is not None:
+                cluster.stop()
+            pacs.stop()
+            redis.stop()
 
 
 def worker_kill(suite: Suite) -> Row:
@@ -165,53 +183,43 @@ def worker_kill(suite: Suite) -> Row:
     studies = suite.studies(4, 12)
     kills = 3 if suite.full else 1
     folder = suite.folder("worker_kill")
-    with postgres_database() as db_url:
-        redis = RedisServer(folder / "redis").start()
-        pacs = StoreSCP(folder / "pacs", unique_filenames=True).start()
-        cluster = None
-        try:
-            settings, cluster = _production(suite, folder, pacs, db_url, redis, job_stale_seconds=6)
-            sessions = session_factory(make_engine(db_url))
-            senders = [StorescuSender("MODALITY", settings.port, settings.ae_title,
-                                      [f for s in studies for f in s.files])]
-            senders[0].start()
-            host, mid_job, victims = socket.gethostname(), 0, []
-            for _ in range(kills + 3):
-                if mid_job == kills:
-                    break
-                pid = cluster.running["gpu"].pid
+    with _production(suite, folder, job_stale_seconds=6) as (settings, cluster, pacs, db_url, _redis):
+        sessions = session_factory(make_engine(db_url))
+        senders = [StorescuSender("MODALITY", settings.port, settings.ae_title,
+                                  [f for s in studies for f in s.files])]
+        senders[0].start()
+        host, mid_job, victims = socket.gethostname(), 0, []
+        for _ in range(kills + 3):
+            if mid_job == kills:
+                break
+            pid = cluster.running["gpu"].pid
 
-                def running(pid: int = pid) -> int | None:
-                    with sessions() as session:
-                        return session.scalar(select(Job.id).where(Job.state == JobState.RUNNING,
-                                                                   Job.worker == f"{host}:{pid}"))
-
-                try:
-                    job_id = _wait(running, 240, "a job RUNNING on the gpu worker")
-                except AssertionError:
-                    break  # every study analysed before the worker took another one
-                cluster.kill("gpu")
+            def running(pid: int = pid) -> int | None:
                 with sessions() as session:
-                    job = session.get(Job, job_id)
-                    if job.state == JobState.RUNNING and job.worker == f"{host}:{pid}":
-                        mid_job += 1
-                        victims.append(job_id)
-                cluster.start("gpu", "worker", "-Q", "gpu")
-            senders[0].join()
-            row = _settle(settings, studies, 300, "worker_kill", pacs, senders, started)
+                    return session.scalar(select(Job.id).where(Job.state == JobState.RUNNING,
+                                                               Job.worker == f"{host}:{pid}"))
+
+            try:
+                job_id = _wait(running, 240, "a job RUNNING on the gpu worker")
+            except AssertionError:
+                break  # every study analysed before the worker took another one
+            cluster.kill("gpu")
             with sessions() as session:
-                attempts = [session.get(Job, job_id).attempts for job_id in victims]
-            sessions.kw["bind"].dispose()
-            row.notes.insert(0, f"gpu worker SIGKILLed mid-job {mid_job} time(s); those jobs took "
-                                f"{attempts} attempts")
-            if mid_job < kills:
-                row.problems.append(f"only {mid_job} of {kills} kill(s) landed mid-job")
-            return row
-        finally:
-            if cluster is not None:
-                cluster.stop()
-            pacs.stop()
-            redis.stop()
+                job = session.get(Job, job_id)
+                if job.state == JobState.RUNNING and job.worker == f"{host}:{pid}":
+                    mid_job += 1
+                    victims.append(job_id)
+            cluster.start("gpu", "worker", "-Q", "gpu")
+        senders[0].join()
+        row = _settle(settings, studies, 300, "worker_kill", pacs, senders, started)
+        with sessions() as session:
+            attempts = [session.get(Job, job_id).attempts for job_id in victims]
+        sessions.kw["bind"].dispose()
+        row.notes.insert(0, f"gpu worker SIGKILLed mid-job {mid_job} time(s); those jobs took "
+                            f"{attempts} attempts")
+        if mid_job < kills:
+            row.problems.append(f"only {mid_job} of {kills} kill(s) landed mid-job")
+        return row
 
 
 # --------------------------------------------------------------------------------------------- 3. node kill
@@ -272,43 +280,33 @@ def redis_pg(suite: Suite) -> Row:
     started = time.monotonic()
     studies = suite.studies(8, 24)
     folder = suite.folder("redis_pg")
-    with postgres_database() as db_url:
-        redis = RedisServer(folder / "redis").start()
-        pacs = StoreSCP(folder / "pacs", unique_filenames=True).start()
-        cluster = None
-        try:
-            settings, cluster = _production(suite, folder, pacs, db_url, redis, job_stale_seconds=10)
-            batches = split(studies, 4)
-            total = sum(len(b) for b in batches)
-            pace = 0.4 if suite.full else 0.25
-            senders: list[Sender] = [
-                StorescuSender("DCMTK1", settings.port, settings.ae_title, batches[0]),
-                PynetdicomSender("PYNETDICOM1", settings.port, settings.ae_title, batches[1], pace=pace),
-                PynetdicomSender("PYNETDICOM2", settings.port, settings.ae_title, batches[2], pace=pace),
-                PynetdicomSender("PYNETDICOM3", settings.port, settings.ae_title, batches[3], pace=pace)]
-            for sender in senders:
-                sender.start()
-            cut, events = [], []
-            for fraction, fault in ((0.2, "pg"), (0.4, "redis"), (0.6, "pg"), (0.8, "pg")):
-                _wait(lambda n=int(total * fraction): count_instances(settings) >= n, 240, f"{fraction:.0%} stored")
-                if fault == "pg":
-                    cut.append(terminate_backends(db_url))
-                    events.append(f"pg cut ({cut[-1]} connections)")
-                else:
-                    redis.kill()
-                    time.sleep(3)
-                    redis.start()
-                    events.append("redis -9 + restart (3 s down)")
-            for sender in senders:
-                sender.join()
-            row = _settle(settings, studies, 300, "redis_pg", pacs, senders, started)
-            row.notes.insert(0, "while receiving: " + ", ".join(events))
-            return row
-        finally:
-            if cluster is not None:
-                cluster.stop()
-            pacs.stop()
-            redis.stop()
+    with _production(suite, folder, job_stale_seconds=10) as (settings, _cluster, pacs, db_url, redis):
+        batches = split(studies, 4)
+        total = sum(len(b) for b in batches)
+        pace = 0.4 if suite.full else 0.25
+        senders: list[Sender] = [
+            StorescuSender("DCMTK1", settings.port, settings.ae_title, batches[0]),
+            PynetdicomSender("PYNETDICOM1", settings.port, settings.ae_title, batches[1], pace=pace),
+            PynetdicomSender("PYNETDICOM2", settings.port, settings.ae_title, batches[2], pace=pace),
+            PynetdicomSender("PYNETDICOM3", settings.port, settings.ae_title, batches[3], pace=pace)]
+        for sender in senders:
+            sender.start()
+        cut, events = [], []
+        for fraction, fault in ((0.2, "pg"), (0.4, "redis"), (0.6, "pg"), (0.8, "pg")):
+            _wait(lambda n=int(total * fraction): count_instances(settings) >= n, 240, f"{fraction:.0%} stored")
+            if fault == "pg":
+                cut.append(terminate_backends(db_url))
+                events.append(f"pg cut ({cut[-1]} connections)")
+            else:
+                redis.kill()
+                time.sleep(3)
+                redis.start()
+                events.append("redis -9 + restart (3 s down)")
+        for sender in senders:
+            sender.join()
+        row = _settle(settings, studies, 300, "redis_pg", pacs, senders, started)
+        row.notes.insert(0, "while receiving: " + ", ".join(events))
+        return row
 
 
 # ---------------------------------------------------------------------------------------- 5. PACS down
