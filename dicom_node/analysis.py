@@ -40,6 +40,7 @@ from dicom_node.results.findings import (
 from dicom_node.results.seg import FACTOR_PREFIX
 from dicom_node.storage import validated_uid
 from models.clip import MammoClip
+from models.device_memory import peak_cuda_memory
 from models.errors import ImageDecodeError
 from models.heatmap import finding_maps, task_directions
 from models.inference import SCREENING_VIEWS, ViewKey, score_views
@@ -81,6 +82,7 @@ class AnalysisOutput:
     objects: list[ResultObject]
     overlays: list[Path]
     timings: dict[str, float] = field(default_factory=dict)
+    gpu_memory_peak_bytes: int | None = None  # the job's peak CUDA memory; None off CUDA (not a timing)
 
 
 def result_uid(study_uid: str, job_id: int, *parts: str) -> str:
@@ -143,7 +145,15 @@ class Analyzer:
 
     def analyse(self, study_uid: str, job_id: int, instances: list[SourceInstance],
                 heartbeat: Callable[[], object] = lambda: None) -> AnalysisOutput:
-        """Score the study, build its SR and SEGs and write them (and overlay PNGs) under the job folder."""
+        """Score the study, build its SR and SEGs and write them (and overlay PNGs) under the job folder; on a
+        CUDA model, also measure the job's peak GPU memory."""
+        with peak_cuda_memory(self.serving.device) as peak:
+            output = self._analyse(study_uid, job_id, instances, heartbeat)
+        output.gpu_memory_peak_bytes = peak.bytes
+        return output
+
+    def _analyse(self, study_uid: str, job_id: int, instances: list[SourceInstance],
+                 heartbeat: Callable[[], object]) -> AnalysisOutput:
         watch = Stopwatch()
         chosen = select_views(instances)
         if not chosen:

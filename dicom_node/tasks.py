@@ -210,7 +210,8 @@ def analyze_study(self: Task, job_id: int) -> None:
     exports = [(destination.name, obj.sop_instance_uid, str(obj.path))
                for destination in settings.destinations for obj in output.objects]
     done = complete_job(ctx.sessions, claim, output.findings.to_dict(), output.findings.suspicion, output.timings,
-                        output.findings.model.model_version, exports)
+                        output.findings.model.model_version, exports,
+                        gpu_memory_peak_bytes=output.gpu_memory_peak_bytes)
     if done and exports:
         send_export(job_id)
 

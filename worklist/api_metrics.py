@@ -4,6 +4,8 @@
 - ``mammo_job_stage_seconds{stage}``: histogram of the analysis stages each DONE job recorded (``Job.timings``).
   It is cumulative over this process's life: each scrape adds only the jobs that finished since the last
   one (the first scrape reads every finished job once);
+- ``mammo_gpu_memory_peak_bytes{worker}``: per worker, the peak CUDA memory (model weights included) of its
+  newest DONE job that recorded one (absent for a worker that never ran a job on CUDA); read with the histogram;
 - ``mammo_model_info{name, source, clinical}``: the model in service (registry, configured or demo);
 - ``mammo_queue_depth{queue}``: messages waiting in the broker (see ``worklist.node_checks``);
 - ``mammo_suspicion_psi{model_version, week}``: per model version, the PSI of its newest compared week of
@@ -34,11 +36,14 @@ STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 3
 TERMINAL = (JobState.DONE, JobState.FAILED)
 
 
-class StageHistogram:
-    """Per-stage bucket counts of finished jobs, updated incrementally.
+class FinishedJobs:
+    """What the finished jobs recorded, updated incrementally: per-stage bucket counts of the DONE jobs'
+    timings, and per worker the GPU memory peak of its newest (highest id) DONE job that recorded one.
 
     Every job with an id at or below ``watermark`` is terminal and counted; above it, ``seen`` holds the
-    terminal jobs already counted while an older job was still running.
+    terminal jobs already counted while an older job was still running. A scrape reads only the jobs above the
+    watermark (a primary-key range), so the GPU gauge needs no query of its own: ``job`` has no index on
+    ``worker``, ``finished_at`` or the peak, and a per-worker MAX would scan the whole table at each scrape.
     """
 
     def __init__(self) -> None:
@@ -46,18 +51,22 @@ class StageHistogram:
         self.seen: set[int] = set()
         self.buckets: dict[str, list[int]] = {}
         self.sums: dict[str, float] = {}
+        self.gpu_peaks: dict[str, tuple[int, int]] = {}  # worker -> (job id, peak bytes)
         self.lock = threading.Lock()
 
     def update(self, session: Session) -> None:
         with self.lock:
-            rows = session.execute(select(Job.id, Job.state, Job.timings).where(Job.id > self.watermark)
-                                   .order_by(Job.id)).all()
-            for job_id, state, timings in rows:
+            rows = session.execute(select(Job.id, Job.state, Job.timings, Job.worker, Job.gpu_memory_peak_bytes)
+                                   .where(Job.id > self.watermark).order_by(Job.id)).all()
+            for job_id, state, timings, worker, peak in rows:
                 if state in TERMINAL and job_id not in self.seen:
                     self.seen.add(job_id)
                     for stage, seconds in (timings or {}).items() if state == JobState.DONE else ():
                         self._observe(stage, float(seconds))
-            running = [job_id for job_id, state, _ in rows if state not in TERMINAL]
+                    newest = self.gpu_peaks.get(worker or "", (0, 0))[0]
+                    if state == JobState.DONE and worker and peak is not None and job_id > newest:
+                        self.gpu_peaks[worker] = (job_id, peak)
+            running = [row.id for row in rows if row.state not in TERMINAL]
             self.watermark = min(running) - 1 if running else max((row[0] for row in rows), default=self.watermark)
             self.seen = {job_id for job_id in self.seen if job_id > self.watermark}
 
@@ -66,7 +75,7 @@ class StageHistogram:
         counts[next((n for n, bound in enumerate(STAGE_BUCKETS) if seconds <= bound), len(STAGE_BUCKETS))] += 1
         self.sums[stage] = self.sums.get(stage, 0.0) + seconds
 
-    def metric(self) -> HistogramMetricFamily:
+    def stage_metric(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily("mammo_job_stage_seconds", "Analysis stage durations of DONE jobs.",
                                        labels=["stage"])
         with self.lock:
@@ -78,6 +87,14 @@ class StageHistogram:
                 family.add_metric([stage], cumulative, self.sums[stage])
         return family
 
+    def gpu_metric(self) -> GaugeMetricFamily:
+        family = GaugeMetricFamily("mammo_gpu_memory_peak_bytes", "Peak CUDA memory of each worker's newest DONE "
+                                   "job that ran on CUDA.", labels=["worker"])
+        with self.lock:
+            for worker, (_, peak) in sorted(self.gpu_peaks.items()):
+                family.add_metric([worker], peak)
+        return family
+
 
 class WorklistCollector(Collector):
     """Reads the worklist (and the broker's queue depth) at each scrape; ``drift`` gives the drift report."""
@@ -86,7 +103,7 @@ class WorklistCollector(Collector):
         self.settings = settings
         self.sessions = sessions
         self.drift = drift
-        self.stages = StageHistogram()
+        self.finished = FinishedJobs()
 
     def collect(self) -> Iterator[Metric]:
         status = node_status(self.sessions)
@@ -97,8 +114,9 @@ class WorklistCollector(Collector):
             yield _by_label(f"mammo_{name}", helptext, "state",
                             {str(kind): status[name].get(str(kind), 0) for kind in kinds})
         with self.sessions() as session:
-            self.stages.update(session)
-        yield self.stages.metric()
+            self.finished.update(session)
+        yield self.finished.stage_metric()
+        yield self.finished.gpu_metric()
         model = served_model(self.settings, self.sessions)
         info = InfoMetricFamily("mammo_model", "The model in service.")
         info.add_metric([], {"name": model.name, "source": model.source, "clinical": str(model.clinical).lower()})

@@ -172,6 +172,8 @@ def study_page(row: TriageRow, detail: dict[str, Any], exports: list[dict[str, A
                                     _time(job["finished_at"]), escape((job["error"] or "")[:300])]) + "</tr>"
                    for job in detail["jobs"])
     timings = escape(", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in detail["timings"].items()) or "-")
+    if detail["gpu_memory_peak_bytes"] is not None:
+        timings += f"; GPU memory peak {detail['gpu_memory_peak_bytes'] / 2**30:.2f} GiB"
     body = (f"{head}<h2>Scores per breast</h2><table><thead><tr><th></th><th>right</th><th>left</th></tr></thead>"
             f'<tbody>{breasts}</tbody></table><h2>Views</h2><div class="views">{"".join(figures)}</div>'
             "<h2>Exports</h2><table><thead><tr><th>destination</th><th>status</th><th>object</th><th>state</th>"

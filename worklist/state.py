@@ -68,9 +68,11 @@ def heartbeat(sessions: sessionmaker[Session], claim: Claim) -> bool:
 
 
 def complete_job(sessions: sessionmaker[Session], claim: Claim, findings: dict[str, Any], suspicion: float,
-                 timings: dict[str, float], model_version: str, exports: list[tuple[str, str, str]]) -> bool:
+                 timings: dict[str, float], model_version: str, exports: list[tuple[str, str, str]], *,
+                 gpu_memory_peak_bytes: int | None = None) -> bool:
     """RUNNING -> DONE: the result row, the study's score and state, and one PENDING export per
     (destination, SOP Instance UID, path), in one transaction. False (nothing written) if the lease was lost.
+    ``gpu_memory_peak_bytes`` (the analysis' peak CUDA memory; None off CUDA) is recorded on the job.
 
     A study that received instances after the job was created goes back to RECEIVING, so it is analysed
     again with everything it has (the new SR supersedes this one).
@@ -80,7 +82,7 @@ def complete_job(sessions: sessionmaker[Session], claim: Claim, findings: dict[s
         finished = session.execute(update(Job).where(
             Job.id == claim.job_id, Job.lease == claim.lease, Job.state == JobState.RUNNING).values(
             state=JobState.DONE, finished_at=now, updated_at=now, timings=timings, error=None,
-            model_version=model_version[:128])).rowcount
+            model_version=model_version[:128], gpu_memory_peak_bytes=gpu_memory_peak_bytes)).rowcount
         if not finished:
             return False
         job = session.get(Job, claim.job_id)

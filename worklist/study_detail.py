@@ -15,13 +15,15 @@ from worklist.triage import TriageRow, iso, study
 
 def study_detail(sessions: sessionmaker[Session], study_uid: str,
                  with_patient: bool = False) -> tuple[TriageRow, dict[str, Any]] | None:
-    """The study's row, and ``{"views": {name: scores}, "timings": {...}, "jobs": [...]}``."""
+    """The study's row, and ``{"views": {name: scores}, "timings": {...}, "gpu_memory_peak_bytes": int | None,
+    "jobs": [...]}`` (timings and GPU memory peak of the shown result's job)."""
     row = study(sessions, study_uid, with_patient)
     if row is None:
         return None
     with sessions() as session:
-        jobs = session.execute(select(Job.id, Job.state, Job.attempts, Job.model_version, Job.error, Job.created_at,
-                                      Job.started_at, Job.finished_at, Job.timings).join(Study).where(
+        jobs = session.execute(select(
+            Job.id, Job.state, Job.attempts, Job.model_version, Job.error, Job.created_at, Job.started_at,
+            Job.finished_at, Job.timings, Job.gpu_memory_peak_bytes).join(Study).where(
             Study.study_instance_uid == study_uid).order_by(Job.id)).all()
         findings = session.scalar(select(Result.scores).where(Result.job_id == row.result_job_id)) \
             if row.result_job_id else None
@@ -30,9 +32,11 @@ def study_detail(sessions: sessionmaker[Session], study_uid: str,
         name = view_name(view.get("laterality"), view.get("view"))
         views[name] = {**view.get("scores", {}), "density": _top(view.get("density")),
                        "birads": _top(view.get("birads")), "sop_instance_uid": view.get("sop_instance_uid")}
-    timings = next((job.timings or {} for job in jobs if job.id == row.result_job_id), {})
+    shown = next((job for job in jobs if job.id == row.result_job_id), None)
     return row, {"views": {name: views[name] for name in SCREENING_VIEW_NAMES if name in views},
-                 "timings": timings, "model": (findings or {}).get("model"),
+                 "timings": (shown.timings if shown else None) or {},
+                 "gpu_memory_peak_bytes": shown.gpu_memory_peak_bytes if shown else None,
+                 "model": (findings or {}).get("model"),
                  "jobs": [{"id": job.id, "state": str(job.state), "attempts": job.attempts,
                            "model_version": job.model_version, "error": job.error,
                            "created_at": iso(job.created_at), "started_at": iso(job.started_at),
