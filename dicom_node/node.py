@@ -107,7 +107,7 @@ class Node:
         if self.settings.scp_processes > 1:
             return ScpPool(self.settings).start()
         return start_scp(self.settings, InstanceStore(self.settings.incoming_dir, self.sessions),
-                         self.settings.server_ssl_context())
+                         self.settings.server_ssl_context(), on_ready=self.scheduler.wake.set)
 
     def _spawn(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -129,6 +129,7 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
+        self.scheduler.wake.set()
         for thread in self._threads:
             thread.join(timeout=10)
         if self.server is not None:

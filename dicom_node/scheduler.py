@@ -41,6 +41,7 @@ class Scheduler:
         self._exports_sent: dict[int, tuple[datetime, float]] = {}  # job -> (due time sent for, when)
         self._last_stale_check = 0.0
         self.drift = DriftWatch(settings)
+        self.wake = threading.Event()  # set to tick now (a study just became READY) rather than at the interval
 
     def dispatch(self, job_id: int) -> None:
         """Send the job, then record QUEUED (a READY or QUEUED job; a task that wins the race is fine)."""
@@ -92,8 +93,13 @@ class Scheduler:
             self.drift.check(self.sessions, now)
 
     def run(self, stop: threading.Event, interval: float = 0.25) -> None:
-        """Tick until ``stop`` is set; an error in one tick (DB or broker down) is logged and retried."""
-        while not stop.wait(interval):
+        """Tick every ``interval`` or when woken, until ``stop`` is set (set ``wake`` too, to stop at once); an
+        error in one tick (DB or broker down) is logged and retried."""
+        while True:
+            self.wake.wait(interval)
+            self.wake.clear()
+            if stop.is_set():
+                return
             try:
                 self.tick()
             except Exception as error:

@@ -25,6 +25,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -48,6 +49,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import metrics
 from dicom_node.find_scp import handle_find
+from dicom_node.release import ReleaseTracker
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore, InvalidUIDError, file_parts
 from dicom_node.transport import NodeServer
@@ -109,8 +111,10 @@ class FreeSpaceGuard:
         return free if free is not None and free < self.min_free_bytes else None
 
 
-def handle_store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None = None) -> int:
-    """EVT_C_STORE handler: write and record the instance, then return a status (see the module docstring)."""
+def handle_store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None = None,
+                 senders: ReleaseTracker | None = None) -> int:
+    """EVT_C_STORE handler: write and record the instance, then return a status (see the module docstring).
+    ``senders`` learns which study each association stored to (see ``dicom_node.release``)."""
     sop_uid = str(event.request.AffectedSOPInstanceUID)
     free = space.too_low() if space is not None else None
     if free is not None:  # refused before anything is decoded or written; UIDs only in the log
@@ -156,6 +160,8 @@ def handle_store(event: Event, store: InstanceStore, space: FreeSpaceGuard | Non
         log.warning("refused undecodable instance %s: %s", sop_uid[:64], type(error).__name__)
         return CANNOT_UNDERSTAND
     metrics.stored(stored.analysable)
+    if stored.analysable and senders is not None:
+        senders.stored(event, stored.study_instance_uid)
     if not stored.analysable:
         log.info("instance %s is SOP class %s: stored, not analysed", stored.sop_instance_uid,
                  event.request.AffectedSOPClassUID)
@@ -217,18 +223,22 @@ class ReusePortServer(NodeServer):
         super().server_bind()
 
 
-def scp_handlers(settings: Settings, store: InstanceStore) -> list[tuple]:
-    """The event handlers of the SCP: C-STORE into ``store``, C-FIND over its database, association counts."""
+def scp_handlers(settings: Settings, store: InstanceStore, on_ready: Callable[[], None] | None = None) -> list[tuple]:
+    """The event handlers of the SCP: C-STORE into ``store``, C-FIND over its database, association counts, and
+    the promotion of complete studies when their sender releases the association (then ``on_ready()``)."""
     space = FreeSpaceGuard(store.root, settings.min_free_disk_mb)
-    return [(evt.EVT_C_STORE, handle_store, [store, space]), (evt.EVT_ACCEPTED, _count_accepted),
-            (evt.EVT_REJECTED, _log_rejected), (evt.EVT_C_FIND, handle_find, [store.sessions, settings.ae_title])]
+    senders = ReleaseTracker(store.sessions, settings.study_inactivity_timeout, on_ready)
+    return [(evt.EVT_C_STORE, handle_store, [store, space, senders]), (evt.EVT_ACCEPTED, _count_accepted),
+            (evt.EVT_REJECTED, _log_rejected), (evt.EVT_C_FIND, handle_find, [store.sessions, settings.ae_title]),
+            (evt.EVT_RELEASED, senders.released), (evt.EVT_CONN_CLOSE, senders.closed)]
 
 
-def start_scp(settings: Settings, store: InstanceStore,
-              ssl_context: ssl.SSLContext | None = None) -> NodeServer:
-    """Start the Storage (and C-FIND) SCP in background threads; call ``.shutdown()`` on the result to stop it."""
+def start_scp(settings: Settings, store: InstanceStore, ssl_context: ssl.SSLContext | None = None,
+              on_ready: Callable[[], None] | None = None) -> NodeServer:
+    """Start the Storage (and C-FIND) SCP in background threads; call ``.shutdown()`` on the result to stop it.
+    ``on_ready`` is called when a released association made a study READY."""
     server = build_ae(settings).make_server((settings.bind_host, settings.port), ssl_context=ssl_context,
-                                            evt_handlers=scp_handlers(settings, store),
+                                            evt_handlers=scp_handlers(settings, store, on_ready),
                                             server_class=NodeServer)
     threading.Thread(target=server.serve_forever, name="StorageSCP", daemon=True).start()
     log.info("Storage SCP %s listening on %s:%d", settings.ae_title, settings.bind_host, server.server_address[1])

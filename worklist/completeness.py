@@ -60,6 +60,21 @@ def promote_ready_studies(sessions: sessionmaker[Session], readiness: Readiness,
         candidates = session.scalars(select(Study.id).where(
             Study.state == StudyState.RECEIVING, Study.last_received_at <= now - readiness.settle,
             exists().where(Instance.study_id == Study.id, Instance.analysable.is_(True)))).all()
+    return _promote_all(sessions, candidates, readiness, now)
+
+
+def promote_studies(sessions: sessionmaker[Session], study_uids: list[str], readiness: Readiness,
+                    now: datetime | None = None) -> list[int]:
+    """``promote_ready_studies`` for the named studies only (those still RECEIVING); returns the new job ids."""
+    now = now or utcnow()
+    with sessions() as session:
+        candidates = session.scalars(select(Study.id).where(
+            Study.study_instance_uid.in_(study_uids), Study.state == StudyState.RECEIVING)).all()
+    return _promote_all(sessions, candidates, readiness, now)
+
+
+def _promote_all(sessions: sessionmaker[Session], candidates: list[int], readiness: Readiness,
+                 now: datetime) -> list[int]:
     created = []
     for study_id in candidates:
         job_id = _promote(sessions, study_id, readiness, now)
