@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -26,7 +28,7 @@ from dicom_node.heads import (
     class_scores,
     head_probabilities,
 )
-from dicom_node.results import build_heatmap_seg, build_sr, display_image, heatmap_overlay_png, save_dataset
+from dicom_node.results import display_image, heatmap_overlay_png
 from dicom_node.results.findings import (
     BIRADS_LABELS,
     DENSITY_LABELS,
@@ -38,6 +40,15 @@ from dicom_node.results.findings import (
     ViewFindings,
 )
 from dicom_node.results.seg import FACTOR_PREFIX
+from dicom_node.results.writer import (
+    ResultWriter,
+    SegRequest,
+    SrRequest,
+    quantised,
+    without_pixels,
+    write_seg,
+    write_sr,
+)
 from dicom_node.storage import validated_uid
 from models.clip import MammoClip
 from models.device_memory import peak_cuda_memory
@@ -127,7 +138,9 @@ class Analyzer:
 
     def __init__(self, model: MammoClip, identity: ModelIdentity, results_root: Path,
                  heads: list[ServedHead] | None = None, multiview: ServedMultiView | None = None,
-                 detector: ServedDetector | None = None, factor: ServedFactor | None = None) -> None:
+                 detector: ServedDetector | None = None, factor: ServedFactor | None = None,
+                 result_processes: int = 0) -> None:
+        """``result_processes``: helper processes that build the SR and SEGs (0: this process builds them)."""
         self.model = model
         self.serving = inference_copy(model)
         self.identity = identity
@@ -136,6 +149,7 @@ class Analyzer:
         self.detector = detector
         self.factor = factor
         self.results_root = Path(results_root)
+        self.writer = ResultWriter(result_processes)
         self.classifier = ZeroShotClassifier(self.serving)
         self.directions = {name: direction for name, direction in task_directions(self.classifier).items()
                            if name in HEATMAP_TASKS}
@@ -188,9 +202,9 @@ class Analyzer:
                 findings.sources["detector"] = self.detector.identity
             heartbeat()
         folder = self.job_folder(study_uid, job_id)
-        objects: list[ResultObject] = []
-        overlays: list[Path] = []
         seg_series = result_uid(study_uid, job_id, "SEG series")
+        pending: list[tuple[ResultObject, Future[Path]]] = []
+        view_heatmaps: dict[ViewKey, dict[str, np.ndarray]] = {}
         for number, view in enumerate(findings.views, start=1):
             key = (view.laterality, view.view)
             with watch.stage("heatmaps"):
@@ -198,38 +212,46 @@ class Analyzer:
                 heatmaps = {name: boxes[key].paste(m.numpy()) for name, m in maps.items()}
                 if self.factor is not None:
                     heatmaps |= self.factor.maps(scores.feature_maps[key], boxes[key])
+                view_heatmaps[key] = heatmaps
             with watch.stage("encode"):
                 uid = result_uid(study_uid, job_id, "SEG", view.name)
-                seg = build_heatmap_seg(datasets[key], heatmaps, self.identity, series_instance_uid=seg_series,
-                                        sop_instance_uid=uid, series_number=9001, instance_number=number,
-                                        segment_models=self._segment_models(heatmaps))
-                path = folder / f"SEG_{view.name}.dcm"
-                save_dataset(seg, path)
-                objects.append(ResultObject("SEG", uid, path))
-            with watch.stage("overlays"):
-                overlay = folder / f"overlay_{view.name}.png"
-                shown = display_image(datasets[key])  # decoded once for all this view's overlays
-                heatmap_overlay_png(shown, heatmaps["malignancy"], overlay,
-                                    f"{view.name} malignancy {view.scores['malignancy']:.2f}")
-                overlays.append(overlay)
-                for name in (name for name in heatmaps if name.startswith(FACTOR_PREFIX)):
-                    attribute = name.removeprefix(FACTOR_PREFIX)
-                    overlay = folder / f"overlay_factor_{attribute}_{view.name}.png"
-                    heatmap_overlay_png(shown, heatmaps[name], overlay, f"{view.name} FActOR {attribute}")
-                    overlays.append(overlay)
-            heartbeat()
+                request = SegRequest(without_pixels(datasets[key]), {n: quantised(h) for n, h in heatmaps.items()},
+                                     self.identity, self._segment_models(heatmaps), seg_series, uid, number,
+                                     folder / f"SEG_{view.name}.dcm")
+                pending.append((ResultObject("SEG", uid, request.path), self.writer.submit(write_seg, request)))
         with watch.stage("encode"):
             uid = result_uid(study_uid, job_id, "SR")
-            sr = build_sr(findings, [datasets[key] for key in chosen],
-                          series_instance_uid=result_uid(study_uid, job_id, "SR series"),
-                          sop_instance_uid=uid, series_number=9000, instance_number=1)
-            path = folder / "SR.dcm"
-            save_dataset(sr, path)
-            objects.insert(0, ResultObject("SR", uid, path))
+            request = SrRequest(findings, [without_pixels(datasets[key]) for key in chosen],
+                                result_uid(study_uid, job_id, "SR series"), uid, folder / "SR.dcm")
+            pending.insert(0, (ResultObject("SR", uid, request.path), self.writer.submit(write_sr, request)))
+        heartbeat()
+        overlays: list[Path] = []
+        with watch.stage("overlays"):  # drawn while the writer's processes build the SR and SEGs
+            for view in findings.views:
+                overlays += self._overlays(folder, view, datasets[(view.laterality, view.view)],
+                                           view_heatmaps[(view.laterality, view.view)])
+        heartbeat()
+        with watch.stage("encode"):
+            self.writer.wait([future for _, future in pending])
         log.info("study %s job %d analysed: %s", study_uid, job_id,
                  ", ".join(f"{k} {v:.2f}s" for k, v in watch.seconds.items()),
                  extra={"study_uid": study_uid, "job_id": job_id})
-        return AnalysisOutput(findings, objects, overlays, watch.seconds)
+        return AnalysisOutput(findings, [obj for obj, _ in pending], overlays, watch.seconds)
+
+    @staticmethod
+    def _overlays(folder: Path, view: ViewFindings, source: Dataset, heatmaps: dict[str, np.ndarray]) -> list[Path]:
+        """The view's malignancy overlay PNG, and one per FActOR map."""
+        shown = display_image(source)  # decoded once for all this view's overlays
+        overlay = folder / f"overlay_{view.name}.png"
+        heatmap_overlay_png(shown, heatmaps["malignancy"], overlay,
+                            f"{view.name} malignancy {view.scores['malignancy']:.2f}")
+        written = [overlay]
+        for name in (name for name in heatmaps if name.startswith(FACTOR_PREFIX)):
+            attribute = name.removeprefix(FACTOR_PREFIX)
+            overlay = folder / f"overlay_factor_{attribute}_{view.name}.png"
+            heatmap_overlay_png(shown, heatmaps[name], overlay, f"{view.name} FActOR {attribute}")
+            written.append(overlay)
+        return written
 
     def _findings(self, study_uid: str, chosen: dict[ViewKey, SourceInstance], scores) -> StudyFindings:  # noqa: ANN001
         views = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,16 +56,25 @@ def _associate(destination: Destination, calling_ae: str, contexts: set[tuple[st
     if not assoc.is_established:
         raise SendError(f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port}) "
                         "refused or did not answer the association")
+    # Nagle's algorithm held each C-STORE's dataset PDU until the peer's delayed ACK of its command PDU: 40 ms
+    # per object (measured: 52 -> 10 ms a SEG on localhost). pynetdicom leaves it on.
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return assoc
 
 
-def _fit_to_accepted(ds: pydicom.Dataset, assoc) -> None:  # noqa: ANN001  (pynetdicom Association)
-    """Decompress a dataset whose compressed syntax the peer did not accept (e.g. a PACS without JPEG 2000)."""
-    accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts if c.abstract_syntax == ds.SOPClassUID}
-    syntax = str(ds.file_meta.TransferSyntaxUID)
-    if syntax not in accepted and accepted & set(UNCOMPRESSED) and ds.file_meta.TransferSyntaxUID.is_compressed:
+def _as_sent(path: Path, header: pydicom.Dataset, assoc) -> Path | pydicom.Dataset:  # noqa: ANN001 (Association)
+    """The file itself when the peer accepted its SOP class in its transfer syntax (pynetdicom then sends its
+    bytes as they are, with no decoding and re-encoding); otherwise the decoded dataset, decompressed when the
+    peer takes only uncompressed syntaxes (e.g. a PACS without JPEG 2000), for pynetdicom to encode as accepted."""
+    accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts if c.abstract_syntax == header.SOPClassUID}
+    syntax = header.file_meta.TransferSyntaxUID
+    if str(syntax) in accepted:
+        return path
+    ds = pydicom.dcmread(path)
+    if accepted & set(UNCOMPRESSED) and syntax.is_compressed:
         log.info("peer does not accept %s for %s: sending it uncompressed", syntax, ds.SOPInstanceUID)
         ds.decompress(generate_instance_uid=False)  # lossless: the same instance, so the same UID
+    return ds
 
 
 def send_files(destination: Destination, paths: Sequence[Path], calling_ae: str, timeout: float = 30.0,
@@ -72,18 +82,17 @@ def send_files(destination: Destination, paths: Sequence[Path], calling_ae: str,
     """Send the files over one association, each in its own SOP class and transfer syntax."""
     if not paths:
         return []
-    datasets = [pydicom.dcmread(path) for path in paths]
-    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
+    contexts = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in headers}
     if len(_with_fallbacks(contexts)) > 128:
         raise SendError("more than 128 presentation contexts (SOP class / transfer syntax pairs) in one send")
     assoc = _associate(destination, calling_ae, contexts, timeout, ssl_context)
     outcomes = []
     try:
-        for path, ds in zip(paths, datasets, strict=True):
-            _fit_to_accepted(ds, assoc)
-            status = assoc.send_c_store(ds)
+        for path, header in zip(paths, headers, strict=True):
+            status = assoc.send_c_store(_as_sent(Path(path), header, assoc))
             code = int(status.Status) if status is not None and "Status" in status else -1
-            outcomes.append(SendOutcome(Path(path), str(ds.SOPInstanceUID), code))
+            outcomes.append(SendOutcome(Path(path), str(header.SOPInstanceUID), code))
             if code == -1:
                 break  # no answer: the association is gone
     finally:

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
                                     "associations do not share one interpreter lock; 1: the SCP runs in the node "
                                     "process. Recommended with several senders: the number of CPU cores. "
                                     "maximum_associations applies to each process.")
+    result_processes: int = Field(
+        2, ge=0, le=16, description="Helper processes of each analysis worker that build the SR and the SEGs while "
+                                    "it draws the overlay PNGs (JPEG 2000 and highdicom are CPU-bound and cannot "
+                                    "share threads); 4 encodes a study's views at once. 0: the worker builds them.")
     tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP accepts TLS only.")
     tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate.")
     tls_ca_certificates: Path | None = Field(
@@ -82,7 +86,7 @@ class Settings(BaseSettings):
                           "in data_dir (no server to install).")
     study_settle_seconds: float = Field(
         1.0, ge=0, description="A study with all four screening views is analysed once no instance arrived "
-                               "for this long.")
+                               "for this long, or at once when the association that sent them is released.")
     study_inactivity_timeout: float = Field(
         300.0, gt=0, description="A study missing a view is analysed on what it has after this many seconds "
                                  "without a new instance.")

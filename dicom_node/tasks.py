@@ -65,10 +65,11 @@ def configure(settings: Settings) -> Celery:
     transport = {"visibility_timeout": int(settings.job_stale_seconds * 3)} if url.startswith("redis") else {}
     if url.startswith("sqla"):
         # The embedded broker is polled (1 s by default). Its transport hands every transport option to
-        # create_engine, so the interval is set on the class; 0.2 s keeps the queue wait small.
+        # create_engine, so the interval is set on the class. 0.1 s keeps the queue wait small; an idle worker's
+        # CPU, measured: 2.5% of a core at 0.2 s, 7.5% at 0.05 s.
         from kombu.transport import sqlalchemy
 
-        sqlalchemy.Transport.polling_interval = 0.2
+        sqlalchemy.Transport.polling_interval = 0.1
     if app._pool is not None:  # drop connections to a previous broker (a node restarted in this process)
         app._pool.force_close_all()
         app._pool = None
@@ -118,8 +119,11 @@ class _Context:
                 model = load_serving_model(self.settings, active.path if active else None,
                                            active.text_encoder_path if active else None, progress=False)
                 identity = model_identity(model, active.name if active else None)
-                self._analyzer = Analyzer(model, identity, self.settings.results_dir, **served_components(
-                    active, model, identity, self.settings.resolved_device()))
+                if self._analyzer is not None:
+                    self._analyzer.writer.reset()
+                self._analyzer = Analyzer(model, identity, self.settings.results_dir,
+                                          result_processes=self.settings.result_processes, **served_components(
+                                              active, model, identity, self.settings.resolved_device()))
                 self._served = wanted
                 log.info("serving %s", f"model version {active.name}" if active else "the configured model")
             return self._analyzer

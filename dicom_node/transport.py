@@ -15,6 +15,7 @@ connection closed), and reads into one preallocated buffer with ``recv_into`` in
 from __future__ import annotations
 
 import logging
+import socket
 import socketserver
 from typing import Any
 
@@ -67,6 +68,7 @@ class NodeRequestHandler(RequestHandler):
         sock.__class__ = BoundedSocket
         maximum = self.ae.maximum_pdu_size
         sock.limit = PDU_HEADER + maximum if maximum else 1 << 62
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a C-FIND's responses go at once
         return assoc
 
 

@@ -291,7 +291,7 @@ def test_a_compressed_seg_is_sent_uncompressed_to_a_peer_without_that_syntax(
 
     path = write_seg(sources[0], heatmaps_for(sources[0]), tmp_path / "seg.dcm")
     assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == TRANSFER_SYNTAX  # compressed on disk
-    receiver = LocalReceiver(tmp_path / "pacs")  # accepts uncompressed syntaxes only
+    receiver = LocalReceiver(tmp_path / "pacs", compressed=False)  # accepts uncompressed syntaxes only
     port = receiver.start()
     try:
         (outcome,) = send_files(Destination(name="p", ae_title="DEMO_PACS", host="127.0.0.1", port=port),

@@ -1,0 +1,139 @@
+"""Building and writing a job's DICOM results (one SEG per view, the SR) in helper processes.
+
+Encoding is most of a study's post-model time, and it is pure-Python work (highdicom, pydicom) or a JPEG 2000
+encoder that is not thread-safe, so threads cannot overlap it. A small pool of processes builds the SEGs and the
+SR while the worker draws the overlay PNGs: on 2 cores the results are ready in about half the time, and a GPU
+server with more cores encodes the four views at once. ``processes=0`` builds them in the calling process.
+
+What crosses to a helper is small: the source images without their pixel data, and each heatmap quantised to the
+0..255 steps the fractional SEG stores anyway (so the SEG's pixels are exactly those built in-process).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from dicom_node.results.findings import ModelIdentity, StudyFindings
+from dicom_node.results.io import save_dataset
+from dicom_node.results.seg import build_heatmap_seg
+from dicom_node.results.sr import build_sr
+
+log = logging.getLogger(__name__)
+
+PIXEL_DATA = 0x7FE00010
+
+
+def without_pixels(dataset: Dataset) -> Dataset:
+    """``dataset``'s attributes and file meta, less the pixel data (what an SR or SEG needs of a source)."""
+    header = Dataset({tag: element for tag, element in dataset.items() if tag != PIXEL_DATA})
+    header.file_meta = dataset.file_meta
+    return header
+
+
+def quantised(heatmap: np.ndarray) -> np.ndarray:
+    """A heatmap in [0, 1] as the uint8 steps of a fractional SEG with MaximumFractionalValue 255."""
+    return np.around(np.clip(heatmap, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class SegRequest:
+    """One view's SEG: its source image (header), heatmaps (``quantised``) and identities, and where it goes."""
+
+    source: Dataset
+    heatmaps: Mapping[str, np.ndarray]
+    model: ModelIdentity
+    segment_models: Mapping[str, ModelIdentity]
+    series_instance_uid: str
+    sop_instance_uid: str
+    instance_number: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class SrRequest:
+    """The study's SR: its findings, the analysed images (headers), its UIDs, and where it goes."""
+
+    findings: StudyFindings
+    sources: list[Dataset]
+    series_instance_uid: str
+    sop_instance_uid: str
+    path: Path
+
+
+SEG_SERIES_NUMBER, SR_SERIES_NUMBER = 9001, 9000
+
+
+def write_seg(request: SegRequest) -> Path:
+    heatmaps = {name: steps.astype(np.float32) / 255.0 for name, steps in request.heatmaps.items()}
+    seg = build_heatmap_seg(request.source, heatmaps, request.model, series_instance_uid=request.series_instance_uid,
+                            sop_instance_uid=request.sop_instance_uid, series_number=SEG_SERIES_NUMBER,
+                            instance_number=request.instance_number, segment_models=request.segment_models)
+    return save_dataset(seg, request.path)
+
+
+def write_sr(request: SrRequest) -> Path:
+    sr = build_sr(request.findings, request.sources, series_instance_uid=request.series_instance_uid,
+                  sop_instance_uid=request.sop_instance_uid, series_number=SR_SERIES_NUMBER, instance_number=1)
+    return save_dataset(sr, request.path)
+
+
+class ResultWriter:
+    """Runs ``write_seg``/``write_sr`` in a pool of ``processes`` helpers (0: in the calling thread).
+
+    The helpers fork from a fork server that imported this module once, so none inherits the worker's threads
+    or model. A helper that dies breaks the pool: the job sees the error (and is retried) and the next job
+    gets a new pool.
+    """
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload([__name__])
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
+            return self._pool
+
+    def submit(self, function: Callable[[SegRequest], Path] | Callable[[SrRequest], Path],
+               request: SegRequest | SrRequest) -> Future[Path]:
+        if self.processes == 0:
+            done: Future[Path] = Future()
+            try:
+                done.set_result(function(request))
+            except Exception as error:
+                done.set_exception(error)
+            return done
+        try:
+            return self._executor().submit(function, request)
+        except BrokenProcessPool:
+            self.reset()
+            return self._executor().submit(function, request)
+
+    def wait(self, futures: list[Future[Path]]) -> list[Path]:
+        """The written paths, in order; the first error is raised (and a broken pool is replaced)."""
+        try:
+            return [future.result() for future in futures]
+        except BrokenProcessPool:
+            log.error("a result-writer process died: the pool is restarted for the next job")
+            self.reset()
+            raise
+
+    def reset(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

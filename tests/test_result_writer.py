@@ -1,0 +1,82 @@
+"""The result writer's helper processes build exactly the SR and SEGs the worker would build itself."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_node.results.writer import (
+    ResultWriter,
+    SegRequest,
+    SrRequest,
+    quantised,
+    without_pixels,
+    write_seg,
+    write_sr,
+)
+from tests.test_results import MODEL, assert_valid, heatmaps_for, make_findings
+
+
+@pytest.fixture(scope="module")
+def views(synthetic_root: Path) -> list[pydicom.Dataset]:
+    """The four views (256 x 160) of the first synthetic study."""
+    study = sorted(path for path in synthetic_root.iterdir() if path.is_dir())[0]
+    return [pydicom.dcmread(path) for path in sorted(study.glob("*.dcm"))]
+
+
+def requests(sources: list[pydicom.Dataset], folder: Path) -> list[SegRequest | SrRequest]:
+    series = generate_uid(entropy_srcs=["seg series"])
+    segs = [SegRequest(without_pixels(source), {name: quantised(map_) for name, map_ in heatmaps_for(source).items()},
+                       MODEL, {}, series, generate_uid(entropy_srcs=[source.SOPInstanceUID, "seg"]), number,
+                       folder / f"SEG_{number}.dcm") for number, source in enumerate(sources, start=1)]
+    sr = SrRequest(make_findings(sources), [without_pixels(source) for source in sources],
+                   generate_uid(entropy_srcs=["sr series"]), generate_uid(entropy_srcs=["sr"]), folder / "SR.dcm")
+    return [*segs, sr]
+
+
+def write_all(writer: ResultWriter, sources: list[pydicom.Dataset], folder: Path) -> list[Path]:
+    return writer.wait([writer.submit(write_sr if isinstance(request, SrRequest) else write_seg, request)
+                        for request in requests(sources, folder)])
+
+
+def test_helper_processes_write_the_objects_the_worker_would(tmp_path: Path, views: list[pydicom.Dataset]) -> None:
+    pool = ResultWriter(2)
+    try:
+        in_helpers = write_all(pool, views, tmp_path / "helpers")
+    finally:
+        pool.reset()
+    in_worker = write_all(ResultWriter(0), views, tmp_path / "worker")
+    for helper_path, worker_path, source in zip(in_helpers[:-1], in_worker[:-1], views, strict=True):
+        assert_valid(helper_path)
+        helper_seg, worker_seg = pydicom.dcmread(helper_path), pydicom.dcmread(worker_path)
+        # The quantised heatmaps give the very pixels of the float heatmaps: highdicom rounds to 0..255 the same.
+        expected = np.around(np.stack(list(heatmaps_for(source).values())) * 255).astype(np.uint8)
+        assert np.array_equal(helper_seg.pixel_array, expected) and np.array_equal(worker_seg.pixel_array, expected)
+        assert helper_seg.SOPInstanceUID == worker_seg.SOPInstanceUID
+    helper_sr, worker_sr = pydicom.dcmread(in_helpers[-1]), pydicom.dcmread(in_worker[-1])
+    assert_valid(in_helpers[-1])
+    assert helper_sr.ContentSequence == worker_sr.ContentSequence
+    assert helper_sr.CurrentRequestedProcedureEvidenceSequence == worker_sr.CurrentRequestedProcedureEvidenceSequence
+
+
+def _die(request: SegRequest) -> Path:
+    os._exit(3)
+
+
+def test_a_dead_helper_fails_that_job_and_the_next_job_gets_a_new_pool(tmp_path: Path,
+                                                                        views: list[pydicom.Dataset]) -> None:
+    pool = ResultWriter(1)
+    try:
+        seg = next(request for request in requests(views, tmp_path) if isinstance(request, SegRequest))
+        with pytest.raises(BrokenProcessPool):
+            pool.wait([pool.submit(_die, seg)])
+        assert pool.wait([pool.submit(write_seg, seg)]) == [seg.path]
+        assert pydicom.dcmread(seg.path).SOPInstanceUID == seg.sop_instance_uid
+    finally:
+        pool.reset()
