@@ -28,7 +28,6 @@ from dicom_node.heads import (
     class_scores,
     head_probabilities,
 )
-from dicom_node.results import display_image, heatmap_overlay_png
 from dicom_node.results.findings import (
     BIRADS_LABELS,
     DENSITY_LABELS,
@@ -39,6 +38,7 @@ from dicom_node.results.findings import (
     StudyFindings,
     ViewFindings,
 )
+from dicom_node.results.overlay import display_image, heatmap_overlay_png
 from dicom_node.results.seg import FACTOR_PREFIX
 from dicom_node.results.writer import (
     ResultWriter,

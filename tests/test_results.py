@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 
-from dicom_node.results import build_heatmap_seg, build_sr, heatmap_overlay_png, save_dataset
+from dicom_node.results import build_heatmap_seg, build_sr, save_dataset
 from dicom_node.results.codes import PROCESSING_ALGORITHM
 from dicom_node.results.findings import (
     BIRADS_LABELS,
@@ -28,6 +28,7 @@ from dicom_node.results.findings import (
     StudyFindings,
     ViewFindings,
 )
+from dicom_node.results.overlay import heatmap_overlay_png
 from dicom_node.results.seg import TRANSFER_SYNTAX
 from tests.conftest import require_tool
 from tests.peers import Orthanc, StoreSCP
