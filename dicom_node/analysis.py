@@ -38,7 +38,7 @@ from dicom_node.results.findings import (
     StudyFindings,
     ViewFindings,
 )
-from dicom_node.results.overlay import display_image, heatmap_overlay_png
+from dicom_node.results.overlay import DisplayImage, display_pixels, heatmap_overlay_png
 from dicom_node.results.seg import FACTOR_PREFIX
 from dicom_node.results.writer import (
     ResultWriter,
@@ -56,7 +56,7 @@ from models.errors import ImageDecodeError
 from models.heatmap import finding_maps, task_directions
 from models.inference import SCREENING_VIEWS, ViewKey, score_views
 from models.optimize import inference_copy
-from models.preprocess import CropBox, normalize, prepare_dicom, read_dicom
+from models.preprocess import CropBox, normalize, prepare_presentation, presentation_pixels, read_dicom
 from models.zero_shot import ZeroShotClassifier
 
 log = logging.getLogger(__name__)
@@ -178,11 +178,14 @@ class Analyzer:
         datasets: dict[ViewKey, Dataset] = {}
         boxes: dict[ViewKey, CropBox] = {}
         images: dict[ViewKey, torch.Tensor] = {}
+        shown: dict[ViewKey, DisplayImage] = {}
         with watch.stage("preprocess"):
             for key, instance in chosen.items():
                 ds = read_dicom(instance.path)
-                image, boxes[key] = prepare_dicom(ds, config)
-                images[key], datasets[key] = normalize(image, config), ds
+                pixels = presentation_pixels(ds)  # windowed once, for the model and for the overlays
+                image, boxes[key] = prepare_presentation(ds, pixels, config)
+                images[key], datasets[key], shown[key] = normalize(image, config), ds, display_pixels(pixels)
+                del pixels
         heartbeat()
         with watch.stage("model"):
             scores = score_views(self.classifier, images, keep_feature_maps=True)
@@ -228,7 +231,7 @@ class Analyzer:
         overlays: list[Path] = []
         with watch.stage("overlays"):  # drawn while the writer's processes build the SR and SEGs
             for view in findings.views:
-                overlays += self._overlays(folder, view, datasets[(view.laterality, view.view)],
+                overlays += self._overlays(folder, view, shown[(view.laterality, view.view)],
                                            view_heatmaps[(view.laterality, view.view)])
         heartbeat()
         with watch.stage("encode"):
@@ -239,9 +242,8 @@ class Analyzer:
         return AnalysisOutput(findings, [obj for obj, _ in pending], overlays, watch.seconds)
 
     @staticmethod
-    def _overlays(folder: Path, view: ViewFindings, source: Dataset, heatmaps: dict[str, np.ndarray]) -> list[Path]:
+    def _overlays(folder: Path, view: ViewFindings, shown: DisplayImage, heatmaps: dict[str, np.ndarray]) -> list[Path]:
         """The view's malignancy overlay PNG, and one per FActOR map."""
-        shown = display_image(source)  # decoded once for all this view's overlays
         overlay = folder / f"overlay_{view.name}.png"
         heatmap_overlay_png(shown, heatmaps["malignancy"], overlay,
                             f"{view.name} malignancy {view.scores['malignancy']:.2f}")

@@ -196,7 +196,13 @@ class CropBox:
 def prepare_dicom(source: Path | Dataset, config: PreprocessConfig = PreprocessConfig()) -> tuple[np.ndarray, CropBox]:
     """The reference's offline PNG (windowed, border-cropped, uint8, breast-cropped, resized) and its crop box."""
     ds = read_dicom(source)
-    pixels = presentation_pixels(ds)
+    return prepare_presentation(ds, presentation_pixels(ds), config)
+
+
+def prepare_presentation(ds: Dataset, pixels: np.ndarray,
+                         config: PreprocessConfig = PreprocessConfig()) -> tuple[np.ndarray, CropBox]:
+    """``prepare_dicom`` from the already computed ``presentation_pixels(ds)`` (a caller that also displays the
+    image computes them once)."""
     b = config.border
     if min(pixels.shape) <= 2 * b + 2:
         raise ImageDecodeError(f"{_describe(ds)}: image of {pixels.shape} is too small to be a mammogram.")

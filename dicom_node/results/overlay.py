@@ -40,7 +40,11 @@ class DisplayImage:
 
 def display_image(source: Dataset) -> DisplayImage:
     """Decode ``source`` for display once; every overlay of that image can then reuse it."""
-    image = presentation_pixels(source)
+    return display_pixels(presentation_pixels(source))
+
+
+def display_pixels(image: np.ndarray) -> DisplayImage:
+    """``display_image`` from the source's ``presentation_pixels``."""
     scale = min(1.0, MAX_HEIGHT / image.shape[0])
     size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))  # (width, height)
     resized = cv2.resize(image.astype(np.float32), size, interpolation=cv2.INTER_AREA)
