@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy.orm import sessionmaker
 from transformers import BertConfig
 
 from dicom_node.demo import free_port  # noqa: F401  (the tests import it from here)
@@ -107,3 +108,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def sessions(db_url: str) -> Iterator[sessionmaker]:
+    """Worklist sessions on the ``db_url`` database (already migrated)."""
+    from worklist.db import make_engine, session_factory
+
+    engine = make_engine(db_url)
+    yield session_factory(engine)
+    engine.dispose()

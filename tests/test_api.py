@@ -56,13 +56,6 @@ def make_settings(tmp_path: Path, db_url: str, **overrides: object) -> Settings:
 
 
 @pytest.fixture
-def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(db_url)
-    yield session_factory(engine)
-    engine.dispose()
-
-
-@pytest.fixture
 def sqlite_sessions(tmp_path: Path) -> Iterator[tuple[str, sessionmaker[Session]]]:
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
     engine = make_engine(url)

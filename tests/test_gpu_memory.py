@@ -29,13 +29,6 @@ from worklist.state import claim_job, complete_job
 
 
 @pytest.fixture
-def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(db_url)
-    yield session_factory(engine)
-    engine.dispose()
-
-
-@pytest.fixture
 def server(db_url: str, sessions: sessionmaker[Session], tmp_path: Path) -> Iterator[ApiServer]:
     settings = make_settings(tmp_path, db_url)
     settings.data_dir.mkdir(parents=True, exist_ok=True)

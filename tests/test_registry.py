@@ -15,7 +15,6 @@ from models import save_model_version
 from models.errors import ConfigurationError, NodeError
 from tests.conftest import tiny_model
 from training.registry import activate, active_model, register, rollback, versions
-from worklist.db import make_engine, session_factory, upgrade
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +22,6 @@ def model_folders(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("versions")
     return [save_model_version(tiny_model(seed=number), root / f"v{number}",
                                card={"name": "site", "clinical_use": False}) for number in (1, 2)]
-
-
-@pytest.fixture
-def sessions(db_url: str):
-    engine = make_engine(db_url)
-    upgrade(engine)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def test_register_activate_and_roll_back(sessions, model_folders: list[Path]) -> None:

@@ -18,7 +18,6 @@ from models.heads import Head, load_head, save_head, score_images
 from tests.conftest import tiny_model
 from tests.test_results import assert_valid, text_values
 from training.registry import activate, active_model, register
-from worklist.db import make_engine, session_factory, upgrade
 
 
 def write_head(folder: Path, target: str, classes: list[str], base_sha: str, *, height: int = 64,
@@ -58,14 +57,6 @@ def version(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def base_sha(version: Path) -> str:
     return load_model(version).load_report.sha256
-
-
-@pytest.fixture
-def sessions(db_url: str):
-    engine = make_engine(db_url)
-    upgrade(engine)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def test_heads_are_registered_with_their_version_and_checked(sessions, version: Path, base_sha: str,

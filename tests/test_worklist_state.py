@@ -5,11 +5,9 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import select, update
 
 from worklist.completeness import Readiness, promote_ready_studies
-from worklist.db import make_engine, session_factory
 from worklist.exports import claim_due, jobs_with_due_exports, mark_delivered, mark_failed_attempt, retry_failed
 from worklist.models import Export, ExportState, Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
 from worklist.queries import node_status, triage_list
@@ -24,13 +22,6 @@ from worklist.state import (
 )
 
 READINESS = Readiness.from_seconds(settle=1, timeout=60)
-
-
-@pytest.fixture
-def sessions(db_url):
-    engine = make_engine(db_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def add_study(sessions, uid: str, views: list[str], age: float, analysable: bool = True) -> int:
