@@ -139,8 +139,8 @@ class Analyzer:
     def __init__(self, model: MammoClip, identity: ModelIdentity, results_root: Path,
                  heads: list[ServedHead] | None = None, multiview: ServedMultiView | None = None,
                  detector: ServedDetector | None = None, factor: ServedFactor | None = None,
-                 result_processes: int = 0) -> None:
-        """``result_processes``: helper processes that build the SR and SEGs (0: this process builds them)."""
+                 writer: ResultWriter | None = None) -> None:
+        """``writer`` builds the SR and SEGs (default: in this process)."""
         self.model = model
         self.serving = inference_copy(model)
         self.identity = identity
@@ -149,7 +149,7 @@ class Analyzer:
         self.detector = detector
         self.factor = factor
         self.results_root = Path(results_root)
-        self.writer = ResultWriter(result_processes)
+        self.writer = writer or ResultWriter(0)
         self.classifier = ZeroShotClassifier(self.serving)
         self.directions = {name: direction for name, direction in task_directions(self.classifier).items()
                            if name in HEATMAP_TASKS}

@@ -21,7 +21,7 @@ from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -102,6 +102,13 @@ class _Context:
 
         return session_factory(make_engine(self.settings.database_url()))
 
+    @cached_property
+    def writer(self):
+        """This worker's result writer (``settings.result_processes`` helpers), kept across model versions."""
+        from dicom_node.results.writer import ResultWriter
+
+        return ResultWriter(self.settings.result_processes)
+
     @property
     def analyzer(self):
         """The analyzer of the model to serve now: the registry's active version, else the configured model.
@@ -119,14 +126,23 @@ class _Context:
                 model = load_serving_model(self.settings, active.path if active else None,
                                            active.text_encoder_path if active else None, progress=False)
                 identity = model_identity(model, active.name if active else None)
-                if self._analyzer is not None:
-                    self._analyzer.writer.reset()
-                self._analyzer = Analyzer(model, identity, self.settings.results_dir,
-                                          result_processes=self.settings.result_processes, **served_components(
-                                              active, model, identity, self.settings.resolved_device()))
+                self._analyzer = Analyzer(model, identity, self.settings.results_dir, writer=self.writer,
+                                          **served_components(active, model, identity,
+                                                              self.settings.resolved_device()))
                 self._served = wanted
                 log.info("serving %s", f"model version {active.name}" if active else "the configured model")
             return self._analyzer
+
+
+@signals.worker_ready.connect
+def _start_result_writer(**_: object) -> None:
+    """A starting worker starts its result writer's helpers, so that its first study does not wait for them."""
+    try:
+        helpers = context().writer.start()
+    except Exception as error:  # the first job starts them instead
+        log.warning("result-writer helpers did not start: %s: %s", type(error).__name__, error)
+        return
+    log.info("result writer: %d helper process(es) ready", len(helpers))
 
 
 def context() -> _Context:

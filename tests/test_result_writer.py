@@ -80,3 +80,14 @@ def test_a_dead_helper_fails_that_job_and_the_next_job_gets_a_new_pool(tmp_path:
         assert pydicom.dcmread(seg.path).SOPInstanceUID == seg.sop_instance_uid
     finally:
         pool.reset()
+
+
+def test_start_brings_up_the_helpers_before_the_first_job() -> None:
+    pool = ResultWriter(2)
+    try:
+        helpers = pool.start()
+        assert 1 <= len(helpers) <= 2 and os.getpid() not in helpers
+        assert all(Path(f"/proc/{pid}").exists() for pid in helpers)
+    finally:
+        pool.reset()
+    assert ResultWriter(0).start() == []

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -87,6 +89,11 @@ def write_sr(request: SrRequest) -> Path:
     return save_dataset(sr, request.path)
 
 
+def _helper_pid(_: int) -> int:
+    time.sleep(0.05)  # held briefly, so that each of the pool's first tasks starts a helper of its own
+    return os.getpid()
+
+
 class ResultWriter:
     """Runs ``write_seg``/``write_sr`` in a pool of ``processes`` helpers (0: in the calling thread).
 
@@ -107,6 +114,14 @@ class ResultWriter:
                 context.set_forkserver_preload([__name__])
                 self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
             return self._pool
+
+    def start(self) -> list[int]:
+        """Start the fork server and the helpers now (the worker does it when it starts), so that its first job
+        does not wait for them; returns the helpers' process ids (none with ``processes=0``)."""
+        if self.processes == 0:
+            return []
+        pool = self._executor()
+        return sorted(set(pool.map(_helper_pid, range(self.processes))))
 
     def submit(self, function: Callable[[SegRequest], Path] | Callable[[SrRequest], Path],
                request: SegRequest | SrRequest) -> Future[Path]:
