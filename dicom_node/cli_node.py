@@ -96,7 +96,8 @@ def worker(settings: Settings, queues: str, concurrency: int) -> None:
     Examples:
       MAMMO_BROKER_URL=redis://127.0.0.1:6379/0 CUDA_VISIBLE_DEVICES=0 mammo-node worker -Q gpu
       MAMMO_BROKER_URL=redis://127.0.0.1:6379/0 mammo-node worker -Q io -c 4
-    The model is loaded once, at start, when the gpu queue is served.
+    The model is loaded, and the result writer's helpers started, once, at start, when the gpu queue is
+    served.
     """
     from dicom_node.tasks import GPU_QUEUE, configure, context, worker_name
 
@@ -107,6 +108,7 @@ def worker(settings: Settings, queues: str, concurrency: int) -> None:
             context().analyzer  # noqa: B018  (load the model before taking the first task)
         except NodeError as error:
             raise _fail(error) from None
+        context().start_writer()
     pool = "solo" if concurrency == 1 else "threads"
     quiet = ["--quiet"] if logging.getLevelName(settings.log_level) > logging.INFO else []  # no banner
     app.worker_main([*quiet, "worker", "-Q", ",".join(names), "--pool", pool, "--concurrency", str(concurrency),

@@ -21,7 +21,7 @@ from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
-from celery import Celery, Task, signals
+from celery import Celery, Task
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -109,6 +109,16 @@ class _Context:
 
         return ResultWriter(self.settings.result_processes)
 
+    def start_writer(self) -> None:
+        """Start the result writer's helpers now (a gpu worker at start), so that the first study does not wait
+        for them; if they cannot start, the first job tries again."""
+        try:
+            helpers = self.writer.start()
+        except Exception as error:
+            log.warning("result-writer helpers did not start: %s: %s", type(error).__name__, error)
+            return
+        log.info("result writer: %d helper process(es) ready", len(helpers))
+
     @property
     def analyzer(self):
         """The analyzer of the model to serve now: the registry's active version, else the configured model.
@@ -132,17 +142,6 @@ class _Context:
                 self._served = wanted
                 log.info("serving %s", f"model version {active.name}" if active else "the configured model")
             return self._analyzer
-
-
-@signals.worker_ready.connect
-def _start_result_writer(**_: object) -> None:
-    """A starting worker starts its result writer's helpers, so that its first study does not wait for them."""
-    try:
-        helpers = context().writer.start()
-    except Exception as error:  # the first job starts them instead
-        log.warning("result-writer helpers did not start: %s: %s", type(error).__name__, error)
-        return
-    log.info("result writer: %d helper process(es) ready", len(helpers))
 
 
 def context() -> _Context:
