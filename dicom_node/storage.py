@@ -7,8 +7,9 @@ changes nothing (an analysed study is not analysed again for it), a changed inst
 
 A SOP Instance UID is filed under one study, series and patient only. An instance whose UIDs clash with what is
 stored (its SOP Instance UID already in another study or series, its series in another study, or its study
-stored under another Patient ID) is refused with ``UIDConflictError`` before anything is written, so that no
-patient's image is ever analysed in another patient's study; the first instance stays as it was.
+stored under another Patient ID) is refused with ``UIDConflictError``, so that no patient's image is ever analysed
+in another patient's study; the first instance stays as it was. A stored file is only overwritten after that check;
+a new file is checked in the transaction that would record it, and removed when it clashes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom.dsutils import encode_file_meta
-from sqlalchemy import select
+from sqlalchemy import Row, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -110,34 +111,52 @@ class StoredInstance:
     duplicate: bool
 
 
-def _get_or_create(session: Session, model: type, key: str, value: str, **fields: object) -> object:
-    """Select by a unique key, or insert; a concurrent insert of the same key is re-selected."""
-    found = session.scalar(select(model).where(getattr(model, key) == value))
-    if found is not None:
-        return found
+@dataclass(frozen=True)
+class _Filed:
+    """What the database holds under an instance's three UIDs (None where nothing is)."""
+
+    study: Row | None  # id, patient_id, state
+    series: Row | None  # id, the StudyInstanceUID it is filed under
+    instance: Row | None  # id, sha256, its StudyInstanceUID and SeriesInstanceUID
+
+    def conflict(self, study_uid: str, series_uid: str, sop_uid: str, patient_id: str | None) -> str | None:
+        """Why an instance of these UIDs clashes with the stored ones, or None. Names UIDs only, never a patient."""
+        if self.study is not None and self.study.patient_id and patient_id and self.study.patient_id != patient_id:
+            return f"study {study_uid} is already stored under another Patient ID"
+        if self.series is not None and self.series.study_instance_uid != study_uid:
+            return f"series {series_uid} is already stored in study {self.series.study_instance_uid}"
+        if self.instance is not None and (self.instance.study_instance_uid,
+                                          self.instance.series_instance_uid) != (study_uid, series_uid):
+            return (f"SOP Instance UID {sop_uid} is already stored in study {self.instance.study_instance_uid}, "
+                    f"series {self.instance.series_instance_uid}")
+        return None
+
+
+def _filed(session: Session, study_uid: str, series_uid: str, sop_uid: str) -> _Filed:
+    """Three lookups by unique key (Core statements: no ORM objects on the C-STORE path)."""
+    study = session.execute(select(Study.id, Study.patient_id, Study.state)
+                            .where(Study.study_instance_uid == study_uid)).first()
+    series = session.execute(select(Series.id, Study.study_instance_uid).join(Study, Series.study_id == Study.id)
+                             .where(Series.series_instance_uid == series_uid)).first()
+    instance = session.execute(
+        select(Instance.id, Instance.sha256, Study.study_instance_uid, Series.series_instance_uid)
+        .join(Study, Instance.study_id == Study.id).join(Series, Instance.series_id == Series.id)
+        .where(Instance.sop_instance_uid == sop_uid)).first()
+    return _Filed(study, series, instance)
+
+
+def _insert_once(session: Session, table: type, key: str, value: str, **fields: object) -> int:
+    """The id of a new row keyed ``key == value``; a concurrent insert of the same key is re-selected."""
+    column = getattr(table, key)
     try:
         with session.begin_nested():
-            row = model(**{key: value}, **fields)
-            session.add(row)
-        return row
+            return session.execute(insert(table).values({key: value, **fields}).returning(table.id)).scalar_one()
     except IntegrityError:
-        return session.scalars(select(model).where(getattr(model, key) == value)).one()
+        return session.execute(select(table.id).where(column == value)).scalar_one()
 
 
-def _conflict(session: Session, sop_uid: str, series_uid: str, study_uid: str, patient_id: str | None) -> str | None:
-    """Why this instance clashes with the stored ones, or None. Names UIDs only, never a patient."""
-    study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
-    if study is not None and study.patient_id and patient_id and study.patient_id != patient_id:
-        return f"study {study_uid} is already stored under another Patient ID"
-    series = session.scalar(select(Series).where(Series.series_instance_uid == series_uid))
-    if series is not None and series.study.study_instance_uid != study_uid:
-        return f"series {series_uid} is already stored in study {series.study.study_instance_uid}"
-    instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
-    if instance is not None and (instance.study.study_instance_uid, instance.series.series_instance_uid) != \
-            (study_uid, series_uid):
-        return (f"SOP Instance UID {sop_uid} is already stored in study {instance.study.study_instance_uid}, series "
-                f"{instance.series.series_instance_uid}")
-    return None
+def _uid_conflict(reason: str) -> UIDConflictError:
+    return UIDConflictError(f"{reason}; refused so that no image is filed under two studies or patients")
 
 
 class InstanceStore:
@@ -161,11 +180,14 @@ class InstanceStore:
         sop_class = validated_uid(dataset.get("SOPClassUID"), "SOPClassUID")
         check_instance(dataset, transfer_syntax_uid)
         patient_id = str(dataset.get("PatientID") or "")[:64] or None
-        with self.sessions() as session:
-            reason = _conflict(session, sop_uid, series_uid, study_uid, patient_id)
-        if reason is not None:
-            raise UIDConflictError(f"{reason}; refused so that no image is filed under two studies or patients")
         path = instance_path(self.root, study_uid, series_uid, sop_uid)
+        existed = path.exists()
+        if existed:  # a file is only overwritten by an instance that does not clash (a new file is checked in _record)
+            with self.sessions() as session:
+                reason = _filed(session, study_uid, series_uid, sop_uid).conflict(study_uid, series_uid, sop_uid,
+                                                                                  patient_id)
+            if reason is not None:
+                raise _uid_conflict(reason)
         analysable = sop_class in MAMMOGRAPHY_SOP_CLASSES and dataset.get("Modality") == "MG"
         fields = {
             "sop_class_uid": sop_class, "transfer_syntax_uid": transfer_syntax_uid,
@@ -174,7 +196,6 @@ class InstanceStore:
             "path": str(path.relative_to(self.root)), "size_bytes": sum(map(len, encoded)),
             "sha256": sha256_of(encoded), "calling_ae": calling_ae[:16],
         }
-        existed = path.exists()
         atomic_write(path, encoded)
         try:
             existing = self._record(dataset, (study_uid, series_uid, sop_uid), patient_id, fields)
@@ -190,29 +211,32 @@ class InstanceStore:
                 fields: dict[str, object]) -> bool:
         """Commit the rows of a written instance; True if it was a resend. Re-checks the UIDs in the transaction."""
         study_uid, series_uid, sop_uid = uids
+        now = utcnow()
         with self.sessions.begin() as session:
-            reason = _conflict(session, sop_uid, series_uid, study_uid, patient_id)
+            filed = _filed(session, study_uid, series_uid, sop_uid)
+            reason = filed.conflict(study_uid, series_uid, sop_uid, patient_id)
             if reason is not None:  # stored by another process meanwhile
-                raise UIDConflictError(f"{reason}; refused so that no image is filed under two studies or patients")
-            study = _get_or_create(
+                raise _uid_conflict(reason)
+            if filed.instance is not None and filed.instance.sha256 == fields["sha256"]:
+                # The same bytes again (a sender resending after a lost response or a failed association):
+                # nothing new to analyse, so the study is not re-opened (that would send a second SR and SEGs).
+                return True
+            study_id = filed.study.id if filed.study is not None else _insert_once(
                 session, Study, "study_instance_uid", study_uid,
                 accession_number=str(dataset.get("AccessionNumber") or "")[:16] or None, patient_id=patient_id,
                 patient_name=str(dataset.get("PatientName") or "")[:324] or None,
                 study_date=str(dataset.get("StudyDate") or "")[:8] or None)
-            series = _get_or_create(session, Series, "series_instance_uid", series_uid, study=study,
-                                    modality=str(dataset.get("Modality") or "")[:16] or None)
-            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
-            if existing is not None and existing.sha256 == fields["sha256"]:
-                # The same bytes again (a sender resending after a lost response or a failed association):
-                # nothing new to analyse, so the study is not re-opened (that would send a second SR and SEGs).
-                return True
-            if existing is None:
-                session.add(Instance(sop_instance_uid=sop_uid, study=study, series=series, **fields))
+            series_id = filed.series.id if filed.series is not None else _insert_once(
+                session, Series, "series_instance_uid", series_uid, study_id=study_id,
+                modality=str(dataset.get("Modality") or "")[:16] or None)
+            if filed.instance is None:
+                session.execute(insert(Instance).values(sop_instance_uid=sop_uid, study_id=study_id,
+                                                        series_id=series_id, received_at=now, **fields))
             else:
-                for name, value in fields.items():
-                    setattr(existing, name, value)
-                existing.received_at = utcnow()
-            study.last_received_at = utcnow()
-            if study.state == StudyState.ANALYSED and fields["analysable"]:
-                study.state = StudyState.RECEIVING  # a new or changed instance: the study will be analysed again
-        return existing is not None
+                session.execute(update(Instance).where(Instance.id == filed.instance.id)
+                                .values(received_at=now, **fields))
+            changes: dict[str, object] = {"last_received_at": now}
+            if filed.study is not None and filed.study.state == StudyState.ANALYSED and fields["analysable"]:
+                changes["state"] = StudyState.RECEIVING  # a new or changed instance: the study will be analysed again
+            session.execute(update(Study).where(Study.id == study_id).values(changes))
+        return filed.instance is not None

@@ -10,16 +10,24 @@ calls appended to a ``bytearray``. Two problems for a node on a hospital network
 ``BoundedSocket`` refuses a read longer than the announced maximum (plus the 6-byte header) with an
 ``OSError``, which pynetdicom's DUL handles as a closed transport (Evt17: the association is aborted and the
 connection closed), and reads into one preallocated buffer with ``recv_into`` in chunks of up to 1 MiB.
+
+pynetdicom also gives every association a ``copy.deepcopy`` of the server's presentation contexts: with every
+storage SOP class accepted (``store_non_mammography``), ~170 contexts of 11 transfer syntaxes, 17 ms of CPU on an
+idle machine and ~30 ms under load, under the GIL, per association. ``NodeServer`` holds them in a
+``PresentationContexts`` list, whose deep copy copies each context and its transfer-syntax list but shares the
+(immutable) UIDs: 0.5 ms.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import socketserver
 from typing import Any
 
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
@@ -72,12 +80,27 @@ class NodeRequestHandler(RequestHandler):
         return assoc
 
 
+class PresentationContexts(list[PresentationContext]):
+    """The server's supported contexts; a deep copy (one per association) copies the contexts and their
+    transfer-syntax lists, not the UID strings, which are immutable."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
+        copies = []
+        for context in self:
+            duplicate = copy.copy(context)
+            duplicate._transfer_syntax = list(context._transfer_syntax)
+            copies.append(duplicate)
+        return copies
+
+
 class NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded association server with ``NodeRequestHandler``. ``shutdown()`` stops serving and
-    closes the socket (the server is made with ``make_server``, so it is not in its AE's server list)."""
+    """pynetdicom's threaded association server with ``NodeRequestHandler`` and ``PresentationContexts``.
+    ``shutdown()`` stops serving and closes the socket (the server is made with ``make_server``, so it is not in
+    its AE's server list)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, request_handler=NodeRequestHandler, **kwargs)
+        self.contexts = PresentationContexts(self.contexts)
 
     def shutdown(self) -> None:
         socketserver.BaseServer.shutdown(self)
