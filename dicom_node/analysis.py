@@ -44,7 +44,6 @@ from dicom_node.results.writer import (
     ResultWriter,
     SegRequest,
     SrRequest,
-    quantised,
     without_pixels,
     write_seg,
     write_sr,
@@ -210,16 +209,16 @@ class Analyzer:
         view_heatmaps: dict[ViewKey, dict[str, np.ndarray]] = {}
         for number, view in enumerate(findings.views, start=1):
             key = (view.laterality, view.view)
-            with watch.stage("heatmaps"):
+            with watch.stage("heatmaps"):  # over the model input; the SEG's helper and the overlay paste them back
                 maps = finding_maps(self.serving, scores.feature_maps[key], self.directions, view.scores)
-                heatmaps = {name: boxes[key].paste(m.numpy()) for name, m in maps.items()}
+                heatmaps = {name: m.numpy() for name, m in maps.items()}
                 if self.factor is not None:
-                    heatmaps |= self.factor.maps(scores.feature_maps[key], boxes[key])
+                    heatmaps |= self.factor.maps(scores.feature_maps[key])
                 view_heatmaps[key] = heatmaps
             with watch.stage("encode"):
                 uid = result_uid(study_uid, job_id, "SEG", view.name)
-                request = SegRequest(without_pixels(datasets[key]), {n: quantised(h) for n, h in heatmaps.items()},
-                                     self.identity, self._segment_models(heatmaps), seg_series, uid, number,
+                request = SegRequest(without_pixels(datasets[key]), heatmaps, boxes[key], self.identity,
+                                     self._segment_models(heatmaps), seg_series, uid, number,
                                      folder / f"SEG_{view.name}.dcm")
                 pending.append((ResultObject("SEG", uid, request.path), self.writer.submit(write_seg, request)))
         with watch.stage("encode"):
@@ -231,8 +230,8 @@ class Analyzer:
         overlays: list[Path] = []
         with watch.stage("overlays"):  # drawn while the writer's processes build the SR and SEGs
             for view in findings.views:
-                overlays += self._overlays(folder, view, shown[(view.laterality, view.view)],
-                                           view_heatmaps[(view.laterality, view.view)])
+                key = (view.laterality, view.view)
+                overlays += self._overlays(folder, view, shown[key], boxes[key], view_heatmaps[key])
         heartbeat()
         with watch.stage("encode"):
             self.writer.wait([future for _, future in pending])
@@ -242,16 +241,18 @@ class Analyzer:
         return AnalysisOutput(findings, [obj for obj, _ in pending], overlays, watch.seconds)
 
     @staticmethod
-    def _overlays(folder: Path, view: ViewFindings, shown: DisplayImage, heatmaps: dict[str, np.ndarray]) -> list[Path]:
-        """The view's malignancy overlay PNG, and one per FActOR map."""
+    def _overlays(folder: Path, view: ViewFindings, shown: DisplayImage, box: CropBox,
+                  heatmaps: dict[str, np.ndarray]) -> list[Path]:
+        """The view's malignancy overlay PNG, and one per FActOR map (each map pasted at the displayed size)."""
         overlay = folder / f"overlay_{view.name}.png"
-        heatmap_overlay_png(shown, heatmaps["malignancy"], overlay,
+        heatmap_overlay_png(shown, box.paste(heatmaps["malignancy"], shown.gray.shape), overlay,
                             f"{view.name} malignancy {view.scores['malignancy']:.2f}")
         written = [overlay]
         for name in (name for name in heatmaps if name.startswith(FACTOR_PREFIX)):
             attribute = name.removeprefix(FACTOR_PREFIX)
             overlay = folder / f"overlay_factor_{attribute}_{view.name}.png"
-            heatmap_overlay_png(shown, heatmaps[name], overlay, f"{view.name} FActOR {attribute}")
+            heatmap_overlay_png(shown, box.paste(heatmaps[name], shown.gray.shape), overlay,
+                                f"{view.name} FActOR {attribute}")
             written.append(overlay)
         return written
 

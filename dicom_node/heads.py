@@ -28,7 +28,6 @@ from models.checkpoints import file_sha256
 from models.clip import MammoClip
 from models.errors import ConfigurationError
 from models.heads import load_head, probabilities, score_images
-from models.preprocess import CropBox
 from models.sop_classes import ViewKey
 
 if TYPE_CHECKING:
@@ -102,11 +101,11 @@ class ServedFactor:
     model: torch.nn.Module
     identity: ModelIdentity
 
-    def maps(self, feature_map: Tensor, crop: CropBox) -> dict[str, np.ndarray]:
-        """``factor <attribute>`` -> the attribute's map in the source image's pixels (values 0-1)."""
-        from models.factor import localize_view
+    def maps(self, feature_map: Tensor) -> dict[str, np.ndarray]:
+        """``factor <attribute>`` -> the attribute's map over the model input (values 0-1)."""
+        from models.factor import attribution_maps
 
-        return {f"factor {name}": values for name, values in localize_view(self.model, feature_map, crop).maps.items()}
+        return {f"factor {name}": values for name, values in attribution_maps(self.model, feature_map).items()}
 
 
 def _identity(name: str, folder: Path, card: Mapping[str, object], base: ModelIdentity) -> ModelIdentity:

@@ -287,18 +287,24 @@ class ViewLocalization:
     regions: dict[str, list[Region]]
 
 
+def attribution_maps(factor: Factor, feature_map: Tensor) -> dict[str, np.ndarray]:
+    """One view's feature map (C, h, w) -> a [0, 1] map per attribute at the model input size."""
+    with torch.inference_mode():
+        maps = factor.attribution(feature_map.unsqueeze(0).to(factor.text_embeddings.device))[0].cpu().numpy()
+    return dict(zip(factor.config.attributes, maps, strict=True))
+
+
 def localize_view(factor: Factor, feature_map: Tensor, crop: CropBox) -> ViewLocalization:
     """One view's feature map (C, h, w) -> maps and regions per attribute, pasted into the source image.
 
     Regions are found on the map at the model input size (as the paper thresholds at 1520x912) and their
     boxes mapped back to source pixels.
     """
-    with torch.inference_mode():
-        maps = factor.attribution(feature_map.unsqueeze(0).to(factor.text_embeddings.device))[0].cpu().numpy()
+    maps = attribution_maps(factor, feature_map)
     size = factor.config.input_size
     found = {a: [Region(box_to_source(r.box, crop, size), r.area, r.peak) for r in regions(m, factor.config.quantile)]
-             for a, m in zip(factor.config.attributes, maps, strict=True)}
-    return ViewLocalization({a: crop.paste(m) for a, m in zip(factor.config.attributes, maps, strict=True)}, found)
+             for a, m in maps.items()}
+    return ViewLocalization({a: crop.paste(m) for a, m in maps.items()}, found)
 
 
 # ---------------------------------------------------------------------------------------------- building

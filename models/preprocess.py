@@ -20,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi
 from torch import Tensor
 
+from models.crop import CropBox
 from models.errors import ImageDecodeError, NotMammographyError
 from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES
 
@@ -100,6 +101,26 @@ def presentation_pixels(ds: Dataset) -> np.ndarray:
 
 
 def _displayed(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> np.ndarray:
+    """The modality LUT, mirror and VOI of ``presentation_pixels``. Each output pixel depends on its stored value
+    alone (except the image maximum of an unwindowed MONOCHROME1 image), so an integer image of at most 16 bits
+    is mapped through a table computed once per value of its range: the same float64 arithmetic on a few
+    thousand values instead of tens of millions, and one gather (4096 x 3328: ~0.35 s -> ~0.05 s)."""
+    windowed = "WindowCenter" in ds and "WindowWidth" in ds
+    if stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
+        low = int(stored.min())
+        table = _display_values(ds, np.arange(low, int(stored.max()) + 1).astype(stored.dtype), monochrome1)
+        if windowed or not monochrome1:
+            table = table.astype(np.float32)
+        values = table[np.subtract(stored, low, dtype=np.int32)]
+    else:
+        values = _display_values(ds, stored, monochrome1)
+    if monochrome1 and not windowed:
+        values = values.max() - values
+    return values.astype(np.float32, copy=False)
+
+
+def _display_values(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> np.ndarray:
+    """Stored values -> float64 display values (windowed into [0, 1] when the dataset has a window)."""
     with np.errstate(over="ignore", invalid="ignore"):
         values = apply_modality_lut(stored, ds).astype(np.float64)
         slope = float(ds.get("RescaleSlope", 1.0))
@@ -112,12 +133,10 @@ def _displayed(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> np.ndarray
                 raise ValueError(f"VOI window centre {center} / width {width} ({function}) is not a usable window")
             if monochrome1:
                 values, center = mirror - values, mirror - center
-            return _window(values, center, width, function).astype(np.float32)
+            return _window(values, center, width, function)
         if "VOILUTSequence" in ds:
             values = apply_voi(values, ds).astype(np.float64)
-        if monochrome1:
-            values = values.max() - values
-        return values.astype(np.float32)
+        return values
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -141,6 +160,12 @@ def _longest_run(flags: np.ndarray) -> tuple[int, int]:
     return best
 
 
+def _varies(values: np.ndarray, axis: int) -> np.ndarray:
+    """Whether each column (axis 0) or row (axis 1) holds more than one value: the reference's ``std > 0``,
+    without its float64 copy of the image."""
+    return values.max(axis=axis) != values.min(axis=axis)
+
+
 def extract_breast(image: np.ndarray, threshold: int = 40) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Crop to the breast: the longest run of non-constant columns, then rows, of the thresholded image.
 
@@ -149,10 +174,10 @@ def extract_breast(image: np.ndarray, threshold: int = 40) -> tuple[np.ndarray, 
     masked = np.where(image > threshold, image, 0)
     height = masked.shape[0]
     rows = slice(int(height * 0.1), max(int(height * 0.9), int(height * 0.1) + 1))
-    left, right = _longest_run(masked[rows].std(axis=0) > 0)
+    left, right = _longest_run(_varies(masked[rows], axis=0))
     span = right - left
     cols = slice(left + int(span * 0.1), max(left + int(span * 0.9), left + int(span * 0.1) + 1))
-    top, bottom = _longest_run(masked[:, cols].std(axis=1) > 0)
+    top, bottom = _longest_run(_varies(masked[:, cols], axis=1))
     return image[top:bottom, left:right], (top, bottom, left, right)
 
 
@@ -172,25 +197,6 @@ def resize(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     if image.shape == (config.height, config.width):
         return image
     return cv2.resize(image, (config.width, config.height), interpolation=cv2.INTER_AREA)
-
-
-@dataclass(frozen=True)
-class CropBox:
-    """Where the model input came from in the source image: rows ``top:bottom``, columns ``left:right``."""
-
-    top: int
-    bottom: int
-    left: int
-    right: int
-    source_shape: tuple[int, int]
-
-    def paste(self, values: np.ndarray) -> np.ndarray:
-        """Resize a map over the model input (any h x w) back into a zero map of the source's shape."""
-        placed = np.zeros(self.source_shape, dtype=np.float32)
-        size = (self.right - self.left, self.bottom - self.top)
-        placed[self.top:self.bottom, self.left:self.right] = cv2.resize(
-            values.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
-        return placed
 
 
 def prepare_dicom(source: Path | Dataset, config: PreprocessConfig = PreprocessConfig()) -> tuple[np.ndarray, CropBox]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import torch
 
+from models.crop import CropBox
 from models.heatmap import finding_maps, location_logits, task_directions
 from models.preprocess import normalize, prepare_dicom
 from models.zero_shot import ZeroShotClassifier
@@ -39,3 +41,15 @@ def test_crop_box_pastes_a_map_back_inside_the_breast(synthetic_root: Path) -> N
     inside = placed[box.top:box.bottom, box.left:box.right]
     assert inside.min() == 1.0 and placed.sum() == inside.size  # ones inside the crop, zeros elsewhere
     assert 0 <= box.top < box.bottom <= ds.Rows and 0 <= box.left < box.right <= ds.Columns
+
+
+def test_crop_box_pastes_a_map_at_a_scaled_size_where_the_full_paste_would_land() -> None:
+    box = CropBox(top=400, bottom=3600, left=0, right=2000, source_shape=(4000, 3000))
+    values = np.zeros((48, 30), dtype=np.float32)
+    values[24:, :15] = 1.0  # the lower left quarter of the crop
+    shown = box.paste(values, (1000, 750))
+    assert shown.shape == (1000, 750)
+    assert shown[:100].max() == 0 and shown[900:].max() == 0 and shown[:, 500:].max() == 0  # outside the box
+    full = cv2.resize(box.paste(values), (750, 1000), interpolation=cv2.INTER_AREA)
+    assert np.abs(shown - full).mean() < 0.01 and np.abs(shown - full).max() <= 0.5
+    assert shown[560:880, 20:230].min() > 0.99 and shown[120:420, 20:230].max() < 0.01

@@ -15,12 +15,12 @@ from dicom_node.results.writer import (
     ResultWriter,
     SegRequest,
     SrRequest,
-    quantised,
     without_pixels,
     write_seg,
     write_sr,
 )
-from tests.test_results import MODEL, assert_valid, heatmaps_for, make_findings
+from models.crop import CropBox
+from tests.test_results import MODEL, assert_valid, make_findings
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +30,21 @@ def views(synthetic_root: Path) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(path) for path in sorted(study.glob("*.dcm"))]
 
 
+def model_maps(seed: int = 3) -> dict[str, np.ndarray]:
+    """Heatmaps over a 48 x 30 model input, as the analysis hands them to the writer."""
+    rng = np.random.default_rng(seed)
+    return {task: rng.random((48, 30), dtype=np.float32) for task in ("malignancy", "mass", "calcification")}
+
+
+def crop_of(source: pydicom.Dataset) -> CropBox:
+    return CropBox(10, int(source.Rows) - 20, 5, int(source.Columns) - 30, (int(source.Rows), int(source.Columns)))
+
+
 def requests(sources: list[pydicom.Dataset], folder: Path) -> list[SegRequest | SrRequest]:
     series = generate_uid(entropy_srcs=["seg series"])
-    segs = [SegRequest(without_pixels(source), {name: quantised(map_) for name, map_ in heatmaps_for(source).items()},
-                       MODEL, {}, series, generate_uid(entropy_srcs=[source.SOPInstanceUID, "seg"]), number,
-                       folder / f"SEG_{number}.dcm") for number, source in enumerate(sources, start=1)]
+    segs = [SegRequest(without_pixels(source), model_maps(), crop_of(source), MODEL, {}, series,
+                       generate_uid(entropy_srcs=[source.SOPInstanceUID, "seg"]), number, folder / f"SEG_{number}.dcm")
+            for number, source in enumerate(sources, start=1)]
     sr = SrRequest(make_findings(sources), [without_pixels(source) for source in sources],
                    generate_uid(entropy_srcs=["sr series"]), generate_uid(entropy_srcs=["sr"]), folder / "SR.dcm")
     return [*segs, sr]
@@ -55,8 +65,10 @@ def test_helper_processes_write_the_objects_the_worker_would(tmp_path: Path, vie
     for helper_path, worker_path, source in zip(in_helpers[:-1], in_worker[:-1], views, strict=True):
         assert_valid(helper_path)
         helper_seg, worker_seg = pydicom.dcmread(helper_path), pydicom.dcmread(worker_path)
-        # The quantised heatmaps give the very pixels of the float heatmaps: highdicom rounds to 0..255 the same.
-        expected = np.around(np.stack(list(heatmaps_for(source).values())) * 255).astype(np.uint8)
+        # The maps pasted back over the source (zero outside the crop), in the fractional SEG's 0..255 steps.
+        pasted = [crop_of(source).paste(values) for values in model_maps().values()]
+        expected = np.around(np.clip(np.stack(pasted), 0.0, 1.0) * 255).astype(np.uint8)
+        assert expected[:, :10].max() == 0 and expected.max() > 200
         assert np.array_equal(helper_seg.pixel_array, expected) and np.array_equal(worker_seg.pixel_array, expected)
         assert helper_seg.SOPInstanceUID == worker_seg.SOPInstanceUID
     helper_sr, worker_sr = pydicom.dcmread(in_helpers[-1]), pydicom.dcmread(in_worker[-1])

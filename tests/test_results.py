@@ -11,12 +11,14 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.datadict import keyword_for_tag
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 
 from dicom_node.results import build_heatmap_seg, build_sr, save_dataset
+from dicom_node.results import seg as seg_module
 from dicom_node.results.codes import PROCESSING_ALGORITHM
 from dicom_node.results.findings import (
     BIRADS_LABELS,
@@ -200,6 +202,34 @@ def test_seg_is_valid_and_round_trips_the_heatmaps(tmp_path: Path, sources: list
         assert np.abs(frame.astype(np.float32) / 255.0 - expected).max() <= 1 / 255
         derivation = group.DerivationImageSequence[0].SourceImageSequence[0]
         assert derivation.ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+@pytest.mark.parametrize("tasks", [FINDING_TASKS[:1], FINDING_TASKS])
+def test_seg_is_the_object_highdicom_builds(monkeypatch: pytest.MonkeyPatch, sources: list[pydicom.Dataset],
+                                           tasks: tuple[str, ...]) -> None:
+    """The SEG skips highdicom's sort of the heatmap values (``seg._HeatmapSegmentation``), nothing else."""
+    source = sources[1]
+    heatmaps = {task: heatmap for task, heatmap in heatmaps_for(source, seed=9).items() if task in tasks}
+    heatmaps[tasks[0]][:5] = 0.0  # exact 0 and 1 values too
+    heatmaps[tasks[0]][-5:] = 1.0
+    arguments = {"series_instance_uid": "1.2.3", "sop_instance_uid": "1.2.3.4", "series_number": 1,
+                 "instance_number": 1}
+    ours = build_heatmap_seg(source, heatmaps, MODEL, **arguments)
+    monkeypatch.setattr(seg_module, "_HeatmapSegmentation", hd.seg.Segmentation)
+    theirs = build_heatmap_seg(source, heatmaps, MODEL, **arguments)
+    assert type(theirs) is hd.seg.Segmentation and type(ours) is not hd.seg.Segmentation
+    assert ours.SegmentsOverlap == theirs.SegmentsOverlap == ("NO" if len(tasks) == 1 else "UNDEFINED")
+    assert ours.PixelData == theirs.PixelData
+    # what differs between any two builds: creation times (also in the contributing equipment) and the
+    # dimension organization UID highdicom generates
+    per_build = {"ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
+                 "ContributingEquipmentSequence", "DimensionOrganizationSequence", "DimensionIndexSequence"}
+
+    def fixed(dataset: pydicom.Dataset) -> dict[str, object]:
+        return {tag: value for tag, value in dataset.to_json_dict().items()
+                if keyword_for_tag(int(tag, 16)) not in per_build}
+
+    assert fixed(ours) == fixed(theirs)
 
 
 def test_seg_rejects_heatmaps_of_the_wrong_shape_or_kind(sources: list[pydicom.Dataset]) -> None:

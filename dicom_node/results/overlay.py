@@ -54,9 +54,12 @@ def display_pixels(image: np.ndarray) -> DisplayImage:
 
 
 def _display_heat(image: DisplayImage, heatmap: np.ndarray) -> np.ndarray:
-    """The heatmap resized to the displayed image."""
+    """The heatmap at the displayed image's size: as given when it has that size, else resized from the source's."""
+    if heatmap.shape == image.gray.shape:
+        return np.clip(heatmap.astype(np.float32, copy=False), 0.0, 1.0)
     if heatmap.shape != image.source_shape:
-        raise ValueError(f"heatmap is {heatmap.shape}, the source image is {image.source_shape}")
+        raise ValueError(f"heatmap is {heatmap.shape}, the source image is {image.source_shape} and its display "
+                         f"{image.gray.shape}")
     return np.clip(cv2.resize(heatmap.astype(np.float32), image.size, interpolation=cv2.INTER_AREA), 0.0, 1.0)
 
 
@@ -79,9 +82,10 @@ def _text_band(lines: list[str], width: int, points: int) -> Image.Image:
 
 
 def heatmap_overlay_png(source: Dataset | DisplayImage, heatmap: np.ndarray, path: Path, title: str) -> Path:
-    """The displayed mammogram in gray, the heatmap (values in [0, 1], the source's shape) in jet colours with
-    opacity growing with its value, at most ``MAX_HEIGHT`` pixels high, a title above and the research-use
-    statement below; written atomically. Pass ``display_image(source)`` to draw several overlays of one image."""
+    """The displayed mammogram in gray, the heatmap (values in [0, 1], the source's shape or, for a
+    ``DisplayImage``, its displayed shape) in jet colours with opacity growing with its value, at most
+    ``MAX_HEIGHT`` pixels high, a title above and the research-use statement below; written atomically. Pass
+    ``display_image(source)`` to draw several overlays of one image."""
     shown = source if isinstance(source, DisplayImage) else display_image(source)
     gray, heat = shown.gray, _display_heat(shown, heatmap)
     width = gray.shape[1]

@@ -5,8 +5,9 @@ encoder that is not thread-safe, so threads cannot overlap it. A small pool of p
 SR while the worker draws the overlay PNGs: on 2 cores the results are ready in about half the time, and a GPU
 server with more cores encodes the four views at once. ``processes=0`` builds them in the calling process.
 
-What crosses to a helper is small: the source images without their pixel data, and each heatmap quantised to the
-0..255 steps the fractional SEG stores anyway (so the SEG's pixels are exactly those built in-process).
+What crosses to a helper is small: the source images without their pixel data, and each heatmap at the model's
+resolution with the crop box it came from; the helper pastes it back at the source's size (a 4096 x 3328 view's
+three maps are 41 MB there, a few kB here).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dicom_node.results.findings import ModelIdentity, StudyFindings
 from dicom_node.results.io import save_dataset
 from dicom_node.results.seg import build_heatmap_seg
 from dicom_node.results.sr import build_sr
+from models.crop import CropBox
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +44,14 @@ def without_pixels(dataset: Dataset) -> Dataset:
     return header
 
 
-def quantised(heatmap: np.ndarray) -> np.ndarray:
-    """A heatmap in [0, 1] as the uint8 steps of a fractional SEG with MaximumFractionalValue 255."""
-    return np.around(np.clip(heatmap, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 @dataclass(frozen=True)
 class SegRequest:
-    """One view's SEG: its source image (header), heatmaps (``quantised``) and identities, and where it goes."""
+    """One view's SEG: its source image (header), heatmaps over the model input and the crop box they paste back
+    into (``models.crop.CropBox``), identities, and where it goes."""
 
     source: Dataset
     heatmaps: Mapping[str, np.ndarray]
+    box: CropBox
     model: ModelIdentity
     segment_models: Mapping[str, ModelIdentity]
     series_instance_uid: str
@@ -76,7 +75,7 @@ SEG_SERIES_NUMBER, SR_SERIES_NUMBER = 9001, 9000
 
 
 def write_seg(request: SegRequest) -> Path:
-    heatmaps = {name: steps.astype(np.float32) / 255.0 for name, steps in request.heatmaps.items()}
+    heatmaps = {name: request.box.paste(values) for name, values in request.heatmaps.items()}
     seg = build_heatmap_seg(request.source, heatmaps, request.model, series_instance_uid=request.series_instance_uid,
                             sop_instance_uid=request.sop_instance_uid, series_number=SEG_SERIES_NUMBER,
                             instance_number=request.instance_number, segment_models=request.segment_models)
