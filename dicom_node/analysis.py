@@ -39,7 +39,7 @@ from dicom_node.results.findings import (
     ViewFindings,
 )
 from dicom_node.results.overlay import DisplayImage, display_pixels, heatmap_overlay_png
-from dicom_node.results.seg import FACTOR_PREFIX
+from dicom_node.results.seg import FACTOR_PREFIX, TRANSFER_SYNTAX
 from dicom_node.results.writer import (
     ResultWriter,
     SegRequest,
@@ -138,8 +138,8 @@ class Analyzer:
     def __init__(self, model: MammoClip, identity: ModelIdentity, results_root: Path,
                  heads: list[ServedHead] | None = None, multiview: ServedMultiView | None = None,
                  detector: ServedDetector | None = None, factor: ServedFactor | None = None,
-                 writer: ResultWriter | None = None) -> None:
-        """``writer`` builds the SR and SEGs (default: in this process)."""
+                 writer: ResultWriter | None = None, seg_transfer_syntax: str = TRANSFER_SYNTAX) -> None:
+        """``writer`` builds the SR and SEGs (default: in this process), the SEGs in ``seg_transfer_syntax``."""
         self.model = model
         self.serving = inference_copy(model)
         self.identity = identity
@@ -149,6 +149,7 @@ class Analyzer:
         self.factor = factor
         self.results_root = Path(results_root)
         self.writer = writer or ResultWriter(0)
+        self.seg_transfer_syntax = seg_transfer_syntax
         self.classifier = ZeroShotClassifier(self.serving)
         self.directions = {name: direction for name, direction in task_directions(self.classifier).items()
                            if name in HEATMAP_TASKS}
@@ -219,7 +220,7 @@ class Analyzer:
                 uid = result_uid(study_uid, job_id, "SEG", view.name)
                 request = SegRequest(without_pixels(datasets[key]), heatmaps, boxes[key], self.identity,
                                      self._segment_models(heatmaps), seg_series, uid, number,
-                                     folder / f"SEG_{view.name}.dcm")
+                                     folder / f"SEG_{view.name}.dcm", self.seg_transfer_syntax)
                 pending.append((ResultObject("SEG", uid, request.path), self.writer.submit(write_seg, request)))
         with watch.stage("encode"):
             uid = result_uid(study_uid, job_id, "SR")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
@@ -44,14 +44,14 @@ RESULT_SOP_CLASSES = (Comprehensive3DSRStorage, SegmentationStorage, SecondaryCa
 class LocalReceiver:
     """A minimal Storage SCP that writes what it receives under ``folder`` (the demo's stand-in PACS).
 
-    ``compressed``: it also accepts JPEG 2000 Lossless, as Orthanc does; False: uncompressed syntaxes only, as
-    DCMTK's storescp by default (the node then sends its JPEG 2000 SEGs decompressed)."""
+    ``compressed``: it also accepts JPEG-LS and JPEG 2000 Lossless, as Orthanc does; False: uncompressed syntaxes
+    only, as DCMTK's storescp by default (the node then sends its SEGs decompressed)."""
 
     def __init__(self, folder: Path, ae_title: str = DEMO_PACS_AE, compressed: bool = True) -> None:
         self.folder = Path(folder)
         self.ae = AE(ae_title=ae_title)
         self.ae.add_supported_context(Verification)
-        syntaxes = [*DEFAULT_TRANSFER_SYNTAXES, *([JPEG2000Lossless] if compressed else [])]
+        syntaxes = [*DEFAULT_TRANSFER_SYNTAXES, *([JPEGLSLossless, JPEG2000Lossless] if compressed else [])]
         for sop_class in RESULT_SOP_CLASSES:
             self.ae.add_supported_context(sop_class, syntaxes)
         self.server = None

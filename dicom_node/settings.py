@@ -71,8 +71,12 @@ class Settings(BaseSettings):
                                     "maximum_associations applies to each process.")
     result_processes: int = Field(
         2, ge=0, le=16, description="Helper processes of each analysis worker that build the SR and the SEGs while "
-                                    "it draws the overlay PNGs (JPEG 2000 and highdicom are CPU-bound and cannot "
+                                    "it draws the overlay PNGs (the SEG encoder and highdicom are CPU-bound and cannot "
                                     "share threads); 4 encodes a study's views at once. 0: the worker builds them.")
+    seg_compression: Literal["jpeg-ls", "jpeg2000", "none"] = Field(
+        "jpeg-ls", description="Transfer syntax of the heatmap SEGs: JPEG-LS Lossless (fastest compact one), JPEG "
+                               "2000 Lossless (smallest, ~2x the encoding CPU) or none (8x larger). A destination "
+                               "that does not accept it gets the SEG uncompressed.")
     tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP accepts TLS only.")
     tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate.")
     tls_ca_certificates: Path | None = Field(

@@ -131,12 +131,14 @@ class _Context:
             if self._analyzer is None or wanted != self._served:
                 from dicom_node.analysis import Analyzer
                 from dicom_node.heads import served_components
+                from dicom_node.results.seg import SEG_TRANSFER_SYNTAXES
                 from dicom_node.serving import load_serving_model, model_identity
 
                 model = load_serving_model(self.settings, active.path if active else None,
                                            active.text_encoder_path if active else None, progress=False)
                 identity = model_identity(model, active.name if active else None)
                 self._analyzer = Analyzer(model, identity, self.settings.results_dir, writer=self.writer,
+                                          seg_transfer_syntax=SEG_TRANSFER_SYNTAXES[self.settings.seg_compression],
                                           **served_components(active, model, identity,
                                                               self.settings.resolved_device()))
                 self._served = wanted

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pydicom.datadict import keyword_for_tag
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 
@@ -31,7 +31,7 @@ from dicom_node.results.findings import (
     ViewFindings,
 )
 from dicom_node.results.overlay import heatmap_overlay_png
-from dicom_node.results.seg import TRANSFER_SYNTAX
+from dicom_node.results.seg import SEG_TRANSFER_SYNTAXES, TRANSFER_SYNTAX
 from tests.conftest import require_tool
 from tests.peers import Orthanc, StoreSCP
 
@@ -71,10 +71,11 @@ def heatmaps_for(source: pydicom.Dataset, seed: int = 3) -> dict[str, np.ndarray
     return {task: rng.random((source.Rows, source.Columns), dtype=np.float32) for task in FINDING_TASKS}
 
 
-def write_seg(source: pydicom.Dataset, heatmaps: dict[str, np.ndarray], path: Path) -> Path:
+def write_seg(source: pydicom.Dataset, heatmaps: dict[str, np.ndarray], path: Path,
+              transfer_syntax_uid: str = TRANSFER_SYNTAX) -> Path:
     seg = build_heatmap_seg(source, heatmaps, MODEL, series_instance_uid=generate_uid(entropy_srcs=["seg series"]),
                             sop_instance_uid=generate_uid(entropy_srcs=[source.SOPInstanceUID, "seg"]),
-                            series_number=9001, instance_number=1)
+                            series_number=9001, instance_number=1, transfer_syntax_uid=transfer_syntax_uid)
     return save_dataset(seg, path)
 
 
@@ -174,14 +175,17 @@ def test_sr_rejects_a_view_without_its_source(sources: list[pydicom.Dataset]) ->
                  series_number=1, instance_number=1)
 
 
-def test_seg_is_valid_and_round_trips_the_heatmaps(tmp_path: Path, sources: list[pydicom.Dataset]) -> None:
+@pytest.mark.parametrize("compression", sorted(SEG_TRANSFER_SYNTAXES))
+def test_seg_is_valid_and_round_trips_the_heatmaps(tmp_path: Path, sources: list[pydicom.Dataset],
+                                                   compression: str) -> None:
     source = sources[0]
     heatmaps = heatmaps_for(source)
-    path = write_seg(source, heatmaps, tmp_path / "seg.dcm")
+    path = write_seg(source, heatmaps, tmp_path / "seg.dcm", SEG_TRANSFER_SYNTAXES[compression])
     assert_valid(path)
 
     seg = pydicom.dcmread(path)
-    assert seg.SOPClassUID == SegmentationStorage and seg.file_meta.TransferSyntaxUID == TRANSFER_SYNTAX
+    assert seg.SOPClassUID == SegmentationStorage
+    assert seg.file_meta.TransferSyntaxUID == SEG_TRANSFER_SYNTAXES[compression]
     assert (seg.SegmentationType, seg.SegmentationFractionalType, seg.MaximumFractionalValue) == (
         "FRACTIONAL", "PROBABILITY", 255)
     assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns) and seg.NumberOfFrames == len(FINDING_TASKS)
@@ -245,7 +249,7 @@ def test_seg_rejects_heatmaps_of_the_wrong_shape_or_kind(sources: list[pydicom.D
 
 @pytest.fixture
 def result_files(tmp_path: Path, sources: list[pydicom.Dataset]) -> list[Path]:
-    """An SR of the four views and the (JPEG 2000) SEG of the first, as the node writes them."""
+    """An SR of the four views and the (JPEG-LS) SEG of the first, as the node writes them."""
     return [write_sr(make_findings(sources), sources, tmp_path / "sr.dcm"),
             write_seg(sources[0], heatmaps_for(sources[0]), tmp_path / "seg.dcm")]
 
@@ -255,7 +259,7 @@ def test_storescp_accepts_the_sr_and_the_seg(tmp_path: Path, result_files: list[
     try:
         ae = AE(ae_title="MAMMO_AI")
         ae.add_requested_context(Comprehensive3DSRStorage, ExplicitVRLittleEndian)
-        ae.add_requested_context(SegmentationStorage, JPEG2000Lossless)
+        ae.add_requested_context(SegmentationStorage, TRANSFER_SYNTAX)
         assoc = ae.associate("127.0.0.1", pacs.port, ae_title="PACS")
         assert assoc.is_established
         try:

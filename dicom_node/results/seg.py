@@ -13,18 +13,21 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import JPEG2000Lossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, generate_uid
 
 from dicom_node.results.codes import LATERALITY, SEGMENT_CATEGORY, SEGMENT_TYPES
 from dicom_node.results.equipment import MANUFACTURER, SERIAL_NUMBER, add_algorithm_equipment, software_versions
 from dicom_node.results.findings import ModelIdentity
 
-# JPEG 2000 Lossless, the usual archive syntax of mammography PACS. Measured on 2 cores for a 4096 x 3328 SEG
-# with 3 smooth heatmaps: 4.1 MB, 1.7 s to build; uncompressed 41 MB, 0.6 s; RLE 26 MB, 1.1 s; JPEG-LS 5.1 MB, 1.0 s.
-TRANSFER_SYNTAX = JPEG2000Lossless
+# The SEG's transfer syntax, by the ``seg_compression`` setting. Measured for a 4096 x 3328 SEG of 3 smooth heatmaps
+# (one core, 2026-11-29): JPEG-LS Lossless 5.0 MB, 0.78 s to build; JPEG 2000 Lossless 3.8 MB, 1.44 s; uncompressed
+# 41 MB, 0.22 s (RLE: 25 MB, 0.73 s). A peer that does not accept the syntax gets the SEG uncompressed
+# (``dicom_node.scu``), so JPEG-LS, the fastest compact one, is the default.
+SEG_TRANSFER_SYNTAXES = {"jpeg-ls": JPEGLSLossless, "jpeg2000": JPEG2000Lossless, "none": ExplicitVRLittleEndian}
+TRANSFER_SYNTAX = SEG_TRANSFER_SYNTAXES["jpeg-ls"]
 # pylibjpeg-openjpeg's encoder is not thread-safe: two encodes at once in one process crash it (SIGSEGV), which
 # killed the embedded worker (two analysis threads) again and again. One encode at a time per process.
-_JPEG2000_ENCODER = threading.Lock()
+_ENCODER = threading.Lock()
 SERIES_DESCRIPTION = "AI heatmaps - research/triage only"
 CONTENT_DESCRIPTION = "AI heatmap - research/triage only, not for diagnosis"
 SEGMENT_COLORS = {"malignancy": (55.0, 75.0, 60.0), "mass": (85.0, -5.0, 80.0), "calcification": (60.0, -30.0, -40.0)}
@@ -84,11 +87,12 @@ def _description(number: int, name: str, view: str, laterality: str, algorithm: 
 
 def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model: ModelIdentity, *,
                       series_instance_uid: str, sop_instance_uid: str, series_number: int,
-                      instance_number: int,
-                      segment_models: Mapping[str, ModelIdentity] | None = None) -> hd.seg.Segmentation:
+                      instance_number: int, segment_models: Mapping[str, ModelIdentity] | None = None,
+                      transfer_syntax_uid: str = TRANSFER_SYNTAX) -> hd.seg.Segmentation:
     """A SEG with one probability segment per heatmap (keys of ``SEGMENT_TYPES``: ``malignancy``, ``mass``,
     ``calcification``, or ``factor mass`` etc. for Mammo-FActOR maps); each heatmap has the source's Rows x Columns
-    and values in [0, 1]. ``segment_models`` names the algorithm of a segment made by another model than ``model``."""
+    and values in [0, 1]. ``segment_models`` names the algorithm of a segment made by another model than ``model``;
+    ``transfer_syntax_uid`` is one of ``SEG_TRANSFER_SYNTAXES``."""
     if not heatmaps:
         raise ValueError("no heatmap to encode")
     shape = (int(source.Rows), int(source.Columns))
@@ -107,7 +111,7 @@ def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model
     pixels = np.empty((1, *shape, len(names)), dtype=np.float32)
     for index, name in enumerate(names):
         np.clip(heatmaps[name], 0.0, 1.0, out=pixels[0, ..., index])
-    with _JPEG2000_ENCODER:
+    with _ENCODER:
         seg = _HeatmapSegmentation(
             source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
             segment_descriptions=descriptions, series_instance_uid=series_instance_uid,
@@ -116,7 +120,7 @@ def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model
             software_versions=software_versions(model), device_serial_number=SERIAL_NUMBER,
             fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY, max_fractional_value=255,
             content_label="AI_HEATMAP", content_description=CONTENT_DESCRIPTION,
-            transfer_syntax_uid=TRANSFER_SYNTAX, omit_empty_frames=False)
+            transfer_syntax_uid=transfer_syntax_uid, omit_empty_frames=False)
     seg.SeriesDescription = SERIES_DESCRIPTION
     if "PatientOrientation" in source:  # General Image, Type 2C when there is no Frame of Reference
         seg.PatientOrientation = source.PatientOrientation
