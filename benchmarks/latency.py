@@ -6,9 +6,13 @@ the worklist's own timestamps:
 
     settle      last instance received -> study READY (the configured settle time)
     queue       READY -> a worker claimed the job (scheduler tick, broker, worker pick-up)
-    preprocess, model, heatmaps, encode, overlays   the analysis stages (the worker's stopwatch)
+    preprocess, model, heatmaps, encode   the analysis stages (the worker's stopwatch)
     record      analysis finished -> result committed
     export      result committed -> every object delivered (queue + C-STORE)
+
+The overlay PNGs are drawn after the result is committed and its exports queued, while the results travel (they
+are for the triage page, not for PACS): they are not a stage of this path. The worker runs as the embedded
+default does, with two task slots, so an export does not wait for the overlays of its own study.
 
 The baseline is the model time measured in the same run: the project's target is total <= model + 2 s.
 
@@ -37,7 +41,7 @@ from training.synthetic import write_studies
 from worklist.db import make_engine, upgrade
 from worklist.models import Export, ExportState, Instance, Job, JobState, Study
 
-STAGES = ("settle", "queue", "preprocess", "model", "heatmaps", "encode", "overlays", "record", "export")
+STAGES = ("settle", "queue", "preprocess", "model", "heatmaps", "encode", "record", "export")
 
 
 def seconds(later, earlier) -> float:
@@ -100,7 +104,7 @@ def main() -> None:
         folders = sorted(p for p in (root / "studies").iterdir() if p.is_dir())
         results = []
         try:
-            with Node(settings, worker_concurrency=1) as node:
+            with Node(settings) as node:
                 for folder in folders:
                     files = sorted(folder.glob("*.dcm"))
                     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)

@@ -8,9 +8,10 @@ destination that already holds them sees a harmless resend of the same SOP insta
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,14 @@ from models.errors import ImageDecodeError
 from models.heatmap import finding_maps, task_directions
 from models.inference import SCREENING_VIEWS, ViewKey, score_views
 from models.optimize import inference_copy
-from models.preprocess import CropBox, normalize, prepare_presentation, presentation_pixels, read_dicom
+from models.preprocess import (
+    CropBox,
+    PreprocessConfig,
+    normalize,
+    prepare_presentation,
+    presentation_pixels,
+    read_dicom,
+)
 from models.zero_shot import ZeroShotClassifier
 
 log = logging.getLogger(__name__)
@@ -86,13 +94,51 @@ class ResultObject:
     path: Path
 
 
+@dataclass(frozen=True)
+class ViewOverlay:
+    """What one view's overlay PNGs are drawn from: its findings, display image, crop box and model-size maps."""
+
+    view: ViewFindings
+    shown: DisplayImage
+    box: CropBox
+    heatmaps: dict[str, np.ndarray]
+
+
 @dataclass
 class AnalysisOutput:
+    """The findings and the DICOM objects written (the SR first). The overlay PNGs are for people, not for PACS:
+    ``draw_overlays()`` writes them once the results are recorded and on their way."""
+
     findings: StudyFindings
     objects: list[ResultObject]
-    overlays: list[Path]
+    folder: Path
+    overlay_views: list[ViewOverlay] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     gpu_memory_peak_bytes: int | None = None  # the job's peak CUDA memory; None off CUDA (not a timing)
+
+    def draw_overlays(self) -> list[Path]:
+        """Write each view's malignancy overlay PNG, and one per FActOR map; returns their paths."""
+        start = time.perf_counter()
+        written = [path for overlay in self.overlay_views for path in _overlay_pngs(self.folder, overlay)]
+        log.info("study %s: %d overlay(s) drawn in %.2f s", self.findings.study_instance_uid, len(written),
+                 time.perf_counter() - start)
+        return written
+
+
+def _overlay_pngs(folder: Path, overlay: ViewOverlay) -> list[Path]:
+    """One view's malignancy overlay PNG, and one per FActOR map (each map pasted at the displayed size)."""
+    view, shown, box = overlay.view, overlay.shown, overlay.box
+    path = folder / f"overlay_{view.name}.png"
+    heatmap_overlay_png(shown, box.paste(overlay.heatmaps["malignancy"], shown.gray.shape), path,
+                        f"{view.name} malignancy {view.scores['malignancy']:.2f}")
+    written = [path]
+    for name in (name for name in overlay.heatmaps if name.startswith(FACTOR_PREFIX)):
+        attribute = name.removeprefix(FACTOR_PREFIX)
+        path = folder / f"overlay_factor_{attribute}_{view.name}.png"
+        heatmap_overlay_png(shown, box.paste(overlay.heatmaps[name], shown.gray.shape), path,
+                            f"{view.name} FActOR {attribute}")
+        written.append(path)
+    return written
 
 
 def result_uid(study_uid: str, job_id: int, *parts: str) -> str:
@@ -132,6 +178,23 @@ def _probabilities(row: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict
     return scores, density, birads
 
 
+@dataclass(frozen=True)
+class PreparedView:
+    """One view read and windowed once: its dataset, the model input and where it came from, its display image."""
+
+    dataset: Dataset
+    image: torch.Tensor
+    box: CropBox
+    shown: DisplayImage
+
+
+def _prepare_view(path: Path, config: PreprocessConfig) -> PreparedView:
+    ds = read_dicom(path)
+    pixels = presentation_pixels(ds)  # windowed once, for the model and for the overlays
+    image, box = prepare_presentation(ds, pixels, config)
+    return PreparedView(ds, normalize(image, config), box, display_pixels(pixels))
+
+
 class Analyzer:
     """A loaded model with its prompt embeddings, ready to analyse studies (one per worker process)."""
 
@@ -149,6 +212,8 @@ class Analyzer:
         self.factor = factor
         self.results_root = Path(results_root)
         self.writer = writer or ResultWriter(0)
+        self._preparers = ThreadPoolExecutor(max_workers=min(len(SCREENING_VIEWS), os.cpu_count() or 1),
+                                             thread_name_prefix="prepare-view")
         self.seg_transfer_syntax = seg_transfer_syntax
         self.classifier = ZeroShotClassifier(self.serving)
         self.directions = {name: direction for name, direction in task_directions(self.classifier).items()
@@ -175,17 +240,13 @@ class Analyzer:
                 f"study {study_uid} has no screening view (LCC, RCC, LMLO, RMLO) among its "
                 f"{len(instances)} analysable instance(s)")
         config = self.serving.config.preprocess()
-        datasets: dict[ViewKey, Dataset] = {}
-        boxes: dict[ViewKey, CropBox] = {}
-        images: dict[ViewKey, torch.Tensor] = {}
-        shown: dict[ViewKey, DisplayImage] = {}
-        with watch.stage("preprocess"):
-            for key, instance in chosen.items():
-                ds = read_dicom(instance.path)
-                pixels = presentation_pixels(ds)  # windowed once, for the model and for the overlays
-                image, boxes[key] = prepare_presentation(ds, pixels, config)
-                images[key], datasets[key], shown[key] = normalize(image, config), ds, display_pixels(pixels)
-                del pixels
+        with watch.stage("preprocess"):  # the views at once: NumPy and OpenCV release the GIL on large arrays
+            prepared = dict(zip(chosen, self._preparers.map(lambda instance: _prepare_view(instance.path, config),
+                                                            chosen.values()), strict=True))
+        datasets = {key: view.dataset for key, view in prepared.items()}
+        boxes = {key: view.box for key, view in prepared.items()}
+        images = {key: view.image for key, view in prepared.items()}
+        shown = {key: view.shown for key, view in prepared.items()}
         heartbeat()
         with watch.stage("model"):
             scores = score_views(self.classifier, images, keep_feature_maps=True)
@@ -228,34 +289,14 @@ class Analyzer:
                                 result_uid(study_uid, job_id, "SR series"), uid, folder / "SR.dcm")
             pending.insert(0, (ResultObject("SR", uid, request.path), self.writer.submit(write_sr, request)))
         heartbeat()
-        overlays: list[Path] = []
-        with watch.stage("overlays"):  # drawn while the writer's processes build the SR and SEGs
-            for view in findings.views:
-                key = (view.laterality, view.view)
-                overlays += self._overlays(folder, view, shown[key], boxes[key], view_heatmaps[key])
-        heartbeat()
-        with watch.stage("encode"):
+        with watch.stage("encode"):  # the writer's processes have all the cores: the overlays come after
             self.writer.wait([future for _, future in pending])
         log.info("study %s job %d analysed: %s", study_uid, job_id,
                  ", ".join(f"{k} {v:.2f}s" for k, v in watch.seconds.items()),
                  extra={"study_uid": study_uid, "job_id": job_id})
-        return AnalysisOutput(findings, [obj for obj, _ in pending], overlays, watch.seconds)
-
-    @staticmethod
-    def _overlays(folder: Path, view: ViewFindings, shown: DisplayImage, box: CropBox,
-                  heatmaps: dict[str, np.ndarray]) -> list[Path]:
-        """The view's malignancy overlay PNG, and one per FActOR map (each map pasted at the displayed size)."""
-        overlay = folder / f"overlay_{view.name}.png"
-        heatmap_overlay_png(shown, box.paste(heatmaps["malignancy"], shown.gray.shape), overlay,
-                            f"{view.name} malignancy {view.scores['malignancy']:.2f}")
-        written = [overlay]
-        for name in (name for name in heatmaps if name.startswith(FACTOR_PREFIX)):
-            attribute = name.removeprefix(FACTOR_PREFIX)
-            overlay = folder / f"overlay_factor_{attribute}_{view.name}.png"
-            heatmap_overlay_png(shown, box.paste(heatmaps[name], shown.gray.shape), overlay,
-                                f"{view.name} FActOR {attribute}")
-            written.append(overlay)
-        return written
+        overlays = [ViewOverlay(view, shown[(view.laterality, view.view)], boxes[(view.laterality, view.view)],
+                                view_heatmaps[(view.laterality, view.view)]) for view in findings.views]
+        return AnalysisOutput(findings, [obj for obj, _ in pending], folder, overlays, watch.seconds)
 
     def _findings(self, study_uid: str, chosen: dict[ViewKey, SourceInstance], scores) -> StudyFindings:  # noqa: ANN001
         views = []

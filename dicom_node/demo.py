@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEMO_PACS_AE = "DEMO_PACS"
 DEMO_MODALITY_AE = "DEMO_MODALITY"
+OVERLAY_WAIT_SECONDS = 60.0
 RESULT_SOP_CLASSES = (Comprehensive3DSRStorage, SegmentationStorage, SecondaryCaptureImageStorage,
                       DigitalMammographyXRayImageStorageForPresentation)
 
@@ -182,6 +183,10 @@ def _outcome(sessions, settings: Settings, study_uid: str, state: str, job_id: i
         exports = session.scalars(select(Export).where(Export.job_id == job_id)).all()
         delivered = {e.sop_instance_uid for e in exports if e.state == ExportState.DELIVERED}
     folder = settings.results_dir / study_uid / str(job_id)
+    views = len(result.scores["views"]) if result else 0
+    deadline = time.monotonic() + OVERLAY_WAIT_SECONDS  # drawn by the worker once the results are on their way
+    while len(list(folder.glob("overlay_[LR]*.png"))) < views and time.monotonic() < deadline:
+        time.sleep(0.1)
     with manifest.open(newline="") as handle:
         truth = {row["laterality"]: row for row in csv.DictReader(handle)}
     return DemoOutcome(

@@ -235,6 +235,11 @@ def analyze_study(self: Task, job_id: int) -> None:
                         gpu_memory_peak_bytes=output.gpu_memory_peak_bytes)
     if done and exports:
         send_export(job_id)
+    if done:  # for the triage page, while the results travel; a job is not failed for want of a picture
+        try:
+            output.draw_overlays()
+        except Exception as error:
+            log.warning("job %d: overlay PNGs not drawn: %s: %s", job_id, type(error).__name__, error)
 
 
 @app.task(name=EXPORT)

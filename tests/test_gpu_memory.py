@@ -66,7 +66,7 @@ def test_the_analyser_reports_the_peak_of_its_model_device(monkeypatch: pytest.M
     timings = {"model": 1.0}
     for device, expected in (("cpu", None), ("cuda:0", 2 ** 30)):
         analyzer = SimpleNamespace(serving=SimpleNamespace(device=torch.device(device)),
-                                   _analyse=lambda *_: AnalysisOutput(None, [], [], dict(timings)))
+                                   _analyse=lambda *_: AnalysisOutput(None, [], Path(), timings=dict(timings)))
         output = Analyzer.analyse(analyzer, "1.2.3", 1, [])  # type: ignore[arg-type]
         assert output.gpu_memory_peak_bytes == expected and output.timings == timings  # not a timing
 

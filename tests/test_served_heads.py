@@ -195,4 +195,4 @@ def test_detector_and_factor_are_served_with_their_version(sessions, square_vers
                              f"{FACTOR_PREFIX}mass heatmap", f"{FACTOR_PREFIX}calcification heatmap"}
     factor_algorithm = segments[f"{FACTOR_PREFIX}mass heatmap"].SegmentationAlgorithmIdentificationSequence[0]
     assert factor_algorithm.AlgorithmName == "Mammo-FActOR attribute maps"
-    assert sum(1 for path in output.overlays if "overlay_factor_" in path.name) == 8
+    assert sum(1 for path in output.draw_overlays() if "overlay_factor_" in path.name) == 8
