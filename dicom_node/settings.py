@@ -70,9 +70,9 @@ class Settings(BaseSettings):
                                     "process. Recommended with several senders: the number of CPU cores. "
                                     "maximum_associations applies to each process.")
     result_processes: int = Field(
-        2, ge=0, le=16, description="Helper processes of each analysis worker that build the SR and the SEGs while "
-                                    "it draws the overlay PNGs (the SEG encoder and highdicom are CPU-bound and cannot "
-                                    "share threads); 4 encodes a study's views at once. 0: the worker builds them.")
+        2, ge=0, le=16, description="Helper processes of each analysis worker that build the SR and the SEGs (the "
+                                    "SEG encoder and highdicom are CPU-bound and cannot share threads); 4 encodes a "
+                                    "study's views at once where there are cores for it. 0: the worker builds them.")
     seg_compression: Literal["jpeg-ls", "jpeg2000", "none"] = Field(
         "jpeg-ls", description="Transfer syntax of the heatmap SEGs: JPEG-LS Lossless (fastest compact one), JPEG "
                                "2000 Lossless (smallest, ~2x the encoding CPU) or none (8x larger). A destination "
