@@ -69,6 +69,9 @@ from models.zero_shot import ZeroShotClassifier
 log = logging.getLogger(__name__)
 
 HEATMAP_TASKS = ("malignancy", "mass", "calcification")
+# Reads and windows a study's views at once (threads start on first use; one pool for every model version).
+_PREPARERS = ThreadPoolExecutor(max_workers=min(len(SCREENING_VIEWS), len(os.sched_getaffinity(0))),
+                                thread_name_prefix="prepare-view")
 
 
 class NoScreeningViewsError(ImageDecodeError):
@@ -126,19 +129,20 @@ class AnalysisOutput:
 
 
 def _overlay_pngs(folder: Path, overlay: ViewOverlay) -> list[Path]:
-    """One view's malignancy overlay PNG, and one per FActOR map (each map pasted at the displayed size)."""
+    """One overlay PNG per FActOR map, then the view's malignancy overlay (each map pasted at the displayed size):
+    once the last view's ``overlay_<view>.png`` exists, every overlay of the study does."""
     view, shown, box = overlay.view, overlay.shown, overlay.box
-    path = folder / f"overlay_{view.name}.png"
-    heatmap_overlay_png(shown, box.paste(overlay.heatmaps["malignancy"], shown.gray.shape), path,
-                        f"{view.name} malignancy {view.scores['malignancy']:.2f}")
-    written = [path]
+    written = []
     for name in (name for name in overlay.heatmaps if name.startswith(FACTOR_PREFIX)):
         attribute = name.removeprefix(FACTOR_PREFIX)
         path = folder / f"overlay_factor_{attribute}_{view.name}.png"
         heatmap_overlay_png(shown, box.paste(overlay.heatmaps[name], shown.gray.shape), path,
                             f"{view.name} FActOR {attribute}")
         written.append(path)
-    return written
+    path = folder / f"overlay_{view.name}.png"
+    heatmap_overlay_png(shown, box.paste(overlay.heatmaps["malignancy"], shown.gray.shape), path,
+                        f"{view.name} malignancy {view.scores['malignancy']:.2f}")
+    return [*written, path]
 
 
 def result_uid(study_uid: str, job_id: int, *parts: str) -> str:
@@ -212,8 +216,6 @@ class Analyzer:
         self.factor = factor
         self.results_root = Path(results_root)
         self.writer = writer or ResultWriter(0)
-        self._preparers = ThreadPoolExecutor(max_workers=min(len(SCREENING_VIEWS), os.cpu_count() or 1),
-                                             thread_name_prefix="prepare-view")
         self.seg_transfer_syntax = seg_transfer_syntax
         self.classifier = ZeroShotClassifier(self.serving)
         self.directions = {name: direction for name, direction in task_directions(self.classifier).items()
@@ -224,8 +226,8 @@ class Analyzer:
 
     def analyse(self, study_uid: str, job_id: int, instances: list[SourceInstance],
                 heartbeat: Callable[[], object] = lambda: None) -> AnalysisOutput:
-        """Score the study, build its SR and SEGs and write them (and overlay PNGs) under the job folder; on a
-        CUDA model, also measure the job's peak GPU memory."""
+        """Score the study, build its SR and SEGs and write them under the job folder (the overlay PNGs when the
+        caller calls ``draw_overlays()`` on the output); on a CUDA model, also measure the job's peak GPU memory."""
         with peak_cuda_memory(self.serving.device) as peak:
             output = self._analyse(study_uid, job_id, instances, heartbeat)
         output.gpu_memory_peak_bytes = peak.bytes
@@ -241,7 +243,7 @@ class Analyzer:
                 f"{len(instances)} analysable instance(s)")
         config = self.serving.config.preprocess()
         with watch.stage("preprocess"):  # the views at once: NumPy and OpenCV release the GIL on large arrays
-            prepared = dict(zip(chosen, self._preparers.map(lambda instance: _prepare_view(instance.path, config),
+            prepared = dict(zip(chosen, _PREPARERS.map(lambda instance: _prepare_view(instance.path, config),
                                                             chosen.values()), strict=True))
         datasets = {key: view.dataset for key, view in prepared.items()}
         boxes = {key: view.box for key, view in prepared.items()}

@@ -1,15 +1,18 @@
 """Received instances: validated UIDs -> safe paths, atomic fsynced files, and their worklist rows.
 
-The order is what makes "nothing lost" true: the file is complete on disk (temp file, fsync, rename, fsync of
-the folder) and its row is committed before the Storage SCP answers Success. A resend of the same SOP
-Instance UID rewrites the same path and updates the same row, so it is idempotent; a resend of the same bytes
-changes nothing (an analysed study is not analysed again for it), a changed instance re-opens its study.
+The order is what makes "nothing lost" true: the file is written and fsynced under a temporary name; in one
+transaction its UIDs are checked and its rows written, the file is renamed into place and its folder fsynced, and
+the rows are committed; only then does the Storage SCP answer Success. A resend of the same SOP Instance UID
+rewrites the same path and updates the same row, so it is idempotent; a resend of the same bytes changes nothing
+(an analysed study is not analysed again for it), a changed instance re-opens its study.
 
 A SOP Instance UID is filed under one study, series and patient only. An instance whose UIDs clash with what is
 stored (its SOP Instance UID already in another study or series, its series in another study, or its study
 stored under another Patient ID) is refused with ``UIDConflictError``, so that no patient's image is ever analysed
-in another patient's study; the first instance stays as it was. A stored file is only overwritten after that check;
-a new file is checked in the transaction that would record it, and removed when it clashes.
+in another patient's study; the first instance stays as it was. The check runs inside the transaction, before the
+stored file is touched: on SQLite that transaction holds the database's write lock from its start (BEGIN
+IMMEDIATE), so no other SCP process files anything between the check and the commit; on PostgreSQL a study or
+series that another transaction inserted meanwhile is checked again.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom.dsutils import encode_file_meta
-from sqlalchemy import Row, insert, select, update
+from sqlalchemy import Row, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -64,28 +67,42 @@ def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> 
     return Path(root, "studies", *parts)
 
 
-def atomic_write(path: Path, data: bytes | Sequence[bytes]) -> None:
-    """Write ``data`` (bytes, or parts written one after the other) so that ``path`` is either absent, the old
-    file, or the complete new file."""
+def stage_file(path: Path, data: bytes | Sequence[bytes]) -> Path:
+    """Write ``data`` (bytes, or parts written one after the other) into a new fsynced file next to ``path``;
+    returns it for ``publish`` (the caller removes it if it is not published)."""
     parts = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    temporary = path.parent / f".{uuid.uuid4().hex}.part"
+    staged = path.parent / f".{uuid.uuid4().hex}.part"
     try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         with os.fdopen(descriptor, "wb") as handle:
             for part in parts:
                 handle.write(part)
             handle.flush()
             os.fsync(handle.fileno())
-        temporary.replace(path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
         raise
+    return staged
+
+
+def publish(staged: Path, path: Path) -> None:
+    """Rename a staged file onto ``path`` and fsync the folder: ``path`` is then the complete new file."""
+    staged.replace(path)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def atomic_write(path: Path, data: bytes | Sequence[bytes]) -> None:
+    """Write ``data`` so that ``path`` is either absent, the old file, or the complete new file."""
+    staged = stage_file(path, data)
+    try:
+        publish(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)  # only left when the rename failed
 
 
 def sha256_of(parts: Sequence[bytes]) -> str:
@@ -155,6 +172,15 @@ def _insert_once(session: Session, table: type, key: str, value: str, **fields: 
         return session.execute(select(table.id).where(column == value)).scalar_one()
 
 
+def _begin_writing(session: Session) -> None:
+    """On SQLite, take the database's write lock now (BEGIN IMMEDIATE): the lookups and the inserts see one state,
+    no other process writes between them, and a savepoint cannot commit on its own (pysqlite begins transactions
+    lazily, so without this the first SAVEPOINT would open, and its RELEASE commit, a transaction of its own).
+    PostgreSQL's transactions need nothing."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text("BEGIN IMMEDIATE"))
+
+
 def _uid_conflict(reason: str) -> UIDConflictError:
     return UIDConflictError(f"{reason}; refused so that no image is filed under two studies or patients")
 
@@ -171,9 +197,9 @@ class InstanceStore:
         """Write one received instance (its DICOM file as parts: preamble and file meta, then the dataset as
         received, whose element structure the caller has checked, e.g. with ``decode_received``) and commit its
         rows. Raises on any failure (nothing is claimed): ``InvalidUIDError`` (``UIDConflictError``) and
-        ``MalformedInstanceError`` for a dataset that must not be stored, before anything is written. A database
-        failure leaves a complete file without a row, which the resend the sender is asked for (0xA700)
-        rewrites."""
+        ``MalformedInstanceError`` for a dataset that must not be stored, the stored file untouched. Only a failed
+        commit after the rename leaves the new file without its row, which the resend the sender is asked for
+        (0xA700) records."""
         study_uid = validated_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = validated_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = validated_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -181,13 +207,6 @@ class InstanceStore:
         check_instance(dataset, transfer_syntax_uid)
         patient_id = str(dataset.get("PatientID") or "")[:64] or None
         path = instance_path(self.root, study_uid, series_uid, sop_uid)
-        existed = path.exists()
-        if existed:  # a file is only overwritten by an instance that does not clash (a new file is checked in _record)
-            with self.sessions() as session:
-                reason = _filed(session, study_uid, series_uid, sop_uid).conflict(study_uid, series_uid, sop_uid,
-                                                                                  patient_id)
-            if reason is not None:
-                raise _uid_conflict(reason)
         analysable = sop_class in MAMMOGRAPHY_SOP_CLASSES and dataset.get("Modality") == "MG"
         fields = {
             "sop_class_uid": sop_class, "transfer_syntax_uid": transfer_syntax_uid,
@@ -196,23 +215,23 @@ class InstanceStore:
             "path": str(path.relative_to(self.root)), "size_bytes": sum(map(len, encoded)),
             "sha256": sha256_of(encoded), "calling_ae": calling_ae[:16],
         }
-        atomic_write(path, encoded)
+        staged = stage_file(path, encoded)
         try:
-            existing = self._record(dataset, (study_uid, series_uid, sop_uid), patient_id, fields)
-        except UIDConflictError:
-            if not existed:  # a clash committed meanwhile by another process: the file is nobody's
-                path.unlink(missing_ok=True)
-            raise
+            existing = self._record(dataset, (study_uid, series_uid, sop_uid), patient_id, fields, (staged, path))
+        finally:
+            staged.unlink(missing_ok=True)  # published, or refused: nothing of it stays but the published file
         log.info("stored instance %s of study %s (%s, %d bytes%s)", sop_uid, study_uid, sop_class, fields["size_bytes"],
                  ", resend" if existing else "")
         return StoredInstance(sop_uid, study_uid, path, analysable, existing)
 
     def _record(self, dataset: Dataset, uids: tuple[str, str, str], patient_id: str | None,
-                fields: dict[str, object]) -> bool:
-        """Commit the rows of a written instance; True if it was a resend. Re-checks the UIDs in the transaction."""
+                fields: dict[str, object], file: tuple[Path, Path]) -> bool:
+        """Check the UIDs, write the rows, publish the staged file (``file``: staged, final path) and commit, in
+        one transaction; True if it was a resend of the same bytes (nothing written, nothing published)."""
         study_uid, series_uid, sop_uid = uids
         now = utcnow()
         with self.sessions.begin() as session:
+            _begin_writing(session)
             filed = _filed(session, study_uid, series_uid, sop_uid)
             reason = filed.conflict(study_uid, series_uid, sop_uid, patient_id)
             if reason is not None:  # stored by another process meanwhile
@@ -229,6 +248,11 @@ class InstanceStore:
             series_id = filed.series.id if filed.series is not None else _insert_once(
                 session, Series, "series_instance_uid", series_uid, study_id=study_id,
                 modality=str(dataset.get("Modality") or "")[:16] or None)
+            if filed.study is None or filed.series is None:  # a row another transaction inserted meanwhile is
+                reason = _filed(session, study_uid, series_uid, sop_uid).conflict(  # reused: check it too
+                    study_uid, series_uid, sop_uid, patient_id)
+                if reason is not None:
+                    raise _uid_conflict(reason)
             if filed.instance is None:
                 session.execute(insert(Instance).values(sop_instance_uid=sop_uid, study_id=study_id,
                                                         series_id=series_id, received_at=now, **fields))
@@ -239,4 +263,5 @@ class InstanceStore:
             if filed.study is not None and filed.study.state == StudyState.ANALYSED and fields["analysable"]:
                 changes["state"] = StudyState.RECEIVING  # a new or changed instance: the study will be analysed again
             session.execute(update(Study).where(Study.id == study_id).values(changes))
+            publish(*file)
         return filed.instance is not None

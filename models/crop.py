@@ -24,8 +24,9 @@ class CropBox:
         ``shape`` (the source image scaled, e.g. for display: the box is scaled with it)."""
         rows, cols = shape or self.source_shape
         scale_y, scale_x = rows / self.source_shape[0], cols / self.source_shape[1]
-        top, bottom = round(self.top * scale_y), max(round(self.bottom * scale_y), round(self.top * scale_y) + 1)
-        left, right = round(self.left * scale_x), max(round(self.right * scale_x), round(self.left * scale_x) + 1)
+        top, left = min(round(self.top * scale_y), rows - 1), min(round(self.left * scale_x), cols - 1)
+        bottom = min(max(round(self.bottom * scale_y), top + 1), rows)  # at least one row and column, inside
+        right = min(max(round(self.right * scale_x), left + 1), cols)
         placed = np.zeros((rows, cols), dtype=np.float32)
         placed[top:bottom, left:right] = cv2.resize(values.astype(np.float32), (right - left, bottom - top),
                                                     interpolation=cv2.INTER_LINEAR)

@@ -106,17 +106,18 @@ def _displayed(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> np.ndarray
     is mapped through a table computed once per value of its range: the same float64 arithmetic on a few
     thousand values instead of tens of millions, and one gather (4096 x 3328: ~0.35 s -> ~0.05 s)."""
     windowed = "WindowCenter" in ds and "WindowWidth" in ds
-    if stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
-        low = int(stored.min())
-        table = _display_values(ds, np.arange(low, int(stored.max()) + 1).astype(stored.dtype), monochrome1)
-        if windowed or not monochrome1:
-            table = table.astype(np.float32)
-        values = table[np.subtract(stored, low, dtype=np.int32)]
-    else:
-        values = _display_values(ds, stored, monochrome1)
-    if monochrome1 and not windowed:
-        values = values.max() - values
-    return values.astype(np.float32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are refused by the caller
+        if stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
+            low = int(stored.min())
+            table = _display_values(ds, np.arange(low, int(stored.max()) + 1).astype(stored.dtype), monochrome1)
+            if windowed or not monochrome1:
+                table = table.astype(np.float32)
+            values = table[np.subtract(stored, low, dtype=np.int32)]
+        else:
+            values = _display_values(ds, stored, monochrome1)
+        if monochrome1 and not windowed:
+            values = values.max() - values
+        return values.astype(np.float32, copy=False)
 
 
 def _display_values(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> np.ndarray:

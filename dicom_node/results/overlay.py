@@ -1,7 +1,7 @@
 """A PNG of a mammogram with a heatmap over it, for people (and the triage page) rather than for viewers.
 
 Drawn with OpenCV and Pillow (about 20x faster than a matplotlib figure), because it is written for every
-view of every study before the results go out.
+view of every study (by the worker, once the study's results are recorded and on their way).
 """
 
 from __future__ import annotations

@@ -25,8 +25,9 @@ from dicom_node.results.findings import ModelIdentity
 # (``dicom_node.scu``), so JPEG-LS, the fastest compact one, is the default.
 SEG_TRANSFER_SYNTAXES = {"jpeg-ls": JPEGLSLossless, "jpeg2000": JPEG2000Lossless, "none": ExplicitVRLittleEndian}
 TRANSFER_SYNTAX = SEG_TRANSFER_SYNTAXES["jpeg-ls"]
-# pylibjpeg-openjpeg's encoder is not thread-safe: two encodes at once in one process crash it (SIGSEGV), which
-# killed the embedded worker (two analysis threads) again and again. One encode at a time per process.
+# pylibjpeg-openjpeg's JPEG 2000 encoder is not thread-safe: two encodes at once in one process crash it
+# (SIGSEGV), which killed the embedded worker (two analysis threads) again and again. One SEG encode at a time per
+# process, whatever the syntax (the helper processes of dicom_node.results.writer encode in parallel).
 _ENCODER = threading.Lock()
 SERIES_DESCRIPTION = "AI heatmaps - research/triage only"
 CONTENT_DESCRIPTION = "AI heatmap - research/triage only, not for diagnosis"

@@ -1,13 +1,13 @@
 """Building and writing a job's DICOM results (one SEG per view, the SR) in helper processes.
 
-Encoding is most of a study's post-model time, and it is pure-Python work (highdicom, pydicom) or a JPEG 2000
-encoder that is not thread-safe, so threads cannot overlap it. A small pool of processes builds the SEGs and the
-SR while the worker draws the overlay PNGs: on 2 cores the results are ready in about half the time, and a GPU
-server with more cores encodes the four views at once. ``processes=0`` builds them in the calling process.
+Encoding is most of a study's post-model time, and it is pure-Python work (highdicom, pydicom) or a JPEG-LS /
+JPEG 2000 encoder (the latter not thread-safe), so threads cannot overlap it. A small pool of processes builds
+the SEGs and the SR at once: a server with more cores encodes the four views at once. ``processes=0`` builds
+them in the calling process.
 
 What crosses to a helper is small: the source images without their pixel data, and each heatmap at the model's
 resolution with the crop box it came from; the helper pastes it back at the source's size (a 4096 x 3328 view's
-three maps are 41 MB there, a few kB here).
+three zero-shot maps are 41 MB there and a few kB here; FActOR maps, at the model input size, ~5.5 MB each).
 """
 
 from __future__ import annotations
