@@ -39,7 +39,7 @@ from dicom_node.results.findings import (
     StudyFindings,
     ViewFindings,
 )
-from dicom_node.results.overlay import DisplayImage, display_pixels, heatmap_overlay_png
+from dicom_node.results.overlay import DisplayImage, display_pixels, heatmap_overlay_png, malignancy_title
 from dicom_node.results.seg import FACTOR_PREFIX, TRANSFER_SYNTAX
 from dicom_node.results.writer import (
     ResultWriter,
@@ -141,7 +141,7 @@ def _overlay_pngs(folder: Path, overlay: ViewOverlay) -> list[Path]:
         written.append(path)
     path = folder / f"overlay_{view.name}.png"
     heatmap_overlay_png(shown, box.paste(overlay.heatmaps["malignancy"], shown.gray.shape), path,
-                        f"{view.name} malignancy {view.scores['malignancy']:.2f}")
+                        malignancy_title(view.name, view.scores["malignancy"]))
     return [*written, path]
 
 

@@ -22,6 +22,7 @@ from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore
 from models.errors import ConfigurationError
 from tests.conftest import free_port
+from tests.test_results import heatmaps_for, write_seg
 from tests.worklist_rows import FOUR, PATIENT_ID, PATIENT_NAME, T0, add_study, findings
 from worklist.api import ApiServer, serve_api_in_thread
 from worklist.api_auth import Authenticator
@@ -285,6 +286,18 @@ def test_study_page_shows_the_four_views_and_overlays(synthetic_root, sqlite_ses
     assert get(f"{server.url}/studies/{uid}/overlay_RCC.png")[0] == 404
     assert get(f"{server.url}/studies/{uid}/thumbnail_XCC.png")[0] == 422
     assert get(f"{server.url}/studies/..%2F..%2Fetc/thumbnail_LCC.png")[0] == 404
+
+    # A worker that stopped between recording the result and drawing the overlays: the page draws the
+    # overlay again from the view's SEG and image.
+    source = pydicom.dcmread(next(path for path in files if path.name == "R_MLO.dcm"))
+    write_seg(source, heatmaps_for(source), overlay.with_name("SEG_RMLO.dcm"))
+    assert f"/studies/{uid}/overlay_RMLO.png" in get(f"{server.url}/studies/{uid}")[1].decode()
+    status, png, headers = get(f"{server.url}/studies/{uid}/overlay_RMLO.png")
+    drawn = Image.open(io.BytesIO(png))
+    assert status == 200 and headers["Content-Type"] == "image/png" and drawn.width == source.Columns
+    assert overlay.with_name("overlay_RMLO.png").read_bytes() == png  # kept for the next request
+    overlay.with_name("SEG_RCC.dcm").write_bytes(b"not a SEG")
+    assert get(f"{server.url}/studies/{uid}/overlay_RCC.png")[0] == 404
 
 
 def test_the_port_must_be_free(sqlite_sessions, serve) -> None:

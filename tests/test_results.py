@@ -30,7 +30,7 @@ from dicom_node.results.findings import (
     StudyFindings,
     ViewFindings,
 )
-from dicom_node.results.overlay import heatmap_overlay_png
+from dicom_node.results.overlay import heatmap_overlay_png, seg_heatmap
 from dicom_node.results.seg import SEG_TRANSFER_SYNTAXES, TRANSFER_SYNTAX
 from tests.conftest import require_tool
 from tests.peers import Orthanc, StoreSCP
@@ -206,6 +206,10 @@ def test_seg_is_valid_and_round_trips_the_heatmaps(tmp_path: Path, sources: list
         assert np.abs(frame.astype(np.float32) / 255.0 - expected).max() <= 1 / 255
         derivation = group.DerivationImageSequence[0].SourceImageSequence[0]
         assert derivation.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    for task in FINDING_TASKS:  # what the study page redraws an overlay from
+        assert np.abs(seg_heatmap(seg, task) - heatmaps[task]).max() <= 1 / 255
+    with pytest.raises(ValueError, match="no density heatmap"):
+        seg_heatmap(seg, "density")
 
 
 @pytest.mark.parametrize("tasks", [FINDING_TASKS[:1], FINDING_TASKS])

@@ -92,10 +92,13 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
         return detail
 
     def overlay(row: TriageRow, view: str) -> Path | None:
+        """The view's overlay PNG of the study's result, or where it goes when only its SEG is there (it is
+        drawn again from the SEG when asked for); None when the result has neither."""
         if row.result_job_id is None:
             return None
-        path = settings.results_dir / row.study_instance_uid / str(row.result_job_id) / f"overlay_{view}.png"
-        return path if path.is_file() else None
+        folder = settings.results_dir / row.study_instance_uid / str(row.result_job_id)
+        path = folder / f"overlay_{view}.png"
+        return path if path.is_file() or (folder / f"SEG_{view}.dcm").is_file() else None
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -153,10 +156,23 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
 
     @router.get("/studies/{study_uid}/overlay_{view}.png")
     def overlay_png(study_uid: str, view: View) -> FileResponse:
-        row, _ = found(study_uid)
+        row, detail = found(study_uid)
         path = overlay(row, view.value)
         if path is None:
             raise HTTPException(404, f"no {view.value} overlay")
+        if not path.is_file():
+            from dicom_node.results.overlay import malignancy_title, redraw_overlay  # torch: only when needed
+
+            scores = detail["views"].get(view.value, {})
+            chosen = view_instance(sessions, row.study_instance_uid, view.value, scores.get("sop_instance_uid"))
+            try:
+                redraw_overlay(path.with_name(f"SEG_{view.value}.dcm"), settings.incoming_dir / chosen[1], path,
+                               malignancy_title(view.value, float(scores["malignancy"])))
+            except Exception as error:  # a missing or unreadable SEG or image must not take the page down
+                log.warning("overlay %s of study %s not drawn again: %s", view.value, row.study_instance_uid,
+                            type(error).__name__)
+                raise HTTPException(404, f"no {view.value} overlay") from None
+            log.info("overlay %s of study %s drawn again from its SEG", view.value, row.study_instance_uid)
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
     @router.get("/", response_class=HTMLResponse)
