@@ -39,6 +39,7 @@ from dicom_node.results.findings import (
     StudyFindings,
     ViewFindings,
 )
+from dicom_node.results.io import overlay_file, seg_file
 from dicom_node.results.overlay import DisplayImage, display_pixels, heatmap_overlay_png, malignancy_title
 from dicom_node.results.seg import FACTOR_PREFIX, TRANSFER_SYNTAX
 from dicom_node.results.writer import (
@@ -139,7 +140,7 @@ def _overlay_pngs(folder: Path, overlay: ViewOverlay) -> list[Path]:
         heatmap_overlay_png(shown, box.paste(overlay.heatmaps[name], shown.gray.shape), path,
                             f"{view.name} FActOR {attribute}")
         written.append(path)
-    path = folder / f"overlay_{view.name}.png"
+    path = overlay_file(folder, view.name)
     heatmap_overlay_png(shown, box.paste(overlay.heatmaps["malignancy"], shown.gray.shape), path,
                         malignancy_title(view.name, view.scores["malignancy"]))
     return [*written, path]
@@ -246,9 +247,7 @@ class Analyzer:
             prepared = dict(zip(chosen, _PREPARERS.map(lambda instance: _prepare_view(instance.path, config),
                                                             chosen.values()), strict=True))
         datasets = {key: view.dataset for key, view in prepared.items()}
-        boxes = {key: view.box for key, view in prepared.items()}
         images = {key: view.image for key, view in prepared.items()}
-        shown = {key: view.shown for key, view in prepared.items()}
         heartbeat()
         with watch.stage("model"):
             scores = score_views(self.classifier, images, keep_feature_maps=True)
@@ -270,7 +269,7 @@ class Analyzer:
         folder = self.job_folder(study_uid, job_id)
         seg_series = result_uid(study_uid, job_id, "SEG series")
         pending: list[tuple[ResultObject, Future[Path]]] = []
-        view_heatmaps: dict[ViewKey, dict[str, np.ndarray]] = {}
+        overlays: list[ViewOverlay] = []
         for number, view in enumerate(findings.views, start=1):
             key = (view.laterality, view.view)
             with watch.stage("heatmaps"):  # over the model input; the SEG's helper and the overlay paste them back
@@ -278,12 +277,12 @@ class Analyzer:
                 heatmaps = {name: m.numpy() for name, m in maps.items()}
                 if self.factor is not None:
                     heatmaps |= self.factor.maps(scores.feature_maps[key])
-                view_heatmaps[key] = heatmaps
+                overlays.append(ViewOverlay(view, prepared[key].shown, prepared[key].box, heatmaps))
             with watch.stage("encode"):
                 uid = result_uid(study_uid, job_id, "SEG", view.name)
-                request = SegRequest(without_pixels(datasets[key]), heatmaps, boxes[key], self.identity,
+                request = SegRequest(without_pixels(datasets[key]), heatmaps, prepared[key].box, self.identity,
                                      self._segment_models(heatmaps), seg_series, uid, number,
-                                     folder / f"SEG_{view.name}.dcm", self.seg_transfer_syntax)
+                                     seg_file(folder, view.name), self.seg_transfer_syntax)
                 pending.append((ResultObject("SEG", uid, request.path), self.writer.submit(write_seg, request)))
         with watch.stage("encode"):
             uid = result_uid(study_uid, job_id, "SR")
@@ -296,8 +295,6 @@ class Analyzer:
         log.info("study %s job %d analysed: %s", study_uid, job_id,
                  ", ".join(f"{k} {v:.2f}s" for k, v in watch.seconds.items()),
                  extra={"study_uid": study_uid, "job_id": job_id})
-        overlays = [ViewOverlay(view, shown[(view.laterality, view.view)], boxes[(view.laterality, view.view)],
-                                view_heatmaps[(view.laterality, view.view)]) for view in findings.views]
         return AnalysisOutput(findings, [obj for obj, _ in pending], folder, overlays, watch.seconds)
 
     def _findings(self, study_uid: str, chosen: dict[ViewKey, SourceInstance], scores) -> StudyFindings:  # noqa: ANN001

@@ -234,7 +234,7 @@ class InstanceStore:
             _begin_writing(session)
             filed = _filed(session, study_uid, series_uid, sop_uid)
             reason = filed.conflict(study_uid, series_uid, sop_uid, patient_id)
-            if reason is not None:  # stored by another process meanwhile
+            if reason is not None:
                 raise _uid_conflict(reason)
             if filed.instance is not None and filed.instance.sha256 == fields["sha256"]:
                 # The same bytes again (a sender resending after a lost response or a failed association):

@@ -121,23 +121,23 @@ def _displayed(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> np.ndarray
 
 
 def _display_values(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> np.ndarray:
-    """Stored values -> float64 display values (windowed into [0, 1] when the dataset has a window)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        values = apply_modality_lut(stored, ds).astype(np.float64)
-        slope = float(ds.get("RescaleSlope", 1.0))
-        intercept = float(ds.get("RescaleIntercept", 0.0))
-        mirror = (2 ** int(ds.get("BitsStored", 16)) - 1) * slope + 2 * intercept
-        if "WindowCenter" in ds and "WindowWidth" in ds:
-            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-            if not (np.isfinite(center) and np.isfinite(width)) or width <= 0 or (function == "LINEAR" and width < 1):
-                raise ValueError(f"VOI window centre {center} / width {width} ({function}) is not a usable window")
-            if monochrome1:
-                values, center = mirror - values, mirror - center
-            return _window(values, center, width, function)
-        if "VOILUTSequence" in ds:
-            values = apply_voi(values, ds).astype(np.float64)
-        return values
+    """Stored values -> float64 display values (windowed into [0, 1] when the dataset has a window); called under
+    ``_displayed``'s ``np.errstate``."""
+    values = apply_modality_lut(stored, ds).astype(np.float64)
+    slope = float(ds.get("RescaleSlope", 1.0))
+    intercept = float(ds.get("RescaleIntercept", 0.0))
+    mirror = (2 ** int(ds.get("BitsStored", 16)) - 1) * slope + 2 * intercept
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        if not (np.isfinite(center) and np.isfinite(width)) or width <= 0 or (function == "LINEAR" and width < 1):
+            raise ValueError(f"VOI window centre {center} / width {width} ({function}) is not a usable window")
+        if monochrome1:
+            values, center = mirror - values, mirror - center
+        return _window(values, center, width, function)
+    if "VOILUTSequence" in ds:
+        values = apply_voi(values, ds).astype(np.float64)
+    return values
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -30,8 +30,8 @@ from dicom_node.results.findings import (
     StudyFindings,
     ViewFindings,
 )
-from dicom_node.results.overlay import heatmap_overlay_png, seg_heatmap
-from dicom_node.results.seg import SEG_TRANSFER_SYNTAXES, TRANSFER_SYNTAX
+from dicom_node.results.overlay import heatmap_overlay_png
+from dicom_node.results.seg import SEG_TRANSFER_SYNTAXES, TRANSFER_SYNTAX, seg_heatmap
 from tests.conftest import require_tool
 from tests.peers import Orthanc, StoreSCP
 

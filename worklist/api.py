@@ -30,6 +30,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.results.io import overlay_file, seg_file
 from dicom_node.serving import NOT_CLINICAL_BANNER
 from dicom_node.settings import Settings
 from worklist import api_pages
@@ -97,8 +98,8 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
         if row.result_job_id is None:
             return None
         folder = settings.results_dir / row.study_instance_uid / str(row.result_job_id)
-        path = folder / f"overlay_{view}.png"
-        return path if path.is_file() or (folder / f"SEG_{view}.dcm").is_file() else None
+        path = overlay_file(folder, view)
+        return path if path.is_file() or seg_file(folder, view).is_file() else None
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -166,7 +167,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
             scores = detail["views"].get(view.value, {})
             chosen = view_instance(sessions, row.study_instance_uid, view.value, scores.get("sop_instance_uid"))
             try:
-                redraw_overlay(path.with_name(f"SEG_{view.value}.dcm"), settings.incoming_dir / chosen[1], path,
+                redraw_overlay(seg_file(path.parent, view.value), settings.incoming_dir / chosen[1], path,
                                malignancy_title(view.value, float(scores["malignancy"])))
             except Exception as error:  # a missing or unreadable SEG or image must not take the page down
                 log.warning("overlay %s of study %s not drawn again: %s", view.value, row.study_instance_uid,

@@ -1,4 +1,4 @@
-"""Writing a built DICOM object to disk atomically, as a Part 10 file."""
+"""Writing a built DICOM object to disk atomically, as a Part 10 file; where a job's per-view files go."""
 
 from __future__ import annotations
 
@@ -17,3 +17,13 @@ def save_dataset(dataset: Dataset, path: Path) -> Path:
     dcmwrite(buffer, dataset, enforce_file_format=True)
     atomic_write(Path(path), buffer.getvalue())
     return Path(path)
+
+
+def seg_file(folder: Path, view: str) -> Path:
+    """Where a job's SEG of ``view`` (``LCC``, ``RCC``, ``LMLO``, ``RMLO``) is written in its folder."""
+    return Path(folder) / f"SEG_{view}.dcm"
+
+
+def overlay_file(folder: Path, view: str) -> Path:
+    """Where a job's malignancy overlay PNG of ``view`` is written in its folder."""
+    return Path(folder) / f"overlay_{view}.png"

@@ -14,9 +14,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.results.findings import DISCLAIMER
+from dicom_node.results.seg import seg_heatmap
 from dicom_node.storage import atomic_write
 from models.preprocess import presentation_pixels
 
@@ -107,22 +109,7 @@ def malignancy_title(view: str, score: float) -> str:
     return f"{view} malignancy {score:.2f}"
 
 
-def seg_heatmap(seg: Dataset, finding: str = "malignancy") -> np.ndarray:
-    """The ``finding`` heatmap of one of the node's SEGs (its segment labelled ``<finding> heatmap``), in [0, 1]
-    at the source image's size."""
-    numbers = {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
-    if f"{finding} heatmap" not in numbers:
-        raise ValueError(f"the SEG has no {finding} heatmap segment")
-    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
-    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
-        if int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == numbers[f"{finding} heatmap"]:
-            return frame.astype(np.float32) / float(seg.get("MaximumFractionalValue", 255))
-    raise ValueError(f"the SEG holds no frame of its {finding} heatmap segment")
-
-
 def redraw_overlay(seg_path: Path, source_path: Path, path: Path, title: str) -> Path:
     """A view's malignancy overlay drawn again from its SEG and source image (for a job whose worker stopped
     between recording its results and drawing the overlays, or an overlay deleted since)."""
-    import pydicom
-
-    return heatmap_overlay_png(pydicom.dcmread(source_path), seg_heatmap(pydicom.dcmread(seg_path)), path, title)
+    return heatmap_overlay_png(dcmread(source_path), seg_heatmap(dcmread(seg_path)), path, title)

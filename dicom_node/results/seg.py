@@ -59,6 +59,11 @@ class _HeatmapSegmentation(hd.seg.Segmentation):
         return pixel_array, overlap
 
 
+def _segment_label(name: str) -> str:
+    """The SegmentLabel of a heatmap's segment, e.g. ``malignancy heatmap``, ``factor mass heatmap``."""
+    return f"{name} heatmap"[:64]
+
+
 def _finding(name: str) -> str:
     """The finding a heatmap shows: ``mass`` for both the zero-shot ``mass`` and the FActOR ``factor mass``."""
     return name.removeprefix(FACTOR_PREFIX)
@@ -73,7 +78,7 @@ def _description(number: int, name: str, view: str, laterality: str, algorithm: 
                  sop_instance_uid: str) -> hd.seg.SegmentDescription:
     finding = _finding(name)
     description = hd.seg.SegmentDescription(
-        segment_number=number, segment_label=f"{name} heatmap"[:64], segmented_property_category=SEGMENT_CATEGORY,
+        segment_number=number, segment_label=_segment_label(name), segmented_property_category=SEGMENT_CATEGORY,
         segmented_property_type=SEGMENT_TYPES[finding], algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm, tracking_id=f"{view} {name} heatmap"[:64],
         tracking_uid=generate_uid(entropy_srcs=[sop_instance_uid, name]), anatomic_regions=[codes.SCT.Breast],
@@ -127,3 +132,15 @@ def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model
         seg.PatientOrientation = source.PatientOrientation
     add_algorithm_equipment(seg, model)
     return seg
+
+
+def seg_heatmap(seg: Dataset, name: str = "malignancy") -> np.ndarray:
+    """The ``name`` heatmap of a SEG that ``build_heatmap_seg`` made, in [0, 1] at the source image's size."""
+    numbers = {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
+    if _segment_label(name) not in numbers:
+        raise ValueError(f"the SEG has no {name} heatmap segment")
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        if int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == numbers[_segment_label(name)]:
+            return frame.astype(np.float32) / float(seg.get("MaximumFractionalValue", 255))
+    raise ValueError(f"the SEG holds no frame of its {name} heatmap segment")
