@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pydicom
+import pytest
 import torch
 
 from models.crop import CropBox
@@ -41,6 +42,24 @@ def test_crop_box_pastes_a_map_back_inside_the_breast(synthetic_root: Path) -> N
     inside = placed[box.top:box.bottom, box.left:box.right]
     assert inside.min() == 1.0 and placed.sum() == inside.size  # ones inside the crop, zeros elsewhere
     assert 0 <= box.top < box.bottom <= ds.Rows and 0 <= box.left < box.right <= ds.Columns
+
+
+@pytest.mark.parametrize("levels", [1, 255])
+def test_crop_box_pastes_levels_as_the_rounded_float_paste(levels: int) -> None:
+    """``paste_levels`` (a SEG frame) is ``round(paste(clip(values)) * levels)`` but for rounding ties and float
+    error: within one level, and exact nearly everywhere; values outside [0, 1] are clipped first."""
+    rng = np.random.default_rng(5)
+    values = cv2.GaussianBlur(rng.random((60, 37), dtype=np.float32), (0, 0), 2)
+    values[:6], values[-6:] = 1.7, -0.4  # outside [0, 1]
+    box = CropBox(top=103, bottom=1900, left=7, right=1251, source_shape=(2000, 1600))
+    levels_map = box.paste_levels(values, levels)
+    expected = np.around(box.paste(np.clip(values, 0.0, 1.0)) * levels)
+    assert levels_map.dtype == np.uint8 and levels_map.shape == (2000, 1600)
+    difference = np.abs(levels_map.astype(np.float64) - expected)
+    assert difference.max() <= 1 and np.count_nonzero(difference) < levels_map.size * 1e-4
+    assert levels_map.max() == levels and levels_map[:103].max() == 0 and levels_map[:, 1251:].max() == 0
+    with pytest.raises(ValueError, match="levels"):
+        box.paste_levels(values, 256)
 
 
 def test_crop_box_pastes_a_map_at_a_scaled_size_where_the_full_paste_would_land() -> None:

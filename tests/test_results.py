@@ -31,7 +31,7 @@ from dicom_node.results.findings import (
     ViewFindings,
 )
 from dicom_node.results.overlay import heatmap_overlay_png
-from dicom_node.results.seg import SEG_TRANSFER_SYNTAXES, TRANSFER_SYNTAX, seg_heatmap
+from dicom_node.results.seg import MAX_FRACTIONAL_VALUE, SEG_TRANSFER_SYNTAXES, TRANSFER_SYNTAX, seg_heatmap
 from tests.conftest import require_tool
 from tests.peers import Orthanc, StoreSCP
 
@@ -71,9 +71,15 @@ def heatmaps_for(source: pydicom.Dataset, seed: int = 3) -> dict[str, np.ndarray
     return {task: rng.random((source.Rows, source.Columns), dtype=np.float32) for task in FINDING_TASKS}
 
 
+def levels_of(heatmaps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Heatmaps in [0, 1] as the uint8 levels a SEG stores."""
+    return {name: np.around(values * MAX_FRACTIONAL_VALUE).astype(np.uint8) for name, values in heatmaps.items()}
+
+
 def write_seg(source: pydicom.Dataset, heatmaps: dict[str, np.ndarray], path: Path,
               transfer_syntax_uid: str = TRANSFER_SYNTAX) -> Path:
-    seg = build_heatmap_seg(source, heatmaps, MODEL, series_instance_uid=generate_uid(entropy_srcs=["seg series"]),
+    seg = build_heatmap_seg(source, levels_of(heatmaps), MODEL,
+                            series_instance_uid=generate_uid(entropy_srcs=["seg series"]),
                             sop_instance_uid=generate_uid(entropy_srcs=[source.SOPInstanceUID, "seg"]),
                             series_number=9001, instance_number=1, transfer_syntax_uid=transfer_syntax_uid)
     return save_dataset(seg, path)
@@ -215,16 +221,20 @@ def test_seg_is_valid_and_round_trips_the_heatmaps(tmp_path: Path, sources: list
 @pytest.mark.parametrize("tasks", [FINDING_TASKS[:1], FINDING_TASKS])
 def test_seg_is_the_object_highdicom_builds(monkeypatch: pytest.MonkeyPatch, sources: list[pydicom.Dataset],
                                            tasks: tuple[str, ...]) -> None:
-    """The SEG skips highdicom's sort of the heatmap values (``seg._HeatmapSegmentation``), nothing else."""
+    """The SEG takes uint8 levels where highdicom takes floats (``seg._HeatmapSegmentation``), nothing else."""
     source = sources[1]
     heatmaps = {task: heatmap for task, heatmap in heatmaps_for(source, seed=9).items() if task in tasks}
     heatmaps[tasks[0]][:5] = 0.0  # exact 0 and 1 values too
     heatmaps[tasks[0]][-5:] = 1.0
     arguments = {"series_instance_uid": "1.2.3", "sop_instance_uid": "1.2.3.4", "series_number": 1,
                  "instance_number": 1}
-    ours = build_heatmap_seg(source, heatmaps, MODEL, **arguments)
-    monkeypatch.setattr(seg_module, "_HeatmapSegmentation", hd.seg.Segmentation)
-    theirs = build_heatmap_seg(source, heatmaps, MODEL, **arguments)
+    ours = build_heatmap_seg(source, levels_of(heatmaps), MODEL, **arguments)
+
+    def highdicom_from_floats(*, pixel_array: np.ndarray, **kwargs: object) -> hd.seg.Segmentation:
+        return hd.seg.Segmentation(pixel_array=pixel_array.astype(np.float32) / MAX_FRACTIONAL_VALUE, **kwargs)
+
+    monkeypatch.setattr(seg_module, "_HeatmapSegmentation", highdicom_from_floats)
+    theirs = build_heatmap_seg(source, levels_of(heatmaps), MODEL, **arguments)
     assert type(theirs) is hd.seg.Segmentation and type(ours) is not hd.seg.Segmentation
     assert ours.SegmentsOverlap == theirs.SegmentsOverlap == ("NO" if len(tasks) == 1 else "UNDEFINED")
     assert ours.PixelData == theirs.PixelData
@@ -244,10 +254,12 @@ def test_seg_rejects_heatmaps_of_the_wrong_shape_or_kind(sources: list[pydicom.D
     source = sources[0]
     arguments = {"series_instance_uid": "1.2.3", "sop_instance_uid": "1.2.3.4", "series_number": 1,
                  "instance_number": 1}
-    with pytest.raises(ValueError, match="the source image is"):
-        build_heatmap_seg(source, {"mass": np.zeros((10, 10), np.float32)}, MODEL, **arguments)
+    with pytest.raises(ValueError, match="not uint8 levels of the source image"):
+        build_heatmap_seg(source, {"mass": np.zeros((10, 10), np.uint8)}, MODEL, **arguments)
+    with pytest.raises(ValueError, match="not uint8 levels of the source image"):
+        build_heatmap_seg(source, {"mass": np.zeros((source.Rows, source.Columns), np.float32)}, MODEL, **arguments)
     with pytest.raises(ValueError, match="no segment code"):
-        build_heatmap_seg(source, {"density": np.zeros((source.Rows, source.Columns), np.float32)}, MODEL,
+        build_heatmap_seg(source, {"density": np.zeros((source.Rows, source.Columns), np.uint8)}, MODEL,
                           **arguments)
 
 

@@ -34,29 +34,35 @@ CONTENT_DESCRIPTION = "AI heatmap - research/triage only, not for diagnosis"
 SEGMENT_COLORS = {"malignancy": (55.0, 75.0, 60.0), "mass": (85.0, -5.0, 80.0), "calcification": (60.0, -30.0, -40.0)}
 
 
+MAX_FRACTIONAL_VALUE = 255  # a heatmap value v in [0, 1] is stored as the level round(v * 255)
 FACTOR_PREFIX = "factor "  # a Mammo-FActOR map: "factor mass", "factor calcification"
 
 
 class _HeatmapSegmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation, given a stack of float32 maps that ``build_heatmap_seg`` has clipped into [0, 1].
+    """highdicom's Segmentation, given the FRACTIONAL stack already as uint8 levels (0..``MAX_FRACTIONAL_VALUE``),
+    each segment a contiguous plane.
 
-    highdicom checks the range of a float array by sorting all its values (``np.unique``): 0.45 s of the ~1.5 s of
-    CPU a 4096 x 3328 SEG of 3 maps costs. For such a stack its answer is known, and returned here without the
-    sort: the array as given, segments overlapping NO for one segment, UNDEFINED for several (highdicom's value
-    for a truly fractional stack). ``tests/test_results.py`` checks that the object is the one highdicom builds.
+    highdicom takes a float stack, checks its range by sorting all its values (``np.unique``) and scales, rounds
+    and casts each segment: ~0.7 s of the ~1.1 s of CPU a 4096 x 3328 SEG of 3 maps cost, most of it on float
+    maps of the source's size. ``models.crop.CropBox.paste_levels`` makes the levels directly, and here they are
+    taken as they are: segments overlapping NO for one segment, UNDEFINED for several (highdicom's value for a
+    fractional stack). ``tests/test_results.py`` checks that the object is the one highdicom builds from
+    ``levels / MAX_FRACTIONAL_VALUE``.
     """
 
     @classmethod
     def _check_and_cast_pixel_array(cls, pixel_array: np.ndarray, segment_numbers: np.ndarray,
                                     segmentation_type: hd.seg.SegmentationTypeValues,
                                     dtype: type) -> tuple[np.ndarray, hd.seg.SegmentsOverlapValues]:
-        if (segmentation_type != hd.seg.SegmentationTypeValues.FRACTIONAL or not isinstance(pixel_array, np.ndarray)
-                or pixel_array.dtype != np.float32 or pixel_array.ndim != 4
-                or pixel_array.shape[-1] != len(segment_numbers)):
-            return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
         overlap = hd.seg.SegmentsOverlapValues.NO if pixel_array.shape[-1] == 1 else \
             hd.seg.SegmentsOverlapValues.UNDEFINED
         return pixel_array, overlap
+
+    @staticmethod
+    def _get_segment_pixel_array(pixel_array: np.ndarray, segment_number: int, described_segment_numbers: np.ndarray,
+                                 segmentation_type: hd.seg.SegmentationTypeValues, max_fractional_value: int,
+                                 dtype: type) -> np.ndarray:
+        return pixel_array[:, :, segment_number - 1]
 
 
 def _segment_label(name: str) -> str:
@@ -96,8 +102,9 @@ def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model
                       instance_number: int, segment_models: Mapping[str, ModelIdentity] | None = None,
                       transfer_syntax_uid: str = TRANSFER_SYNTAX) -> hd.seg.Segmentation:
     """A SEG with one probability segment per heatmap (keys of ``SEGMENT_TYPES``: ``malignancy``, ``mass``,
-    ``calcification``, or ``factor mass`` etc. for Mammo-FActOR maps); each heatmap has the source's Rows x Columns
-    and values in [0, 1]. ``segment_models`` names the algorithm of a segment made by another model than ``model``;
+    ``calcification``, or ``factor mass`` etc. for Mammo-FActOR maps); each heatmap is a uint8 map of the source's
+    Rows x Columns holding levels 0..``MAX_FRACTIONAL_VALUE`` (``models.crop.CropBox.paste_levels``).
+    ``segment_models`` names the algorithm of a segment made by another model than ``model``;
     ``transfer_syntax_uid`` is one of ``SEG_TRANSFER_SYNTAXES``."""
     if not heatmaps:
         raise ValueError("no heatmap to encode")
@@ -105,18 +112,17 @@ def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model
     for name, values in heatmaps.items():
         if _finding(name) not in SEGMENT_TYPES:
             raise ValueError(f"no segment code for heatmap {name!r}")
-        if values.shape != shape:
-            raise ValueError(f"heatmap {name!r} is {values.shape}, the source image is {shape}")
+        if values.shape != shape or values.dtype != np.uint8:
+            raise ValueError(f"heatmap {name!r} is {values.dtype} {values.shape}, not uint8 levels of the source "
+                             f"image's {shape}")
     names = list(heatmaps)
     laterality = str(source.get("ImageLaterality", source.get("Laterality", "")))
     view = f"{laterality}{source.get('ViewPosition', '')}"
     others = segment_models or {}
     descriptions = [_description(number, name, view, laterality, _algorithm(others.get(name, model)),
                                  sop_instance_uid) for number, name in enumerate(names, start=1)]
-    # Float in [0, 1]: highdicom scales it to 0..255 (an integer array would be taken as a binary mask).
-    pixels = np.empty((1, *shape, len(names)), dtype=np.float32)
-    for index, name in enumerate(names):
-        np.clip(heatmaps[name], 0.0, 1.0, out=pixels[0, ..., index])
+    # highdicom's (frames, rows, columns, segments) stack, as a view in which each segment is a contiguous plane
+    pixels = np.moveaxis(np.stack([heatmaps[name] for name in names]), 0, -1)[np.newaxis]
     with _ENCODER:
         seg = _HeatmapSegmentation(
             source_images=[source], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
@@ -124,8 +130,9 @@ def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model
             series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=instance_number,
             manufacturer=MANUFACTURER, manufacturer_model_name=model.name[:64],
             software_versions=software_versions(model), device_serial_number=SERIAL_NUMBER,
-            fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY, max_fractional_value=255,
-            content_label="AI_HEATMAP", content_description=CONTENT_DESCRIPTION,
+            fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            max_fractional_value=MAX_FRACTIONAL_VALUE, content_label="AI_HEATMAP",
+            content_description=CONTENT_DESCRIPTION,
             transfer_syntax_uid=transfer_syntax_uid, omit_empty_frames=False)
     seg.SeriesDescription = SERIES_DESCRIPTION
     if "PatientOrientation" in source:  # General Image, Type 2C when there is no Frame of Reference
@@ -142,5 +149,5 @@ def seg_heatmap(seg: Dataset, name: str = "malignancy") -> np.ndarray:
     frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
     for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
         if int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == numbers[_segment_label(name)]:
-            return frame.astype(np.float32) / float(seg.get("MaximumFractionalValue", 255))
+            return frame.astype(np.float32) / float(seg.get("MaximumFractionalValue", MAX_FRACTIONAL_VALUE))
     raise ValueError(f"the SEG holds no frame of its {name} heatmap segment")

@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.results.findings import ModelIdentity, StudyFindings
 from dicom_node.results.io import save_dataset
-from dicom_node.results.seg import TRANSFER_SYNTAX, build_heatmap_seg
+from dicom_node.results.seg import MAX_FRACTIONAL_VALUE, TRANSFER_SYNTAX, build_heatmap_seg
 from dicom_node.results.sr import build_sr
 from models.crop import CropBox
 
@@ -76,7 +76,8 @@ SEG_SERIES_NUMBER, SR_SERIES_NUMBER = 9001, 9000
 
 
 def write_seg(request: SegRequest) -> Path:
-    heatmaps = {name: request.box.paste(values) for name, values in request.heatmaps.items()}
+    heatmaps = {name: request.box.paste_levels(values, MAX_FRACTIONAL_VALUE)
+                for name, values in request.heatmaps.items()}
     seg = build_heatmap_seg(request.source, heatmaps, request.model, series_instance_uid=request.series_instance_uid,
                             sop_instance_uid=request.sop_instance_uid, series_number=SEG_SERIES_NUMBER,
                             instance_number=request.instance_number, segment_models=request.segment_models,
