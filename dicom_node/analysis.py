@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,8 +268,12 @@ class Analyzer:
             heartbeat()
         folder = self.job_folder(study_uid, job_id)
         seg_series = result_uid(study_uid, job_id, "SEG series")
-        pending: list[tuple[ResultObject, Future[Path]]] = []
         overlays: list[ViewOverlay] = []
+        with watch.stage("encode"):  # the SR first (the findings are final): longest task first balances the helpers
+            uid = result_uid(study_uid, job_id, "SR")
+            request = SrRequest(findings, [without_pixels(datasets[key]) for key in chosen],
+                                result_uid(study_uid, job_id, "SR series"), uid, folder / "SR.dcm")
+            pending = [(ResultObject("SR", uid, request.path), self.writer.submit(write_sr, request))]
         for number, view in enumerate(findings.views, start=1):
             key = (view.laterality, view.view)
             with watch.stage("heatmaps"):  # over the model input; the SEG's helper and the overlay paste them back
@@ -284,11 +288,6 @@ class Analyzer:
                                      self._segment_models(heatmaps), seg_series, uid, number,
                                      seg_file(folder, view.name), self.seg_transfer_syntax)
                 pending.append((ResultObject("SEG", uid, request.path), self.writer.submit(write_seg, request)))
-        with watch.stage("encode"):
-            uid = result_uid(study_uid, job_id, "SR")
-            request = SrRequest(findings, [without_pixels(datasets[key]) for key in chosen],
-                                result_uid(study_uid, job_id, "SR series"), uid, folder / "SR.dcm")
-            pending.insert(0, (ResultObject("SR", uid, request.path), self.writer.submit(write_sr, request)))
         heartbeat()
         with watch.stage("encode"):  # the writer's processes have all the cores: the overlays come after
             self.writer.wait([future for _, future in pending])

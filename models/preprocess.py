@@ -145,7 +145,10 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     low, high = float(image.min()), float(image.max())
     if high <= low:
         raise ImageDecodeError("The image is blank (all pixels have the same value).")
-    return ((image - low) / (high - low) * 255.0).astype(np.uint8)
+    scaled = image - low  # then / (high - low) * 255, in place: the same arithmetic, two arrays fewer
+    scaled /= high - low
+    scaled *= 255.0
+    return scaled.astype(np.uint8)
 
 
 def _longest_run(flags: np.ndarray) -> tuple[int, int]:
