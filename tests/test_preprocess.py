@@ -101,3 +101,38 @@ def test_missing_and_undecodable_pixel_data_name_the_sop_instance_uid() -> None:
     del ds.PixelData
     with pytest.raises(ImageDecodeError, match=f"{ds.SOPInstanceUID} has no pixel data"):
         preprocess_dicom(ds, CONFIG)
+
+
+def _windowing_case(dtype: str, photometric: str, window: str | None) -> tuple[pydicom.Dataset, np.ndarray]:
+    """A dataset header and stored values spanning part of ``dtype``'s range, with a rescale and a window."""
+    rng = np.random.default_rng(11)
+    info = np.iinfo(dtype)
+    low, high = max(info.min, -3000), min(info.max, 4000)
+    stored = rng.integers(low + 5, high - 7, size=(64, 48)).astype(dtype)
+    ds = pydicom.Dataset()
+    ds.PhotometricInterpretation, ds.BitsStored = photometric, 8 * np.dtype(dtype).itemsize
+    ds.PixelRepresentation = int(np.dtype(dtype).kind == "i")
+    ds.RescaleSlope, ds.RescaleIntercept = 1.5, -20.0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = (low + high) / 2 * 1.5, (high - low) / 3, window
+    return ds, stored
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("window", [None, "LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_windowing_through_a_table_equals_windowing_each_pixel(dtype: str, photometric: str,
+                                                               window: str | None) -> None:
+    """``_displayed`` maps integer images through a table of their values; each pixel must get exactly what the
+    VOI arithmetic gives it alone (``_display_values`` on the pixels, as for a float image)."""
+    from models.preprocess import _display_values, _displayed
+
+    ds, stored = _windowing_case(dtype, photometric, window)
+    monochrome1 = photometric == "MONOCHROME1"
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = _display_values(ds, stored, monochrome1)
+    if monochrome1 and window is None:
+        expected = expected.max() - expected
+    values = _displayed(ds, stored, monochrome1)
+    assert values.dtype == np.float32 and values.shape == stored.shape
+    assert np.array_equal(values, expected.astype(np.float32))
