@@ -31,16 +31,18 @@ The project target is node >= 0.5x storescp at 8 associations.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import resource
 import socket
-import statistics
 import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from shutil import rmtree
 
@@ -60,14 +62,66 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # Nagle off (see the module docs
 SENDER_AE = "INGEST_BENCH"
 NODE_AE = "MAMMO_AI"
 STORESCP_AE = "STORESCP"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass
+class Cpu:
+    """CPU seconds, user and system."""
+
+    user: float = 0.0
+    system: float = 0.0
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        return Cpu(self.user - other.user, self.system - other.system)
+
+    def __add__(self, other: Cpu) -> Cpu:
+        return Cpu(self.user + other.user, self.system + other.system)
+
+
+def children_cpu() -> Cpu:
+    """The CPU of this process's children that have been waited for (and of their own waited-for children)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return Cpu(usage.ru_utime, usage.ru_stime)
+
+
+def adopt_orphans() -> None:
+    """Make this process the child subreaper of its descendants (Linux prctl PR_SET_CHILD_SUBREAPER): the
+    association children of ``storescp --fork`` that outlive it are re-parented here, so that ``reap_orphans``
+    can wait for them and ``children_cpu`` count them."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def reap_orphans(timeout: float = 10.0) -> None:
+    """Wait for every child left (only storescp's re-parented association children run at that point)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.01)
+    raise SystemExit(f"storescp's association processes still run {timeout} s after it stopped")
+
+
+def processes_cpu(pids: list[int]) -> Cpu:
+    """The CPU the running processes ``pids`` have used so far (``/proc/<pid>/stat``: utime, stime)."""
+    total = Cpu()
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += Cpu(int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS)
+    return total
 
 
 @contextmanager
-def node(settings: Settings, processes: int) -> Iterator[None]:
+def node(settings: Settings, processes: int) -> Iterator[ScpPool]:
     """The node's Storage SCP in ``processes`` child processes, listening once this is entered."""
     pool = ScpPool(settings, processes).start()
     try:
-        yield
+        yield pool
     finally:
         pool.shutdown()
 
@@ -120,9 +174,11 @@ def database(server_url: str | None, data_dir: Path) -> Iterator[str]:
         admin.dispose()
 
 
-def send(files: list[Path], associations: int, called_ae: str, port: int) -> float:
-    """Seconds for ``associations`` concurrent storescu processes to send ``files`` (every Nth file each)."""
+def send(files: list[Path], associations: int, called_ae: str, port: int) -> tuple[float, Cpu]:
+    """Seconds for ``associations`` concurrent storescu processes to send ``files`` (every Nth file each), and the
+    senders' CPU."""
     shares = [files[index::associations] for index in range(associations)]
+    senders_before = children_cpu()
     start = time.perf_counter()
     senders = [subprocess.Popen([STORESCU, "-R", "-aet", SENDER_AE, "-aec", called_ae, "127.0.0.1", str(port),
                                  *map(str, share)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -133,19 +189,32 @@ def send(files: list[Path], associations: int, called_ae: str, port: int) -> flo
     for sender, error in zip(senders, errors, strict=True):
         if sender.returncode != 0:
             raise SystemExit(f"storescu to {called_ae} exited with {sender.returncode}:\n{error}")
-    return elapsed
+    return elapsed, children_cpu() - senders_before
+
+
+@dataclass(frozen=True)
+class Run:
+    """One verified run: its seconds and the receiver's CPU (senders excluded)."""
+
+    seconds: float
+    cpu: Cpu
 
 
 def run_once(receiver: str, files: list[Path], associations: int, workdir: Path, db_server: str | None,
-             processes: int = 1) -> float:
-    """Seconds to ingest ``files`` over ``associations`` associations (the node in ``processes`` SCP processes);
-    stops if any instance is missing."""
+             processes: int = 1) -> Run:
+    """Ingest ``files`` over ``associations`` associations (the node in ``processes`` SCP processes), timed, with
+    the receiver's CPU; stops if any instance is missing. storescp's CPU is that of it and its forked children
+    (all waited for once it exits), less the senders'; the node's is that of its SCP processes while the senders
+    ran (not their start-up)."""
     port = free_port()
     if receiver == "storescp":
         out = workdir / "storescp"
         out.mkdir(parents=True)
+        before = children_cpu()
         with storescp(out, port):
-            seconds = send(files, associations, STORESCP_AE, port)
+            seconds, senders = send(files, associations, STORESCP_AE, port)
+        reap_orphans()
+        cpu = children_cpu() - before - senders
         counts = {"files": sum(1 for path in out.iterdir() if path.is_file())}
     else:
         data_dir = workdir / "node"
@@ -153,8 +222,10 @@ def run_once(receiver: str, files: list[Path], associations: int, workdir: Path,
         with database(db_server, data_dir) as url:
             settings = load_settings(data_dir=data_dir, port=port, db_url=url, ae_title=NODE_AE, log_level="WARNING",
                                      allowed_calling_aes=[SENDER_AE], maximum_associations=max(associations, 10))
-            with node(settings, processes):
-                seconds = send(files, associations, NODE_AE, port)
+            with node(settings, processes) as pool:
+                before = processes_cpu(pool.pids())
+                seconds, _ = send(files, associations, NODE_AE, port)
+                cpu = processes_cpu(pool.pids()) - before
             engine = make_engine(url)
             with session_factory(engine)() as session:
                 rows = session.scalar(select(func.count()).select_from(Instance))
@@ -163,24 +234,26 @@ def run_once(receiver: str, files: list[Path], associations: int, workdir: Path,
     for what, count in counts.items():
         if count != len(files):
             raise SystemExit(f"{receiver}, {associations} associations: {count} {what} for {len(files)} instances")
-    return seconds
+    return Run(seconds, cpu)
 
 
-def median_seconds(receiver: str, files: list[Path], associations: int, scratch: str, args: argparse.Namespace,
-                   processes: int = 1) -> float:
-    """The median over ``args.repeats`` verified runs, each in a fresh folder."""
-    times = []
+def median_run(receiver: str, files: list[Path], associations: int, scratch: str, args: argparse.Namespace,
+               processes: int = 1) -> Run:
+    """The median run by time over ``args.repeats`` verified runs, each in a fresh folder."""
+    runs = []
     for repeat in range(args.repeats):
         workdir = Path(scratch, f"{receiver}-{processes}-{associations}-{repeat}")
-        times.append(run_once(receiver, files, associations, workdir, args.db_url, processes))
+        runs.append(run_once(receiver, files, associations, workdir, args.db_url, processes))
         rmtree(workdir)
-    return statistics.median(times)
+    return sorted(runs, key=lambda run: run.seconds)[(len(runs) - 1) // 2]
 
 
-def print_row(receiver: str, associations: int, files: list[Path], megabytes: float, seconds: float,
+def print_row(receiver: str, associations: int, files: list[Path], megabytes: float, run: Run,
               ratio: str = "") -> None:
-    print(f"{receiver:<10}{associations:6d}{len(files):10d}{megabytes:9.1f}{seconds:9.2f}"
-          f"{len(files) / seconds:9.1f}{megabytes / seconds:9.1f}{ratio}")
+    per_instance = 1000 / len(files)
+    print(f"{receiver:<10}{associations:6d}{len(files):10d}{megabytes:9.1f}{run.seconds:9.2f}"
+          f"{len(files) / run.seconds:9.1f}{megabytes / run.seconds:9.1f}{run.cpu.user * per_instance:8.1f}"
+          f"{run.cpu.system * per_instance:8.1f}{ratio}")
 
 
 def load_average() -> str:
@@ -204,6 +277,7 @@ def main() -> None:
     if args.quick:
         args.studies, args.size, args.repeats = 4, "1024x832", 1
     rows, cols = (int(value) for value in args.size.lower().split("x"))
+    adopt_orphans()
 
     with tempfile.TemporaryDirectory(prefix="mammo-ingest-") as scratch:
         source = Path(scratch, "source")
@@ -219,27 +293,29 @@ def main() -> None:
               f"{version.strip(' $').removeprefix('dcmtk: ')} {' '.join(STORESCP_OPTIONS)}; DCMTK tools with "
               f"TCP_NODELAY=1; median of {args.repeats} run(s); node-Np: N SCP processes (scp_processes = N)")
         print(f"{'receiver':<10}{'assoc':>6}{'instances':>10}{'MB':>9}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
-              f"{'node/storescp':>15}")
-        baseline: dict[int, float] = {}
+              f"{'usr ms':>8}{'sys ms':>8}{'node/storescp':>15}")
+        baseline: dict[int, Run] = {}
         ratios: dict[int, float] = {}
         summary: list[dict[str, object]] = []
         for processes in args.scp_processes:
             name = "node" if processes == 1 else f"node-{processes}p"
             for associations in args.associations:
                 if associations not in baseline:
-                    baseline[associations] = median_seconds("storescp", files, associations, scratch, args)
+                    baseline[associations] = median_run("storescp", files, associations, scratch, args)
                     print_row("storescp", associations, files, megabytes, baseline[associations])
-                seconds = median_seconds("node", files, associations, scratch, args, processes)
-                ratio = baseline[associations] / seconds
-                print_row(name, associations, files, megabytes, seconds, f"{ratio:14.2f}x")
+                run = median_run("node", files, associations, scratch, args, processes)
+                ratio = baseline[associations].seconds / run.seconds
+                print_row(name, associations, files, megabytes, run, f"{ratio:14.2f}x")
                 if associations == 8:
                     ratios[processes] = ratio
                 summary.append({"name": f"ingest: {processes} SCP process(es), {associations} association(s)",
-                                "figure": round(len(files) / seconds, 1), "unit": "inst/s",
-                                "baseline": round(len(files) / baseline[associations], 1), "ratio": round(ratio, 2),
+                                "figure": round(len(files) / run.seconds, 1), "unit": "inst/s",
+                                "baseline": round(len(files) / baseline[associations].seconds, 1),
+                                "ratio": round(ratio, 2),
                                 "target": ">= 0.5x" if associations == 8 else None,
                                 "met": ratio >= 0.5 if associations == 8 else None})
     print("every run verified: all instances on disk (node: and in the database) before its time counted")
+    print("usr/sys ms: the receiver's CPU per instance, user and system (the senders' excluded)")
     print("fsync: the node fsyncs each file and its folder and commits its row before answering Success; "
           "storescp does not fsync (page cache only)")
     print(f"after the runs: {load_average()} (other work on the machine makes these numbers lower bounds)")
