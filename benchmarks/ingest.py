@@ -35,7 +35,6 @@ import ctypes
 import json
 import os
 import resource
-import socket
 import subprocess
 import tempfile
 import time
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from shutil import rmtree
 
+from dcmtk_peers import DCMTK_ENV, STORESCP, STORESCP_OPTIONS, STORESCU, storescp
 from sqlalchemy import create_engine, func, make_url, select, text
 
 from dicom_node.demo import free_port
@@ -55,10 +55,6 @@ from training.synthetic import write_studies
 from worklist.db import make_engine, session_factory, sqlite_url, upgrade
 from worklist.models import Instance
 
-STORESCU = "/usr/bin/storescu"
-STORESCP = "/usr/bin/storescp"
-STORESCP_OPTIONS = ("--fork", "+xa", "+B", "-pdu", "131072")  # see the module docstring
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # Nagle off (see the module docstring)
 SENDER_AE = "INGEST_BENCH"
 NODE_AE = "MAMMO_AI"
 STORESCP_AE = "STORESCP"
@@ -127,27 +123,6 @@ def node(settings: Settings, processes: int) -> Iterator[ScpPool]:
 
 
 @contextmanager
-def storescp(out: Path, port: int) -> Iterator[None]:
-    """DCMTK's storescp writing into ``out`` (its log next to it), listening once this is entered."""
-    with (out.parent / "storescp.log").open("w") as log:
-        process = subprocess.Popen([STORESCP, *STORESCP_OPTIONS, "-aet", STORESCP_AE, "-od", str(out), str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
-        try:
-            while True:
-                if process.poll() is not None:
-                    raise SystemExit(f"storescp exited with {process.returncode}:\n{Path(log.name).read_text()}")
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            yield
-        finally:
-            process.terminate()
-            process.wait(30)
-
-
-@contextmanager
 def database(server_url: str | None, data_dir: Path) -> Iterator[str]:
     """A fresh, migrated worklist database: SQLite under ``data_dir``, or a temporary PostgreSQL database
     on ``server_url``'s server, dropped afterwards."""
@@ -211,7 +186,7 @@ def run_once(receiver: str, files: list[Path], associations: int, workdir: Path,
         out = workdir / "storescp"
         out.mkdir(parents=True)
         before = children_cpu()
-        with storescp(out, port):
+        with storescp(out, port, STORESCP_AE):
             seconds, senders = send(files, associations, STORESCP_AE, port)
         reap_orphans()
         cpu = children_cpu() - before - senders
