@@ -104,6 +104,10 @@ def worker(settings: Settings, queues: str, concurrency: int) -> None:
     names = [name.strip() for name in queues.split(",") if name.strip()]
     app = configure(settings)
     if GPU_QUEUE in names:
+        if settings.retain_freed_memory:
+            from dicom_node.memory import retain_freed_memory
+
+            retain_freed_memory()
         try:
             context().analyzer  # noqa: B018  (load the model before taking the first task)
         except NodeError as error:

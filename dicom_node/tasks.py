@@ -107,7 +107,7 @@ class _Context:
         """This worker's result writer (``settings.result_processes`` helpers), kept across model versions."""
         from dicom_node.results.writer import ResultWriter
 
-        return ResultWriter(self.settings.result_processes)
+        return ResultWriter(self.settings.result_processes, retain_memory=self.settings.retain_freed_memory)
 
     def start_writer(self) -> None:
         """Start the result writer's helpers now (a gpu worker at start), so that the first study does not wait

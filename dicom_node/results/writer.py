@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
+from dicom_node.memory import retain_freed_memory
 from dicom_node.results.findings import ModelIdentity, StudyFindings
 from dicom_node.results.io import save_dataset
 from dicom_node.results.seg import MAX_FRACTIONAL_VALUE, TRANSFER_SYNTAX, build_heatmap_seg
@@ -101,11 +102,12 @@ class ResultWriter:
 
     The helpers fork from a fork server that imported this module once, so none inherits the worker's threads
     or model. A helper that dies breaks the pool: the job sees the error (and is retried) and the next job
-    gets a new pool.
+    gets a new pool. With ``retain_memory`` each helper keeps the memory it frees (``dicom_node.memory``).
     """
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, retain_memory: bool = False) -> None:
         self.processes = processes
+        self.retain_memory = retain_memory
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -114,7 +116,8 @@ class ResultWriter:
             if self._pool is None:
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload([__name__])
-                self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=context,
+                                                 initializer=retain_freed_memory if self.retain_memory else None)
             return self._pool
 
     def start(self) -> list[int]:
