@@ -5,7 +5,7 @@ trim, smaller ones) with fresh pages from the kernel and hands them back when fr
 hundreds of MB in again: ~2 us a page on a VM, and with transparent huge pages a compaction stall now and then.
 That was most of the preprocessing and SEG encoding time at clinical size (``docs/performance.md``). With
 ``mallopt`` no allocation is mmapped and the heap is never trimmed: after the first study the pages stay, and the
-process's resident size stays at its peak (1.6 GB measured for the worker after six 4096 x 3328 studies).
+process's resident size stays at its peak (1.7 GB for the worker at 4096 x 3328, flat over 30 studies).
 """
 
 from __future__ import annotations
