@@ -102,7 +102,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="checkpoint or model version (default: the demo model)")
     parser.add_argument("--text-encoder", type=Path, help="text encoder directory for a reference .tar")
-    parser.add_argument("--studies", type=int, default=3)
+    parser.add_argument("--studies", type=int, default=3, help="studies to send; the medians leave out the first, "
+                                                                   "which also waits for the worker's start-up")
     parser.add_argument("--size", default="1024x832", help="ROWSxCOLS of the synthetic images")
     parser.add_argument("--settle", type=float, default=0.5, help="study settle time (s)")
     parser.add_argument("--data-dir", type=Path, help="where the node keeps its files (default: a temp dir)")
@@ -148,19 +149,24 @@ def main() -> None:
 
     print(f"\nlast instance received -> SR and SEGs delivered to {args.destination}; {args.studies} studies of "
           f"4 x {rows}x{cols}, model {model}")
+    warm = results[1:] or results  # the first study also waits for the worker's start-up and model load
     print(f"{'stage':<12}" + "".join(f"{'study ' + str(i + 1):>10}" for i in range(len(results))) + f"{'median':>10}")
     for stage in (*STAGES, "total"):
         values = [r.get(stage, 0.0) for r in results]
-        print(f"{stage:<12}" + "".join(f"{v:10.2f}" for v in values) + f"{statistics.median(values):10.2f}")
-    model_time = statistics.median(r["model"] for r in results)
-    total = statistics.median(r["total"] for r in results)
+        median = statistics.median(r.get(stage, 0.0) for r in warm)
+        print(f"{stage:<12}" + "".join(f"{v:10.2f}" for v in values) + f"{median:10.2f}")
+    model_time = statistics.median(r["model"] for r in warm)
+    total = statistics.median(r["total"] for r in warm)
     print(f"\nmedian total {total:.2f} s = model {model_time:.2f} s + {total - model_time:.2f} s "
           f"(target: model + 2 s at most); total / model = {total / model_time:.2f}x")
-    print("The first study includes the worker's warm-up. Not a clinical model unless --model says otherwise.")
+    print(("The medians leave out study 1, which" if len(results) > 1 else "The one study") +
+          " also waits for the worker's start-up. Not a clinical model unless --model says otherwise.")
     if args.json:
         args.json.write_text(json.dumps([{
             "name": f"end to end: last instance -> SR delivered to {args.destination} ({rows}x{cols}, median of "
-                    f"{len(results)})",
+                    f"{len(warm)} after a warm-up study)" if len(results) > 1 else
+                    f"end to end: last instance -> SR delivered to {args.destination} ({rows}x{cols}, one study "
+                    "with the worker's start-up)",
             "figure": round(total, 2), "baseline": round(model_time, 2), "unit": "s",
             "ratio": None, "target": "<= model + 2 s", "met": total <= model_time + 2}]))
 
