@@ -214,7 +214,8 @@ def run_once(receiver: str, files: list[Path], associations: int, workdir: Path,
 
 def median_run(receiver: str, files: list[Path], associations: int, scratch: str, args: argparse.Namespace,
                processes: int = 1) -> Run:
-    """The median run by time over ``args.repeats`` verified runs, each in a fresh folder."""
+    """The median run by time over ``args.repeats`` verified runs, each in a fresh folder (the faster of the two
+    middle runs for an even count: a run's time and CPU are reported together, not averaged)."""
     runs = []
     for repeat in range(args.repeats):
         workdir = Path(scratch, f"{receiver}-{processes}-{associations}-{repeat}")

@@ -21,12 +21,15 @@ NEVER_TRIM = 2**31 - 1  # bytes free at the top of the heap before it is trimmed
 
 
 def retain_freed_memory() -> bool:
-    """Have glibc keep what this process frees for its next allocations; False (nothing changed) where the C
-    library is not glibc or refuses."""
+    """Have glibc keep what this process frees for its next allocations; False (logged) where the C library is
+    not glibc or refuses a setting."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         log.info("freed memory is returned to the OS: this C library has no mallopt")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
+    if mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1:
+        return True
+    log.warning("the C library refused the malloc settings: freed memory may be returned to the OS")
+    return False

@@ -13,26 +13,35 @@ import pytest
 
 from dicom_node.results.writer import ResultWriter
 
-ROUND_TRIP = """
-import re, sys
-import numpy as np
+ROOT = Path(__file__).resolve().parents[1]
+IN_A_NEW_PROCESS = """
+import sys
 from dicom_node.memory import retain_freed_memory
-
-def resident_kib() -> int:
-    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+from tests.test_memory import _growth_after_free
 
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
-before = resident_kib()
-array = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, every page touched
-del array
-print(resident_kib() - before)
+print(_growth_after_free(None))
 """
 
 
+def _resident_kib() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def _growth_after_free(_: object) -> int:
+    """How much resident memory this process still holds after allocating, touching and freeing 64 MiB (run in
+    a new process, or in a result-writer helper)."""
+    before = _resident_kib()
+    array = np.ones(64 << 20, dtype=np.uint8)
+    del array
+    return _resident_kib() - before
+
+
 def resident_growth_kib(mode: str) -> int:
-    """How much resident memory a process still holds after allocating, touching and freeing 64 MiB."""
-    result = subprocess.run([sys.executable, "-c", ROUND_TRIP, mode], capture_output=True, text=True, timeout=60)
+    """``_growth_after_free`` in a new Python process, ``retain``ing freed memory or not."""
+    result = subprocess.run([sys.executable, "-c", IN_A_NEW_PROCESS, mode], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     return int(result.stdout)
 
@@ -41,18 +50,6 @@ def resident_growth_kib(mode: str) -> int:
 def test_freed_memory_stays_mapped_only_when_retained() -> None:
     assert resident_growth_kib("default") < 8 * 1024  # glibc's default: a 64 MiB block is unmapped when freed
     assert resident_growth_kib("retain") > 60 * 1024  # kept for the next allocation
-
-
-def _resident_kib() -> int:
-    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def _growth_after_free(_: object) -> int:
-    """Run in a result-writer helper: the resident growth after allocating and freeing 64 MiB."""
-    before = _resident_kib()
-    array = np.ones(64 << 20, dtype=np.uint8)
-    del array
-    return _resident_kib() - before
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc")
