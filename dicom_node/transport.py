@@ -30,6 +30,8 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicom_node import upper_layer
+
 log = logging.getLogger(__name__)
 
 PDU_HEADER = 6
@@ -44,9 +46,17 @@ class BoundedSocket(AssociationSocket):
     """An ``AssociationSocket`` whose reads never exceed ``limit`` bytes and fill one buffer."""
 
     limit: int
+    _unread: bytes = b""
+
+    def unread(self, data: bytes) -> None:
+        """Put ``data`` (just read) back: the next ``recv`` returns it first."""
+        self._unread = bytes(data) + self._unread
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly ``nr_bytes`` (fewer only when the peer closes the connection first)."""
+        if self._unread:
+            head, self._unread = self._unread[:nr_bytes], self._unread[nr_bytes:]
+            return bytearray(head) + self.recv(nr_bytes - len(head))
         if nr_bytes > self.limit:
             log.warning("association from %s aborted: it sent a PDU of %d bytes, above the %d announced",
                         self.assoc.requestor.address, nr_bytes, self.limit)
@@ -64,6 +74,20 @@ class BoundedSocket(AssociationSocket):
         view.release()
         return buffer
 
+    @property
+    def ready(self) -> bool:
+        """Whether the peer has sent data; with an event-driven DUL (``dicom_node.upper_layer``) that has nothing
+        else to do, this waits for data, a wake-up or the DUL's timeout instead of answering at once."""
+        dul = self.assoc.dul
+        if (self.socket is None or self._is_connected is False or not isinstance(dul, upper_layer.NodeDUL)
+                or dul.has_pending_work()):
+            return AssociationSocket.ready.fget(self)
+        try:
+            return dul.wakeup.wait_readable(self.socket, dul.wait_timeout())
+        except (OSError, ValueError):  # closed under the wait: as pynetdicom's own check reports it
+            self.event_queue.put("Evt17")
+            return False
+
 
 class NodeRequestHandler(RequestHandler):
     """pynetdicom's request handler, its association reading through a ``BoundedSocket``."""
@@ -77,6 +101,7 @@ class NodeRequestHandler(RequestHandler):
         maximum = self.ae.maximum_pdu_size
         sock.limit = PDU_HEADER + maximum if maximum else 1 << 62
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a C-FIND's responses go at once
+        upper_layer.adopt(assoc)
         return assoc
 
 
