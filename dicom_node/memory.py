@@ -1,11 +1,14 @@
-"""Keep freed memory mapped in the analysis processes, so that each study does not fault its pages in again.
+"""Keep freed memory mapped in the analysis and Storage SCP processes, so that each study (each received
+instance) does not fault its pages in again.
 
 A 4096 x 3328 view passes through arrays of 13-54 MB. glibc serves each allocation over 32 MB (and, after a
 trim, smaller ones) with fresh pages from the kernel and hands them back when freed, so every study faults
 hundreds of MB in again: ~2 us a page on a VM, and with transparent huge pages a compaction stall now and then.
 That was most of the preprocessing and SEG encoding time at clinical size (``docs/performance.md``). With
 ``mallopt`` no allocation is mmapped and the heap is never trimmed: after the first study the pages stay, and the
-process's resident size stays at its peak (1.7 GB for the worker at 4096 x 3328, flat over 30 studies).
+process's resident size stays at its peak (1.7 GB for the worker at 4096 x 3328, flat over 30 studies). The SCP
+receives each 7 MB mammogram into fresh buffers in the same way (its message buffer grows 52 times per instance):
+kept, its system time per instance fell from 11 to 6 ms.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.memory import retain_freed_memory
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import start_scp
 from dicom_node.scp_pool import ScpPool
@@ -106,6 +107,8 @@ class Node:
     def _start_scp(self) -> ThreadedAssociationServer | ScpPool:
         if self.settings.scp_processes > 1:
             return ScpPool(self.settings).start()
+        if self.settings.retain_freed_memory:  # the SCP runs in this process
+            retain_freed_memory()
         return start_scp(self.settings, InstanceStore(self.settings.incoming_dir, self.sessions),
                          self.settings.server_ssl_context(), on_ready=self.scheduler.wake.set)
 

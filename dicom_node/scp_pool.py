@@ -178,12 +178,15 @@ def require_free_port(host: str, port: int) -> None:
 def _serve(ready_fd: int) -> None:
     """A child's body: listen, say so on ``ready_fd``, serve until SIGTERM or until the node process is gone."""
     from dicom_node.logs import configure_logging
+    from dicom_node.memory import retain_freed_memory
     from dicom_node.scp import make_shared_port_server
     from dicom_node.storage import InstanceStore
     from worklist.db import make_engine, session_factory
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    if settings.retain_freed_memory:
+        retain_freed_memory()
     if settings.log_level != "DEBUG":  # as `mammo-node serve`: the node logs each stored instance itself
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     stop = threading.Event()
