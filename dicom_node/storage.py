@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom.dsutils import encode_file_meta
-from sqlalchemy import Row, insert, select, text, update
+from sqlalchemy import Row, bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -149,17 +149,29 @@ class _Filed:
         return None
 
 
+_STUDY, _SERIES, _INSTANCE = Study.__table__, Series.__table__, Instance.__table__
+# Built once: on the C-STORE path statements are executed on the session's connection, not built and run by the
+# ORM for each instance (that was a third of the store's CPU).
+_STUDY_BY_UID = select(_STUDY.c.id, _STUDY.c.patient_id, _STUDY.c.state).where(
+    _STUDY.c.study_instance_uid == bindparam("study_uid"))
+_SERIES_BY_UID = select(_SERIES.c.id, _STUDY.c.study_instance_uid).join_from(
+    _SERIES, _STUDY, _SERIES.c.study_id == _STUDY.c.id).where(_SERIES.c.series_instance_uid == bindparam("series_uid"))
+_INSTANCE_BY_UID = (
+    select(_INSTANCE.c.id, _INSTANCE.c.sha256, _STUDY.c.study_instance_uid, _SERIES.c.series_instance_uid)
+    .join_from(_INSTANCE, _STUDY, _INSTANCE.c.study_id == _STUDY.c.id)
+    .join_from(_INSTANCE, _SERIES, _INSTANCE.c.series_id == _SERIES.c.id)
+    .where(_INSTANCE.c.sop_instance_uid == bindparam("sop_uid")))
+_INSERT_INSTANCE = insert(_INSTANCE)
+_UPDATE_INSTANCE = update(_INSTANCE).where(_INSTANCE.c.id == bindparam("row_id"))
+_UPDATE_STUDY = update(_STUDY).where(_STUDY.c.id == bindparam("row_id"))
+
+
 def _filed(session: Session, study_uid: str, series_uid: str, sop_uid: str) -> _Filed:
-    """Three lookups by unique key (Core statements: no ORM objects on the C-STORE path)."""
-    study = session.execute(select(Study.id, Study.patient_id, Study.state)
-                            .where(Study.study_instance_uid == study_uid)).first()
-    series = session.execute(select(Series.id, Study.study_instance_uid).join(Study, Series.study_id == Study.id)
-                             .where(Series.series_instance_uid == series_uid)).first()
-    instance = session.execute(
-        select(Instance.id, Instance.sha256, Study.study_instance_uid, Series.series_instance_uid)
-        .join(Study, Instance.study_id == Study.id).join(Series, Instance.series_id == Series.id)
-        .where(Instance.sop_instance_uid == sop_uid)).first()
-    return _Filed(study, series, instance)
+    """Three lookups by unique key."""
+    connection = session.connection()
+    return _Filed(connection.execute(_STUDY_BY_UID, {"study_uid": study_uid}).first(),
+                  connection.execute(_SERIES_BY_UID, {"series_uid": series_uid}).first(),
+                  connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first())
 
 
 def _insert_once(session: Session, table: type, key: str, value: str, **fields: object) -> int:
@@ -253,15 +265,15 @@ class InstanceStore:
                     study_uid, series_uid, sop_uid, patient_id)
                 if reason is not None:
                     raise _uid_conflict(reason)
+            connection = session.connection()
             if filed.instance is None:
-                session.execute(insert(Instance).values(sop_instance_uid=sop_uid, study_id=study_id,
-                                                        series_id=series_id, received_at=now, **fields))
+                connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": sop_uid, "study_id": study_id,
+                                                      "series_id": series_id, "received_at": now, **fields})
             else:
-                session.execute(update(Instance).where(Instance.id == filed.instance.id)
-                                .values(received_at=now, **fields))
-            changes: dict[str, object] = {"last_received_at": now}
+                connection.execute(_UPDATE_INSTANCE, {"row_id": filed.instance.id, "received_at": now, **fields})
+            changes: dict[str, object] = {"row_id": study_id, "last_received_at": now}
             if filed.study is not None and filed.study.state == StudyState.ANALYSED and fields["analysable"]:
                 changes["state"] = StudyState.RECEIVING  # a new or changed instance: the study will be analysed again
-            session.execute(update(Study).where(Study.id == study_id).values(changes))
+            connection.execute(_UPDATE_STUDY, changes)
             publish(*file)
         return filed.instance is not None
