@@ -11,8 +11,9 @@ stored (its SOP Instance UID already in another study or series, its series in a
 stored under another Patient ID) is refused with ``UIDConflictError``, so that no patient's image is ever analysed
 in another patient's study; the first instance stays as it was. The check runs inside the transaction, before the
 stored file is touched: on SQLite that transaction holds the database's write lock from its start (BEGIN
-IMMEDIATE), so no other SCP process files anything between the check and the commit; on PostgreSQL a study or
-series that another transaction inserted meanwhile is checked again.
+IMMEDIATE), so no other SCP process files anything between the check and the commit, and the SCP's writers queue
+for it (``worklist.writers``) rather than sleep on SQLite's busy handler; on PostgreSQL a study or series that
+another transaction inserted meanwhile is checked again.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dicom_node.validation import check_instance
 from models.errors import NodeError
 from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES
 from worklist.models import Instance, Series, Study, StudyState, utcnow
+from worklist.writers import WriterQueue
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +205,7 @@ class InstanceStore:
     def __init__(self, root: Path, sessions: sessionmaker[Session]) -> None:
         self.root = Path(root)
         self.sessions = sessions
+        self.writers = WriterQueue.for_engine(sessions.kw["bind"])  # SQLite: one writer at a time, queued
 
     def store(self, encoded: Sequence[bytes], dataset: Dataset, transfer_syntax_uid: str,
               calling_ae: str) -> StoredInstance:
@@ -242,7 +245,7 @@ class InstanceStore:
         one transaction; True if it was a resend of the same bytes (nothing written, nothing published)."""
         study_uid, series_uid, sop_uid = uids
         now = utcnow()
-        with self.sessions.begin() as session:
+        with self.writers.turn(), self.sessions.begin() as session:
             _begin_writing(session)
             filed = _filed(session, study_uid, series_uid, sop_uid)
             reason = filed.conflict(study_uid, series_uid, sop_uid, patient_id)

@@ -35,7 +35,7 @@ def test_database_and_received_instances_are_private(tmp_path: Path, synthetic_r
     finally:
         node.terminate()
         node.wait(timeout=60)
-    written = [data / "worklist.sqlite", *(data / "incoming").rglob("*")]
+    written = [data / "worklist.sqlite", data / "worklist.sqlite.writers", *(data / "incoming").rglob("*")]
     assert len([path for path in written if path.suffix == ".dcm"]) == 4
     for path in written:
         assert _mode(path) & 0o077 == 0, f"{path} has mode {oct(_mode(path))}"
