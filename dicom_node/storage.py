@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom.dsutils import encode_file_meta
-from sqlalchemy import Row, bindparam, insert, select, text, update
+from sqlalchemy import Row, Table, bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -164,6 +164,7 @@ _INSTANCE_BY_UID = (
     .join_from(_INSTANCE, _SERIES, _INSTANCE.c.series_id == _SERIES.c.id)
     .where(_INSTANCE.c.sop_instance_uid == bindparam("sop_uid")))
 _INSERT_INSTANCE = insert(_INSTANCE)
+_INSERT_RETURNING_ID = {table: insert(table).returning(table.c.id) for table in (_STUDY, _SERIES)}
 _UPDATE_INSTANCE = update(_INSTANCE).where(_INSTANCE.c.id == bindparam("row_id"))
 _UPDATE_STUDY = update(_STUDY).where(_STUDY.c.id == bindparam("row_id"))
 
@@ -176,14 +177,13 @@ def _filed(session: Session, study_uid: str, series_uid: str, sop_uid: str) -> _
                   connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first())
 
 
-def _insert_once(session: Session, table: type, key: str, value: str, **fields: object) -> int:
+def _insert_once(session: Session, table: Table, key: str, value: str, **fields: object) -> int:
     """The id of a new row keyed ``key == value``; a concurrent insert of the same key is re-selected."""
-    column = getattr(table, key)
     try:
         with session.begin_nested():
-            return session.execute(insert(table).values({key: value, **fields}).returning(table.id)).scalar_one()
+            return session.connection().execute(_INSERT_RETURNING_ID[table], {key: value, **fields}).scalar_one()
     except IntegrityError:
-        return session.execute(select(table.id).where(column == value)).scalar_one()
+        return session.connection().execute(select(table.c.id).where(table.c[key] == value)).scalar_one()
 
 
 def _begin_writing(session: Session) -> None:
@@ -256,12 +256,12 @@ class InstanceStore:
                 # nothing new to analyse, so the study is not re-opened (that would send a second SR and SEGs).
                 return True
             study_id = filed.study.id if filed.study is not None else _insert_once(
-                session, Study, "study_instance_uid", study_uid,
+                session, _STUDY, "study_instance_uid", study_uid,
                 accession_number=str(dataset.get("AccessionNumber") or "")[:16] or None, patient_id=patient_id,
                 patient_name=str(dataset.get("PatientName") or "")[:324] or None,
                 study_date=str(dataset.get("StudyDate") or "")[:8] or None)
             series_id = filed.series.id if filed.series is not None else _insert_once(
-                session, Series, "series_instance_uid", series_uid, study_id=study_id,
+                session, _SERIES, "series_instance_uid", series_uid, study_id=study_id,
                 modality=str(dataset.get("Modality") or "")[:16] or None)
             if filed.study is None or filed.series is None:  # a row another transaction inserted meanwhile is
                 reason = _filed(session, study_uid, series_uid, sop_uid).conflict(  # reused: check it too
