@@ -43,7 +43,7 @@ def test_a_store_that_fails_before_its_commit_leaves_no_row_and_no_file(
     def disk_error(staged: Path, path: Path) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    monkeypatch.setattr(storage, "publish", disk_error)
+    monkeypatch.setattr(storage, "place", disk_error)
     with pytest.raises(OSError):
         _store(store, dataset, encoded)
     # the study and series were inserted (a savepoint each) before the failure: rolled back with the rest
@@ -52,6 +52,18 @@ def test_a_store_that_fails_before_its_commit_leaves_no_row_and_no_file(
     monkeypatch.undo()
     stored = _store(store, dataset, encoded)  # the sender's resend
     assert _rows(sessions) == (1, 1, 1) and stored.path.read_bytes() == encoded[0]
+
+
+def test_a_resend_whose_file_did_not_reach_the_disk_is_written_again(
+        tmp_path: Path, sessions: sessionmaker, source: tuple[pydicom.Dataset, list[bytes]]) -> None:
+    store = InstanceStore(tmp_path / "incoming", sessions)
+    dataset, encoded = source
+    first = _store(store, dataset, encoded)
+    # A crash after the commit, before the folder's fsync, lost the rename; the sender had no Success.
+    first.path.unlink()
+    resent = _store(store, dataset, encoded)
+    assert resent.duplicate and resent.path.read_bytes() == encoded[0]  # a resend, and its file is back
+    assert _rows(sessions) == (1, 1, 1)
 
 
 def test_no_other_writer_files_a_clash_between_the_check_and_the_commit(
