@@ -4,9 +4,9 @@ pydicom decodes leniently: a value cut short by a truncated transfer is read as 
 larger than the data is believed, and an unknown VR only fails when the element is used. The Storage SCP would
 then answer Success for a file no worker can read. These checks are cheap and never decode pixels:
 
-- ``check_encoding`` walks the element headers of the bytes as received (never the values): every length fits
-  in its container, every VR is known, sequences nest at most ``MAX_SEQUENCE_DEPTH`` levels, there are at most
-  ``MAX_ELEMENTS`` elements, and a deflated dataset inflates to at most ``MAX_INFLATED_BYTES``;
+- ``decode_received`` first walks the element headers of the bytes as received (never the values): every
+  length fits in its container, every VR is known, sequences nest at most ``MAX_SEQUENCE_DEPTH`` levels, there
+  are at most ``MAX_ELEMENTS`` elements, and a deflated dataset inflates to at most ``MAX_INFLATED_BYTES``;
 - ``check_instance`` decodes every element and checks the image attributes: known photometric interpretation
   consistent with Samples per Pixel, sane bit depths and frame count, at most ``MAX_FRAME_PIXELS`` per frame and
   ``MAX_DECODED_BYTES`` in all (so that a decompression bomb is refused by its declared size, before anything
@@ -14,7 +14,8 @@ then answer Success for a file no worker can read. These checks are cheap and ne
   dataset's Rows and Columns, and, for MG images, pixel data that is there and grayscale.
 
 ``decode_received`` is the bounded replacement of pynetdicom's ``event.dataset`` (which inflates a deflated
-dataset without a limit and builds every element before any check): bytes in, checked ``Dataset`` out.
+dataset without a limit and builds every element before any check): bytes in, structure-checked ``Dataset``
+out.
 """
 
 from __future__ import annotations
@@ -201,35 +202,11 @@ def inflate(data: bytes, limit: int = MAX_INFLATED_BYTES) -> bytes:
         raise MalformedInstanceError(f"the deflated dataset does not inflate: {error}") from None
 
 
-def _dataset_bytes(encoded: bytes) -> bytes:
-    """The dataset part of a DICOM file (after preamble and file meta), or ``encoded`` when it has no preamble."""
-    if encoded[128:132] != b"DICM":
-        return encoded
-    pos = 132
-    while len(encoded) - pos >= 8 and encoded[pos:pos + 2] == b"\x02\x00":
-        vr = encoded[pos + 4:pos + 6].decode("latin-1")
-        if vr in LONG_LENGTH_VRS:
-            pos += 12 + struct.unpack_from("<I", encoded, pos + 8)[0]
-        else:
-            pos += 8 + struct.unpack_from("<H", encoded, pos + 6)[0]
-    if pos > len(encoded):
-        raise MalformedInstanceError("the file meta information is cut short")
-    return encoded[pos:]
-
-
 def _walk(data: bytes, syntax: UID) -> None:
     try:
         _Walker(data, syntax.is_little_endian).dataset(0, len(data), 0, syntax.is_implicit_VR)
     except MalformedInstanceError as error:
         raise MalformedInstanceError(f"the dataset does not decode: {error}") from None
-
-
-def check_encoding(encoded: bytes, transfer_syntax_uid: str) -> None:
-    """Raise ``MalformedInstanceError`` unless the element structure of ``encoded`` (a DICOM file, or a dataset as
-    received) holds together under the transfer syntax. Looks at element headers only."""
-    syntax = UID(transfer_syntax_uid)
-    data = _dataset_bytes(encoded)
-    _walk(inflate(data) if syntax.is_deflated else data, syntax)
 
 
 def decode_received(stream: bytes, transfer_syntax_uid: str) -> Dataset:

@@ -13,6 +13,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     HTJ2K,
@@ -428,3 +430,11 @@ def _rgb(ds: Dataset) -> None:
 def _two_frames(ds: Dataset) -> None:
     ds.NumberOfFrames = 2
     ds.PixelData = ds.PixelData * 2
+
+
+def dataset_part(data: bytes) -> bytes:
+    """The dataset of a DICOM file's bytes, after its preamble and file meta information."""
+    stream = BytesIO(data)
+    read_preamble(stream, False)
+    _read_file_meta_info(stream)
+    return data[stream.tell():]
