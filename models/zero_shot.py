@@ -1,9 +1,18 @@
-"""Zero-shot scores from image-text similarity, per view and aggregated per breast."""
+"""Zero-shot scores from image-text similarity, per view and aggregated per breast.
+
+A CLIP's zero-shot softmax is sharp and knows nothing of how common each class is: a model that has learnt
+"a finding is there" calls most breasts with any finding malignant at ~0.95. A model version can carry a
+calibration per task in its card (``zero_shot_calibration``: a temperature and a bias per class, fitted on
+held-out images by ``training.calibration``); the classifier then applies it to each template's logits before the
+softmax. The probabilities then match the class frequencies of the images it was fitted on; the order of images
+within a task barely moves (a binary task's scale and bias are monotonic for each template).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,12 +36,43 @@ class TaskScores:
         return self.probabilities @ classes
 
 
-class ZeroShotClassifier:
-    """Text embeddings of every prompt, computed once; softmax over classes, averaged over templates."""
+CALIBRATION_KEY = "zero_shot_calibration"
 
-    def __init__(self, model: MammoClip, tasks: Iterable[str] = tuple(PROMPT_TASKS)) -> None:
+
+@dataclass(frozen=True)
+class LogitCalibration:
+    """An affine map of one task's logits: ``scale * logits + bias`` (a temperature and a bias per class)."""
+
+    scale: float
+    bias: tuple[float, ...]
+
+    @classmethod
+    def from_card(cls, entry: Mapping[str, Any]) -> LogitCalibration:
+        return cls(float(entry["scale"]), tuple(float(value) for value in entry["bias"]))
+
+    def to_card(self) -> dict[str, object]:
+        return {"scale": round(self.scale, 6), "bias": [round(value, 6) for value in self.bias]}
+
+
+def card_calibration(model: MammoClip) -> dict[str, LogitCalibration]:
+    """The per-task calibration in the card of ``model``'s version (none for a bare checkpoint)."""
+    entries = (getattr(model, "card", None) or {}).get(CALIBRATION_KEY) or {}
+    return {task: LogitCalibration.from_card(entry) for task, entry in entries.items()}
+
+
+class ZeroShotClassifier:
+    """Text embeddings of every prompt, computed once; softmax over classes, averaged over templates; each task's
+    logits calibrated first when ``calibration`` (default: the model card's) has it."""
+
+    def __init__(self, model: MammoClip, tasks: Iterable[str] = tuple(PROMPT_TASKS),
+                 calibration: Mapping[str, LogitCalibration] | None = None) -> None:
         self.model = model
         self.tasks = [PROMPT_TASKS[name] for name in tasks]
+        self.calibration = dict(card_calibration(model) if calibration is None else calibration)
+        for name, entry in self.calibration.items():
+            if name in PROMPT_TASKS and len(entry.bias) != len(PROMPT_TASKS[name].classes):
+                raise ValueError(f"the {name} calibration has {len(entry.bias)} biases for "
+                                 f"{len(PROMPT_TASKS[name].classes)} classes")
         with torch.inference_mode():
             self.text_embeddings = {
                 task.name: torch.stack([model.encode_texts(row) for row in task.prompts()]).float().cpu()
@@ -40,13 +80,19 @@ class ZeroShotClassifier:
             }
             self.scale = float(model.logit_scale.exp().clamp(max=100.0))
 
+    def logits(self, task: str, image_embeddings: Tensor) -> Tensor:
+        """Uncalibrated logits of one task (templates, N, classes)."""
+        text = self.text_embeddings[task]  # (templates, classes, D)
+        return self.scale * torch.einsum("nd,tcd->tnc", image_embeddings.float().cpu(), text)
+
     def classify(self, image_embeddings: Tensor) -> dict[str, TaskScores]:
         """Image embeddings (N, D) -> per-task class probabilities."""
-        images = image_embeddings.float().cpu()
         results = {}
         for task in self.tasks:
-            text = self.text_embeddings[task.name]  # (templates, classes, D)
-            logits = self.scale * torch.einsum("nd,tcd->tnc", images, text)
+            logits = self.logits(task.name, image_embeddings)
+            calibration = self.calibration.get(task.name)
+            if calibration is not None:
+                logits = calibration.scale * logits + torch.tensor(calibration.bias, dtype=logits.dtype)
             results[task.name] = TaskScores(task, logits.softmax(dim=-1).mean(dim=0))
         return results
 

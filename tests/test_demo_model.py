@@ -10,15 +10,20 @@ from models import load_model
 from training.contrastive import soft_clip_loss
 from training.demo import DemoRecipe, ensure_demo_model
 
-TINY = DemoRecipe(studies=6, rows=256, cols=160, epochs=1, batch_size=8)
+TINY = DemoRecipe(studies=10, rows=256, cols=160, epochs=1, batch_size=8)
 
 
 def test_demo_model_trains_once_and_is_reused(tmp_path: Path) -> None:
     folder = ensure_demo_model(tmp_path, TINY, progress=False)
     model = load_model(folder)
     assert model.card["clinical_use"] is False and "NOT a clinical model" in model.card["intended_use"]
-    assert model.card["recipe"]["studies"] == 6
+    assert model.card["recipe"]["studies"] == 10
     assert "density_accuracy" in model.card["metrics_held_out_zero_shot"]
+    assert "density_accuracy" in model.card["metrics_held_out_zero_shot_uncalibrated"]
+    # two held-out patients: one fits the calibration (of the tasks its labels vary on), one evaluates
+    assert set(model.card["zero_shot_calibration"]) <= {"mass", "calcification", "malignancy", "density", "birads"}
+    assert "4 held-out images to fit the zero-shot calibration, 4 held-out images to evaluate" in model.card[
+        "training_data"]
     assert (folder / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = (folder / "weights.safetensors").stat().st_mtime_ns
     assert ensure_demo_model(tmp_path, TINY, progress=False) == folder

@@ -1,12 +1,14 @@
-"""Zero-shot scoring: probabilities, template averaging, per-breast aggregation, missing views."""
+"""Zero-shot scoring: probabilities, template averaging, per-breast aggregation, missing views, calibration."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.inference import SCREENING_VIEWS, score_views
 from models.prompts import PROMPT_TASKS
-from models.zero_shot import ZeroShotClassifier, aggregate_breasts
+from models.zero_shot import CALIBRATION_KEY, LogitCalibration, ZeroShotClassifier, aggregate_breasts
+from training.calibration import class_index, fit_task
 
 
 def test_probabilities_are_distributions_over_each_task(model) -> None:
@@ -45,3 +47,34 @@ def test_study_with_a_missing_view_is_scored_and_reports_it(model) -> None:
     result = score_views(ZeroShotClassifier(model), images)
     assert result.missing_views == [("R", "MLO")]
     assert set(result.views) == set(images) and set(result.breasts) == {"L", "R"}
+
+
+def test_a_card_calibration_maps_each_templates_logits_before_the_softmax(model) -> None:
+    images = torch.nn.functional.normalize(torch.randn(4, model.config.projection_dim), dim=-1)
+    model.card = {CALIBRATION_KEY: {"malignancy": {"scale": 0.0, "bias": [0.0, 2.0]}}}
+    try:
+        calibrated = ZeroShotClassifier(model, tasks=["malignancy", "mass"]).classify(images)
+    finally:
+        del model.card
+    # scale 0: every template's logits are the biases alone, whatever the image
+    torch.testing.assert_close(calibrated["malignancy"].score(), torch.sigmoid(torch.tensor(2.0)).repeat(4))
+    plain = ZeroShotClassifier(model, tasks=["mass"]).classify(images)["mass"].probabilities
+    torch.testing.assert_close(calibrated["mass"].probabilities, plain)  # a task without one is left alone
+    with pytest.raises(ValueError, match="2 biases for 4 classes"):
+        ZeroShotClassifier(model, calibration={"density": LogitCalibration(1.0, (0.0, 1.0))})
+
+
+def test_the_fitted_calibration_recovers_the_map_that_made_the_labels() -> None:
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(1, 4000, 2, generator=generator) * 6  # a sharp zero-shot softmax
+    truth = (0.25 * logits + torch.tensor([0.0, -1.0])).softmax(dim=-1)[0, :, 1]
+    targets = (torch.rand(4000, generator=generator) < truth).long()
+    fitted = fit_task(logits, targets)
+    assert abs(fitted.scale - 0.25) < 0.05
+    assert abs((fitted.bias[1] - fitted.bias[0]) - (-1.0)) < 0.25
+
+
+def test_labels_become_class_indices_of_each_task() -> None:
+    assert class_index(PROMPT_TASKS["malignancy"].labels, 1) == 1 and class_index(("absent", "present"), False) == 0
+    assert class_index(PROMPT_TASKS["density"].labels, "C") == 2
+    assert class_index(PROMPT_TASKS["birads"].labels, 4) == 3 and class_index(PROMPT_TASKS["birads"].labels, 0) is None

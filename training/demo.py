@@ -21,9 +21,11 @@ from tqdm import tqdm
 from models import ClipConfig, MammoClip, new_model, save_model_version
 from models.checkpoints import read_card
 from models.preprocess import dicom_to_uint8, normalize
+from models.zero_shot import CALIBRATION_KEY, ZeroShotClassifier
 from training.batch_norm import batch_norm_momentum
+from training.calibration import fit_calibration
 from training.contrastive import soft_clip_loss
-from training.evaluation import zero_shot_metrics
+from training.evaluation import embed_batched, zero_shot_metrics
 from training.label_text import breast_text, label_key
 from training.plots import plot_training_curve
 from training.synthetic import write_studies
@@ -31,7 +33,7 @@ from training.synthetic import write_studies
 log = logging.getLogger(__name__)
 
 NOT_CLINICAL = "Trained on synthetic phantoms only. NOT a clinical model: research and software testing only."
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3  # 3: zero-shot calibration fitted on half of the held-out patients
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,15 @@ def split_by_patient(samples: list[Sample], fraction: float, seed: int) -> tuple
     random.Random(seed).shuffle(patients)
     held = set(patients[: max(1, int(len(patients) * fraction))])
     return [s for s in samples if s.patient_id not in held], [s for s in samples if s.patient_id in held]
+
+
+def calibration_split(held_out: list[Sample], seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Half of the held-out patients to fit the zero-shot calibration, half to evaluate; all to evaluate (no
+    calibration) when there is a single held-out patient."""
+    if len({s.patient_id for s in held_out}) < 2:
+        return [], held_out
+    fitting, evaluation = split_by_patient(held_out, 0.5, seed + 1)
+    return fitting, evaluation
 
 
 def images_tensor(samples: list[Sample], config: ClipConfig) -> Tensor:
@@ -145,13 +156,19 @@ def train_demo_model(folder: Path, recipe: DemoRecipe = DemoRecipe(), progress: 
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update()
     model.eval()
-    metrics = zero_shot_metrics(model, images_tensor(held_out, config), [s.labels for s in held_out])
+    fitting, evaluation = calibration_split(held_out, recipe.seed)
+    calibration = fit_calibration(ZeroShotClassifier(model), embed_batched(model, images_tensor(fitting, config)),
+                                  [s.labels for s in fitting]) if fitting else {}
+    evaluation_images, evaluation_labels = images_tensor(evaluation, config), [s.labels for s in evaluation]
     card = {
         "name": "mammo-clip-demo", "version": f"synthetic-{recipe.seed}",
         "intended_use": NOT_CLINICAL, "clinical_use": False,
         "training_data": f"{recipe.studies} synthetic four-view studies (training.synthetic), "
-                         f"{len(train)} training images, {len(held_out)} held-out images",
-        "recipe": asdict(recipe), "metrics_held_out_zero_shot": metrics,
+                         f"{len(train)} training images, {len(fitting)} held-out images to fit the zero-shot "
+                         f"calibration, {len(evaluation)} held-out images to evaluate",
+        "recipe": asdict(recipe), CALIBRATION_KEY: {task: fitted.to_card() for task, fitted in calibration.items()},
+        "metrics_held_out_zero_shot": zero_shot_metrics(model, evaluation_images, evaluation_labels, calibration),
+        "metrics_held_out_zero_shot_uncalibrated": zero_shot_metrics(model, evaluation_images, evaluation_labels, {}),
         "final_loss": history[-1]["loss"],
     }
     version = save_model_version(model, folder / "model", card=card)

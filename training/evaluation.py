@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -10,7 +10,8 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from models import MammoClip
-from models.zero_shot import ZeroShotClassifier
+from models.zero_shot import LogitCalibration, ZeroShotClassifier
+from training.evaluate.metrics import calibration as calibration_error
 
 BINARY_TASKS = {"mass": "mass", "calcification": "calcification", "malignancy": "malignant"}
 
@@ -22,14 +23,18 @@ def embed_batched(model: MammoClip, images: Tensor, batch_size: int = 32) -> Ten
                           for i in range(0, len(images), batch_size)])
 
 
-def zero_shot_metrics(model: MammoClip, images: Tensor, labels: Sequence[dict[str, object]]) -> dict[str, float]:
-    """Per-image zero-shot AUC for the binary findings and accuracy for density."""
-    scores = ZeroShotClassifier(model).classify(embed_batched(model, images))
+def zero_shot_metrics(model: MammoClip, images: Tensor, labels: Sequence[dict[str, object]],
+                      calibration: Mapping[str, LogitCalibration] | None = None) -> dict[str, float]:
+    """Per-image zero-shot AUC for the binary findings, the malignancy probability's expected calibration error
+    and accuracy for density; ``calibration`` as ``ZeroShotClassifier`` takes it (default: the model card's)."""
+    scores = ZeroShotClassifier(model, calibration=calibration).classify(embed_batched(model, images))
     metrics: dict[str, float] = {}
     for task, label_name in BINARY_TASKS.items():
         truth = np.array([int(item[label_name]) for item in labels])
         if 0 < truth.sum() < len(truth):
             metrics[f"{task}_auc"] = round(float(roc_auc_score(truth, scores[task].score().numpy())), 4)
+            if task == "malignancy":
+                metrics["malignancy_ece"] = round(calibration_error(truth, scores[task].score().numpy()).ece, 4)
     density = scores["density"]
     predicted = [density.task.labels[i] for i in density.probabilities.argmax(dim=1).tolist()]
     metrics["density_accuracy"] = round(float(np.mean([p == item["density"] for p, item in

@@ -1,0 +1,63 @@
+"""Fit the zero-shot calibration of a model version (``models.zero_shot.LogitCalibration``) on labelled images.
+
+For each task, a temperature and a bias per class are fitted by maximum likelihood (L-BFGS) on the probability
+the classifier reports: the template-averaged softmax of the calibrated logits. A small L2 penalty keeps the
+bias of a class that the images lack from running off. Tasks whose labels hold a single class are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from models.zero_shot import LogitCalibration, ZeroShotClassifier
+
+BIAS_PENALTY = 1e-2
+# Which label of a synthetic (or archive) image answers each prompt task, as a class index.
+LABEL_OF_TASK = {"mass": "mass", "calcification": "calcification", "malignancy": "malignant",
+                 "density": "density", "birads": "birads"}
+
+
+def class_index(task_labels: Sequence[str], value: object) -> int | None:
+    """The class index of a label value (``True``/1 -> 1, ``"C"`` -> 2, BI-RADS 4 -> 3), None if it has none."""
+    if isinstance(value, bool | int) and len(task_labels) == 2:
+        return int(bool(value))
+    text = str(value)
+    return task_labels.index(text) if text in task_labels else None
+
+
+def fit_task(logits: Tensor, targets: Tensor, steps: int = 100) -> LogitCalibration:
+    """Scale and biases for logits (templates, N, classes) and class indices (N,)."""
+    log_scale = torch.zeros((), requires_grad=True)
+    bias = torch.zeros(logits.shape[-1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_scale, bias], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def loss() -> Tensor:
+        optimizer.zero_grad()
+        probabilities = (log_scale.exp() * logits + bias).softmax(dim=-1).mean(dim=0)
+        chosen = probabilities.gather(1, targets[:, None]).squeeze(1).clamp_min(1e-8)
+        value = -chosen.log().mean() + BIAS_PENALTY * bias.pow(2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return LogitCalibration(float(log_scale.detach().exp()), tuple(float(value) for value in bias.detach()))
+
+
+def fit_calibration(classifier: ZeroShotClassifier, image_embeddings: Tensor,
+                    labels: Sequence[Mapping[str, object]]) -> dict[str, LogitCalibration]:
+    """A calibration for every task of ``classifier`` whose labels (one mapping per image) hold two classes."""
+    fitted = {}
+    for task in classifier.tasks:
+        key = LABEL_OF_TASK.get(task.name)
+        indices = [class_index(task.labels, item.get(key)) if key else None for item in labels]
+        kept = [position for position, index in enumerate(indices) if index is not None]
+        targets = torch.tensor([indices[position] for position in kept], dtype=torch.long)
+        if len(set(targets.tolist())) < 2:
+            continue
+        with torch.no_grad():
+            logits = classifier.logits(task.name, image_embeddings[kept])
+        fitted[task.name] = fit_task(logits, targets)
+    return fitted
