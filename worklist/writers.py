@@ -30,7 +30,6 @@ class WriterQueue:
     def __init__(self, lock_file: Path | None) -> None:
         self.lock_file = lock_file
         self._threads = threading.Lock()
-        self._descriptor: int | None = None
 
     @classmethod
     def for_engine(cls, engine: Engine) -> WriterQueue:
@@ -47,10 +46,9 @@ class WriterQueue:
             yield
             return
         with self._threads:
-            if self._descriptor is None:
-                self._descriptor = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self._descriptor, fcntl.LOCK_EX)
+            descriptor = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
                 yield
             finally:
-                fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+                os.close(descriptor)  # releases the lock (nothing is kept open between turns)
