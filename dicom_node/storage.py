@@ -5,10 +5,11 @@ transaction its UIDs are checked and its rows written, the file is renamed into 
 then its folder is fsynced, and only then does the Storage SCP answer Success. The folder's fsync comes after the
 commit so that the next writer does not wait for it (under load it took 5 ms, a quarter of a writer's turn). A
 crash between the two can leave a committed row whose rename did not reach the disk (ext4 and XFS make it durable
-with SQLite's commit; a PostgreSQL commit does not): the sender had no Success and sends the instance again, and
-a resend whose file is missing is written again, not taken for a duplicate. A resend of the same SOP Instance UID
-rewrites the same path and updates the same row, so it is idempotent; a resend of the same bytes changes nothing
-(an analysed study is not analysed again for it), a changed instance re-opens its study.
+with SQLite's commit; a PostgreSQL commit does not): the sender had no Success and sends the instance again.
+A resend of the same SOP Instance UID rewrites the same path and updates the same row, so it is idempotent; a
+resend of the same bytes changes no row (an analysed study is not analysed again for it) but its file is still
+written again and its folder fsynced before Success, whatever a crash left there; a changed instance re-opens
+its study.
 
 A SOP Instance UID is filed under one study, series and patient only. An instance whose UIDs clash with what is
 stored (its SOP Instance UID already in another study or series, its series in another study, or its study
@@ -200,6 +201,36 @@ def _insert_once(session: Session, table: Table, key: str, value: str, **fields:
         return session.connection().execute(select(table.c.id).where(table.c[key] == value)).scalar_one()
 
 
+def _write_rows(session: Session, dataset: Dataset, uids: tuple[str, str, str], patient_id: str | None,
+                fields: dict[str, object], filed: _Filed, now: object) -> None:
+    """Insert or update the instance's rows (a new study and series first), re-checking rows that another
+    transaction inserted meanwhile."""
+    study_uid, series_uid, sop_uid = uids
+    study_id = filed.study.id if filed.study is not None else _insert_once(
+        session, _STUDY, "study_instance_uid", study_uid,
+        accession_number=str(dataset.get("AccessionNumber") or "")[:16] or None, patient_id=patient_id,
+        patient_name=str(dataset.get("PatientName") or "")[:324] or None,
+        study_date=str(dataset.get("StudyDate") or "")[:8] or None)
+    series_id = filed.series.id if filed.series is not None else _insert_once(
+        session, _SERIES, "series_instance_uid", series_uid, study_id=study_id,
+        modality=str(dataset.get("Modality") or "")[:16] or None)
+    if filed.study is None or filed.series is None:  # a row another transaction inserted meanwhile is
+        reason = _filed(session, study_uid, series_uid, sop_uid).conflict(  # reused: check it too
+            study_uid, series_uid, sop_uid, patient_id)
+        if reason is not None:
+            raise _uid_conflict(reason)
+    connection = session.connection()
+    if filed.instance is None:
+        connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": sop_uid, "study_id": study_id,
+                                              "series_id": series_id, "received_at": now, **fields})
+    else:
+        connection.execute(_UPDATE_INSTANCE, {"row_id": filed.instance.id, "received_at": now, **fields})
+    changes: dict[str, object] = {"row_id": study_id, "last_received_at": now}
+    if filed.study is not None and filed.study.state == StudyState.ANALYSED and fields["analysable"]:
+        changes["state"] = StudyState.RECEIVING  # a new or changed instance: the study will be analysed again
+    connection.execute(_UPDATE_STUDY, changes)
+
+
 def _begin_writing(session: Session) -> None:
     """On SQLite, take the database's write lock now (BEGIN IMMEDIATE): the lookups and the inserts see one state,
     no other process writes between them, and a savepoint cannot commit on its own (pysqlite begins transactions
@@ -255,9 +286,9 @@ class InstanceStore:
 
     def _record(self, dataset: Dataset, uids: tuple[str, str, str], patient_id: str | None,
                 fields: dict[str, object], file: tuple[Path, Path]) -> bool:
-        """Check the UIDs, write the rows, rename the staged file into place (``file``: staged, final path) and
-        commit, in one transaction, then fsync the folder; True if it was a resend of the same bytes, its file in
-        place (nothing written, nothing published)."""
+        """Check the UIDs, write the rows (none for a resend of the same bytes), rename the staged file into place
+        (``file``: staged, final path) and commit, in one transaction, then fsync the folder; True for a resend
+        of a stored SOP Instance UID."""
         study_uid, series_uid, sop_uid = uids
         now = utcnow()
         with self.writers.turn(), self.sessions.begin() as session:
@@ -267,33 +298,12 @@ class InstanceStore:
             if reason is not None:
                 raise _uid_conflict(reason)
             staged, path = file
-            if filed.instance is not None and filed.instance.sha256 == fields["sha256"] and path.exists():
-                # The same bytes again (a sender resending after a lost response or a failed association):
-                # nothing new to analyse, so the study is not re-opened (that would send a second SR and SEGs).
-                return True
-            study_id = filed.study.id if filed.study is not None else _insert_once(
-                session, _STUDY, "study_instance_uid", study_uid,
-                accession_number=str(dataset.get("AccessionNumber") or "")[:16] or None, patient_id=patient_id,
-                patient_name=str(dataset.get("PatientName") or "")[:324] or None,
-                study_date=str(dataset.get("StudyDate") or "")[:8] or None)
-            series_id = filed.series.id if filed.series is not None else _insert_once(
-                session, _SERIES, "series_instance_uid", series_uid, study_id=study_id,
-                modality=str(dataset.get("Modality") or "")[:16] or None)
-            if filed.study is None or filed.series is None:  # a row another transaction inserted meanwhile is
-                reason = _filed(session, study_uid, series_uid, sop_uid).conflict(  # reused: check it too
-                    study_uid, series_uid, sop_uid, patient_id)
-                if reason is not None:
-                    raise _uid_conflict(reason)
-            connection = session.connection()
-            if filed.instance is None:
-                connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": sop_uid, "study_id": study_id,
-                                                      "series_id": series_id, "received_at": now, **fields})
-            else:
-                connection.execute(_UPDATE_INSTANCE, {"row_id": filed.instance.id, "received_at": now, **fields})
-            changes: dict[str, object] = {"row_id": study_id, "last_received_at": now}
-            if filed.study is not None and filed.study.state == StudyState.ANALYSED and fields["analysable"]:
-                changes["state"] = StudyState.RECEIVING  # a new or changed instance: the study will be analysed again
-            connection.execute(_UPDATE_STUDY, changes)
+            # The same bytes again (a sender resending after a lost response or a failed association): nothing new
+            # to analyse, so no row changes and the study is not re-opened (that would send a second SR and SEGs).
+            # The staged copy still replaces the file, which a crash may have left missing or older than the row,
+            # and its folder is fsynced below: Success is never answered for a file that is not on disk.
+            if filed.instance is None or filed.instance.sha256 != fields["sha256"]:
+                _write_rows(session, dataset, uids, patient_id, fields, filed, now)
             place(staged, path)
         fsync_folder(path.parent)  # after the commit, outside the writers' turn (see the module docstring)
         return filed.instance is not None

@@ -54,7 +54,7 @@ def test_a_store_that_fails_before_its_commit_leaves_no_row_and_no_file(
     assert _rows(sessions) == (1, 1, 1) and stored.path.read_bytes() == encoded[0]
 
 
-def test_a_resend_whose_file_did_not_reach_the_disk_is_written_again(
+def test_a_resend_of_the_same_bytes_writes_its_file_again(
         tmp_path: Path, sessions: sessionmaker, source: tuple[pydicom.Dataset, list[bytes]]) -> None:
     store = InstanceStore(tmp_path / "incoming", sessions)
     dataset, encoded = source
@@ -63,6 +63,9 @@ def test_a_resend_whose_file_did_not_reach_the_disk_is_written_again(
     first.path.unlink()
     resent = _store(store, dataset, encoded)
     assert resent.duplicate and resent.path.read_bytes() == encoded[0]  # a resend, and its file is back
+    # ...or the rename of a changed version was lost: the file is older than its row.
+    first.path.write_bytes(b"an older version")
+    assert _store(store, dataset, encoded).path.read_bytes() == encoded[0]
     assert _rows(sessions) == (1, 1, 1)
 
 
