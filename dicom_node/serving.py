@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -44,14 +46,19 @@ def load_serving_model(settings: Settings, model_path: Path | None = None, text_
 
 
 def model_identity(model: MammoClip, version_name: str | None = None) -> ModelIdentity:
-    """Algorithm name, software version and model version (registry name, else card name, and the weights
-    hash) of a loaded model."""
+    """Algorithm name, software version and model version (registry name, else card name, the weights hash and,
+    when the card calibrates the zero-shot scores, ``+cal`` and a hash of that calibration: the same weights
+    calibrated otherwise give other probabilities) of a loaded model."""
     from dicom_node.results.findings import ModelIdentity
+    from models.zero_shot import CALIBRATION_KEY
 
     card = getattr(model, "card", {}) or {}
     report = getattr(model, "load_report", None)
     sha = (card.get("weights_sha256") or getattr(report, "sha256", "") or "unknown")[:12]
     name = version_name or card.get("name") or Path(getattr(report, "source", "model")).name
+    calibration = card.get(CALIBRATION_KEY)
+    if calibration:
+        sha += "+cal" + hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()[:8]
     return ModelIdentity(name=f"Mammo-CLIP zero-shot ({model.config.image_encoder})",
                          software_version=software_version(), model_version=f"{name}@{sha}",
                          clinical=bool(card.get("clinical_use", False)))

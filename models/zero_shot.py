@@ -10,6 +10,7 @@ within a task barely moves (a binary task's scale and bias are monotonic for eac
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,13 @@ class LogitCalibration:
 
     @classmethod
     def from_card(cls, entry: Mapping[str, Any]) -> LogitCalibration:
-        return cls(float(entry["scale"]), tuple(float(value) for value in entry["bias"]))
+        """From a card entry; a scale that is not a positive finite number (it would reverse or erase the order
+        of the scores) or a bias that is not finite is refused."""
+        scale, bias = float(entry["scale"]), tuple(float(value) for value in entry["bias"])
+        if not (math.isfinite(scale) and scale > 0 and all(map(math.isfinite, bias))):
+            raise ValueError(f"a zero-shot calibration needs a positive finite scale and finite biases, not "
+                             f"{scale} and {bias}")
+        return cls(scale, bias)
 
     def to_card(self) -> dict[str, object]:
         return {"scale": round(self.scale, 6), "bias": [round(value, 6) for value in self.bias]}

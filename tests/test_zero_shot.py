@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,12 +52,12 @@ def test_study_with_a_missing_view_is_scored_and_reports_it(model) -> None:
 
 def test_a_card_calibration_maps_each_templates_logits_before_the_softmax(model) -> None:
     images = torch.nn.functional.normalize(torch.randn(4, model.config.projection_dim), dim=-1)
-    model.card = {CALIBRATION_KEY: {"malignancy": {"scale": 0.0, "bias": [0.0, 2.0]}}}
+    model.card = {CALIBRATION_KEY: {"malignancy": {"scale": 1e-9, "bias": [0.0, 2.0]}}}
     try:
         calibrated = ZeroShotClassifier(model, tasks=["malignancy", "mass"]).classify(images)
     finally:
         del model.card
-    # scale 0: every template's logits are the biases alone, whatever the image
+    # a scale of ~0: every template's logits are the biases alone, whatever the image
     torch.testing.assert_close(calibrated["malignancy"].score(), torch.sigmoid(torch.tensor(2.0)).repeat(4))
     plain = ZeroShotClassifier(model, tasks=["mass"]).classify(images)["mass"].probabilities
     torch.testing.assert_close(calibrated["mass"].probabilities, plain)  # a task without one is left alone
@@ -78,3 +79,26 @@ def test_labels_become_class_indices_of_each_task() -> None:
     assert class_index(PROMPT_TASKS["malignancy"].labels, 1) == 1 and class_index(("absent", "present"), False) == 0
     assert class_index(PROMPT_TASKS["density"].labels, "C") == 2
     assert class_index(PROMPT_TASKS["birads"].labels, 4) == 3 and class_index(PROMPT_TASKS["birads"].labels, 0) is None
+    assert class_index(("absent", "present"), np.int64(1)) == 1 and class_index(("absent", "present"), -1) is None
+    assert class_index(PROMPT_TASKS["birads"].labels, np.int64(5)) == 4
+
+
+def test_a_calibration_that_would_reverse_the_scores_is_refused() -> None:
+    with pytest.raises(ValueError, match="positive finite scale"):
+        LogitCalibration.from_card({"scale": -1.0, "bias": [0.0, 0.0]})
+    with pytest.raises(ValueError, match="positive finite scale"):
+        LogitCalibration.from_card({"scale": 1.0, "bias": [0.0, float("nan")]})
+
+
+def test_the_model_version_names_the_calibration(model) -> None:
+    from dicom_node.serving import model_identity
+
+    model.card = {"name": "v", "weights_sha256": "0123456789abcdef"}
+    try:
+        assert model_identity(model).model_version == "v@0123456789ab"
+        model.card[CALIBRATION_KEY] = {"mass": {"scale": 0.5, "bias": [0.0, -1.0]}}
+        calibrated = model_identity(model).model_version
+        model.card[CALIBRATION_KEY]["mass"]["scale"] = 0.6
+        assert calibrated.startswith("v@0123456789ab+cal") and model_identity(model).model_version != calibrated
+    finally:
+        del model.card

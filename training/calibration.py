@@ -7,12 +7,16 @@ bias of a class that the images lack from running off. Tasks whose labels hold a
 
 from __future__ import annotations
 
+import logging
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from models.zero_shot import LogitCalibration, ZeroShotClassifier
+
+log = logging.getLogger(__name__)
 
 BIAS_PENALTY = 1e-2
 # Which label of a synthetic (or archive) image answers each prompt task, as a class index.
@@ -21,10 +25,11 @@ LABEL_OF_TASK = {"mass": "mass", "calcification": "calcification", "malignancy":
 
 
 def class_index(task_labels: Sequence[str], value: object) -> int | None:
-    """The class index of a label value (``True``/1 -> 1, ``"C"`` -> 2, BI-RADS 4 -> 3), None if it has none."""
-    if isinstance(value, bool | int) and len(task_labels) == 2:
-        return int(bool(value))
-    text = str(value)
+    """The class index of a label value (``True``/1 -> 1, ``"C"`` -> 2, BI-RADS 4 -> 3), None if it has none
+    (a binary label other than 0/1, such as -1 for "uncertain", has none)."""
+    if isinstance(value, numbers.Integral) and len(task_labels) == 2:
+        return int(value) if int(value) in (0, 1) else None
+    text = str(int(value)) if isinstance(value, numbers.Integral) else str(value)
     return task_labels.index(text) if text in task_labels else None
 
 
@@ -56,6 +61,8 @@ def fit_calibration(classifier: ZeroShotClassifier, image_embeddings: Tensor,
         kept = [position for position, index in enumerate(indices) if index is not None]
         targets = torch.tensor([indices[position] for position in kept], dtype=torch.long)
         if len(set(targets.tolist())) < 2:
+            log.info("zero-shot %s not calibrated: its labels hold %d class(es) over %d image(s)", task.name,
+                     len(set(targets.tolist())), len(kept))
             continue
         with torch.no_grad():
             logits = classifier.logits(task.name, image_embeddings[kept])
