@@ -70,16 +70,20 @@ class DulWakeup:
                 os.write(self._write_fd, b"\0")
 
     def wait_readable(self, sock: Any, timeout: float) -> bool:
-        """Block until ``sock`` is readable, a wake-up arrives or ``timeout`` passes; whether ``sock`` is
-        readable. An SSL socket with decrypted bytes already buffered is readable at once."""
+        """Block until ``sock`` is readable (or closed, or in error: its next read says which), a wake-up arrives or
+        ``timeout`` passes; whether ``sock`` is. An SSL socket with decrypted bytes already buffered is readable
+        at once. ``poll``, not ``select``: descriptors above 1024 are fine."""
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
-        readable = select.select([sock, self.read_fd], [], [], timeout)[0]
-        if self.read_fd in readable:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)  # ValueError for a closed socket
+        poller.register(self.read_fd, select.POLLIN)
+        ready = {descriptor for descriptor, _ in poller.poll(timeout * 1000)}
+        if self.read_fd in ready:
             with contextlib.suppress(BlockingIOError):
                 while os.read(self.read_fd, 4096):
                     pass
-        return sock in readable
+        return sock.fileno() in ready
 
     def close(self) -> None:
         with self._lock:
@@ -157,7 +161,8 @@ class NodeDUL(DULServiceProvider):
 
     def wait_timeout(self) -> float:
         """How long the reactor may block: until the ARTIM timer expires, at most ``MAX_WAIT_SECONDS``."""
-        if self.artim_timer._start_time is None:  # not running
+        timer = self.artim_timer
+        if timer._start_time is None or timer._end_time is not None:  # never started, or stopped
             return MAX_WAIT_SECONDS
         return max(0.0, min(MAX_WAIT_SECONDS, self.artim_timer.remaining))
 

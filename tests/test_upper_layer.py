@@ -23,7 +23,14 @@ from pynetdicom.sop_class import Verification
 from dicom_node.scp import start_scp
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore
-from dicom_node.upper_layer import NodeDUL, ReceivedPData, split_values, watches_received_pdus
+from dicom_node.upper_layer import (
+    MAX_WAIT_SECONDS,
+    NodeDUL,
+    ReceivedPData,
+    adopt,
+    split_values,
+    watches_received_pdus,
+)
 from tests.conftest import free_port
 from training.synthetic import write_studies
 from worklist.db import make_engine, session_factory
@@ -149,3 +156,18 @@ def test_a_handler_watching_received_pdus_keeps_pynetdicoms_decoding() -> None:
     raw = Association(ae, "acceptor")
     raw.bind(evt.EVT_DATA_RECV, lambda event: None)
     assert watches_received_pdus(raw)
+
+
+def test_the_dul_waits_no_longer_than_a_running_artim_timer() -> None:
+    assoc = Association(AE(), "acceptor")
+    adopt(assoc)
+    try:
+        dul = assoc.dul
+        assert dul.wait_timeout() == MAX_WAIT_SECONDS  # not started
+        dul.artim_timer.timeout = 0.05
+        dul.artim_timer.start()
+        assert 0 <= dul.wait_timeout() <= 0.05
+        dul.artim_timer.stop()  # stopped (pynetdicom keeps its start time): no longer a deadline
+        assert dul.wait_timeout() == MAX_WAIT_SECONDS
+    finally:
+        assoc.dul.wakeup.close()

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine
 
 from worklist.writers import WriterQueue
@@ -65,6 +66,8 @@ def test_a_process_waits_while_another_process_holds_the_turn(tmp_path: Path) ->
         waiter = threading.Thread(target=take_turn)
         waiter.start()
         assert not ours.wait(0.5)  # the other process holds it until told
+        with pytest.raises(TimeoutError, match="no turn to write"), WriterQueue(lock_file, timeout=0.2).turn():
+            pass
         holder.stdin.write("release\n")
         holder.stdin.flush()
         assert ours.wait(30)
