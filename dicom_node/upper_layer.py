@@ -6,7 +6,7 @@ socket and its send queue and sleeps 1 ms when neither has anything; the associa
 checks for a decoded DIMSE message, a release or abort, and the timers. That is ~2,000 wake-ups a second per
 association, each taking the interpreter lock: eight idle associations kept 60% of a core busy. Here:
 
-- the DUL thread blocks in ``select`` on its socket and a wake-up pipe (``DulWakeup``), written when a primitive
+- the DUL thread blocks in ``poll`` on its socket and a wake-up pipe (``DulWakeup``), written when a primitive
   is queued to be sent and when the thread is told to stop (``BoundedSocket.ready`` does the waiting);
 - the association thread waits on an ``Event`` set when a DIMSE message is complete, when the DUL queues a
   release or abort for it, and when the DUL thread ends (``NodeDIMSE.get_msg``).
@@ -52,7 +52,7 @@ ITEM_LENGTH = struct.Struct(">L")
 
 
 class DulWakeup:
-    """A pipe whose read end a DUL thread selects on; ``wake`` from any thread ends that wait. Closed once, by
+    """A pipe whose read end a DUL thread polls; ``wake`` from any thread ends that wait. Closed once, by
     the DUL thread as it ends: a later ``wake`` does nothing (its descriptor is never written after reuse)."""
 
     def __init__(self) -> None:
@@ -164,7 +164,7 @@ class NodeDUL(DULServiceProvider):
         timer = self.artim_timer
         if timer._start_time is None or timer._end_time is not None:  # never started, or stopped
             return MAX_WAIT_SECONDS
-        return max(0.0, min(MAX_WAIT_SECONDS, self.artim_timer.remaining))
+        return max(0.0, min(MAX_WAIT_SECONDS, timer.remaining))
 
     def _read_pdu_data(self) -> None:
         if not self.reads_in_place or self.state_machine.current_state != "Sta6" or not self.event_queue.empty():

@@ -94,9 +94,10 @@ class ZeroShotClassifier:
 
     def classify(self, image_embeddings: Tensor) -> dict[str, TaskScores]:
         """Image embeddings (N, D) -> per-task class probabilities."""
+        images = image_embeddings.float().cpu()  # once, not per task (``logits`` then has nothing to convert)
         results = {}
         for task in self.tasks:
-            logits = self.logits(task.name, image_embeddings)
+            logits = self.logits(task.name, images)
             calibration = self.calibration.get(task.name)
             if calibration is not None:
                 logits = calibration.scale * logits + torch.tensor(calibration.bias, dtype=logits.dtype)

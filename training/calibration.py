@@ -60,9 +60,10 @@ def fit_calibration(classifier: ZeroShotClassifier, image_embeddings: Tensor,
         indices = [class_index(task.labels, item.get(key)) if key else None for item in labels]
         kept = [position for position, index in enumerate(indices) if index is not None]
         targets = torch.tensor([indices[position] for position in kept], dtype=torch.long)
-        if len(set(targets.tolist())) < 2:
+        classes = len(set(targets.tolist()))
+        if classes < 2:
             log.info("zero-shot %s not calibrated: its labels hold %d class(es) over %d image(s)", task.name,
-                     len(set(targets.tolist())), len(kept))
+                     classes, len(kept))
             continue
         with torch.no_grad():
             logits = classifier.logits(task.name, image_embeddings[kept])

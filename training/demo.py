@@ -91,8 +91,7 @@ def calibration_split(held_out: list[Sample], seed: int) -> tuple[list[Sample], 
     calibration) when there is a single held-out patient."""
     if len({s.patient_id for s in held_out}) < 2:
         return [], held_out
-    fitting, evaluation = split_by_patient(held_out, 0.5, seed + 1)
-    return fitting, evaluation
+    return split_by_patient(held_out, 0.5, seed + 1)
 
 
 def images_tensor(samples: list[Sample], config: ClipConfig) -> Tensor:
@@ -157,9 +156,12 @@ def train_demo_model(folder: Path, recipe: DemoRecipe = DemoRecipe(), progress: 
                 bar.update()
     model.eval()
     fitting, evaluation = calibration_split(held_out, recipe.seed)
-    calibration = fit_calibration(ZeroShotClassifier(model), embed_batched(model, images_tensor(fitting, config)),
+    uncalibrated = ZeroShotClassifier(model, calibration={})
+    calibration = fit_calibration(uncalibrated, embed_batched(model, images_tensor(fitting, config)),
                                   [s.labels for s in fitting]) if fitting else {}
-    evaluation_images, evaluation_labels = images_tensor(evaluation, config), [s.labels for s in evaluation]
+    calibrated = ZeroShotClassifier(model, calibration=calibration)
+    evaluation_embeddings = embed_batched(model, images_tensor(evaluation, config))
+    evaluation_labels = [s.labels for s in evaluation]
     card = {
         "name": "mammo-clip-demo", "version": f"synthetic-{recipe.seed}",
         "intended_use": NOT_CLINICAL, "clinical_use": False,
@@ -167,8 +169,10 @@ def train_demo_model(folder: Path, recipe: DemoRecipe = DemoRecipe(), progress: 
                          f"{len(train)} training images, {len(fitting)} held-out images to fit the zero-shot "
                          f"calibration, {len(evaluation)} held-out images to evaluate",
         "recipe": asdict(recipe), CALIBRATION_KEY: {task: fitted.to_card() for task, fitted in calibration.items()},
-        "metrics_held_out_zero_shot": zero_shot_metrics(model, evaluation_images, evaluation_labels, calibration),
-        "metrics_held_out_zero_shot_uncalibrated": zero_shot_metrics(model, evaluation_images, evaluation_labels, {}),
+        "metrics_held_out_zero_shot": zero_shot_metrics(calibrated.classify(evaluation_embeddings),
+                                                        evaluation_labels),
+        "metrics_held_out_zero_shot_uncalibrated": zero_shot_metrics(uncalibrated.classify(evaluation_embeddings),
+                                                                     evaluation_labels),
         "final_loss": history[-1]["loss"],
     }
     version = save_model_version(model, folder / "model", card=card)

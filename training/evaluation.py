@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from models import MammoClip
-from models.zero_shot import LogitCalibration, ZeroShotClassifier
+from models.zero_shot import TaskScores
 from training.evaluate.metrics import calibration as calibration_error
 
 BINARY_TASKS = {"mass": "mass", "calcification": "calcification", "malignancy": "malignant"}
@@ -23,11 +23,9 @@ def embed_batched(model: MammoClip, images: Tensor, batch_size: int = 32) -> Ten
                           for i in range(0, len(images), batch_size)])
 
 
-def zero_shot_metrics(model: MammoClip, images: Tensor, labels: Sequence[dict[str, object]],
-                      calibration: Mapping[str, LogitCalibration] | None = None) -> dict[str, float]:
+def zero_shot_metrics(scores: Mapping[str, TaskScores], labels: Sequence[dict[str, object]]) -> dict[str, float]:
     """Per-image zero-shot AUC for the binary findings, the malignancy probability's expected calibration error
-    and accuracy for density; ``calibration`` as ``ZeroShotClassifier`` takes it (default: the model card's)."""
-    scores = ZeroShotClassifier(model, calibration=calibration).classify(embed_batched(model, images))
+    and accuracy for density, from a ``ZeroShotClassifier``'s scores of the labelled images."""
     metrics: dict[str, float] = {}
     for task, label_name in BINARY_TASKS.items():
         truth = np.array([int(item[label_name]) for item in labels])
