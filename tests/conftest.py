@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,15 @@ def tiny_model(image_encoder: str = "efficientnet-test", height: int = 64, width
 @pytest.fixture
 def model() -> MammoClip:
     return tiny_model()
+
+
+def wait_for(condition: Callable[[], object], what: str = "condition", timeout: float = 60.0) -> object:
+    """The first truthy value of ``condition()``, polled every 50 ms; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.05)
+    return value
 
 
 @pytest.fixture(scope="session")

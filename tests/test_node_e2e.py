@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pydicom
@@ -18,6 +19,7 @@ from dicom_node.node import Node
 from dicom_node.settings import Destination, Settings
 from models import save_model_version
 from tests.conftest import IN_CI, free_port, require_tool, tiny_model
+from tests.conftest import wait_for as wait_until
 from tests.peers import StoreSCP
 from training.synthetic import write_studies
 from worklist.db import make_engine, upgrade
@@ -80,14 +82,7 @@ def storescu(settings: Settings, files: list[Path]) -> None:
     assert sent.returncode == 0, sent.stderr
 
 
-def wait_for(condition, timeout: float = 180.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+wait_for = partial(wait_until, timeout=180.0)  # an analysis may wait for the worker's start-up
 
 
 def delivered(node: Node, study_uid: str) -> tuple[Job, list[Export]] | None:

@@ -10,8 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.node import Node
 from dicom_node.scp_pool import ScpPool, require_free_port
 from dicom_node.settings import Settings
-from tests.conftest import free_port, require_tool
+from tests.conftest import free_port, require_tool, wait_for
 from tests.test_scp import _certificates
 from training.synthetic import write_studies
 from worklist.db import make_engine, upgrade
@@ -111,13 +110,6 @@ def count(sessions: sessionmaker[Session]) -> int:
 
 def scp_total(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(f"mammo_scp_{name}_total", labels) or 0.0
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def gone(pid: int) -> bool:

@@ -31,7 +31,7 @@ from dicom_node.upper_layer import (
     split_values,
     watches_received_pdus,
 )
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from training.synthetic import write_studies
 from worklist.db import make_engine, session_factory
 
@@ -63,13 +63,6 @@ def _counting(calls: list[int], method: Callable[..., Any]) -> Callable[..., Any
         calls[0] += 1
         return method(*args, **kwargs)
     return counted
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return condition()
 
 
 def _pdu_bodies(message: DIMSEMessage, context_id: int, max_pdu: int) -> list[bytes]:
@@ -118,7 +111,7 @@ def test_a_c_store_read_in_place_decodes_to_the_bytes_pynetdicom_sent(tmp_path: 
 def test_an_idle_association_waits_and_still_answers_at_once(server: Any) -> None:
     assoc = _associate(server)
     try:
-        assert _wait_until(lambda: len(server.active_associations) == 1)
+        wait_for(lambda: len(server.active_associations) == 1, "the association to be served")
         (served,) = server.active_associations
         assert isinstance(served.dul, NodeDUL)
         reactor_loops, dul_loops = [0], [0]
@@ -131,14 +124,14 @@ def test_an_idle_association_waits_and_still_answers_at_once(server: Any) -> Non
     finally:
         assoc.release()
     assert assoc.is_released
-    assert _wait_until(lambda: not server.active_associations)
+    wait_for(lambda: not server.active_associations, "the association to end")
 
 
 def test_impossible_item_lengths_abort_the_association_and_the_node_keeps_serving(server: Any) -> None:
     assoc = _associate(server)
     body = struct.pack(">LBB", 100, 1, 3) + b"ab"  # a P-DATA-TF PDU of 8 bytes whose one item claims 100
     assoc.dul.socket.socket.sendall(b"\x04\x00" + struct.pack(">L", len(body)) + body)
-    assert _wait_until(lambda: not assoc.is_established)
+    wait_for(lambda: not assoc.is_established, "the abort")
     assert assoc.is_aborted
     second = _associate(server)
     try:
