@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 import errno
 import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import storage
 from dicom_node.storage import InstanceStore, UIDConflictError
+from tests.conftest import wait_for
 from worklist.models import Instance, Series, Study
 
 
@@ -120,11 +124,75 @@ def test_a_clash_leaves_the_stored_file_and_row_as_they_were(
     store = InstanceStore(tmp_path / "incoming", sessions)
     dataset, encoded = source
     first = _store(store, dataset, encoded)
+    with pytest.raises(UIDConflictError):
+        _store(store, *_as_other_patient(dataset))
+    assert first.path.read_bytes() == encoded[0] and _rows(sessions) == (1, 1, 1)
+    assert [path for path in store.root.rglob("*") if path.is_file()] == [first.path]
+
+
+def _as_other_patient(dataset: pydicom.Dataset) -> tuple[pydicom.Dataset, list[bytes]]:
     other = copy.deepcopy(dataset)
     other.PatientID = "OTHER-PATIENT"
     buffer = BytesIO()
     other.save_as(buffer, enforce_file_format=True)
-    with pytest.raises(UIDConflictError):
-        _store(store, other, [buffer.getvalue()])
-    assert first.path.read_bytes() == encoded[0] and _rows(sessions) == (1, 1, 1)
-    assert [path for path in store.root.rglob("*") if path.is_file()] == [first.path]
+    return other, [buffer.getvalue()]
+
+
+@pytest.mark.parametrize("failure", ["clash", "disk error"])
+def test_concurrent_stores_share_one_transaction_and_a_refused_one_takes_back_only_its_own_rows(
+        tmp_path: Path, sessions: sessionmaker, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch,
+        failure: str) -> None:
+    """Three C-STOREs queue while the writers' turn is held; they are written in one batch. The middle one clashes
+    with a stored study (another patient), or its rename fails after its rows were written: it is refused, the
+    other two are stored with their rows."""
+    store = InstanceStore(tmp_path / "incoming", sessions)
+    study = sorted(next(synthetic_root.glob("*/L_CC.dcm")).parent.glob("*.dcm"))
+    sources = [(pydicom.dcmread(path), [path.read_bytes()]) for path in study]
+    first = _store(store, *sources[0])  # its study is now filed under its patient
+    held = threading.Event()
+    batches: list[int] = []
+
+    @contextmanager
+    def held_turn() -> Iterator[None]:
+        assert held.wait(30)
+        yield
+
+    write_batch = store.batches.write_batch
+    monkeypatch.setattr(store.batches, "turn", held_turn)
+    monkeypatch.setattr(store.batches, "write_batch", lambda works: batches.append(len(works)) or write_batch(works))
+    if failure == "clash":
+        queued = [sources[1], _as_other_patient(sources[2][0]), sources[3]]
+    else:
+        queued = sources[1:]
+        failing = str(queued[1][0].SOPInstanceUID) + ".dcm"
+        place = storage.place
+
+        def fail_one(staged: Path, path: Path) -> None:
+            if path.name == failing:
+                raise OSError(errno.EIO, "I/O error")
+            place(staged, path)
+
+        monkeypatch.setattr(storage, "place", fail_one)
+    outcomes: dict[int, object] = {}
+
+    def send(index: int) -> None:
+        try:
+            outcomes[index] = _store(store, *queued[index])
+        except Exception as error:
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=send, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: store.batches.queued == 3, "three stores queued")
+    held.set()
+    for thread in threads:
+        thread.join(60)
+    assert batches == [3]
+    assert isinstance(outcomes[1], UIDConflictError if failure == "clash" else OSError)
+    stored = [outcomes[0], outcomes[2]]
+    assert all(isinstance(item, storage.StoredInstance) and not item.duplicate for item in stored)
+    assert [item.path.read_bytes() for item in stored] == [queued[0][1][0], queued[2][1][0]]
+    assert _rows(sessions) == (1, 3, 3)  # a series per view
+    files = {path for path in store.root.rglob("*") if path.is_file()}
+    assert files == {first.path, *(item.path for item in stored)}

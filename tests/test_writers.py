@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine
 
-from worklist.writers import WriterQueue
+from tests.conftest import wait_for
+from worklist.writers import GroupCommit, WriterQueue
 
 HOLD_UNTIL_TOLD = """
 import sys
 from pathlib import Path
-from worklist.writers import WriterQueue
+from tests.conftest import wait_for
+from worklist.writers import GroupCommit, WriterQueue
 with WriterQueue(Path(sys.argv[1])).turn():
     print("holding", flush=True)
     sys.stdin.readline()
@@ -75,3 +80,84 @@ def test_a_process_waits_while_another_process_holds_the_turn(tmp_path: Path) ->
     finally:
         holder.kill()
         holder.wait()
+
+
+def _submit_all(commit: GroupCommit, works: list[object]) -> dict[object, object]:
+    """Submit each work from a thread of its own; its outcome, or the exception it raised, by work."""
+    outcomes: dict[object, object] = {}
+
+    def submit(work: object) -> None:
+        try:
+            outcomes[work] = commit.submit(work)
+        except Exception as error:
+            outcomes[work] = error
+
+    threads = [threading.Thread(target=submit, args=(work,)) for work in works]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return outcomes
+
+
+def _gate() -> tuple[threading.Event, object]:
+    """A turn that is had once the event is set."""
+    opened = threading.Event()
+
+    @contextmanager
+    def turn() -> Iterator[None]:
+        assert opened.wait(30)
+        yield
+
+    return opened, turn
+
+
+def test_works_queued_while_the_turn_is_awaited_are_written_in_one_batch_each_with_its_own_outcome() -> None:
+    batches: list[list[int]] = []
+
+    def write_batch(works: list[int]) -> list[object]:
+        batches.append(works)
+        return [ValueError(f"odd {work}") if work % 2 else work * 10 for work in works]
+
+    opened, turn = _gate()
+    commit = GroupCommit(write_batch, turn)
+    outcomes: dict[object, object] = {}
+    waiting = threading.Thread(target=lambda: outcomes.update(_submit_all(commit, list(range(6)))))
+    waiting.start()
+    wait_for(lambda: commit.queued == 6, "six works queued")
+    opened.set()
+    waiting.join(30)
+    assert len(batches) == 1 and sorted(batches[0]) == list(range(6))
+    assert {work: outcomes[work] for work in (0, 2, 4)} == {0: 0, 2: 20, 4: 40}
+    assert all(isinstance(outcomes[work], ValueError) and str(outcomes[work]) == f"odd {work}" for work in (1, 3, 5))
+    assert commit.submit(8) == 80 and batches[-1] == [8]  # a lone work is written at once
+
+
+def test_a_batch_that_raises_fails_every_work_in_it_and_the_next_batch_is_written() -> None:
+    def write_batch(works: list[int]) -> list[int]:
+        if 13 in works:
+            raise OSError(errno.EIO, "the disk failed")
+        return works
+
+    outcomes = _submit_all(GroupCommit(write_batch), [13])
+    assert isinstance(outcomes[13], OSError)
+    commit = GroupCommit(write_batch)
+    assert commit.submit(1) == 1
+
+
+def test_a_turn_not_had_fails_the_batch_and_work_not_taken_in_time_is_withdrawn(tmp_path: Path) -> None:
+    lock_file = tmp_path / "db.writers"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_TOLD, str(lock_file)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    written: list[list[int]] = []
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        commit = GroupCommit(lambda works: written.append(works) or works,
+                             WriterQueue(lock_file, timeout=0.5).turn, timeout=0.2)
+        outcomes = _submit_all(commit, [1, 2, 3])
+        assert all(isinstance(outcome, TimeoutError) for outcome in outcomes.values()) and written == []
+        assert commit.queued == 0  # nothing is left queued for a later batch to write
+    finally:
+        holder.kill()
+        holder.wait()
+    assert commit.submit(4) == 4 and written == [[4]]
