@@ -26,10 +26,12 @@ import zlib
 from io import BytesIO
 
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, generate_frames
 from pydicom.filereader import read_dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
@@ -92,6 +94,7 @@ class _Walker:
         self.tag, self.u16, self.u32 = struct.Struct(f"{order}HH"), struct.Struct(f"{order}H"), struct.Struct(
             f"{order}I")
         self.elements = 0
+        self.native_pixel_data: tuple[str | None, int, int] | None = None  # top level: (VR, value offset, length)
 
     def header(self, pos: int, end: int, implicit: bool) -> tuple[int, str | None, int, int]:
         """(tag, VR or None, length, offset of the value) of the element at ``pos``."""
@@ -139,6 +142,8 @@ class _Walker:
                                              f"{end - value_at} follow (lying length or truncated transfer)")
             if vr == "SQ":
                 self.items(value_at, value_at + length, depth + 1, implicit, delimited=False)
+            elif tag == PIXEL_DATA and depth == 0 and (implicit or vr in ("OB", "OW")):
+                self.native_pixel_data = None if implicit else vr, value_at, length
             pos = value_at + length
         if delimited:
             raise MalformedInstanceError("an item of undefined length has no item delimiter (truncated?)")
@@ -202,20 +207,38 @@ def inflate(data: bytes, limit: int = MAX_INFLATED_BYTES) -> bytes:
         raise MalformedInstanceError(f"the deflated dataset does not inflate: {error}") from None
 
 
-def _walk(data: bytes, syntax: UID) -> None:
+def _walk(data: bytes, syntax: UID) -> _Walker:
+    walker = _Walker(data, syntax.is_little_endian)
     try:
-        _Walker(data, syntax.is_little_endian).dataset(0, len(data), 0, syntax.is_implicit_VR)
+        walker.dataset(0, len(data), 0, syntax.is_implicit_VR)
     except MalformedInstanceError as error:
         raise MalformedInstanceError(f"the dataset does not decode: {error}") from None
+    return walker
+
+
+def _stops_at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+    return tag == PIXEL_DATA
 
 
 def decode_received(stream: bytes, transfer_syntax_uid: str) -> Dataset:
     """The dataset of a C-STORE request (``event.encoded_dataset(include_meta=False)``), structure-checked and
-    inflated with a limit before pydicom builds a single element."""
+    inflated with a limit before pydicom builds a single element. Native pixel data is not copied: its element
+    holds a ``memoryview`` of ``stream`` (a copy of a 7 MB image cost ~1.5 ms per instance)."""
     syntax = UID(transfer_syntax_uid)
     data = inflate(stream) if syntax.is_deflated else stream
-    _walk(data, syntax)
-    return read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
+    pixel_data = _walk(data, syntax).native_pixel_data
+    if pixel_data is None:
+        return read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
+    dataset = read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian,
+                           stop_when=_stops_at_pixel_data)
+    vr, value_at, length = pixel_data
+    dataset[PIXEL_DATA] = RawDataElement(Tag(PIXEL_DATA), vr, length, memoryview(data)[value_at:value_at + length],
+                                         value_at, syntax.is_implicit_VR, syntax.is_little_endian, True)
+    if value_at + length < len(data):  # elements after the pixel data (trailing padding, private tags)
+        rest = read_dataset(BytesIO(data[value_at + length:]), syntax.is_implicit_VR, syntax.is_little_endian)
+        for element in rest.elements():
+            dataset[element.tag] = element
+    return dataset
 
 
 def _decode_all(dataset: Dataset, depth: int = 0) -> None:

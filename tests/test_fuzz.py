@@ -18,6 +18,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,16 @@ import pytest
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.filereader import read_dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
 from pynetdicom import AE
 from sqlalchemy import func, select
 
@@ -325,6 +334,28 @@ def test_decode_received_checks_the_structure_before_pydicom_builds_it(seeds: li
     for case in cases:
         with pytest.raises(MalformedInstanceError):
             decode_received(case.body, case.transfer_syntax)
+
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+                                    DeflatedExplicitVRLittleEndian])
+def test_decode_received_reads_native_pixel_data_in_place_and_keeps_what_follows_it(
+        seeds: list[Dataset], syntax: str) -> None:
+    ds = copy.deepcopy(seeds[0])
+    ds.add_new(0x7FE10010, "LO", "AFTER PIXELS")  # a private creator after the pixel data
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 6)  # Data Set Trailing Padding
+    body = encode(ds, syntax)
+    decoded = decode_received(body, syntax)
+    whole = read_dataset(BytesIO(zlib.decompress(body, -zlib.MAX_WBITS) if syntax == DeflatedExplicitVRLittleEndian
+                                 else body), syntax == ImplicitVRLittleEndian, syntax != ExplicitVRBigEndian)
+    assert isinstance(decoded.PixelData, memoryview)  # not copied out of the received bytes
+    assert [element.tag for element in decoded] == [element.tag for element in whole]
+    for element in whole:
+        if element.tag == 0x7FE00010:
+            assert bytes(decoded.PixelData) == element.value
+        else:
+            assert decoded[element.tag] == element
+    check_instance(decoded, syntax)
 
 
 def test_valid_objects_pass_the_stricter_checks(seeds: list[Dataset], tmp_path: Path) -> None:
