@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 
 from pynetdicom.events import Event
 from sqlalchemy.orm import Session, sessionmaker
 
-from worklist.completeness import Readiness, promote_studies
+from worklist.completeness import Readiness, Turn, promote_studies
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,11 @@ class ReleaseTracker:
     """Study UIDs per live association; ``released`` promotes them, ``closed`` forgets them."""
 
     def __init__(self, sessions: sessionmaker[Session], inactivity_timeout: float,
-                 on_ready: Callable[[], None] | None = None) -> None:
-        """``on_ready`` is called after a release made a job READY (the node wakes its scheduler with it)."""
+                 on_ready: Callable[[], None] | None = None, turn: Turn = nullcontext) -> None:
+        """``on_ready`` is called after a release made a job READY (the node wakes its scheduler with it); each
+        promotion is written in a ``turn`` of the database's writers."""
         self.sessions = sessions
+        self.turn = turn
         self.readiness = Readiness.from_seconds(0.0, inactivity_timeout)
         self.on_ready = on_ready
         self._studies: dict[int, set[str]] = {}
@@ -46,7 +49,7 @@ class ReleaseTracker:
         if not study_uids:
             return
         try:
-            jobs = promote_studies(self.sessions, sorted(study_uids), self.readiness)
+            jobs = promote_studies(self.sessions, sorted(study_uids), self.readiness, turn=self.turn)
         except Exception as error:  # the scheduler promotes them after the settle time anyway
             log.warning("could not promote the studies of a released association: %s", type(error).__name__)
             return

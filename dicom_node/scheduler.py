@@ -21,6 +21,7 @@ from worklist.drift import DriftWatch
 from worklist.exports import jobs_with_due_exports
 from worklist.models import Job, JobState
 from worklist.state import jobs_to_resend, queue_job, release_jobs_of, stale_running_jobs
+from worklist.writers import WriterQueue
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Scheduler:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], send_analysis: Sender,
                  send_export: Sender) -> None:
         self.sessions = sessions
+        self.writers = WriterQueue.for_engine(sessions.kw["bind"])  # promotions queue with the SCP's writers
         self.readiness = Readiness.from_seconds(settings.study_settle_seconds, settings.study_inactivity_timeout)
         self.stale = timedelta(seconds=settings.job_stale_seconds)
         self.send_analysis = send_analysis
@@ -73,7 +75,7 @@ class Scheduler:
 
     def tick(self) -> None:
         """One round: new READY studies, READY jobs, stale RUNNING jobs, due exports, and (when due) score drift."""
-        promote_ready_studies(self.sessions, self.readiness)
+        promote_ready_studies(self.sessions, self.readiness, turn=self.writers.turn)
         with self.sessions() as session:
             ready = session.scalars(select(Job.id).where(Job.state == JobState.READY).order_by(Job.id)).all()
         for job_id in ready:

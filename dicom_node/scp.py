@@ -227,7 +227,7 @@ def scp_handlers(settings: Settings, store: InstanceStore, on_ready: Callable[[]
     """The event handlers of the SCP: C-STORE into ``store``, C-FIND over its database, association counts, and
     the promotion of complete studies when their sender releases the association (then ``on_ready()``)."""
     space = FreeSpaceGuard(store.root, settings.min_free_disk_mb)
-    senders = ReleaseTracker(store.sessions, settings.study_inactivity_timeout, on_ready)
+    senders = ReleaseTracker(store.sessions, settings.study_inactivity_timeout, on_ready, store.writers.turn)
     return [(evt.EVT_C_STORE, handle_store, [store, space, senders]), (evt.EVT_ACCEPTED, _count_accepted),
             (evt.EVT_REJECTED, _log_rejected), (evt.EVT_C_FIND, handle_find, [store.sessions, settings.ae_title]),
             (evt.EVT_RELEASED, senders.released), (evt.EVT_CONN_CLOSE, senders.closed)]

@@ -20,6 +20,7 @@ from worklist.state import (
     release_jobs_of,
     stale_running_jobs,
 )
+from worklist.writers import WriterQueue
 
 READINESS = Readiness.from_seconds(settle=1, timeout=60)
 
@@ -63,6 +64,22 @@ def test_a_study_missing_a_view_is_ready_after_the_inactivity_timeout(sessions):
     partial = add_study(sessions, "1.2.3.5", ["LCC", "RCC", "LMLO"], age=61)
     assert len(promote_ready_studies(sessions, READINESS)) == 1
     assert jobs_of(sessions, partial)[0].state == JobState.READY
+
+
+def test_a_promotion_is_written_in_the_writers_turn(sessions, tmp_path):
+    """The Storage SCP's writers queue for their turn (``worklist.writers``); a promotion queues with them rather
+    than take SQLite's lock from under them."""
+    study = add_study(sessions, "1.2.3.7", ["LCC", "RCC", "LMLO", "RMLO"], age=5)
+    writers = WriterQueue(tmp_path / "worklist.sqlite.writers")
+    created: list[int] = []
+    promoting = threading.Thread(target=lambda: created.extend(
+        promote_ready_studies(sessions, READINESS, turn=writers.turn)))
+    with writers.turn():
+        promoting.start()
+        promoting.join(0.5)
+        assert promoting.is_alive() and jobs_of(sessions, study) == []  # waiting for the turn held here
+    promoting.join(30)
+    assert [job.id for job in jobs_of(sessions, study)] == created and len(created) == 1
 
 
 def test_concurrent_promotion_creates_one_job(sessions):

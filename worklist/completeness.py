@@ -7,6 +7,8 @@ so two schedulers can never create two jobs for the same arrival.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -16,6 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from worklist.models import Instance, Job, JobState, Study, StudyState, utcnow
 
 log = logging.getLogger(__name__)
+
+Turn = Callable[[], AbstractContextManager[object]]  # a writers' turn (``worklist.writers.WriterQueue.turn``)
 
 SCREENING_VIEW_NAMES = ("LCC", "RCC", "LMLO", "RMLO")
 
@@ -49,35 +53,37 @@ class Readiness:
 
 
 def promote_ready_studies(sessions: sessionmaker[Session], readiness: Readiness,
-                          now: datetime | None = None) -> list[int]:
+                          now: datetime | None = None, turn: Turn = nullcontext) -> list[int]:
     """Mark RECEIVING studies READY and create their jobs; returns the new job ids.
 
     Only studies with at least one analysable (MG) instance are considered: a study of other modalities is
-    stored and never analysed.
+    stored and never analysed. Each study's transaction is written in a ``turn`` of the database's writers (on
+    SQLite, so that the Storage SCP's writers never sleep on SQLite's busy handler behind it).
     """
     now = now or utcnow()
     with sessions() as session:
         candidates = session.scalars(select(Study.id).where(
             Study.state == StudyState.RECEIVING, Study.last_received_at <= now - readiness.settle,
             exists().where(Instance.study_id == Study.id, Instance.analysable.is_(True)))).all()
-    return _promote_all(sessions, candidates, readiness, now)
+    return _promote_all(sessions, candidates, readiness, now, turn)
 
 
 def promote_studies(sessions: sessionmaker[Session], study_uids: list[str], readiness: Readiness,
-                    now: datetime | None = None) -> list[int]:
+                    now: datetime | None = None, turn: Turn = nullcontext) -> list[int]:
     """``promote_ready_studies`` for the named studies only (those still RECEIVING); returns the new job ids."""
     now = now or utcnow()
     with sessions() as session:
         candidates = session.scalars(select(Study.id).where(
             Study.study_instance_uid.in_(study_uids), Study.state == StudyState.RECEIVING)).all()
-    return _promote_all(sessions, candidates, readiness, now)
+    return _promote_all(sessions, candidates, readiness, now, turn)
 
 
 def _promote_all(sessions: sessionmaker[Session], candidates: list[int], readiness: Readiness,
-                 now: datetime) -> list[int]:
+                 now: datetime, turn: Turn) -> list[int]:
     created = []
     for study_id in candidates:
-        job_id = _promote(sessions, study_id, readiness, now)
+        with turn():
+            job_id = _promote(sessions, study_id, readiness, now)
         if job_id is not None:
             created.append(job_id)
     return created
