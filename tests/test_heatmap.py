@@ -13,7 +13,7 @@ import torch
 from models.crop import CropBox
 from models.heatmap import finding_maps, location_logits, task_directions
 from models.preprocess import normalize, prepare_dicom
-from models.zero_shot import ZeroShotClassifier
+from models.zero_shot import LogitCalibration, ZeroShotClassifier
 from tests.conftest import tiny_model
 
 
@@ -26,11 +26,36 @@ def test_location_logits_average_to_the_image_logit(synthetic_root: Path) -> Non
         feature_map = model.image_feature_map(normalize(image, model.config.preprocess())[None])[0]
         embedding = model.encode_images(normalize(image, model.config.preprocess())[None])[0]
         logits = location_logits(model, feature_map, direction)
-        expected = model.logit_scale.exp().clamp(max=100) * embedding @ direction
+        expected = model.logit_scale.exp().clamp(max=100) * embedding @ direction.vector
     assert logits.shape == feature_map.shape[1:]
     assert abs(float(logits.mean()) - float(expected)) < 1e-4
     maps = finding_maps(model, feature_map, {"malignancy": direction}, {"malignancy": 0.8})
     assert float(maps["malignancy"].min()) >= 0 and abs(float(maps["malignancy"].max()) - 0.8) < 1e-6
+
+
+def test_a_calibrated_task_maps_its_calibrated_logit(synthetic_root: Path) -> None:
+    """The map decomposes the logit the calibrated probability comes from: its locations average to the
+    calibrated logit difference, so a prior pushed far towards "present" shows evidence everywhere and one
+    pushed far towards "absent" shows none."""
+    model = tiny_model()
+    image, _ = prepare_dicom(next(synthetic_root.glob("*/L_CC.dcm")), model.config.preprocess())
+    with torch.inference_mode():
+        feature_map = model.image_feature_map(normalize(image, model.config.preprocess())[None])[0]
+        embedding = model.encode_images(normalize(image, model.config.preprocess())[None])
+        raw = location_logits(model, feature_map, task_directions(ZeroShotClassifier(model, ["malignancy"]))[
+            "malignancy"])
+        for offset, positive in ((-5.0, 0), (5.0, raw.numel())):
+            calibration = {"malignancy": LogitCalibration(0.5, (1.0, 1.0 + offset))}
+            classifier = ZeroShotClassifier(model, ["malignancy"], calibration)
+            direction = task_directions(classifier)["malignancy"]
+            assert (direction.scale, direction.offset) == (0.5, offset)
+            calibrated = location_logits(model, feature_map, direction)
+            assert torch.allclose(calibrated, 0.5 * raw + offset, atol=1e-5)
+            logit = classifier.logits("malignancy", embedding).mean(dim=0)[0]  # uncalibrated, template mean
+            assert abs(float(calibrated.mean()) - float(0.5 * (logit[1] - logit[0]) + offset)) < 1e-4
+            probability = float(classifier.classify(embedding)["malignancy"].score()[0])
+            maps = finding_maps(model, feature_map, {"malignancy": direction}, {"malignancy": probability})
+            assert int((maps["malignancy"] > 0).sum()) == positive  # the tiny model's logits are far below 5
 
 
 def test_crop_box_pastes_a_map_back_inside_the_breast(synthetic_root: Path) -> None:
