@@ -151,6 +151,22 @@ def test_a_handler_watching_received_pdus_keeps_pynetdicoms_decoding() -> None:
     assert watches_received_pdus(raw)
 
 
+def test_a_handler_bound_during_an_association_sees_its_next_p_data_pdus(server: Any, tmp_path: Path) -> None:
+    write_studies(tmp_path, 1, seed=6, rows=128, cols=96, progress=False)
+    first, second = (pydicom.dcmread(path) for path in sorted(tmp_path.glob("*/*.dcm"))[:2])
+    assoc = _associate(server, MG)
+    try:
+        assert assoc.send_c_store(first).Status == 0x0000  # read in place: nothing watches
+        seen: list[int] = []
+        server.bind(evt.EVT_PDU_RECV, lambda event: seen.append(event.pdu.pdu_type))
+        assert assoc.send_c_store(second).Status == 0x0000
+        assert seen.count(0x04) >= 2  # its P-DATA-TF PDUs (the dataset spans several of 64 KiB)
+    finally:
+        assoc.release()
+    assert {path.name for path in server.settings.incoming_dir.rglob("*.dcm")} == {
+        f"{first.SOPInstanceUID}.dcm", f"{second.SOPInstanceUID}.dcm"}
+
+
 def test_the_dul_waits_no_longer_than_a_running_artim_timer() -> None:
     assoc = Association(AE(), "acceptor")
     adopt(assoc)
