@@ -326,7 +326,6 @@ class InstanceStore:
         self.root = Path(root)
         self.sessions = sessions
         self.writers = WriterQueue.for_engine(sessions.kw["bind"])  # SQLite: one writer at a time, queued
-        # concurrent stores share a transaction and its commit (one turn): see worklist.writers.GroupCommit
         # concurrent stores share one transaction and its commit, in one turn (``worklist.writers.GroupCommit``)
         self.batches: GroupCommit[_Record, bool] = GroupCommit(self._write_batch, self.writers.turn)
 
@@ -367,22 +366,24 @@ class InstanceStore:
     def _write_batch(self, records: list[_Record]) -> list[bool | BaseException]:
         """Record the instances that concurrent C-STOREs queued, in the writers' turn, in one transaction: per
         instance, check its UIDs, write its rows (none for a resend of the same bytes) and rename its staged file
-        into place, in a savepoint (when there are several), so that a refused instance leaves the others' rows
-        alone. The outcome of each is True for a resend of a stored SOP Instance UID, False for a new one, or the
-        exception that refused it; if the commit fails, every instance fails with it."""
-        outcomes: list[bool | BaseException] = []
+        into place, in a savepoint (when there are several), so that an instance refused for its UIDs or its
+        file leaves the others' rows alone. The instances are written in UID order, so that two SCP processes'
+        batches lock PostgreSQL's study rows in the same order (no deadlock). The outcome of each is True for a
+        resend of a stored SOP Instance UID, False for a new one, or the exception that refused it. A database
+        error fails the whole batch (the transaction may be gone with it: every sender is asked to resend), as
+        does a failed commit."""
+        outcomes: dict[int, bool | BaseException] = {}
         try:
             with self.sessions.begin() as session:
                 _begin_writing(session)
                 if len(records) == 1:  # alone in its transaction: a failure rolls it back, no savepoint is needed
                     return [_record(session, records[0], savepoint=False)]
-                for record in records:
+                for index in sorted(range(len(records)), key=lambda index: records[index].uids):
                     try:
-                        outcomes.append(_record(session, record, savepoint=True))
-                    except Exception as error:  # this instance is refused, the batch goes on
-                        outcomes.append(error)
+                        outcomes[index] = _record(session, records[index], savepoint=True)
+                    except (InvalidUIDError, OSError) as error:  # this instance is refused, the batch goes on
+                        outcomes[index] = error
         except Exception as error:  # the transaction failed: nothing of the batch is committed
-            refused = [outcome if isinstance(outcome, BaseException) else error for outcome in outcomes]
-            return refused + [error] * (len(records) - len(outcomes))
-        return outcomes
-
+            return [outcomes[index] if isinstance(outcomes.get(index), InvalidUIDError) else error
+                    for index in range(len(records))]
+        return [outcomes[index] for index in range(len(records))]

@@ -95,6 +95,7 @@ class _Walker:
             f"{order}I")
         self.elements = 0
         self.native_pixel_data: tuple[str | None, int, int] | None = None  # top level: (VR, value offset, length)
+        self.top_level_pixel_data = 0  # how many (7FE0,0010) elements the top level holds, whatever their form
 
     def header(self, pos: int, end: int, implicit: bool) -> tuple[int, str | None, int, int]:
         """(tag, VR or None, length, offset of the value) of the element at ``pos``."""
@@ -121,6 +122,8 @@ class _Walker:
         """Check the elements from ``pos`` to ``end``; a ``delimited`` item stops after its item delimiter."""
         while pos < end:
             tag, vr, length, value_at = self.header(pos, end, implicit)
+            if tag == PIXEL_DATA and depth == 0:
+                self.top_level_pixel_data += 1
             if tag == ITEM_END and delimited:
                 return value_at
             if tag in (ITEM_END, SEQUENCE_END) and length == 0 and not delimited:
@@ -226,8 +229,9 @@ def decode_received(stream: bytes, transfer_syntax_uid: str) -> Dataset:
     holds a ``memoryview`` of ``stream`` (a copy of a 7 MB image cost ~1.5 ms per instance)."""
     syntax = UID(transfer_syntax_uid)
     data = inflate(stream) if syntax.is_deflated else stream
-    pixel_data = _walk(data, syntax).native_pixel_data
-    if pixel_data is None:
+    walker = _walk(data, syntax)
+    pixel_data = walker.native_pixel_data
+    if pixel_data is None or syntax.is_encapsulated or walker.top_level_pixel_data != 1:
         return read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
     dataset = read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian,
                            stop_when=_stops_at_pixel_data)
@@ -235,7 +239,8 @@ def decode_received(stream: bytes, transfer_syntax_uid: str) -> Dataset:
     dataset[PIXEL_DATA] = RawDataElement(Tag(PIXEL_DATA), vr, length, memoryview(data)[value_at:value_at + length],
                                          value_at, syntax.is_implicit_VR, syntax.is_little_endian, True)
     if value_at + length < len(data):  # elements after the pixel data (trailing padding, private tags)
-        rest = read_dataset(BytesIO(data[value_at + length:]), syntax.is_implicit_VR, syntax.is_little_endian)
+        rest = read_dataset(BytesIO(data[value_at + length:]), syntax.is_implicit_VR, syntax.is_little_endian,
+                            parent_encoding=dataset.original_character_set)  # for the items of its sequences
         for element in rest.elements():
             dataset[element.tag] = element
     return dataset

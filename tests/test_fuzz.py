@@ -342,7 +342,12 @@ def test_decode_received_checks_the_structure_before_pydicom_builds_it(seeds: li
 def test_decode_received_reads_native_pixel_data_in_place_and_keeps_what_follows_it(
         seeds: list[Dataset], syntax: str) -> None:
     ds = copy.deepcopy(seeds[0])
+    ds.SpecificCharacterSet = "ISO_IR 192"
     ds.add_new(0x7FE10010, "LO", "AFTER PIXELS")  # a private creator after the pixel data
+    signed = Dataset()
+    signed.PatientName = "Grün^Anna"  # decoded with the dataset's character set, not the default one
+    ds.add_new(0xFFFAFFFA, "SQ", Sequence([signed]))  # Digital Signatures Sequence, of undefined length
+    ds[0xFFFAFFFA].is_undefined_length = True
     ds.add_new(0xFFFCFFFC, "OB", b"\0" * 6)  # Data Set Trailing Padding
     body = encode(ds, syntax)
     decoded = decode_received(body, syntax)
@@ -355,7 +360,21 @@ def test_decode_received_reads_native_pixel_data_in_place_and_keeps_what_follows
             assert bytes(decoded.PixelData) == element.value
         else:
             assert decoded[element.tag] == element
+    assert decoded[0xFFFAFFFA].value[0].PatientName == "Grün^Anna"
     check_instance(decoded, syntax)
+
+
+def test_decode_received_reads_encapsulated_or_repeated_pixel_data_as_pydicom_does(seeds: list[Dataset]) -> None:
+    """Pixel data of defined length under a compressed syntax (not conformant: fragments belong in an undefined
+    length), and a second top-level pixel data element, are read by pydicom as a whole, not in place."""
+    ds = copy.deepcopy(seeds[0])
+    body = encode(ds)
+    header = body.index(b"\xe0\x7f\x10\x00")  # the pixel data element in explicit VR little endian
+    repeated = body + body[header:]  # a second (7FE0,0010) at the top level
+    decoded = decode_received(repeated, ExplicitVRLittleEndian)
+    assert isinstance(decoded.PixelData, bytes) and decoded.PixelData == ds.PixelData
+    defined = decode_received(body, JPEG2000Lossless)
+    assert isinstance(defined.PixelData, bytes)
 
 
 def test_valid_objects_pass_the_stricter_checks(seeds: list[Dataset], tmp_path: Path) -> None:

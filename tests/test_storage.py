@@ -15,6 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import storage
@@ -138,13 +139,14 @@ def _as_other_patient(dataset: pydicom.Dataset) -> tuple[pydicom.Dataset, list[b
     return other, [buffer.getvalue()]
 
 
-@pytest.mark.parametrize("failure", ["clash", "disk error"])
+@pytest.mark.parametrize("failure", ["clash", "disk error", "database error"])
 def test_concurrent_stores_share_one_transaction_and_a_refused_one_takes_back_only_its_own_rows(
         tmp_path: Path, sessions: sessionmaker, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch,
         failure: str) -> None:
     """Three C-STOREs queue while the writers' turn is held; they are written in one batch. The middle one clashes
     with a stored study (another patient), or its rename fails after its rows were written: it is refused, the
-    other two are stored with their rows."""
+    other two are stored with their rows. A database error, after which the transaction may be gone, fails all
+    three (each sender is asked to resend): none is answered Success for a row that was not committed."""
     store = InstanceStore(tmp_path / "incoming", sessions)
     study = sorted(next(synthetic_root.glob("*/L_CC.dcm")).parent.glob("*.dcm"))
     sources = [(pydicom.dcmread(path), [path.read_bytes()]) for path in study]
@@ -162,7 +164,7 @@ def test_concurrent_stores_share_one_transaction_and_a_refused_one_takes_back_on
     monkeypatch.setattr(store.batches, "write_batch", lambda works: batches.append(len(works)) or write_batch(works))
     if failure == "clash":
         queued = [sources[1], _as_other_patient(sources[2][0]), sources[3]]
-    else:
+    elif failure == "disk error":
         queued = sources[1:]
         failing = str(queued[1][0].SOPInstanceUID) + ".dcm"
         place = storage.place
@@ -173,6 +175,16 @@ def test_concurrent_stores_share_one_transaction_and_a_refused_one_takes_back_on
             place(staged, path)
 
         monkeypatch.setattr(storage, "place", fail_one)
+    else:
+        queued = sources[1:]
+        write_rows = storage._write_rows
+
+        def fail_rows(session: Session, dataset: pydicom.Dataset, *args: object) -> None:
+            if dataset.SOPInstanceUID == queued[1][0].SOPInstanceUID:
+                raise OperationalError("INSERT", {}, sqlite3.OperationalError("disk I/O error"))
+            write_rows(session, dataset, *args)
+
+        monkeypatch.setattr(storage, "_write_rows", fail_rows)
     outcomes: dict[int, object] = {}
 
     def send(index: int) -> None:
@@ -189,6 +201,10 @@ def test_concurrent_stores_share_one_transaction_and_a_refused_one_takes_back_on
     for thread in threads:
         thread.join(60)
     assert batches == [3]
+    if failure == "database error":
+        assert all(isinstance(outcome, OperationalError) for outcome in outcomes.values())
+        assert _rows(sessions) == (1, 1, 1)  # only the instance stored before
+        return
     assert isinstance(outcomes[1], UIDConflictError if failure == "clash" else OSError)
     stored = [outcomes[0], outcomes[2]]
     assert all(isinstance(item, storage.StoredInstance) and not item.duplicate for item in stored)

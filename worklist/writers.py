@@ -108,9 +108,9 @@ class GroupCommit(Generic[Work, Outcome]):
     gets its own outcome or exception.
 
     ``write_batch(works)`` returns one outcome per work, in order, where an exception instance stands for that
-    work's failure (the others are not failed by it); an exception it raises, or a turn not had, fails the whole
-    batch. Work not taken into a batch within ``timeout`` seconds is withdrawn with ``TimeoutError``; work being
-    written is waited for.
+    work's failure (the others are not failed by it); an exception it raises fails the whole batch, and a turn
+    not had fails the leader's own work. Work not taken into a batch within ``timeout`` seconds is withdrawn with
+    ``TimeoutError``; work being written is waited for.
     """
 
     def __init__(self, write_batch: Callable[[list[Work]], Sequence[Outcome | BaseException]],
@@ -144,12 +144,12 @@ class GroupCommit(Generic[Work, Outcome]):
             leads = not submitted.done  # no batch is being written: this thread writes the next one
             self._writing = self._writing or leads
         if leads:
-            self._lead()
+            self._lead(submitted)
         if submitted.error is not None:
             raise submitted.error
         return submitted.outcome  # type: ignore[return-value]
 
-    def _lead(self) -> None:
+    def _lead(self, own: _Submitted[Work, Outcome]) -> None:
         batch: list[_Submitted[Work, Outcome]] = []
         try:
             with self.turn():
@@ -158,7 +158,10 @@ class GroupCommit(Generic[Work, Outcome]):
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"write_batch returned {len(outcomes)} outcomes for {len(batch)} works")
         except BaseException as error:  # every waiting thread of the batch gets it
-            batch = batch or self._take()
+            if not batch:  # no turn: only this thread's work fails; the others elect a leader of their own
+                with self._changed:
+                    self._queued.remove(own)
+                batch = [own]
             outcomes = [error] * len(batch)
         with self._changed:
             for item, outcome in zip(batch, outcomes, strict=True):
