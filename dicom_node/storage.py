@@ -31,6 +31,7 @@ import os
 import re
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 # PS3.5 §9.1: components of digits without leading zeros (except "0"), dot-separated, at most 64 characters.
 UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 WRITE_SLICE = 64 << 10  # bytes per write() of a staged file (see stage_file)
+_HASHING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")  # an instance's hash beside its write
 
 
 class InvalidUIDError(NodeError, ValueError):
@@ -350,9 +352,13 @@ class InstanceStore:
             "laterality": str(dataset.get("ImageLaterality") or dataset.get("Laterality") or "")[:2] or None,
             "view": str(dataset.get("ViewPosition") or "")[:16] or None, "analysable": analysable,
             "path": str(path.relative_to(self.root)), "size_bytes": sum(map(len, encoded)),
-            "sha256": sha256_of(encoded), "calling_ae": calling_ae[:16],
+            "calling_ae": calling_ae[:16],
         }
-        staged = stage_file(path, encoded)
+        digest = _HASHING.submit(sha256_of, encoded)  # while the file is written and fsynced (both free the GIL)
+        try:
+            staged = stage_file(path, encoded)
+        finally:
+            fields["sha256"] = digest.result()
         try:
             existing = self.batches.submit(_Record(dataset, (study_uid, series_uid, sop_uid), patient_id, fields,
                                                     staged, path))
