@@ -1,7 +1,10 @@
-"""The analysis task's delivery guarantees that need no model: a job the database cannot claim is retried."""
+"""The analysis task's delivery guarantees that need no model: a job the database cannot claim is retried, and
+its overlay PNGs do not hold up the worker's next task."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 import worklist.state
 from dicom_node import tasks
 from dicom_node.settings import Settings
+from dicom_node.tasks import OverlayDrawer
 from worklist.db import make_engine, upgrade
 
 
@@ -30,3 +34,40 @@ def test_a_job_that_cannot_be_claimed_is_retried_not_dropped(tmp_path: Path, mon
     monkeypatch.setattr(worklist.state, "claim_job", database_down_once)
     result = tasks.analyze_study.apply(args=(42,))  # eager: the retry runs again at once
     assert calls == [42, 42] and result.successful()
+
+
+class _SlowOverlays:
+    """An analysis output whose overlays take until ``release`` is set (or fail)."""
+
+    def __init__(self, release: threading.Event, drawn: list[str], name: str, fail: bool = False) -> None:
+        self.release, self.drawn, self.name, self.fail = release, drawn, name, fail
+
+    def draw_overlays(self) -> list[Path]:
+        assert self.release.wait(30)
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        self.drawn.append(self.name)
+        return []
+
+
+def test_overlays_are_drawn_after_the_task_one_job_at_a_time(caplog: pytest.LogCaptureFixture) -> None:
+    """The task returns (the worker takes the job's export) while its overlays are drawn; the next job's
+    overlays wait for the previous ones; a failure is logged, not raised."""
+    drawer = OverlayDrawer()
+    first_done, second_done, drawn = threading.Event(), threading.Event(), []
+    first = drawer.draw(1, _SlowOverlays(first_done, drawn, "first", fail=True))
+    assert not first.done()  # handed over: draw() did not wait for the drawing
+    handing_over = threading.Thread(target=drawer.draw, args=(2, _SlowOverlays(second_done, drawn, "second")))
+    handing_over.start()
+    handing_over.join(0.3)
+    assert handing_over.is_alive()  # the second job waits for the first job's overlays
+    with caplog.at_level(logging.WARNING, logger="dicom_node.tasks"):
+        first_done.set()
+        handing_over.join(30)
+        first.result(30)
+    assert "job 1: overlay PNGs not drawn: OSError" in caplog.text
+    second_done.set()
+    third = threading.Event()
+    third.set()
+    drawer.draw(3, _SlowOverlays(third, drawn, "third")).result(30)  # handed over once the second's are drawn
+    assert drawn == ["second", "third"]
