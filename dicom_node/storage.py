@@ -4,14 +4,14 @@ The order is what makes "nothing lost" true: the file is written and fsynced und
 transaction its UIDs are checked and its rows written, the file is renamed into place, and the rows are committed;
 then its folder is fsynced, and only then does the Storage SCP answer Success. Instances that concurrent
 associations store at the same moment share that transaction (``worklist.writers.GroupCommit``: one turn, one
-commit), each in a savepoint of its own, so that one refused instance does not take back the others. The folder's
-fsync comes after the commit so that the next writer does not wait for it (under load it took 5 ms, a quarter of a
-writer's turn). A crash between the two can leave a committed row whose rename did not reach the disk (ext4 and XFS
-make it durable with SQLite's commit; a PostgreSQL commit does not): the sender had no Success and sends the
-instance again. A resend of the same SOP Instance UID rewrites the same path and updates the same row, so it is
-idempotent; a resend of the same bytes changes no row (an analysed study is not analysed again for it) but its file
-is still written again and its folder fsynced before Success, whatever a crash left there; a changed instance re-
-opens its study.
+commit), each in a savepoint of its own, so that an instance refused for its UIDs or its file does not take back the
+others (a database error fails them all: each sender resends). The folder's fsync comes after the commit so that the
+next writer does not wait for it (under load it took 5 ms, a quarter of a writer's turn). A crash between the two
+can leave a committed row whose rename did not reach the disk (ext4 and XFS make it durable with SQLite's commit; a
+PostgreSQL commit does not): the sender had no Success and sends the instance again. A resend of the same SOP
+Instance UID rewrites the same path and updates the same row, so it is idempotent; a resend of the same bytes
+changes no row (an analysed study is not analysed again for it) but its file is still written again and its folder
+fsynced before Success, whatever a crash left there; a changed instance re-opens its study.
 
 A SOP Instance UID is filed under one study, series and patient only. An instance whose UIDs clash with what is
 stored (its SOP Instance UID already in another study or series, its series in another study, or its study
