@@ -15,13 +15,11 @@ import torch
 from torch import Tensor
 
 from models.zero_shot import LogitCalibration, ZeroShotClassifier
+from training.label_text import LABEL_OF_TASK
 
 log = logging.getLogger(__name__)
 
 BIAS_PENALTY = 1e-2
-# Which label of a synthetic (or archive) image answers each prompt task, as a class index.
-LABEL_OF_TASK = {"mass": "mass", "calcification": "calcification", "malignancy": "malignant",
-                 "density": "density", "birads": "birads"}
 
 
 def class_index(task_labels: Sequence[str], value: object) -> int | None:

@@ -12,8 +12,9 @@ from torch import Tensor
 from models import MammoClip
 from models.zero_shot import TaskScores
 from training.evaluate.metrics import calibration as calibration_error
+from training.label_text import LABEL_OF_TASK
 
-BINARY_TASKS = {"mass": "mass", "calcification": "calcification", "malignancy": "malignant"}
+BINARY_TASKS = {task: LABEL_OF_TASK[task] for task in ("mass", "calcification", "malignancy")}
 
 
 def embed_batched(model: MammoClip, images: Tensor, batch_size: int = 32) -> Tensor:

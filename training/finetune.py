@@ -60,11 +60,12 @@ from training.evaluate import (
     subgroup_table,
     write_html_report,
 )
+from training.label_text import LABEL_OF_TASK
 from training.pretrain import RESEARCH_ONLY
 
 log = logging.getLogger(__name__)
 
-BINARY_TARGETS = {"malignancy": "malignant", "mass": "mass", "calcification": "calcification"}
+BINARY_TARGETS = {target: LABEL_OF_TASK[target] for target in ("malignancy", "mass", "calcification")}
 TARGETS = (*BINARY_TARGETS, "density", "birads")
 MODES = ("linear", "full", "adapter")
 LEVELS = ("image", "breast", "study")

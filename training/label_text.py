@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from models.prompts import PROMPT_TASKS
 
 SIDE_WORDS = {"L": "left", "R": "right"}
+# The breast label that answers each prompt task (``models.prompts``): mass, calcification, malignant (0/1),
+# density ("A".."D"), birads (0..5).
+LABEL_OF_TASK = {"mass": "mass", "calcification": "calcification", "malignancy": "malignant",
+                 "density": "density", "birads": "birads"}
 
 POSITIVE = {
     "mass": ("there is a mass in the {side} breast", "a mass is seen in the {side} breast", "{side} breast mass"),
@@ -29,7 +33,7 @@ NEGATIVE = {
 
 def label_key(labels: Mapping[str, object]) -> tuple[object, ...]:
     """Labels that decide the text's meaning: texts with equal keys are positives of each other."""
-    return tuple(labels[name] for name in ("mass", "calcification", "malignant", "density", "birads"))
+    return tuple(labels[name] for name in LABEL_OF_TASK.values())
 
 
 def breast_text(labels: Mapping[str, object], laterality: str, rng: random.Random) -> str:
