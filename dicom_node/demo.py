@@ -28,8 +28,9 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy import select
 
+from dicom_node.durable_files import atomic_write
 from dicom_node.settings import Destination, Settings
-from dicom_node.storage import atomic_write, validated_uid
+from dicom_node.storage import validated_uid
 from models.errors import NodeError
 from worklist.models import Export, ExportState, Job, JobState, Result, Study, StudyState
 

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -43,6 +41,7 @@ from sqlalchemy import Select, Table, bindparam, insert, literal_column, select,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.durable_files import fsync_folder, place, stage_file
 from dicom_node.validation import check_instance
 from models.errors import NodeError
 from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES
@@ -53,7 +52,6 @@ log = logging.getLogger(__name__)
 
 # PS3.5 §9.1: components of digits without leading zeros (except "0"), dot-separated, at most 64 characters.
 UID_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-WRITE_SLICE = 64 << 10  # bytes per write() of a staged file (see stage_file)
 _HASHING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")  # an instance's hash beside its write
 
 
@@ -79,59 +77,6 @@ def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> 
     parts = [validated_uid(study_uid, "StudyInstanceUID"), validated_uid(series_uid, "SeriesInstanceUID"),
              validated_uid(sop_uid, "SOPInstanceUID") + ".dcm"]
     return Path(root, "studies", *parts)
-
-
-def stage_file(path: Path, data: bytes | Sequence[bytes]) -> Path:
-    """Write ``data`` (bytes, or parts written one after the other) into a new fsynced file next to ``path``;
-    returns it for ``publish`` (the caller removes it if it is not published). Parts are written in slices of
-    ``WRITE_SLICE`` bytes: Linux (6.18, ext4) fills the page cache of a large write with large folios, and on this
-    VM a 7 MB image written at once cost 10-15 ms of system time (1 MiB slices: 1.7-15 ms, depending on what
-    memory was free), against a steady 2.0-2.7 ms in 64 KiB slices (16 KiB: 3 ms, 4 KiB: 6 ms)."""
-    parts = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    staged = path.parent / f".{uuid.uuid4().hex}.part"
-    try:
-        descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        with os.fdopen(descriptor, "wb") as handle:
-            for part in parts:
-                view = memoryview(part)
-                for start in range(0, len(view), WRITE_SLICE):
-                    handle.write(view[start:start + WRITE_SLICE])
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    return staged
-
-
-def publish(staged: Path, path: Path) -> None:
-    """Rename a staged file onto ``path`` and fsync the folder: ``path`` is then the complete new file."""
-    place(staged, path)
-    fsync_folder(path.parent)
-
-
-def place(staged: Path, path: Path) -> None:
-    """Rename a staged file onto ``path``: visible at once, durable once its folder is fsynced."""
-    staged.replace(path)
-
-
-def fsync_folder(folder_path: Path) -> None:
-    """Make the renames and new names in ``folder_path`` durable."""
-    folder = os.open(folder_path, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def atomic_write(path: Path, data: bytes | Sequence[bytes]) -> None:
-    """Write ``data`` so that ``path`` is either absent, the old file, or the complete new file."""
-    staged = stage_file(path, data)
-    try:
-        publish(staged, path)
-    finally:
-        staged.unlink(missing_ok=True)  # only left when the rename failed
 
 
 def sha256_of(parts: Sequence[bytes]) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 
-from dicom_node.storage import atomic_write, validated_uid
+from dicom_node.storage import validated_uid
 from models.errors import ConfigurationError
 from worklist.db import make_engine, require_current, upgrade
 
@@ -57,16 +57,6 @@ def test_an_unmigrated_database_is_refused_with_the_fix(tmp_path: Path) -> None:
     upgrade(engine)
     require_current(engine)
     engine.dispose()
-
-
-def test_atomic_write_never_leaves_a_partial_file(tmp_path: Path) -> None:
-    target = tmp_path / "a" / "1.2.3.dcm"
-    atomic_write(target, b"first")
-    with pytest.raises(TypeError):
-        atomic_write(target, "not bytes")  # type: ignore[arg-type]
-    assert target.read_bytes() == b"first"
-    assert [p.name for p in target.parent.iterdir()] == ["1.2.3.dcm"]
-    assert target.stat().st_mode & 0o007 == 0  # never world-readable
 
 
 @pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2.03", "1..2", "", "1.2.3 ", "١.٢", "1." + "2" * 70])

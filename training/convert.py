@@ -24,7 +24,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
-from dicom_node.storage import atomic_write
+from dicom_node.durable_files import atomic_write
 from models.preprocess import PreprocessConfig
 from training.archive.store import ArchiveImage
 from worklist.models import utcnow

@@ -10,7 +10,8 @@ from __future__ import annotations
 from io import BytesIO
 from pathlib import Path
 
-from dicom_node.storage import atomic_write, validated_uid
+from dicom_node.durable_files import atomic_write
+from dicom_node.storage import validated_uid
 
 THUMBNAIL_HEIGHT = 256
 

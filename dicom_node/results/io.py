@@ -8,7 +8,7 @@ from pathlib import Path
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
-from dicom_node.storage import atomic_write
+from dicom_node.durable_files import atomic_write
 
 
 def save_dataset(dataset: Dataset, path: Path) -> Path:

@@ -17,9 +17,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_node.durable_files import atomic_write
 from dicom_node.results.findings import DISCLAIMER
 from dicom_node.results.seg import seg_heatmap
-from dicom_node.storage import atomic_write
 from models.preprocess import presentation_pixels
 
 MAX_HEIGHT = 1024

@@ -1,0 +1,157 @@
+"""Files that are either absent, the old version, or the complete new one: staged under a temporary name,
+fsynced, renamed into place, their folder fsynced.
+
+A large file is written with direct I/O (``O_DIRECT``), through a pooled page-aligned buffer, in
+``DIRECT_CHUNK`` writes: the data goes from that buffer to the disk, without a copy into the page cache and
+without the kernel's later write-back of it. For a received 6.8 MB image this took the machine's CPU per file
+(process and kernel write-back together) from 4-10 ms to ~2 ms, and the process's system time from 3-20 ms
+(it swung with the state of the VM's memory) to a steady 0.4-0.9 ms. A file system that refuses direct I/O
+(``fcntl`` answers EINVAL) gets the page-cache path, in ``WRITE_SLICE`` writes. Either way the file is fsynced
+before it is returned: direct I/O skips the page cache, not the disk's volatile cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+WRITE_SLICE = 64 << 10  # bytes per write() through the page cache (see _write_paged)
+DIRECT_MIN = 1 << 20  # files from this size are written with direct I/O
+DIRECT_CHUNK = 4 << 20  # bytes per direct write, and the size of each pooled buffer
+DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of direct writes are multiples of this
+POOLED_BUFFERS = 8  # idle direct-write buffers kept for reuse (a fresh one costs page faults)
+
+
+class _AlignedBuffers:
+    """Page-aligned buffers of ``DIRECT_CHUNK`` bytes, lent to one writer at a time; at most ``POOLED_BUFFERS``
+    idle ones are kept."""
+
+    def __init__(self) -> None:
+        self._idle: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def lend(self) -> Iterator[memoryview]:
+        with self._lock:
+            buffer = self._idle.pop() if self._idle else None
+        buffer = buffer or mmap.mmap(-1, DIRECT_CHUNK)
+        view = memoryview(buffer)
+        try:
+            yield view
+        finally:
+            view.release()
+            with self._lock:
+                keep = len(self._idle) < POOLED_BUFFERS
+                if keep:
+                    self._idle.append(buffer)
+            if not keep:
+                buffer.close()
+
+
+_BUFFERS = _AlignedBuffers()
+
+
+def stage_file(path: Path, data: bytes | Sequence[bytes]) -> Path:
+    """Write ``data`` (bytes, or parts written one after the other) into a new fsynced file next to ``path``;
+    returns it for ``publish`` (the caller removes it if it is not published)."""
+    parts = [memoryview(part).cast("B") for part in
+             ((data,) if isinstance(data, bytes | bytearray | memoryview) else data)]
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    staged = path.parent / f".{uuid.uuid4().hex}.part"
+    try:
+        descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            size = sum(map(len, parts))
+            if size >= DIRECT_MIN and _direct_io(descriptor):
+                _write_direct(descriptor, parts, size)
+            else:
+                _write_paged(descriptor, parts)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return staged
+
+
+def _direct_io(descriptor: int) -> bool:
+    """Switch an open file to direct I/O; False where its file system does not allow it (tmpfs before Linux
+    6.6, some network and FUSE file systems)."""
+    try:
+        fcntl.fcntl(descriptor, fcntl.F_SETFL, fcntl.fcntl(descriptor, fcntl.F_GETFL) | os.O_DIRECT)
+    except OSError:
+        return False
+    return True
+
+
+def _write_paged(descriptor: int, parts: Sequence[memoryview]) -> None:
+    """Write through the page cache in ``WRITE_SLICE`` slices: Linux (6.18, ext4) fills the page cache of a
+    large write with large folios, and on these VMs a 7 MB image written at once cost 10-15 ms of system time,
+    against 2-3 ms in 64 KiB slices."""
+    for part in parts:
+        for start in range(0, len(part), WRITE_SLICE):
+            _write_all(descriptor, part[start:start + WRITE_SLICE])
+
+
+def _write_direct(descriptor: int, parts: Sequence[memoryview], size: int) -> None:
+    """Copy the parts into an aligned buffer and write it out each time it is full; the last chunk is padded
+    with zeros to ``DIRECT_ALIGN`` and the file then cut to ``size``."""
+    with _BUFFERS.lend() as buffer:
+        filled = 0
+        for part in parts:
+            taken = 0
+            while taken < len(part):
+                count = min(DIRECT_CHUNK - filled, len(part) - taken)
+                buffer[filled:filled + count] = part[taken:taken + count]
+                filled, taken = filled + count, taken + count
+                if filled == DIRECT_CHUNK:
+                    _write_all(descriptor, buffer)
+                    filled = 0
+        if filled:
+            padded = -(-filled // DIRECT_ALIGN) * DIRECT_ALIGN
+            buffer[filled:padded] = bytes(padded - filled)
+            _write_all(descriptor, buffer[:padded])
+    if size % DIRECT_ALIGN:
+        os.ftruncate(descriptor, size)
+
+
+def _write_all(descriptor: int, data: memoryview) -> None:
+    written = 0
+    while written < len(data):
+        written += os.write(descriptor, data[written:])
+
+
+def publish(staged: Path, path: Path) -> None:
+    """Rename a staged file onto ``path`` and fsync the folder: ``path`` is then the complete new file."""
+    place(staged, path)
+    fsync_folder(path.parent)
+
+
+def place(staged: Path, path: Path) -> None:
+    """Rename a staged file onto ``path``: visible at once, durable once its folder is fsynced."""
+    staged.replace(path)
+
+
+def fsync_folder(folder_path: Path) -> None:
+    """Make the renames and new names in ``folder_path`` durable."""
+    folder = os.open(folder_path, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def atomic_write(path: Path, data: bytes | Sequence[bytes]) -> None:
+    """Write ``data`` so that ``path`` is either absent, the old file, or the complete new file."""
+    staged = stage_file(path, data)
+    try:
+        publish(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)  # only left when the rename failed
