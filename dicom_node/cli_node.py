@@ -50,6 +50,7 @@ def serve(settings: Settings, embedded_worker: bool, worker_concurrency: int, wi
       mammo-node studies
     On start, every job left QUEUED or RUNNING by a crash is sent again.
     """
+    from dicom_node.memory import freeze_startup_objects
     from dicom_node.node import Node
     from dicom_node.serving import NOT_CLINICAL_BANNER
     from worklist.api import serve_api_in_thread
@@ -65,6 +66,7 @@ def serve(settings: Settings, embedded_worker: bool, worker_concurrency: int, wi
         node.start()
         if with_api:
             api = serve_api_in_thread(settings, node.sessions)
+        freeze_startup_objects()
     except (NodeError, OSError) as error:
         if node is not None and node.server is not None:
             node.stop()

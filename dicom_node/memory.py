@@ -14,6 +14,7 @@ kept, its system time per instance fell from 11 to 6 ms.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 
 log = logging.getLogger(__name__)
@@ -36,3 +37,10 @@ def retain_freed_memory() -> bool:
         return True
     log.warning("the C library refused the malloc settings: freed memory may be returned to the OS")
     return False
+
+
+def freeze_startup_objects() -> None:
+    """Leave the objects a server process holds once it has started (its modules, ~95,000 objects for the
+    Storage SCP) out of every later garbage collection: a full collection walked them all (~29 ms) several times
+    a second under load, 7% of the machine's CPU during an 8-association ingest. Call it once, when started."""
+    gc.freeze()

@@ -178,7 +178,7 @@ def require_free_port(host: str, port: int) -> None:
 def _serve(ready_fd: int) -> None:
     """A child's body: listen, say so on ``ready_fd``, serve until SIGTERM or until the node process is gone."""
     from dicom_node.logs import configure_logging
-    from dicom_node.memory import retain_freed_memory
+    from dicom_node.memory import freeze_startup_objects, retain_freed_memory
     from dicom_node.scp import make_shared_port_server
     from dicom_node.storage import InstanceStore
     from worklist.db import make_engine, session_factory
@@ -196,6 +196,7 @@ def _serve(ready_fd: int) -> None:
     server = make_shared_port_server(settings, InstanceStore(settings.incoming_dir, session_factory(engine)),
                                      settings.server_ssl_context())
     threading.Thread(target=_stop_when_told, args=(server, stop, os.getppid()), daemon=True).start()
+    freeze_startup_objects()
     os.write(ready_fd, b"1")
     os.close(ready_fd)
     server.serve_forever(poll_interval=0.5)

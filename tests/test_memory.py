@@ -3,6 +3,7 @@ fault it in again."""
 
 from __future__ import annotations
 
+import gc
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dicom_node.memory import freeze_startup_objects
 from dicom_node.results.writer import ResultWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,3 +63,12 @@ def test_result_writer_helpers_retain_memory_when_asked(retain: bool) -> None:
     finally:
         writer.reset()
     assert growth > 60 * 1024 if retain else growth < 8 * 1024
+
+
+def test_startup_objects_are_left_out_of_garbage_collections() -> None:
+    assert gc.get_freeze_count() == 0
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > 10_000  # every module's objects, not walked by the collector any more
+    finally:
+        gc.unfreeze()
