@@ -304,6 +304,22 @@ def db_upgrade(settings: Settings) -> None:
     click.echo(f"database at {engine.url.render_as_string(hide_password=True)} is up to date")
 
 
+@db.command("downgrade")
+@click.argument("revision")
+@click.pass_obj
+def db_downgrade(settings: Settings, revision: str) -> None:
+    """Undo the migrations after REVISION (e.g. 0009), to run an older node version on this database.
+
+    Stop the node first. Each migration says what its downgrade loses: 0010 empties the content digests of
+    instances stored since (BLAKE3, not SHA-256); a resend of such an instance records it again.
+    """
+    from worklist.db import downgrade, make_engine
+
+    engine = make_engine(settings.database_url())
+    downgrade(engine, revision)
+    click.echo(f"database at {engine.url.render_as_string(hide_password=True)} is at revision {revision}")
+
+
 @main.group()
 def config() -> None:
     """The node's settings: an example file with every setting, and the settings in effect."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -179,3 +180,13 @@ def test_box_csv_ground_truth_covers_the_mask_ground_truth(phantoms: Path, tmp_p
         for k in boxes:
             box_union, mask_union = np.logical_or.reduce(boxes[k]), np.logical_or.reduce(masks[k])
             assert mask_union.any() and not (mask_union & ~box_union).any()
+
+
+def test_db_downgrade_and_upgrade_again(mammo_node: Invoke, tmp_path: Path) -> None:
+    downgraded = mammo_node("db", "downgrade", "0009")
+    assert downgraded.exit_code == 0 and "at revision 0009" in downgraded.output
+    with sqlite3.connect(tmp_path / "data" / "worklist.sqlite") as connection:
+        assert "sha256" in {row[1] for row in connection.execute("PRAGMA table_info(instance)")}
+    assert "up to date" in mammo_node("db", "upgrade").output
+    with sqlite3.connect(tmp_path / "data" / "worklist.sqlite") as connection:
+        assert "content_digest" in {row[1] for row in connection.execute("PRAGMA table_info(instance)")}

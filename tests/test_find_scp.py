@@ -56,7 +56,8 @@ def _populate(sessions: sessionmaker[Session]) -> None:
                     session.add(Instance(
                         study=study, series=series, sop_instance_uid=f"{series.series_instance_uid}.{instance}",
                         sop_class_uid=SR if modality == "SR" else MG, transfer_syntax_uid="1.2.840.10008.1.2.1",
-                        analysable=modality == "MG", path="unused.dcm", size_bytes=1, sha256="0" * 64))
+                        analysable=modality == "MG", path="unused.dcm", size_bytes=1,
+                        content_digest="blake3:" + "0" * 64))
             if state == StudyState.ANALYSED:
                 session.add_all([Job(study=study, state=JobState.DONE, model_version="old-model"),
                                  Job(study=study, state=JobState.DONE, model_version="mammo-clip-demo-1")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import hashlib
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -12,16 +13,17 @@ from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
+import blake3
 import pydicom
 import pytest
-from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy import create_engine, func, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import storage
 from dicom_node.storage import InstanceStore, UIDConflictError
 from tests.conftest import wait_for
-from worklist.models import Instance, Series, Study
+from worklist.models import Instance, Series, Study, StudyState
 
 
 @pytest.fixture
@@ -73,6 +75,32 @@ def test_a_resend_of_the_same_bytes_writes_its_file_again(
     assert _store(store, dataset, encoded).path.read_bytes() == encoded[0]
     assert _rows(sessions) == (1, 1, 1)
 
+
+
+def test_a_resend_to_a_row_with_a_sha256_digest_is_recognised(
+        tmp_path: Path, sessions: sessionmaker, source: tuple[pydicom.Dataset, list[bytes]]) -> None:
+    """Rows stored before migration 0010 hold ``sha256:<hex>``: a resend of the same bytes still changes nothing
+    (the study is not analysed again); a changed instance is recorded with its BLAKE3 digest."""
+    store = InstanceStore(tmp_path / "incoming", sessions)
+    dataset, encoded = source
+    first = _store(store, dataset, encoded)
+    legacy = "sha256:" + hashlib.sha256(encoded[0]).hexdigest()
+    with sessions.begin() as session:
+        session.execute(update(Instance).values(content_digest=legacy))
+        session.execute(update(Study).values(state=StudyState.ANALYSED))
+
+    def stored() -> tuple[str, StudyState]:
+        with sessions() as session:
+            return session.scalar(select(Instance.content_digest)), session.scalar(select(Study.state))
+
+    assert _store(store, dataset, encoded).duplicate and stored() == (legacy, StudyState.ANALYSED)
+    changed = copy.deepcopy(dataset)
+    changed.SeriesDescription = "corrected"
+    buffer = BytesIO()
+    changed.save_as(buffer, enforce_file_format=True)
+    assert _store(store, changed, [buffer.getvalue()]).duplicate
+    assert stored() == ("blake3:" + blake3.blake3(buffer.getvalue()).hexdigest(), StudyState.RECEIVING)
+    assert first.path.read_bytes() == buffer.getvalue()
 
 def test_no_other_writer_files_a_clash_between_the_check_and_the_commit(
         tmp_path: Path, db_url: str, sessions: sessionmaker, source: tuple[pydicom.Dataset, list[bytes]],

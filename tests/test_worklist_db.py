@@ -9,7 +9,7 @@ from sqlalchemy import inspect, text
 
 from dicom_node.storage import validated_uid
 from models.errors import ConfigurationError
-from worklist.db import make_engine, require_current, upgrade
+from worklist.db import downgrade, make_engine, require_current, upgrade
 
 
 def test_migrations_create_every_table(db_url: str) -> None:
@@ -49,6 +49,32 @@ def test_migration_0008_backfills_views_complete_from_the_instances(tmp_path: Pa
     assert flags == {1: True, 2: False, 3: False}
     assert instances == 11  # an SQLite batch "move and copy" of study would have cascaded them away
 
+
+
+def test_migration_0010_keeps_the_stored_digests_with_their_algorithm(db_url: str) -> None:
+    engine = make_engine(db_url)
+    try:
+        downgrade(engine, "0009")
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO study (id, study_instance_uid, state, suspicion, first_received_at,"
+                                    " last_received_at) VALUES (1, '1.2.1', 'RECEIVING', 0, '2026-11-01', "
+                                    "'2026-11-01')"))
+            connection.execute(text("INSERT INTO series (id, study_id, series_instance_uid) VALUES (1, 1, '1.2.1.1')"))
+            connection.execute(text(
+                "INSERT INTO instance (study_id, series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid,"
+                " analysable, path, size_bytes, sha256, received_at) VALUES (1, 1, '1.2.1.1.1', '1.2', '1.2', true,"
+                " 'p', 1, :digest, '2026-11-01')"), {"digest": "ab" * 32})
+        upgrade(engine)
+        digest = "SELECT content_digest FROM instance"
+        with engine.begin() as connection:
+            assert connection.scalar(text(digest)) == "sha256:" + "ab" * 32
+            connection.execute(text("UPDATE instance SET content_digest = :new"), {"new": "blake3:" + "cd" * 32})
+        downgrade(engine, "0009")  # a BLAKE3 digest is not a SHA-256 one: emptied, a resend records it again
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT sha256 FROM instance")) == ""
+        upgrade(engine)
+    finally:
+        engine.dispose()
 
 def test_an_unmigrated_database_is_refused_with_the_fix(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'empty.sqlite'}")

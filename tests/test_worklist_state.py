@@ -35,7 +35,7 @@ def add_study(sessions, uid: str, views: list[str], age: float, analysable: bool
             session.add(Instance(study=study, series=series, sop_instance_uid=f"{uid}.1.{index}",
                                  sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
                                  laterality=name[0], view=name[1:], analysable=analysable, path=f"{index}.dcm",
-                                 size_bytes=1, sha256="0" * 64, received_at=when))
+                                 size_bytes=1, content_digest="blake3:" + "0" * 64, received_at=when))
         session.add(study)
         session.flush()
         return study.id

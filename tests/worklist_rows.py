@@ -43,7 +43,7 @@ def add_study(sessions: sessionmaker[Session], number: int, state: StudyState, s
             session.add(Instance(study=study, series=series, sop_instance_uid=f"{uid}.1.{n}", laterality=laterality,
                                  view=view, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2", analysable=analysable,
                                  transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"studies/{uid}/{n}.dcm",
-                                 size_bytes=1, sha256="0" * 64, received_at=received))
+                                 size_bytes=1, content_digest="blake3:" + "0" * 64, received_at=received))
         if state in (StudyState.ANALYSED, StudyState.FAILED):
             done = state == StudyState.ANALYSED
             job = Job(study=study, state=JobState.DONE if done else JobState.FAILED, attempts=1, error=error,

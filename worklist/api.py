@@ -147,9 +147,9 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
                                detail["views"].get(view.value, {}).get("sop_instance_uid"))
         if chosen is None:
             raise HTTPException(404, f"no {view.value} image")
-        sop_uid, path, sha256 = chosen
+        sop_uid, path, digest = chosen
         try:
-            png = cached_thumbnail(thumbnails / row.study_instance_uid, settings.incoming_dir / path, sop_uid, sha256)
+            png = cached_thumbnail(thumbnails / row.study_instance_uid, settings.incoming_dir / path, sop_uid, digest)
         except Exception as error:  # an undecodable image must not take the page down
             log.warning("no thumbnail for instance %s: %s", sop_uid, type(error).__name__)
             raise HTTPException(404, "the image cannot be rendered") from None

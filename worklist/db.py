@@ -63,6 +63,14 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Undo the migrations after ``revision`` (``mammo-node db downgrade``)."""
+    config = _alembic_config(engine)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
 def require_current(engine: Engine) -> None:
     """Refuse to run on a database that is not at the newest migration."""
     head = ScriptDirectory.from_config(_alembic_config(engine)).get_current_head()

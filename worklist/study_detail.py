@@ -74,11 +74,11 @@ def _summary(states: set[ExportState]) -> str:
 
 def view_instance(sessions: sessionmaker[Session], study_uid: str, view: str,
                   preferred_sop: str | None) -> tuple[str, str, str] | None:
-    """(SOP Instance UID, path under incoming_dir, sha256) of the study's image for ``view`` (e.g. ``LCC``): the
+    """(SOP Instance UID, path under incoming_dir, content digest) of the study's image for ``view`` (e.g. ``LCC``): the
     analysed one when known, else the latest received."""
     with sessions() as session:
-        rows = session.execute(select(Instance.sop_instance_uid, Instance.path, Instance.sha256, Instance.laterality,
-                                      Instance.view).join(Study).where(
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.path, Instance.content_digest,
+                                      Instance.laterality, Instance.view).join(Study).where(
             Study.study_instance_uid == study_uid, Instance.analysable.is_(True)).order_by(
             Instance.received_at, Instance.id)).all()
     candidates = [row[:3] for row in rows if view_name(row.laterality, row.view) == view]

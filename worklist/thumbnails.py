@@ -32,9 +32,10 @@ def render_thumbnail(source: Path, height: int = THUMBNAIL_HEIGHT) -> bytes:
     return buffer.getvalue()
 
 
-def cached_thumbnail(cache_dir: Path, source: Path, sop_instance_uid: str, sha256: str) -> Path:
-    """The cached thumbnail of ``source``, rendered first if missing."""
-    path = Path(cache_dir) / f"{validated_uid(sop_instance_uid, 'SOPInstanceUID')}_{sha256[:16]}.png"
+def cached_thumbnail(cache_dir: Path, source: Path, sop_instance_uid: str, content_digest: str) -> Path:
+    """The cached thumbnail of ``source`` (its instance row's ``content_digest``), rendered first if missing."""
+    digest = content_digest.rpartition(":")[2]
+    path = Path(cache_dir) / f"{validated_uid(sop_instance_uid, 'SOPInstanceUID')}_{digest[:16]}.png"
     if not path.exists():
         atomic_write(path, render_thumbnail(source))
     return path

@@ -4,7 +4,6 @@ that turns a run into one table ``Row``."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from dicom_node.settings import Settings
+from dicom_node.storage import content_digest, file_digest
 from models import save_model_version
 from tests.conftest import _postgres_admin_url, free_port, require_tool, tiny_model
 from tests.peers import StoreSCP, wait_for_port
@@ -487,7 +487,7 @@ def storage_problems(settings: Settings, after_crash: bool = False) -> list[str]
     engine = make_engine(settings.database_url())
     try:
         with session_factory(engine)() as session:
-            rows = {row.path: row.sha256 for row in session.scalars(select(Instance))}
+            rows = {row.path: row.content_digest for row in session.scalars(select(Instance))}
     finally:
         engine.dispose()
     problems = []
@@ -499,7 +499,7 @@ def storage_problems(settings: Settings, after_crash: bool = False) -> list[str]
     if strays:
         problems.append(f"{len(strays)} file(s) under incoming/ with no row, e.g. {strays[0]}")
     bad = [path for path, digest in rows.items()
-           if path not in on_disk or hashlib.sha256((root / path).read_bytes()).hexdigest() != digest]
+           if path not in on_disk or file_digest(root / path) != digest]
     if bad:
         problems.append(f"{len(bad)} row(s) without their complete file, e.g. {bad[0]}")
     return problems
@@ -554,7 +554,7 @@ def verify(scenario: str, settings: Settings, pacs_folder: Path, studies: list[S
             file = root / instance.path if instance is not None else None
             data = file.read_bytes() if file is not None and file.is_file() else b""
             stored = srow is not None and instance is not None and instance.study_id == srow.id and \
-                hashlib.sha256(data).hexdigest() == instance.sha256 and data.endswith(path.read_bytes()[-4096:])
+                content_digest([data]) == instance.content_digest and data.endswith(path.read_bytes()[-4096:])
             row.stored += stored
             row.analysed += stored and analysed
             delivered = stored and delivered_study and segs[sop] >= 1
