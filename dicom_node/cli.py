@@ -308,9 +308,10 @@ def db_upgrade(settings: Settings) -> None:
 @click.argument("revision")
 @click.pass_obj
 def db_downgrade(settings: Settings, revision: str) -> None:
-    """Undo the migrations after REVISION (e.g. 0009), to run an older node version on this database.
+    """Undo the migrations after REVISION, to run an older node version on this database.
 
-    Stop the node first. Each migration says what its downgrade loses: 0010 empties the content digests of
+    REVISION is a migration number such as 0009 (`mammo-node db upgrade` goes back to the newest). Stop the
+    node first. Each migration says what its downgrade loses: 0010 empties the content digests of
     instances stored since (BLAKE3, not SHA-256); a resend of such an instance records it again.
     """
     from worklist.db import downgrade, make_engine
