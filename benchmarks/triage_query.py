@@ -85,8 +85,9 @@ def fill(url: str, count: int, incomplete: float = 0.03, seed: int = 0) -> None:
                     "study_id": number, "series_id": number, "sop_instance_uid": f"{uid}.1.{n}",
                     "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.2", "transfer_syntax_uid": "1.2.840.10008.1.2.1",
                     "laterality": laterality, "view": view, "analysable": True,
-                    "path": f"{uid}/{uid}.1/{uid}.1.{n}.dcm", "size_bytes": 6_800_000, "sha256": uuid.uuid4().hex * 2,
-                    "calling_ae": "MODALITY", "received_at": received})
+                    "path": f"{uid}/{uid}.1/{uid}.1.{n}.dcm", "size_bytes": 6_800_000,
+                    "content_digest": "blake3:" + uuid.uuid4().hex * 2, "calling_ae": "MODALITY",
+                    "received_at": received})
             if state != "RECEIVING":
                 done = state == "ANALYSED"
                 rows[Job].append({"id": number, "study_id": number, "state": "DONE" if done else "FAILED",

@@ -312,12 +312,16 @@ def db_downgrade(settings: Settings, revision: str) -> None:
 
     REVISION is a migration number such as 0009 (`mammo-node db upgrade` goes back to the newest). Stop the
     node first. Each migration says what its downgrade loses: 0010 empties the content digests of
-    instances stored since (BLAKE3, not SHA-256); a resend of such an instance records it again.
+    instances stored since (BLAKE3, not SHA-256), so that the older node takes a resend of such an instance
+    for a changed one and analyses its study again.
     """
     from worklist.db import downgrade, make_engine
 
     engine = make_engine(settings.database_url())
-    downgrade(engine, revision)
+    try:
+        downgrade(engine, revision)
+    except NodeError as error:
+        raise click.ClickException(str(error)) from None
     click.echo(f"database at {engine.url.render_as_string(hide_password=True)} is at revision {revision}")
 
 

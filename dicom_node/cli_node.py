@@ -63,10 +63,10 @@ def serve(settings: Settings, embedded_worker: bool, worker_concurrency: int, wi
 
             click.echo(NOT_CLINICAL_BANNER, err=True)
             ensure_demo_model(settings.data_dir / "cache")  # trained once, in the foreground, with progress
+        freeze_startup_objects()
         node.start()
         if with_api:
             api = serve_api_in_thread(settings, node.sessions)
-        freeze_startup_objects()
     except (NodeError, OSError) as error:
         if node is not None and node.server is not None:
             node.stop()

@@ -12,7 +12,9 @@ before it is returned: direct I/O skips the page cache, not the disk's volatile 
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import mmap
 import os
 import threading
@@ -20,6 +22,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 WRITE_SLICE = 64 << 10  # bytes per write() through the page cache (see _write_paged)
 DIRECT_MIN = 1 << 20  # files from this size are written with direct I/O
@@ -29,8 +33,10 @@ POOLED_BUFFERS = 8  # idle direct-write buffers kept for reuse (a fresh one cost
 
 
 class _AlignedBuffers:
-    """Page-aligned buffers of ``DIRECT_CHUNK`` bytes, lent to one writer at a time; at most ``POOLED_BUFFERS``
-    idle ones are kept."""
+    """Page-aligned buffers of ``DIRECT_CHUNK`` bytes (private anonymous maps: a forked child never shares
+    them), lent to one writer at a time; at most ``POOLED_BUFFERS`` idle ones are kept, the others are
+    unmapped when the last view of them goes (never closed here: a failed write's traceback may still hold
+    one, and closing would replace its error with a ``BufferError``)."""
 
     def __init__(self) -> None:
         self._idle: list[mmap.mmap] = []
@@ -40,21 +46,17 @@ class _AlignedBuffers:
     def lend(self) -> Iterator[memoryview]:
         with self._lock:
             buffer = self._idle.pop() if self._idle else None
-        buffer = buffer or mmap.mmap(-1, DIRECT_CHUNK)
-        view = memoryview(buffer)
+        buffer = buffer or mmap.mmap(-1, DIRECT_CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         try:
-            yield view
+            yield memoryview(buffer)
         finally:
-            view.release()
             with self._lock:
-                keep = len(self._idle) < POOLED_BUFFERS
-                if keep:
+                if len(self._idle) < POOLED_BUFFERS:
                     self._idle.append(buffer)
-            if not keep:
-                buffer.close()
 
 
 _BUFFERS = _AlignedBuffers()
+_REFUSING_DEVICES: set[int] = set()  # devices whose file system refused a direct write
 
 
 def stage_file(path: Path, data: bytes | Sequence[bytes]) -> Path:
@@ -68,9 +70,7 @@ def stage_file(path: Path, data: bytes | Sequence[bytes]) -> Path:
         descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             size = sum(map(len, parts))
-            if size >= DIRECT_MIN and _direct_io(descriptor):
-                _write_direct(descriptor, parts, size)
-            else:
+            if not (size >= DIRECT_MIN and _direct_io(descriptor) and _written_directly(descriptor, parts, size)):
                 _write_paged(descriptor, parts)
             os.fsync(descriptor)
         finally:
@@ -83,10 +83,35 @@ def stage_file(path: Path, data: bytes | Sequence[bytes]) -> Path:
 
 def _direct_io(descriptor: int) -> bool:
     """Switch an open file to direct I/O; False where its file system does not allow it (tmpfs before Linux
-    6.6, some network and FUSE file systems)."""
+    6.6, some network and FUSE file systems) or refused a direct write before."""
+    if os.fstat(descriptor).st_dev in _REFUSING_DEVICES:
+        return False
     try:
-        fcntl.fcntl(descriptor, fcntl.F_SETFL, fcntl.fcntl(descriptor, fcntl.F_GETFL) | os.O_DIRECT)
+        _set_direct_io(descriptor, True)
     except OSError:
+        return False
+    return True
+
+
+def _set_direct_io(descriptor: int, direct: bool) -> None:
+    flags = fcntl.fcntl(descriptor, fcntl.F_GETFL)
+    fcntl.fcntl(descriptor, fcntl.F_SETFL, flags | os.O_DIRECT if direct else flags & ~os.O_DIRECT)
+
+
+def _written_directly(descriptor: int, parts: Sequence[memoryview], size: int) -> bool:
+    """``_write_direct``; False, with the file emptied and back on the page cache, where a direct write was
+    refused (EINVAL: a file system that took the flag but not the write, as overlayfs on tmpfs before Linux
+    6.6, or a short write that left the next one unaligned). Its device is not asked again."""
+    try:
+        _write_direct(descriptor, parts, size)
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+        log.warning("direct I/O refused on device %#x: writing through the page cache", os.fstat(descriptor).st_dev)
+        _REFUSING_DEVICES.add(os.fstat(descriptor).st_dev)
+        _set_direct_io(descriptor, False)
+        os.ftruncate(descriptor, 0)
+        os.lseek(descriptor, 0, os.SEEK_SET)
         return False
     return True
 

@@ -282,10 +282,12 @@ def _record(session: Session, record: _Record, savepoint: bool) -> bool:
 
 def _same_content(stored_digest: str, record: _Record) -> bool:
     """Whether a stored row's digest is that of the received instance; a row stored before migration 0010 has a
-    SHA-256 one, for which the staged file is hashed again (only for such a row's resend)."""
+    SHA-256 one, for which the staged file is hashed again (only for such a row's resend, in the writers' turn).
+    A digest of no known algorithm (emptied by a downgrade, say) is never the same."""
     algorithm = stored_digest.partition(":")[0]
-    received = record.fields["content_digest"]
-    return stored_digest == (received if algorithm == DIGEST_ALGORITHM else file_digest(record.staged, algorithm))
+    if algorithm == DIGEST_ALGORITHM:
+        return stored_digest == record.fields["content_digest"]
+    return algorithm == "sha256" and stored_digest == file_digest(record.staged, algorithm)
 
 class InstanceStore:
     """Files under ``root`` and rows in the worklist database, written together."""

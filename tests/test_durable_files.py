@@ -37,17 +37,31 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path: Path) -> None:
     assert target.stat().st_mode & 0o007 == 0  # never world-readable
 
 
+@pytest.fixture
+def direct_io_folder(tmp_path: Path) -> Path:
+    """``tmp_path``, where its file system takes direct I/O (ext4 and XFS do; this project's machines have ext4)."""
+    probe = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT)
+    try:
+        fcntl.fcntl(probe, fcntl.F_SETFL, fcntl.fcntl(probe, fcntl.F_GETFL) | os.O_DIRECT)
+    except OSError:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    finally:
+        os.close(probe)
+        (tmp_path / "probe").unlink()
+    return tmp_path
+
+
 @pytest.mark.parametrize("size", [DIRECT_MIN, DIRECT_CHUNK, DIRECT_CHUNK + 1, 2 * DIRECT_CHUNK + DIRECT_ALIGN - 1])
-def test_large_files_are_written_directly_and_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_large_files_are_written_directly_and_exactly(direct_io_folder: Path, monkeypatch: pytest.MonkeyPatch,
                                                       size: int) -> None:
     direct, paged = _spy(monkeypatch, "_write_direct"), _spy(monkeypatch, "_write_paged")
     data = np.random.default_rng(size).integers(0, 1 << 16, size // 2 + 1, dtype=np.uint16).tobytes()[:size]
     # parts as the SCP hands them over: a short header, then views of other formats and lengths
     parts = [data[:132], memoryview(np.frombuffer(data[132:132 + 2 * 1000], np.uint16)), memoryview(data)[2132:]]
-    target = tmp_path / "big.dcm"
+    target = direct_io_folder / "big.dcm"
     atomic_write(target, parts)
     assert target.read_bytes() == data  # size exact: the padding of the last direct write is cut off
-    assert (direct, paged) == ([1], [])  # this project's disks (ext4) allow direct I/O
+    assert (direct, paged) == ([1], [])
 
 
 def test_small_files_and_file_systems_without_direct_io_use_the_page_cache(
@@ -69,8 +83,38 @@ def test_small_files_and_file_systems_without_direct_io_use_the_page_cache(
     assert (direct, paged) == ([], [1, 1])
 
 
-def test_a_failed_direct_write_leaves_no_file_and_returns_its_buffer(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_direct_write_refused_after_the_flag_was_taken_falls_back_to_the_page_cache(
+        direct_io_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some file systems take O_DIRECT and refuse the write (overlayfs on tmpfs before Linux 6.6): the file is
+    written again through the page cache, and the device is not asked again."""
+    monkeypatch.setattr(durable_files, "_REFUSING_DEVICES", set())
+    write, writes = os.write, []
+
+    def refusing(descriptor: int, data: memoryview) -> int:
+        writes.append(bool(fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_DIRECT))
+        if writes[-1] and len(writes) == 2:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return write(descriptor, data)
+
+    monkeypatch.setattr(os, "write", refusing)
+    data = os.urandom(DIRECT_CHUNK + 5)
+    atomic_write(direct_io_folder / "first", data)
+    assert (direct_io_folder / "first").read_bytes() == data  # the direct chunk before the refusal is gone
+    assert writes[:2] == [True, True] and not any(writes[2:])
+    writes.clear()
+    atomic_write(direct_io_folder / "second", data)
+    assert writes and not any(writes)  # straight to the page cache
+    assert {direct_io_folder.stat().st_dev} == durable_files._REFUSING_DEVICES
+
+
+@pytest.mark.parametrize("kept", [POOLED_BUFFERS, 0])
+def test_a_failed_direct_write_leaves_no_file_and_keeps_its_error(direct_io_folder: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, kept: int) -> None:
+    """ENOSPC stays ENOSPC (the SCP answers 0xA700, the sender retries), whether the buffer goes back to the
+    pool or, the pool being full, is let go while the error's traceback still holds a view of it."""
+    pool = durable_files._AlignedBuffers()
+    monkeypatch.setattr(durable_files, "_BUFFERS", pool)
+    monkeypatch.setattr(durable_files, "POOLED_BUFFERS", kept)
     write, writes = os.write, []
 
     def filling_up(descriptor: int, data: memoryview) -> int:
@@ -79,29 +123,29 @@ def test_a_failed_direct_write_leaves_no_file_and_returns_its_buffer(tmp_path: P
             raise OSError(errno.ENOSPC, "No space left on device")
         return write(descriptor, data)
 
-    idle = len(durable_files._BUFFERS._idle)
     monkeypatch.setattr(os, "write", filling_up)
-    with pytest.raises(OSError, match="No space"):
-        stage_file(tmp_path / "x.dcm", os.urandom(DIRECT_CHUNK + 1))
+    with pytest.raises(OSError) as raised:
+        stage_file(direct_io_folder / "x.dcm", os.urandom(DIRECT_CHUNK + 1))
     monkeypatch.undo()
-    assert writes == [DIRECT_CHUNK, DIRECT_ALIGN]
-    assert list(tmp_path.iterdir()) == []
-    assert len(durable_files._BUFFERS._idle) == max(idle, 1)  # lent and given back, not leaked
+    assert raised.value.errno == errno.ENOSPC and writes == [DIRECT_CHUNK, DIRECT_ALIGN]
+    assert list(direct_io_folder.iterdir()) == []
+    assert len(pool._idle) == min(kept, 1)  # given back, or let go
 
 
-def test_concurrent_writers_each_get_their_own_buffer(tmp_path: Path) -> None:
+def test_concurrent_writers_each_get_their_own_buffer(direct_io_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    direct = _spy(monkeypatch, "_write_direct")
     payloads = [os.urandom(DIRECT_MIN + index * 4099) for index in range(2 * POOLED_BUFFERS)]
     start = threading.Barrier(len(payloads))
 
     def write(index: int) -> None:
         start.wait()
-        atomic_write(tmp_path / f"{index}.dcm", payloads[index])
+        atomic_write(direct_io_folder / f"{index}.dcm", payloads[index])
 
     threads = [threading.Thread(target=write, args=(index,)) for index in range(len(payloads))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert [(tmp_path / f"{index}.dcm").read_bytes() == payload for index, payload in enumerate(payloads)] \
+    assert [(direct_io_folder / f"{index}.dcm").read_bytes() == payload for index, payload in enumerate(payloads)] \
         == [True] * len(payloads)
-    assert len(durable_files._BUFFERS._idle) <= POOLED_BUFFERS
+    assert len(direct) == len(payloads) and len(durable_files._BUFFERS._idle) <= POOLED_BUFFERS

@@ -63,13 +63,20 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(config, revision)
 
 
-
 def downgrade(engine: Engine, revision: str) -> None:
-    """Undo the migrations after ``revision`` (``mammo-node db downgrade``)."""
+    """Undo the migrations after ``revision`` (``mammo-node db downgrade``); ``ConfigurationError`` unless it is
+    one of the revisions before the database's (never ``base``: that would drop every table)."""
     config = _alembic_config(engine)
     with engine.begin() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+        older = [script.revision for script in ScriptDirectory.from_config(config).walk_revisions("base", current)
+                 if script.revision != current] if current else []
+        if revision not in older:
+            raise ConfigurationError(f"cannot downgrade to {revision!r}: the database is at {current or 'no revision'}"
+                                     f"; the revisions before it are {', '.join(reversed(older)) or 'none'}")
         config.attributes["connection"] = connection
         command.downgrade(config, revision)
+
 
 def require_current(engine: Engine) -> None:
     """Refuse to run on a database that is not at the newest migration."""
