@@ -149,11 +149,18 @@ def database(server_url: str | None, data_dir: Path) -> Iterator[str]:
         admin.dispose()
 
 
-def send(files: list[Path], associations: int, called_ae: str, port: int) -> tuple[float, Cpu]:
-    """Seconds for ``associations`` concurrent storescu processes to send ``files`` (every Nth file each), and the
-    senders' CPU."""
+def machine_busy() -> float:
+    """Seconds of CPU the whole machine has spent busy (``/proc/stat``: all but idle and I/O wait)."""
+    ticks = [int(value) for value in Path("/proc/stat").read_text().split()[1:9]]  # user nice system idle iowait ...
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
+def send(files: list[Path], associations: int, called_ae: str, port: int) -> tuple[float, Cpu, float]:
+    """Seconds for ``associations`` concurrent storescu processes to send ``files`` (every Nth file each), the
+    senders' CPU, and the machine's busy CPU seconds meanwhile."""
     shares = [files[index::associations] for index in range(associations)]
     senders_before = children_cpu()
+    machine_before = machine_busy()
     start = time.perf_counter()
     senders = [subprocess.Popen([STORESCU, "-R", "-aet", SENDER_AE, "-aec", called_ae, "127.0.0.1", str(port),
                                  *map(str, share)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -161,18 +168,20 @@ def send(files: list[Path], associations: int, called_ae: str, port: int) -> tup
                for share in shares if share]
     errors = [sender.communicate()[1] for sender in senders]
     elapsed = time.perf_counter() - start
+    machine = machine_busy() - machine_before
     for sender, error in zip(senders, errors, strict=True):
         if sender.returncode != 0:
             raise SystemExit(f"storescu to {called_ae} exited with {sender.returncode}:\n{error}")
-    return elapsed, children_cpu() - senders_before
+    return elapsed, children_cpu() - senders_before, machine
 
 
 @dataclass(frozen=True)
 class Run:
-    """One verified run: its seconds and the receiver's CPU (senders excluded)."""
+    """One verified run: its seconds, the receiver's CPU (senders excluded) and the machine's busy CPU seconds."""
 
     seconds: float
     cpu: Cpu
+    machine: float
 
 
 def run_once(receiver: str, files: list[Path], associations: int, workdir: Path, db_server: str | None,
@@ -187,7 +196,7 @@ def run_once(receiver: str, files: list[Path], associations: int, workdir: Path,
         out.mkdir(parents=True)
         before = children_cpu()
         with storescp(out, port, STORESCP_AE):
-            seconds, senders = send(files, associations, STORESCP_AE, port)
+            seconds, senders, machine = send(files, associations, STORESCP_AE, port)
         reap_orphans()
         cpu = children_cpu() - before - senders
         counts = {"files": sum(1 for path in out.iterdir() if path.is_file())}
@@ -199,7 +208,7 @@ def run_once(receiver: str, files: list[Path], associations: int, workdir: Path,
                                      allowed_calling_aes=[SENDER_AE], maximum_associations=max(associations, 10))
             with node(settings, processes) as pool:
                 before = processes_cpu(pool.pids())
-                seconds, _ = send(files, associations, NODE_AE, port)
+                seconds, _, machine = send(files, associations, NODE_AE, port)
                 cpu = processes_cpu(pool.pids()) - before
             engine = make_engine(url)
             with session_factory(engine)() as session:
@@ -209,7 +218,7 @@ def run_once(receiver: str, files: list[Path], associations: int, workdir: Path,
     for what, count in counts.items():
         if count != len(files):
             raise SystemExit(f"{receiver}, {associations} associations: {count} {what} for {len(files)} instances")
-    return Run(seconds, cpu)
+    return Run(seconds, cpu, machine)
 
 
 def median_run(receiver: str, files: list[Path], associations: int, scratch: str, args: argparse.Namespace,
@@ -229,7 +238,7 @@ def print_row(receiver: str, associations: int, files: list[Path], megabytes: fl
     per_instance = 1000 / len(files)
     print(f"{receiver:<10}{associations:6d}{len(files):10d}{megabytes:9.1f}{run.seconds:9.2f}"
           f"{len(files) / run.seconds:9.1f}{megabytes / run.seconds:9.1f}{run.cpu.user * per_instance:8.1f}"
-          f"{run.cpu.system * per_instance:8.1f}{ratio}")
+          f"{run.cpu.system * per_instance:8.1f}{run.machine * per_instance:11.1f}{ratio}")
 
 
 def load_average() -> str:
@@ -269,7 +278,7 @@ def main() -> None:
               f"{version.strip(' $').removeprefix('dcmtk: ')} {' '.join(STORESCP_OPTIONS)}; DCMTK tools with "
               f"TCP_NODELAY=1; median of {args.repeats} run(s); node-Np: N SCP processes (scp_processes = N)")
         print(f"{'receiver':<10}{'assoc':>6}{'instances':>10}{'MB':>9}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
-              f"{'usr ms':>8}{'sys ms':>8}{'node/storescp':>15}")
+              f"{'usr ms':>8}{'sys ms':>8}{'machine ms':>11}{'node/storescp':>15}")
         baseline: dict[int, Run] = {}
         ratios: dict[int, float] = {}
         summary: list[dict[str, object]] = []
@@ -291,7 +300,9 @@ def main() -> None:
                                 "target": ">= 0.5x" if associations == 8 else None,
                                 "met": ratio >= 0.5 if associations == 8 else None})
     print("every run verified: all instances on disk (node: and in the database) before its time counted")
-    print("usr/sys ms: the receiver's CPU per instance, user and system (the senders' excluded)")
+    print("usr/sys ms: the receiver's CPU per instance, user and system (the senders' excluded); machine ms: the "
+          "whole machine's busy CPU per instance while the senders ran (senders, receiver, kernel; 2 cores give "
+          f"{1000 * (os.cpu_count() or 1)} ms a second)")
     print("fsync: the node fsyncs each file and its folder and commits its row before answering Success; "
           "storescp does not fsync (page cache only)")
     print(f"after the runs: {load_average()} (other work on the machine makes these numbers lower bounds)")
