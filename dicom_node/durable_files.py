@@ -6,8 +6,8 @@ A large file is written with direct I/O (``O_DIRECT``), through a pooled page-al
 without the kernel's later write-back of it. For a received 6.8 MB image this took the machine's CPU per file
 (process and kernel write-back together) from 4-10 ms to ~2 ms, and the process's system time from 3-20 ms
 (it swung with the state of the VM's memory) to a steady 0.4-0.9 ms. A file system that refuses direct I/O
-(``fcntl`` answers EINVAL) gets the page-cache path, in ``WRITE_SLICE`` writes. Either way the file is fsynced
-before it is returned: direct I/O skips the page cache, not the disk's volatile cache.
+(``fcntl`` answers EINVAL, or a direct write does) gets the page-cache path, in ``WRITE_SLICE`` writes. Either
+way the file is fsynced before it is returned: direct I/O skips the page cache, not the disk's volatile cache.
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ def _written_directly(descriptor: int, parts: Sequence[memoryview], size: int) -
     except OSError as error:
         if error.errno != errno.EINVAL:
             raise
-        log.warning("direct I/O refused on device %#x: writing through the page cache", os.fstat(descriptor).st_dev)
-        _REFUSING_DEVICES.add(os.fstat(descriptor).st_dev)
+        device = os.fstat(descriptor).st_dev
+        log.warning("direct I/O refused on device %#x: writing through the page cache", device)
+        _REFUSING_DEVICES.add(device)
         _set_direct_io(descriptor, False)
         os.ftruncate(descriptor, 0)
         os.lseek(descriptor, 0, os.SEEK_SET)

@@ -279,7 +279,6 @@ def _record(session: Session, record: _Record, savepoint: bool) -> bool:
     return filed.instance is not None
 
 
-
 def _same_content(stored_digest: str, record: _Record) -> bool:
     """Whether a stored row's digest is that of the received instance; a row stored before migration 0010 has a
     SHA-256 one, for which the staged file is hashed again (only for such a row's resend, in the writers' turn).
@@ -288,6 +287,7 @@ def _same_content(stored_digest: str, record: _Record) -> bool:
     if algorithm == DIGEST_ALGORITHM:
         return stored_digest == record.fields["content_digest"]
     return algorithm == "sha256" and stored_digest == file_digest(record.staged, algorithm)
+
 
 class InstanceStore:
     """Files under ``root`` and rows in the worklist database, written together."""
