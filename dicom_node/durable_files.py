@@ -1,13 +1,14 @@
 """Files that are either absent, the old version, or the complete new one: staged under a temporary name,
 fsynced, renamed into place, their folder fsynced.
 
-A large file is written with direct I/O (``O_DIRECT``), through a pooled page-aligned buffer, in
-``DIRECT_CHUNK`` writes: the data goes from that buffer to the disk, without a copy into the page cache and
-without the kernel's later write-back of it. For a received 6.8 MB image this took the machine's CPU per file
-(process and kernel write-back together) from 4-10 ms to ~2 ms, and the process's system time from 3-20 ms
-(it swung with the state of the VM's memory) to a steady 0.4-0.9 ms. A file system that refuses direct I/O
-(``fcntl`` answers EINVAL, or a direct write does) gets the page-cache path, in ``WRITE_SLICE`` writes. Either
-way the file is fsynced before it is returned: direct I/O skips the page cache, not the disk's volatile cache.
+A large file is written with direct I/O (``O_DIRECT``) in ``DIRECT_CHUNK`` writes, from page-aligned memory:
+the memory it was received into (``AlignedImage``), as it is, or else a pooled buffer it is copied into. The
+data goes from there to the disk, without a copy into the page cache and without the kernel's later write-back
+of it. For a received 6.8 MB image this took the machine's CPU per file (process and kernel write-back
+together) from 4-10 ms to ~2 ms, and the process's system time from 3-20 ms (it swung with the state of the
+VM's memory) to a steady 0.4-0.9 ms. A file system that refuses direct I/O (``fcntl`` answers EINVAL, or a
+direct write does) gets the page-cache path, in ``WRITE_SLICE`` writes. Either way the file is fsynced before
+it is returned: direct I/O skips the page cache, not the disk's volatile cache.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -30,47 +32,77 @@ DIRECT_MIN = 1 << 20  # files from this size are written with direct I/O
 DIRECT_CHUNK = 4 << 20  # bytes per direct write, and the size of each pooled buffer
 DIRECT_ALIGN = 4096  # offsets, lengths and buffer addresses of direct writes are multiples of this
 POOLED_BUFFERS = 8  # idle direct-write buffers kept for reuse (a fresh one costs page faults)
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux; the module names it from Python 3.13
 
 
-class _AlignedBuffers:
-    """Page-aligned buffers of ``DIRECT_CHUNK`` bytes (private anonymous maps: a forked child never shares
-    them), lent to one writer at a time; at most ``POOLED_BUFFERS`` idle ones are kept, the others are
-    unmapped when the last view of them goes (never closed here: a failed write's traceback may still hold
-    one, and closing would replace its error with a ``BufferError``)."""
+class AlignedMemoryPool:
+    """Page-aligned anonymous memory maps of ``size`` bytes (private: a forked child never shares them), taken by
+    one user at a time and given back for reuse; at most ``pooled`` idle ones are kept, with at most ``retained``
+    touched bytes each (the rest go back to the kernel). The others are unmapped when the last view of them goes:
+    never closed here, since a failed write's traceback may still hold a view, and closing would replace its
+    error with a ``BufferError``. ``reserve_only`` maps only reserve address space (``MAP_NORESERVE``): their
+    pages are used once touched."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int, pooled: int, retained: int | None = None, reserve_only: bool = False) -> None:
+        self.size, self.pooled, self.retained = size, pooled, size if retained is None else retained
+        self._flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_NORESERVE if reserve_only else 0)
         self._idle: list[mmap.mmap] = []
         self._lock = threading.Lock()
 
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return mmap.mmap(-1, self.size, flags=self._flags)
+
+    def give(self, buffer: mmap.mmap, used: int) -> None:
+        """Take back ``buffer``, of which the first ``used`` bytes were touched."""
+        if used > self.retained:
+            buffer.madvise(mmap.MADV_DONTNEED, self.retained, used - self.retained)  # both page multiples
+        with self._lock:
+            if len(self._idle) < self.pooled:
+                self._idle.append(buffer)
+
     @contextmanager
     def lend(self) -> Iterator[memoryview]:
-        with self._lock:
-            buffer = self._idle.pop() if self._idle else None
-        buffer = buffer or mmap.mmap(-1, DIRECT_CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buffer = self.take()
         try:
             yield memoryview(buffer)
         finally:
-            with self._lock:
-                if len(self._idle) < POOLED_BUFFERS:
-                    self._idle.append(buffer)
+            self.give(buffer, self.size)
 
 
-_BUFFERS = _AlignedBuffers()
+_BUFFERS = AlignedMemoryPool(DIRECT_CHUNK, POOLED_BUFFERS)
 _REFUSING_DEVICES: set[int] = set()  # devices whose file system refused a direct write
 
 
-def stage_file(path: Path, data: bytes | Sequence[bytes]) -> Path:
-    """Write ``data`` (bytes, or parts written one after the other) into a new fsynced file next to ``path``;
-    returns it for ``publish`` (the caller removes it if it is not published)."""
-    parts = [memoryview(part).cast("B") for part in
-             ((data,) if isinstance(data, bytes | bytearray | memoryview) else data)]
+class AlignedImage(NamedTuple):
+    """A file's ``size`` bytes at the start of page-aligned ``memory``, which is a multiple of ``DIRECT_ALIGN``
+    long and zero after them: written with direct I/O as it is, without a copy."""
+
+    memory: memoryview
+    size: int
+
+    @property
+    def data(self) -> memoryview:
+        return self.memory[:self.size]
+
+
+FileData = bytes | Sequence[bytes] | AlignedImage
+
+
+def stage_file(path: Path, data: FileData) -> Path:
+    """Write ``data`` (bytes, parts written one after the other, or an ``AlignedImage``) into a new fsynced file
+    next to ``path``; returns it for ``publish`` (the caller removes it if it is not published)."""
+    parts = data_views(data)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     staged = path.parent / f".{uuid.uuid4().hex}.part"
     try:
         descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             size = sum(map(len, parts))
-            if not (size >= DIRECT_MIN and _direct_io(descriptor) and _written_directly(descriptor, parts, size)):
+            direct = data if isinstance(data, AlignedImage) else parts
+            if not (size >= DIRECT_MIN and _direct_io(descriptor) and _written_directly(descriptor, direct, size)):
                 _write_paged(descriptor, parts)
             os.fsync(descriptor)
         finally:
@@ -79,6 +111,14 @@ def stage_file(path: Path, data: bytes | Sequence[bytes]) -> Path:
         staged.unlink(missing_ok=True)
         raise
     return staged
+
+
+def data_views(data: FileData) -> list[memoryview]:
+    """``data`` as the byte views written one after the other."""
+    if isinstance(data, AlignedImage):
+        return [data.data]
+    return [memoryview(part).cast("B") for part in
+            ((data,) if isinstance(data, bytes | bytearray | memoryview) else data)]
 
 
 def _direct_io(descriptor: int) -> bool:
@@ -98,7 +138,7 @@ def _set_direct_io(descriptor: int, direct: bool) -> None:
     fcntl.fcntl(descriptor, fcntl.F_SETFL, flags | os.O_DIRECT if direct else flags & ~os.O_DIRECT)
 
 
-def _written_directly(descriptor: int, parts: Sequence[memoryview], size: int) -> bool:
+def _written_directly(descriptor: int, parts: Sequence[memoryview] | AlignedImage, size: int) -> bool:
     """``_write_direct``; False, with the file emptied and back on the page cache, where a direct write was
     refused (EINVAL: a file system that took the flag but not the write, as overlayfs on tmpfs before Linux
     6.6, or a short write that left the next one unaligned). Its device is not asked again."""
@@ -126,9 +166,20 @@ def _write_paged(descriptor: int, parts: Sequence[memoryview]) -> None:
             _write_all(descriptor, part[start:start + WRITE_SLICE])
 
 
-def _write_direct(descriptor: int, parts: Sequence[memoryview], size: int) -> None:
-    """Copy the parts into an aligned buffer and write it out each time it is full; the last chunk is padded
-    with zeros to ``DIRECT_ALIGN`` and the file then cut to ``size``."""
+def _write_direct(descriptor: int, parts: Sequence[memoryview] | AlignedImage, size: int) -> None:
+    """Write an ``AlignedImage`` as it is, or copy the parts into an aligned buffer and write it out each time it
+    is full; the last chunk is padded with zeros to ``DIRECT_ALIGN`` and the file then cut to ``size``."""
+    if isinstance(parts, AlignedImage):
+        padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+        for start in range(0, padded, DIRECT_CHUNK):
+            _write_all(descriptor, parts.memory[start:min(start + DIRECT_CHUNK, padded)])
+    else:
+        _write_copied(descriptor, parts)
+    if size % DIRECT_ALIGN:
+        os.ftruncate(descriptor, size)
+
+
+def _write_copied(descriptor: int, parts: Sequence[memoryview]) -> None:
     with _BUFFERS.lend() as buffer:
         filled = 0
         for part in parts:
@@ -144,8 +195,6 @@ def _write_direct(descriptor: int, parts: Sequence[memoryview], size: int) -> No
             padded = -(-filled // DIRECT_ALIGN) * DIRECT_ALIGN
             buffer[filled:padded] = bytes(padded - filled)
             _write_all(descriptor, buffer[:padded])
-    if size % DIRECT_ALIGN:
-        os.ftruncate(descriptor, size)
 
 
 def _write_all(descriptor: int, data: memoryview) -> None:
@@ -174,7 +223,7 @@ def fsync_folder(folder_path: Path) -> None:
         os.close(folder)
 
 
-def atomic_write(path: Path, data: bytes | Sequence[bytes]) -> None:
+def atomic_write(path: Path, data: FileData) -> None:
     """Write ``data`` so that ``path`` is either absent, the old file, or the complete new file."""
     staged = stage_file(path, data)
     try:

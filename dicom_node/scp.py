@@ -48,6 +48,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import metrics
+from dicom_node.dataset_spool import DatasetSpool
 from dicom_node.find_scp import handle_find
 from dicom_node.release import ReleaseTracker
 from dicom_node.settings import Settings
@@ -114,7 +115,18 @@ class FreeSpaceGuard:
 def handle_store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None = None,
                  senders: ReleaseTracker | None = None) -> int:
     """EVT_C_STORE handler: write and record the instance, then return a status (see the module docstring).
-    ``senders`` learns which study each association stored to (see ``dicom_node.release``)."""
+    ``senders`` learns which study each association stored to (see ``dicom_node.release``). A data set the
+    upper layer received into a ``DatasetSpool`` is decoded and written from it, and its memory given back."""
+    received = event.request.DataSet
+    try:
+        return _store(event, store, space, senders, received if isinstance(received, DatasetSpool) else None)
+    finally:
+        if isinstance(received, DatasetSpool):
+            received.release()
+
+
+def _store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None, senders: ReleaseTracker | None,
+           spool: DatasetSpool | None) -> int:
     sop_uid = str(event.request.AffectedSOPInstanceUID)
     free = space.too_low() if space is not None else None
     if free is not None:  # refused before anything is decoded or written; UIDs only in the log
@@ -124,7 +136,7 @@ def handle_store(event: Event, store: InstanceStore, space: FreeSpaceGuard | Non
                   space.min_free_bytes / 2**20)
         return OUT_OF_RESOURCES
     try:  # decoding can only be the sender's fault: never "out of resources"
-        received = event.encoded_dataset(include_meta=False)
+        received = spool.dataset if spool is not None else event.encoded_dataset(include_meta=False)
         dataset = decode_received(received, str(event.context.transfer_syntax))
         dataset.file_meta = event.file_meta
         status = _command_disagrees(event, dataset)
@@ -140,8 +152,8 @@ def handle_store(event: Event, store: InstanceStore, space: FreeSpaceGuard | Non
         metrics.rejected(metrics.MALFORMED)
         return status
     try:
-        stored = store.store(file_parts(event.file_meta, received), dataset, str(event.context.transfer_syntax),
-                             event.assoc.requestor.ae_title)
+        encoded = spool.image() if spool is not None else file_parts(event.file_meta, received)
+        stored = store.store(encoded, dataset, str(event.context.transfer_syntax), event.assoc.requestor.ae_title)
     except (InvalidUIDError, MalformedInstanceError) as error:
         metrics.rejected(metrics.MALFORMED)
         log.warning("refused instance %s from %s: %s", sop_uid[:64], event.assoc.requestor.ae_title, error)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,12 +37,12 @@ from typing import NamedTuple
 
 import blake3
 from pydicom.dataset import Dataset, FileMetaDataset
-from pynetdicom.dsutils import encode_file_meta
 from sqlalchemy import Select, Table, bindparam, insert, literal_column, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.durable_files import fsync_folder, place, stage_file
+from dicom_node.dataset_spool import file_header
+from dicom_node.durable_files import FileData, data_views, fsync_folder, place, stage_file
 from dicom_node.validation import check_instance
 from models.errors import NodeError
 from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES
@@ -101,7 +101,7 @@ def file_digest(path: Path, algorithm: str = DIGEST_ALGORITHM) -> str:
 
 def file_parts(file_meta: FileMetaDataset, dataset: bytes) -> tuple[bytes, bytes]:
     """A received dataset as the two parts of its DICOM file: preamble, prefix and file meta; the dataset."""
-    return b"\0" * 128 + b"DICM" + encode_file_meta(file_meta), dataset
+    return file_header(file_meta), dataset
 
 
 @dataclass(frozen=True)
@@ -299,14 +299,14 @@ class InstanceStore:
         # concurrent stores share one transaction and its commit, in one turn (``worklist.writers.GroupCommit``)
         self.batches: GroupCommit[_Record, bool] = GroupCommit(self._write_batch, self.writers.turn)
 
-    def store(self, encoded: Sequence[bytes], dataset: Dataset, transfer_syntax_uid: str,
+    def store(self, encoded: FileData, dataset: Dataset, transfer_syntax_uid: str,
               calling_ae: str) -> StoredInstance:
-        """Write one received instance (its DICOM file as parts: preamble and file meta, then the dataset as
-        received, whose element structure the caller has checked, e.g. with ``decode_received``) and commit its
-        rows. Raises on any failure (nothing is claimed): ``InvalidUIDError`` (``UIDConflictError``) and
-        ``MalformedInstanceError`` for a dataset that must not be stored, the stored file untouched. Only a failed
-        commit after the rename leaves the new file without its row, which the resend the sender is asked for
-        (0xA700) records."""
+        """Write one received instance and commit its rows. ``encoded`` is its DICOM file: as parts (preamble and
+        file meta, then the dataset as received) or as the ``AlignedImage`` it was received into; the caller has
+        checked its element structure, e.g. with ``decode_received``. Raises on any failure (nothing is
+        claimed): ``InvalidUIDError`` (``UIDConflictError``) and ``MalformedInstanceError`` for a dataset that
+        must not be stored, the stored file untouched. Only a failed commit after the rename leaves the new file
+        without its row, which the resend the sender is asked for (0xA700) records."""
         study_uid = validated_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = validated_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = validated_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -319,10 +319,11 @@ class InstanceStore:
             "sop_class_uid": sop_class, "transfer_syntax_uid": transfer_syntax_uid,
             "laterality": str(dataset.get("ImageLaterality") or dataset.get("Laterality") or "")[:2] or None,
             "view": str(dataset.get("ViewPosition") or "")[:16] or None, "analysable": analysable,
-            "path": str(path.relative_to(self.root)), "size_bytes": sum(map(len, encoded)),
+            "path": str(path.relative_to(self.root)), "size_bytes": sum(map(len, data_views(encoded))),
             "calling_ae": calling_ae[:16],
         }
-        digest = _HASHING.submit(content_digest, encoded)  # while the file is written and fsynced (both free the GIL)
+        # hashed while the file is written and fsynced (both free the GIL)
+        digest = _HASHING.submit(content_digest, data_views(encoded))
         try:
             staged = stage_file(path, encoded)
         finally:

@@ -14,14 +14,16 @@ association, each taking the interpreter lock: eight idle associations kept 60% 
 Both waits last at most ``MAX_WAIT_SECONDS``, after which the loops make their usual checks (ARTIM and idle
 timers, a kill flag set without a wake-up): a missed wake-up costs latency, never a message.
 
-**P-DATA-TF read in place.** pynetdicom copies a received P-DATA-TF PDU into a new ``bytearray``, then into
-``bytes``, slices each presentation data value out of it and then its message control header off it, before
-the DIMSE layer appends the fragment to its ``BytesIO``: five copies of every byte of a 7 MB mammogram, in
-fresh memory, under the interpreter lock. ``NodeDUL`` reads such a PDU, when it is the next event of an
-established association (Sta6), into one buffer and hands the DIMSE layer views of it, checked against the
-item lengths: the fragment is copied once, into the message. Every other PDU, and every P-DATA-TF PDU while a
-handler of the node or a debug log watches received PDUs (asked before each PDU, ~1 µs), takes pynetdicom's
-own path.
+**P-DATA-TF read value by value.** pynetdicom copies a received P-DATA-TF PDU into a new ``bytearray``, then
+into ``bytes``, slices each presentation data value out of it and then its message control header off it, before
+the DIMSE layer appends the fragment to its ``BytesIO``: five copies of every byte of a 7 MB mammogram, in fresh
+memory, under the interpreter lock, and a trip through its event queue and state machine for each PDU (~50 µs;
+DCMTK sends a mammogram in ~50 PDUs of 128 KiB, many modalities in ~400 of 16 KiB). ``NodeDUL`` reads such a
+PDU, when it is the next event of an established association (Sta6), value by value: a data set fragment of a
+C-STORE request goes from the socket straight into the request's ``DatasetSpool`` (``dicom_node.dataset_spool``),
+from which the instance is decoded and written; any other value goes to the DIMSE layer as pynetdicom's DT-2
+action would give it. Every other PDU, and every P-DATA-TF PDU while a handler of the node or a debug log
+watches received PDUs or state transitions (asked before each PDU, ~1 µs), takes pynetdicom's own path.
 """
 
 from __future__ import annotations
@@ -37,19 +39,39 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pydicom.uid import UID
 from pynetdicom import evt
-from pynetdicom._handlers import standard_pdu_recv_handler
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dsutils import create_file_meta
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.utils import make_target
+
+from dicom_node.dataset_spool import DatasetSpool, file_header
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_SECONDS = 0.1
 P_DATA_TF_TYPE = 0x04
 PDU_HEADER = struct.Struct(">BxL")
-ITEM_LENGTH = struct.Struct(">L")
+ITEM_HEADER = struct.Struct(">LBB")  # item length, presentation context ID, message control header
+READ_AHEAD = 10  # the smallest PDU of any type (A-RELEASE, A-ABORT): a peer that owes a PDU owes this much
+STANDARD_LOG_HANDLERS = ((evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+                         (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+                         (evt.EVT_PDU_RECV, standard_pdu_recv_handler), (evt.EVT_PDU_SENT, standard_pdu_sent_handler))
+
+
+class _ImpossibleItemLengthError(Exception):
+    """A P-DATA-TF item that does not fit its PDU."""
 
 
 class DulWakeup:
@@ -106,40 +128,40 @@ class NotifyingQueue(queue.Queue):
         self._notify()
 
 
-class ReceivedPData:
-    """A received P-DATA-TF PDU as the state machine takes it from ``_recv_pdu``: its presentation data values as
-    ``[context ID, view of the value]``, the views into the one buffer the PDU was read into."""
-
-    def __init__(self, values: list[list[Any]]) -> None:
-        self.values = values
-
-    def to_primitive(self) -> P_DATA:
-        primitive = P_DATA()
-        primitive._presentation_data_value_list = self.values  # views, not bytes: the setter would refuse them
-        return primitive
+def p_data(context_id: int, value: bytes) -> P_DATA:
+    """A P-DATA indication of one presentation data value (its message control header first)."""
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[context_id, value]]
+    return primitive
 
 
-def split_values(body: bytearray) -> list[list[Any]] | None:
-    """The presentation data values of a P-DATA-TF PDU's body (PS3.8 9.3.5) as ``[context ID, view]``, each view
-    starting with its message control header; None if an item length is impossible."""
-    view = memoryview(body)
-    values: list[list[Any]] = []
-    offset = 0
-    while offset < len(body):
-        if offset + 4 > len(body):
-            return None
-        (length,) = ITEM_LENGTH.unpack_from(body, offset)
-        end = offset + 4 + length
-        if length < 2 or end > len(body):  # a context ID and a message control header at least
-            return None
-        values.append([body[offset + 4], view[offset + 5:end]])
-        offset = end
-    return values or None
+def spool_for(assoc: Association, context_id: int, control: int) -> DatasetSpool | None:
+    """The spool a data set fragment (``control``: its message control header) of the message being received goes
+    into: that of a C-STORE request whose command is complete, made on its first fragment. None for anything else
+    (a command, another message, a context not accepted, a data set already begun in a ``BytesIO``), which
+    pynetdicom's DIMSE layer decodes as usual."""
+    message = assoc.dimse.message
+    if control & 1 or not isinstance(message, C_STORE_RQ) or message.context_id != context_id:
+        return None
+    if isinstance(message.data_set, DatasetSpool):
+        return message.data_set
+    context = assoc._accepted_cx.get(context_id)
+    if context is None or message.data_set.getbuffer().nbytes:
+        return None
+    command = message.command_set
+    try:
+        header = file_header(create_file_meta(sop_class_uid=UID(command.AffectedSOPClassUID),
+                                              sop_instance_uid=UID(command.AffectedSOPInstanceUID),
+                                              transfer_syntax=UID(context.transfer_syntax[0])))
+    except Exception:  # a command without its UIDs: pynetdicom refuses it once the message is complete
+        return None
+    message.data_set = DatasetSpool(header)
+    return message.data_set
 
 
 class NodeDUL(DULServiceProvider):
-    """pynetdicom's DUL that is woken when it has something to send or must stop, and reads P-DATA-TF in place
-    (see the module docstring)."""
+    """pynetdicom's DUL that is woken when it has something to send or must stop, and reads P-DATA-TF value by
+    value (see the module docstring)."""
 
     wakeup: DulWakeup
     activity: threading.Event
@@ -185,26 +207,80 @@ class NodeDUL(DULServiceProvider):
         self._read_p_data_tf(PDU_HEADER.unpack(header)[1])
 
     def _read_p_data_tf(self, length: int) -> None:
+        """Read a P-DATA-TF PDU's body value by value (see the module docstring); an item length that does not fit
+        aborts the association (Evt19), a connection that closes within the PDU ends it (Evt17)."""
+        requestor = self.assoc.requestor.address
         try:
-            body = self.socket.recv(length)
-        except (OSError, TimeoutError):
-            log.warning("association from %s: the connection closed within a P-DATA-TF PDU",
-                        self.assoc.requestor.address)
-            self.event_queue.put("Evt17")
-            return
-        if len(body) != length:
-            log.warning("association from %s: the connection closed after %d of a P-DATA-TF PDU's %d bytes",
-                        self.assoc.requestor.address, len(body), length)
-            self.event_queue.put("Evt17")
-            return
-        values = split_values(body)
-        if values is None:
-            log.warning("association from %s: a P-DATA-TF PDU whose item lengths do not add up",
-                        self.assoc.requestor.address)
+            self.socket.check_pdu_length(length)
+            remaining = length
+            while remaining:
+                if remaining < ITEM_HEADER.size:
+                    raise _ImpossibleItemLengthError
+                item_length, context_id, control = ITEM_HEADER.unpack(self.socket.recv_exactly(ITEM_HEADER.size))
+                if item_length < 2 or 4 + item_length > remaining:  # a context ID and a message control header
+                    raise _ImpossibleItemLengthError
+                remaining -= 4 + item_length
+                spool = spool_for(self.assoc, context_id, control)
+                if spool is None:
+                    value = bytes((control,)) + self.socket.recv_exactly(item_length - 2)
+                    self.assoc.dimse.receive_primitive(p_data(context_id, value))
+                    continue
+                self._receive_fragment(spool, item_length - 2, read_ahead=not remaining and not control & 2)
+                if control & 2:  # the last fragment: the DIMSE layer completes the message as usual
+                    self.assoc.dimse.receive_primitive(p_data(context_id, bytes((control,))))
+        except _ImpossibleItemLengthError:
+            log.warning("association from %s: a P-DATA-TF PDU whose item lengths do not add up", requestor)
             self.event_queue.put("Evt19")  # invalid PDU: the state machine aborts the association
-            return
-        self._recv_pdu.put(ReceivedPData(values))
-        self.event_queue.put("Evt10")
+        except (OSError, TimeoutError):
+            log.warning("association from %s: the connection closed within a P-DATA-TF PDU", requestor)
+            self.event_queue.put("Evt17")
+
+    def _receive_fragment(self, spool: DatasetSpool, count: int, read_ahead: bool) -> None:
+        """Read a data set fragment of ``count`` bytes into ``spool``. With ``read_ahead`` (it ends its PDU and is
+        not the message's last, so the peer owes another PDU) the same read takes the first ``READ_AHEAD`` bytes
+        of the next PDU, put back for the next read (a P-DATA-TF's header and item length): two reads per PDU,
+        not three. Never more than any PDU holds, so that an A-ABORT there is read at once; a peer that closes
+        the connection instead leaves what it sent to be read as usual."""
+        wanted = count + (READ_AHEAD if read_ahead else 0)
+        read = self.socket.fill(spool.room(wanted))
+        if read < count:
+            raise ConnectionError(f"the connection closed after {read} of a fragment's {count} bytes")
+        spool.advance(count)
+        if read > count:
+            self.socket.unread(spool.room(read - count))
+
+    def run_reactor(self) -> None:
+        """pynetdicom's reactor loop without its sleep: each loop sends a queued primitive or reads a PDU (waiting
+        in ``BoundedSocket.ready`` for data, a wake-up or a timer while it has nothing else to do), then works
+        through one queued event. pynetdicom sleeps 1 ms after a loop that queued no event, which a P-DATA-TF
+        PDU read here never does; a sleep of 0 would still release the interpreter lock once per PDU."""
+        self._idle_timer.start()
+        self.assoc._dul_ready.set()
+        while not self._kill_thread:
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if not self._process_recv_primitive() and self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception:
+                log.exception("association from %s: aborted after an error in its upper layer",
+                              self.assoc.requestor.address)
+                self._abort_at_once()
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                continue
+            self.state_machine.do_action(event)
+
+    def _abort_at_once(self) -> None:
+        """Send an A-ABORT bypassing the state machine (its state is unknown after an error) and stop both
+        reactors, as pynetdicom does."""
+        abort = A_ABORT_RQ()
+        abort.source, abort.reason_diagnostic = 0x02, 0x00
+        self.socket.send(abort.encode())
+        self.assoc.is_aborted, self.assoc.is_established = True, False
+        self.assoc._kill = self._kill_thread = True
 
     def run(self) -> None:
         try:
@@ -229,8 +305,9 @@ class NodeDIMSE(DIMSEServiceProvider):
 
 def watches_received_pdus(assoc: Association) -> bool:
     """Whether a handler other than pynetdicom's standard log handler (which logs P-DATA-TF only at DEBUG) is
-    bound to the received-PDU events, or that log is on: then every PDU must be decoded for them."""
-    if assoc.get_handlers(evt.EVT_DATA_RECV):
+    bound to the received-PDU events, or that log is on, or a handler is bound to the state machine's
+    transitions: then every PDU must be decoded for them, and go through the state machine."""
+    if assoc.get_handlers(evt.EVT_DATA_RECV) or assoc.get_handlers(evt.EVT_FSM_TRANSITION):
         return True
     handlers = [handler for handler, *_ in assoc.get_handlers(evt.EVT_PDU_RECV)]
     return any(handler is not standard_pdu_recv_handler for handler in handlers) or (
@@ -239,7 +316,8 @@ def watches_received_pdus(assoc: Association) -> bool:
 
 def adopt(assoc: Association) -> None:
     """Give a freshly created acceptor association (its threads not started) the node's DUL and DIMSE
-    providers. Its socket must be a ``dicom_node.transport.BoundedSocket``."""
+    providers, and unbind pynetdicom's standard log handlers unless its log takes INFO. Its socket must be a
+    ``dicom_node.transport.BoundedSocket``."""
     dul, dimse = assoc.dul, assoc.dimse
     activity = threading.Event()
     dul.__class__ = NodeDUL
@@ -250,3 +328,7 @@ def adopt(assoc: Association) -> None:
     dul.to_provider_queue = NotifyingQueue(dul.wakeup.wake)
     dul.to_user_queue = NotifyingQueue(activity.set)
     dimse.msg_queue = NotifyingQueue(activity.set)
+    dul._target = make_target(dul.run_reactor)  # the thread was made to run pynetdicom's reactor
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        for event, handler in STANDARD_LOG_HANDLERS:  # they format every message and PDU for a log that drops it
+            assoc.unbind(event, handler)

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 
 from dicom_node import durable_files
-from dicom_node.durable_files import DIRECT_ALIGN, DIRECT_CHUNK, DIRECT_MIN, POOLED_BUFFERS, atomic_write, stage_file
+from dicom_node.durable_files import (
+    DIRECT_ALIGN,
+    DIRECT_CHUNK,
+    DIRECT_MIN,
+    POOLED_BUFFERS,
+    AlignedImage,
+    AlignedMemoryPool,
+    atomic_write,
+    stage_file,
+)
 
 
 def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
@@ -64,6 +73,42 @@ def test_large_files_are_written_directly_and_exactly(direct_io_folder: Path, mo
     assert (direct, paged) == ([1], [])
 
 
+@pytest.mark.parametrize("size", [DIRECT_MIN + 1, DIRECT_CHUNK, 2 * DIRECT_CHUNK + 7])
+def test_an_aligned_image_is_written_from_its_own_memory(direct_io_folder: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         size: int) -> None:
+    copied, paged = _spy(monkeypatch, "_write_copied"), _spy(monkeypatch, "_write_paged")
+    padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+    memory = AlignedMemoryPool(padded + DIRECT_ALIGN, 0).take()
+    data = os.urandom(size)
+    memory[:size] = data
+    atomic_write(direct_io_folder / "image.dcm", AlignedImage(memoryview(memory)[:padded], size))
+    assert (direct_io_folder / "image.dcm").read_bytes() == data
+    assert (copied, paged) == ([], [])
+
+
+def test_an_aligned_image_falls_back_to_the_page_cache_where_direct_io_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(durable_files, "_direct_io", lambda descriptor: False)
+    memory = AlignedMemoryPool(2 * DIRECT_CHUNK, 0).take()
+    data = os.urandom(DIRECT_CHUNK + 3)
+    memory[:len(data)] = data
+    atomic_write(tmp_path / "image.dcm", AlignedImage(memoryview(memory)[:DIRECT_CHUNK + DIRECT_ALIGN], len(data)))
+    assert (tmp_path / "image.dcm").read_bytes() == data
+
+
+def test_an_idle_map_keeps_at_most_its_retained_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = AlignedMemoryPool(64 * DIRECT_ALIGN, 1, retained=16 * DIRECT_ALIGN)
+    memory = pool.take()
+    memory[:] = b"\xff" * len(memory)
+    pool.give(memory, len(memory))
+    assert pool.take() is memory  # reused
+    assert memory[:16 * DIRECT_ALIGN] == b"\xff" * 16 * DIRECT_ALIGN  # retained, as it was
+    assert memory[16 * DIRECT_ALIGN:] == bytes(48 * DIRECT_ALIGN)  # given back to the kernel: zero pages
+    pool.give(memory, 0)
+    pool.give(AlignedMemoryPool(64 * DIRECT_ALIGN, 0).take(), 0)  # a second idle map is let go: one is kept
+    assert pool._idle == [memory]
+
+
 def test_small_files_and_file_systems_without_direct_io_use_the_page_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     direct, paged = _spy(monkeypatch, "_write_direct"), _spy(monkeypatch, "_write_paged")
@@ -112,9 +157,8 @@ def test_a_failed_direct_write_leaves_no_file_and_keeps_its_error(direct_io_fold
                                                                  monkeypatch: pytest.MonkeyPatch, kept: int) -> None:
     """ENOSPC stays ENOSPC (the SCP answers 0xA700, the sender retries), whether the buffer goes back to the
     pool or, the pool being full, is let go while the error's traceback still holds a view of it."""
-    pool = durable_files._AlignedBuffers()
+    pool = AlignedMemoryPool(DIRECT_CHUNK, kept)
     monkeypatch.setattr(durable_files, "_BUFFERS", pool)
-    monkeypatch.setattr(durable_files, "POOLED_BUFFERS", kept)
     write, writes = os.write, []
 
     def filling_up(descriptor: int, data: memoryview) -> int:

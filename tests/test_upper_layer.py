@@ -1,8 +1,10 @@
 """The node's upper layer (``dicom_node.upper_layer``): associations that wait instead of polling, and P-DATA-TF
-PDUs read in place, against pynetdicom's own encoder and real sockets."""
+PDUs read value by value, data set fragments straight into their spool, against pynetdicom's own encoder and
+real sockets."""
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -16,21 +18,15 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
+from dicom_node.dataset_spool import file_header
 from dicom_node.scp import start_scp
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore
-from dicom_node.upper_layer import (
-    MAX_WAIT_SECONDS,
-    NodeDUL,
-    ReceivedPData,
-    adopt,
-    split_values,
-    watches_received_pdus,
-)
+from dicom_node.upper_layer import MAX_WAIT_SECONDS, STANDARD_LOG_HANDLERS, NodeDUL, adopt, watches_received_pdus
 from tests.conftest import free_port, wait_for
 from training.synthetic import write_studies
 from worklist.db import make_engine, session_factory
@@ -75,37 +71,101 @@ def _pdu_bodies(message: DIMSEMessage, context_id: int, max_pdu: int) -> list[by
     return bodies
 
 
-def test_split_values_reads_every_item_and_refuses_impossible_lengths() -> None:
-    body = bytearray(struct.pack(">LBB", 4, 1, 3) + b"ab" + struct.pack(">LBB", 3, 5, 2) + b"c")
-    values = split_values(body)
-    assert [(context, bytes(view)) for context, view in values] == [(1, b"\x03ab"), (5, b"\x02c")]
-    assert isinstance(values[0][1], memoryview)  # a view of the one buffer, not a copy
-    assert split_values(bytearray(struct.pack(">LB", 1, 1))) is None  # no message control header
-    assert split_values(body + struct.pack(">LBB", 9, 1, 2)) is None  # an item running past the PDU
-    assert split_values(body + b"\0\0") is None  # trailing bytes that cannot hold an item length
-    assert split_values(bytearray()) is None  # a P-DATA-TF PDU holds at least one value
+def _pdu(body: bytes) -> bytes:
+    return b"\x04\x00" + struct.pack(">L", len(body)) + body
 
 
-def test_a_c_store_read_in_place_decodes_to_the_bytes_pynetdicom_sent(tmp_path: Path) -> None:
-    write_studies(tmp_path, 1, seed=5, rows=128, cols=96, progress=False)
-    dataset = pydicom.dcmread(sorted(tmp_path.glob("*/*.dcm"))[0])
-    encoded = encode(dataset, False, True)  # as sent in Explicit VR Little Endian
+def _c_store_request(dataset: pydicom.Dataset, encoded: bytes) -> C_STORE_RQ:
     primitive = C_STORE()
     primitive.MessageID, primitive.Priority = 7, 2
     primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID = MG, dataset.SOPInstanceUID
     primitive.DataSet = BytesIO(encoded)
     request = C_STORE_RQ()
     request.primitive_to_message(primitive)
-    # Small PDUs, and also every value of the message in a single PDU (allowed by PS3.8 9.3.5): both decode alike.
-    bodies = _pdu_bodies(request, 3, 4096)
-    assert len(bodies) > 5
-    for pdus in (bodies, [b"".join(bodies)]):
-        received = DIMSEMessage()
-        complete = [received.decode_msg(ReceivedPData(split_values(bytearray(body))).to_primitive())
-                    for body in pdus]
-        assert complete[-1] and not any(complete[:-1])
-        assert received.context_id == 3 and received.command_set.MessageID == 7
-        assert received.data_set.getvalue() == encoded
+    return request
+
+
+def _stored(server: Any, sop_instance_uid: str) -> Path:
+    wait_for(lambda: any(server.settings.incoming_dir.rglob(f"{sop_instance_uid}.dcm")), "the instance to be stored")
+    return next(server.settings.incoming_dir.rglob(f"{sop_instance_uid}.dcm"))
+
+
+@pytest.mark.parametrize("layout", ["one PDU per value", "every value in one PDU"])
+def test_a_c_store_read_value_by_value_is_stored_as_pynetdicom_sent_it(server: Any, tmp_path: Path,
+                                                                      layout: str) -> None:
+    """Small PDUs (4 KiB, each data set fragment read with the next PDU's headers), and every value of the
+    message in a single PDU (allowed by PS3.8 9.3.5, read value by value): the file holds exactly what was
+    sent, after the file meta information pynetdicom would have written."""
+    write_studies(tmp_path, 1, seed=5, rows=128, cols=96, progress=False)
+    dataset = pydicom.dcmread(sorted(tmp_path.glob("*/*.dcm"))[0])
+    assoc = _associate(server, MG)
+    try:
+        context = assoc.accepted_contexts[0]
+        syntax = context.transfer_syntax[0]
+        encoded = encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian)
+        bodies = _pdu_bodies(_c_store_request(dataset, encoded), context.context_id, 4096)
+        assert len(bodies) > 5
+        raw = b"".join(map(_pdu, bodies)) if layout == "one PDU per value" else _pdu(b"".join(bodies))
+        assoc.dul.socket.socket.sendall(raw)
+        stored = _stored(server, dataset.SOPInstanceUID).read_bytes()
+    finally:
+        assoc.release()
+    meta = create_file_meta(sop_class_uid=MG, sop_instance_uid=dataset.SOPInstanceUID, transfer_syntax=syntax)
+    assert stored == file_header(meta) + encoded
+
+
+def test_large_instances_in_pdus_of_the_announced_size_are_stored_whole(server: Any, tmp_path: Path) -> None:
+    write_studies(tmp_path, 1, seed=8, rows=1024, cols=832, progress=False)  # 1.7 MB each: 27 PDUs of 64 KiB
+    sources = sorted(tmp_path.glob("*/*.dcm"))
+    assoc = _associate(server, MG)
+    try:
+        assert [assoc.send_c_store(path).Status for path in sources] == [0x0000] * len(sources)
+    finally:
+        assoc.release()
+    for path in sources:
+        sent = pydicom.dcmread(path)
+        assert pydicom.dcmread(_stored(server, sent.SOPInstanceUID)).PixelData == sent.PixelData
+
+
+def test_an_abort_after_a_fragment_is_read_at_once_and_nothing_is_stored(server: Any, tmp_path: Path) -> None:
+    """The fragment's read takes the next PDU's headers along: a 10-byte A-ABORT there is put back and handled."""
+    write_studies(tmp_path, 1, seed=9, rows=128, cols=96, progress=False)
+    dataset = pydicom.dcmread(sorted(tmp_path.glob("*/*.dcm"))[0])
+    assoc = _associate(server, MG)
+    context = assoc.accepted_contexts[0]
+    encoded = encode(dataset, context.transfer_syntax[0].is_implicit_VR, True)
+    bodies = _pdu_bodies(_c_store_request(dataset, encoded), context.context_id, 4096)
+    wait_for(lambda: len(server.active_associations) == 1, "the association to be served")
+    start = time.monotonic()
+    assoc.dul.socket.socket.sendall(b"".join(map(_pdu, bodies[:3])) + b"\x07\x00" + struct.pack(">L", 4) + bytes(4))
+    wait_for(lambda: not server.active_associations, "the association to end", timeout=10)
+    assert time.monotonic() - start < 5  # not held until a timeout
+    assoc.abort()
+    assert not list(server.settings.incoming_dir.rglob("*.dcm"))
+    second = _associate(server)
+    try:
+        assert second.send_c_echo().Status == 0x0000
+    finally:
+        second.release()
+
+
+def test_a_peer_that_stalls_within_a_message_is_cut_off(server: Any, tmp_path: Path) -> None:
+    """Within a message the DUL reads without waiting for data first; the socket's receive timeout (the AE's
+    network timeout) ends an association whose peer stops sending."""
+    server.ae.network_timeout = 1
+    write_studies(tmp_path, 1, seed=10, rows=128, cols=96, progress=False)
+    dataset = pydicom.dcmread(sorted(tmp_path.glob("*/*.dcm"))[0])
+    assoc = _associate(server, MG)
+    try:
+        context = assoc.accepted_contexts[0]
+        encoded = encode(dataset, context.transfer_syntax[0].is_implicit_VR, True)
+        bodies = _pdu_bodies(_c_store_request(dataset, encoded), context.context_id, 4096)
+        wait_for(lambda: len(server.active_associations) == 1, "the association to be served")
+        assoc.dul.socket.socket.sendall(b"".join(map(_pdu, bodies[:3])))
+        wait_for(lambda: not server.active_associations, "the stalled association to end", timeout=15)
+    finally:
+        assoc.abort()
+    assert not list(server.settings.incoming_dir.rglob("*.dcm"))
 
 
 def test_an_idle_association_waits_and_still_answers_at_once(server: Any) -> None:
@@ -143,12 +203,25 @@ def test_impossible_item_lengths_abort_the_association_and_the_node_keeps_servin
 def test_a_handler_watching_received_pdus_keeps_pynetdicoms_decoding() -> None:
     ae = AE()
     assert not watches_received_pdus(Association(ae, "acceptor"))  # only pynetdicom's standard log handler
-    watched = Association(ae, "acceptor")
-    watched.bind(evt.EVT_PDU_RECV, lambda event: None)
-    assert watches_received_pdus(watched)
-    raw = Association(ae, "acceptor")
-    raw.bind(evt.EVT_DATA_RECV, lambda event: None)
-    assert watches_received_pdus(raw)
+    for event in (evt.EVT_PDU_RECV, evt.EVT_DATA_RECV, evt.EVT_FSM_TRANSITION):
+        watched = Association(ae, "acceptor")
+        watched.bind(event, lambda event: None)
+        assert watches_received_pdus(watched), event
+
+
+@pytest.mark.parametrize(("level", "bound"), [(logging.WARNING, False), (logging.INFO, True)])
+def test_pynetdicoms_log_handlers_are_unbound_while_its_log_drops_them(level: int, bound: bool) -> None:
+    logger = logging.getLogger("pynetdicom")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        assoc = Association(AE(), "acceptor")
+        adopt(assoc)
+        assoc.dul.wakeup.close()
+    finally:
+        logger.setLevel(before)
+    assert [handler in [bound_handler for bound_handler, *_ in assoc.get_handlers(event)]
+            for event, handler in STANDARD_LOG_HANDLERS] == [bound] * len(STANDARD_LOG_HANDLERS)
 
 
 def test_a_handler_bound_during_an_association_sees_its_next_p_data_pdus(server: Any, tmp_path: Path) -> None:
