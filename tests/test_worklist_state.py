@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
+from worklist import completeness
 from worklist.completeness import Readiness, promote_ready_studies
 from worklist.exports import claim_due, jobs_with_due_exports, mark_delivered, mark_failed_attempt, retry_failed
 from worklist.models import Export, ExportState, Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
@@ -80,6 +81,25 @@ def test_a_promotion_is_written_in_the_writers_turn(sessions, tmp_path):
         assert promoting.is_alive() and jobs_of(sessions, study) == []  # waiting for the turn held here
     promoting.join(30)
     assert [job.id for job in jobs_of(sessions, study)] == created and len(created) == 1
+
+
+def test_ready_studies_are_promoted_together_in_transactions_of_a_batch(sessions, monkeypatch):
+    monkeypatch.setattr(completeness, "PROMOTION_BATCH", 2)
+    studies = [add_study(sessions, f"1.2.3.8{index}", ["LCC", "RCC", "LMLO", "RMLO"], age=5) for index in range(3)]
+    waiting = add_study(sessions, "1.2.3.89", ["LCC"], age=5)  # neither complete nor timed out
+    commits: list[int] = []
+
+    def count(connection: object) -> None:
+        commits.append(1)
+
+    engine = sessions.kw["bind"]
+    event.listen(engine, "commit", count)
+    try:
+        created = promote_ready_studies(sessions, READINESS)
+    finally:
+        event.remove(engine, "commit", count)
+    assert len(created) == 3 and len(commits) == 2  # two batches: 2 + 1 studies (and the waiting one)
+    assert [len(jobs_of(sessions, study)) for study in studies] == [1, 1, 1] and jobs_of(sessions, waiting) == []
 
 
 def test_concurrent_promotion_creates_one_job(sessions):

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 Turn = Callable[[], AbstractContextManager[object]]  # a writers' turn (``worklist.writers.WriterQueue.turn``)
 
 SCREENING_VIEW_NAMES = ("LCC", "RCC", "LMLO", "RMLO")
+PROMOTION_BATCH = 32  # studies promoted in one transaction
 
 
 def view_name(laterality: str | None, view: str | None) -> str:
@@ -57,8 +58,8 @@ def promote_ready_studies(sessions: sessionmaker[Session], readiness: Readiness,
     """Mark RECEIVING studies READY and create their jobs; returns the new job ids.
 
     Only studies with at least one analysable (MG) instance are considered: a study of other modalities is
-    stored and never analysed. Each study's transaction is written in a ``turn`` of the database's writers (on
-    SQLite, so that the Storage SCP's writers never sleep on SQLite's busy handler behind it).
+    stored and never analysed. Each transaction is written in a ``turn`` of the database's writers (on SQLite,
+    so that the Storage SCP's writers never sleep on SQLite's busy handler behind it).
     """
     now = now or utcnow()
     with sessions() as session:
@@ -80,31 +81,37 @@ def promote_studies(sessions: sessionmaker[Session], study_uids: list[str], read
 
 def _promote_all(sessions: sessionmaker[Session], candidates: list[int], readiness: Readiness,
                  now: datetime, turn: Turn) -> list[int]:
+    """Promote the candidates in transactions of up to ``PROMOTION_BATCH`` studies, each in one writers' turn
+    and one commit (a released association's studies, say: one fsync of the database, not one per study). The
+    candidates are taken in id order, so that concurrent promotions lock PostgreSQL's study rows in one order."""
     created = []
-    for study_id in candidates:
-        with turn():
-            job_id = _promote(sessions, study_id, readiness, now)
-        if job_id is not None:
+    ordered = sorted(candidates)
+    for start in range(0, len(ordered), PROMOTION_BATCH):
+        with turn(), sessions.begin() as session:
+            promoted = [promotion for study_id in ordered[start:start + PROMOTION_BATCH]
+                        if (promotion := _promote(session, study_id, readiness, now)) is not None]
+        for job_id, study_uid, absent in promoted:  # committed: only now are they ready
+            log.info("study %s is ready (job %d)%s", study_uid, job_id,
+                     f"; missing views {', '.join(absent)}" if absent else "",
+                     extra={"study_uid": study_uid, "job_id": job_id})
             created.append(job_id)
     return created
 
 
-def _promote(sessions: sessionmaker[Session], study_id: int, readiness: Readiness, now: datetime) -> int | None:
-    with sessions.begin() as session:
-        present = present_views(session, study_id)
-        waited_out = Study.last_received_at <= now - readiness.timeout
-        condition = (Study.last_received_at <= now - readiness.settle) if len(present) == 4 else waited_out
-        claimed = session.execute(update(Study).where(
-            Study.id == study_id, Study.state == StudyState.RECEIVING, condition).values(
-            state=StudyState.READY)).rowcount
-        if not claimed:
-            return None
-        study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
-        job = Job(study_id=study_id, state=JobState.READY)
-        session.add(job)
-        session.flush()
-        job_id = job.id
-    absent = missing_views(present)
-    log.info("study %s is ready (job %d)%s", study_uid, job_id,
-             f"; missing views {', '.join(absent)}" if absent else "", extra={"study_uid": study_uid, "job_id": job_id})
-    return job_id
+def _promote(session: Session, study_id: int, readiness: Readiness,
+             now: datetime) -> tuple[int, str, list[str]] | None:
+    """Claim a RECEIVING study that is ready (compare-and-set on its state) and add its READY job: (job id, study
+    UID, missing views), or None when it is not ready or another promotion claimed it."""
+    present = present_views(session, study_id)
+    waited_out = Study.last_received_at <= now - readiness.timeout
+    condition = (Study.last_received_at <= now - readiness.settle) if len(present) == 4 else waited_out
+    claimed = session.execute(update(Study).where(
+        Study.id == study_id, Study.state == StudyState.RECEIVING, condition).values(
+        state=StudyState.READY)).rowcount
+    if not claimed:
+        return None
+    study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
+    job = Job(study_id=study_id, state=JobState.READY)
+    session.add(job)
+    session.flush()
+    return job.id, study_uid, missing_views(present)
