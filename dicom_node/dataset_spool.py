@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import io
 import mmap
+import struct
 
-from pydicom.dataset import FileMetaDataset
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from dicom_node.durable_files import DIRECT_ALIGN, AlignedImage, AlignedMemoryPool
 
@@ -29,9 +29,28 @@ POOLED_MAPS = 4  # idle maps kept per process
 _MAPS = AlignedMemoryPool(RESERVED_BYTES, POOLED_MAPS, RETAINED_BYTES, reserve_only=True)
 
 
-def file_header(file_meta: FileMetaDataset) -> bytes:
-    """The preamble, prefix and encoded file meta information that precede a data set in its DICOM file."""
-    return b"\0" * 128 + b"DICM" + encode_file_meta(file_meta)
+def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """The preamble, prefix and file meta information (PS3.10 7.1) that precede a received data set in its DICOM
+    file: byte for byte what pynetdicom's ``create_file_meta`` and ``encode_file_meta`` give (a pynetdicom
+    implementation UID and version name), encoded here in ~5 µs instead of their ~600 µs."""
+    elements = b"".join((
+        _FILE_META_VERSION, _short_element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\0"),
+        _short_element(0x0003, b"UI", sop_instance_uid.encode("ascii"), b"\0"),
+        _short_element(0x0010, b"UI", transfer_syntax_uid.encode("ascii"), b"\0"), _IMPLEMENTATION))
+    return b"".join((b"\0" * 128, b"DICM", _GROUP_LENGTH.pack(2, 0, b"UL", 4, len(elements)), elements))
+
+
+def _short_element(element: int, vr: bytes, value: bytes, padding: bytes) -> bytes:
+    """A group 2 element in explicit VR little endian with a 2-byte length, padded to an even length."""
+    value += padding * (len(value) % 2)
+    return _SHORT_HEADER.pack(2, element, vr, len(value)) + value
+
+
+_SHORT_HEADER = struct.Struct("<HH2sH")
+_GROUP_LENGTH = struct.Struct("<HH2sHL")
+_FILE_META_VERSION = struct.pack("<HH2s2xL", 2, 0x0001, b"OB", 2) + b"\0\1"
+_IMPLEMENTATION = (_short_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode(), b"\0")
+                   + _short_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode(), b" "))
 
 
 class DatasetSpool(io.BytesIO):

@@ -48,11 +48,11 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import metrics
-from dicom_node.dataset_spool import DatasetSpool
+from dicom_node.dataset_spool import DatasetSpool, file_header
 from dicom_node.find_scp import handle_find
 from dicom_node.release import ReleaseTracker
 from dicom_node.settings import Settings
-from dicom_node.storage import InstanceStore, InvalidUIDError, file_parts
+from dicom_node.storage import InstanceStore, InvalidUIDError
 from dicom_node.transport import NodeServer
 from dicom_node.validation import MalformedInstanceError, decode_received
 
@@ -152,7 +152,8 @@ def _store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None, sen
         metrics.rejected(metrics.MALFORMED)
         return status
     try:
-        encoded = spool.image() if spool is not None else file_parts(event.file_meta, received)
+        encoded = spool.image() if spool is not None else (file_header(
+            str(event.request.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax)), received)
         stored = store.store(encoded, dataset, str(event.context.transfer_syntax), event.assoc.requestor.ae_title)
     except (InvalidUIDError, MalformedInstanceError) as error:
         metrics.rejected(metrics.MALFORMED)

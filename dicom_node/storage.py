@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import blake3
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from sqlalchemy import Select, Table, bindparam, insert, literal_column, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.dataset_spool import file_header
 from dicom_node.durable_files import FileData, data_views, fsync_folder, place, stage_file
 from dicom_node.validation import check_instance
 from models.errors import NodeError
@@ -97,11 +96,6 @@ def file_digest(path: Path, algorithm: str = DIGEST_ALGORITHM) -> str:
     """``content_digest`` of a stored file."""
     with path.open("rb") as handle:
         return content_digest(iter(lambda: handle.read(HASH_CHUNK), b""), algorithm)
-
-
-def file_parts(file_meta: FileMetaDataset, dataset: bytes) -> tuple[bytes, bytes]:
-    """A received dataset as the two parts of its DICOM file: preamble, prefix and file meta; the dataset."""
-    return file_header(file_meta), dataset
 
 
 @dataclass(frozen=True)

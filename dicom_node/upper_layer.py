@@ -39,7 +39,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
@@ -50,7 +49,6 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dsutils import create_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
@@ -150,11 +148,10 @@ def spool_for(assoc: Association, context_id: int, control: int) -> DatasetSpool
         return None
     command = message.command_set
     try:
-        header = file_header(create_file_meta(sop_class_uid=UID(command.AffectedSOPClassUID),
-                                              sop_instance_uid=UID(command.AffectedSOPInstanceUID),
-                                              transfer_syntax=UID(context.transfer_syntax[0])))
-    except Exception:  # a command without its UIDs: pynetdicom refuses it once the message is complete
-        return None
+        header = file_header(str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID),
+                             str(context.transfer_syntax[0]))
+    except (AttributeError, UnicodeEncodeError, struct.error):  # a command without its UIDs, or bad ones: pynetdicom
+        return None  # takes the data set, and the node refuses it once the message is complete
     message.data_set = DatasetSpool(header)
     return message.data_set
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom.dsutils import create_file_meta
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from dicom_node import dataset_spool
 from dicom_node.dataset_spool import DatasetSpool, file_header
@@ -24,8 +24,14 @@ def small_maps(monkeypatch: pytest.MonkeyPatch) -> AlignedMemoryPool:
 
 
 def _header() -> bytes:
-    return file_header(create_file_meta(sop_class_uid=MG, sop_instance_uid="1.2.3.4",
-                                        transfer_syntax=ExplicitVRLittleEndian))
+    return file_header(MG, "1.2.3.4", ExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4", "1.2.3.45", "2.25." + "9" * 59])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless])
+def test_the_file_header_is_byte_for_byte_pynetdicoms(sop_instance_uid: str, syntax: str) -> None:
+    meta = create_file_meta(sop_class_uid=UID(MG), sop_instance_uid=UID(sop_instance_uid), transfer_syntax=UID(syntax))
+    assert file_header(MG, sop_instance_uid, syntax) == bytes(128) + b"DICM" + encode_file_meta(meta)
 
 
 def test_fragments_land_after_the_file_header_and_read_back_as_pynetdicoms_bytesio(small_maps: AlignedMemoryPool

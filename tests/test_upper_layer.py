@@ -18,7 +18,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import create_file_meta, encode
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
@@ -110,8 +110,7 @@ def test_a_c_store_read_value_by_value_is_stored_as_pynetdicom_sent_it(server: A
         stored = _stored(server, dataset.SOPInstanceUID).read_bytes()
     finally:
         assoc.release()
-    meta = create_file_meta(sop_class_uid=MG, sop_instance_uid=dataset.SOPInstanceUID, transfer_syntax=syntax)
-    assert stored == file_header(meta) + encoded
+    assert stored == file_header(MG, dataset.SOPInstanceUID, syntax) + encoded
 
 
 def test_large_instances_in_pdus_of_the_announced_size_are_stored_whole(server: Any, tmp_path: Path) -> None:
