@@ -244,6 +244,16 @@ class Corpus:
         manufacturer = find(body, 0x00080070)
         yield self.case("lying-header-length", with_length(body, manufacturer, 0xFFFF), REFUSED, ds)
         yield self.case("short-pixel-length", with_length(body, pixels, pixels.length - 2000), REFUSED, ds)
+        # a binary value that is not a whole number of values (pydicom raises when it is used), at the top level
+        # and inside a sequence item, after the pixel data (private elements, in ascending order)
+        at = find(body, 0x00100010).start
+        yield self.case("partial-binary-value", body[:at] + _short(0x00091010, b"LO", b"FUZZ")
+                        + _short(0x00091012, b"FD", bytes(4)) + body[at:], REFUSED, ds)
+        item = _short(0x00091010, b"LO", b"FUZZ") + _short(0x00091012, b"UL", bytes(2))
+        sequence = struct.pack("<HH2sHI", 0x0009, 0x1013, b"SQ", 0, 8 + len(item)) + struct.pack(
+            "<HHI", 0xFFFE, 0xE000, len(item)) + item
+        yield self.case("partial-binary-value-in-item", body[:at] + _short(0x00091010, b"LO", b"FUZZ") + sequence
+                        + body[at:], REFUSED, ds)
 
     def huge_element(self, megabytes: int) -> Iterator[Case]:
         ds = self.fresh()
