@@ -16,7 +16,7 @@ import pydicom
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
@@ -26,7 +26,14 @@ from dicom_node.dataset_spool import file_header
 from dicom_node.scp import start_scp
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore
-from dicom_node.upper_layer import MAX_WAIT_SECONDS, STANDARD_LOG_HANDLERS, NodeDUL, adopt, watches_received_pdus
+from dicom_node.upper_layer import (
+    MAX_WAIT_SECONDS,
+    STANDARD_LOG_HANDLERS,
+    NodeDUL,
+    adopt,
+    c_store_response,
+    watches_received_pdus,
+)
 from tests.conftest import free_port, wait_for
 from training.synthetic import write_studies
 from worklist.db import make_engine, session_factory
@@ -237,6 +244,32 @@ def test_a_handler_bound_during_an_association_sees_its_next_p_data_pdus(server:
         assoc.release()
     assert {path.name for path in server.settings.incoming_dir.rglob("*.dcm")} == {
         f"{first.SOPInstanceUID}.dcm", f"{second.SOPInstanceUID}.dcm"}
+
+
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3", "1.2.826.0.1.3680043.8.498.12345678901234567890"])
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC000])
+def test_a_c_store_response_is_encoded_as_pynetdicom_would(sop_instance_uid: str, status: int) -> None:
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo, response.Status = 65535, status
+    response.AffectedSOPClassUID, response.AffectedSOPInstanceUID = MG, sop_instance_uid
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    (sent,) = message.encode_msg(1, 16384)
+    assert sent.presentation_data_value_list == [(1, b"\x03" + c_store_response(response))]
+
+
+def test_a_handler_watching_sent_messages_sees_the_c_store_response(server: Any, tmp_path: Path) -> None:
+    write_studies(tmp_path, 1, seed=11, rows=128, cols=96, progress=False)
+    first, second = (pydicom.dcmread(path) for path in sorted(tmp_path.glob("*/*.dcm"))[:2])
+    sent: list[str] = []
+    assoc = _associate(server, MG)
+    try:
+        assert assoc.send_c_store(first).Status == 0x0000  # encoded by the node
+        server.bind(evt.EVT_DIMSE_SENT, lambda event: sent.append(type(event.message).__name__))
+        assert assoc.send_c_store(second).Status == 0x0000  # by pynetdicom, for the handler
+    finally:
+        assoc.release()
+    assert sent == ["C_STORE_RSP"]
 
 
 def test_the_dul_waits_no_longer_than_a_running_artim_timer() -> None:
