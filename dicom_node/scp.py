@@ -138,7 +138,6 @@ def _store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None, sen
     try:  # decoding can only be the sender's fault: never "out of resources"
         received = spool.dataset if spool is not None else event.encoded_dataset(include_meta=False)
         dataset = decode_received(received, str(event.context.transfer_syntax))
-        dataset.file_meta = event.file_meta
         status = _command_disagrees(event, dataset)
     except MalformedInstanceError as error:
         metrics.rejected(metrics.MALFORMED)
