@@ -106,8 +106,8 @@ class BoundedSocket(AssociationSocket):
         if (self.socket is None or self._is_connected is False or not isinstance(dul, upper_layer.NodeDUL)
                 or dul.has_pending_work()):
             return AssociationSocket.ready.fget(self)
-        if self.assoc.dimse.message is not None:  # the peer owes the rest of a message: read it without a poll
-            return True  # (a peer that stalls is cut off by the socket's receive timeout)
+        if dul.state_machine.current_state == "Sta6" and self.assoc.dimse.message is not None:
+            return True  # the peer owes the rest of a message: read without a poll (a stall: the receive timeout)
         try:
             return dul.wakeup.wait_readable(self.socket, dul.wait_timeout())
         except (OSError, ValueError):  # closed under the wait: as pynetdicom's own check reports it

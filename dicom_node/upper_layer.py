@@ -156,7 +156,10 @@ def spool_for(assoc: Association, context_id: int, control: int) -> DatasetSpool
                              str(context.transfer_syntax[0]))
     except (AttributeError, UnicodeEncodeError, struct.error):  # a command without its UIDs, or bad ones: pynetdicom
         return None  # takes the data set, and the node refuses it once the message is complete
-    message.data_set = DatasetSpool(header)
+    try:
+        message.data_set = DatasetSpool(header)
+    except OSError:  # no memory for its map (strict overcommit counts the whole reservation): pynetdicom's path
+        return None
     return message.data_set
 
 
@@ -211,16 +214,17 @@ class NodeDUL(DULServiceProvider):
         """Read a P-DATA-TF PDU's body value by value (see the module docstring); an item length that does not fit
         aborts the association (Evt19), a connection that closes within the PDU ends it (Evt17)."""
         requestor = self.assoc.requestor.address
+        remaining = length
         try:
             self.socket.check_pdu_length(length)
-            remaining = length
             while remaining:
                 if remaining < ITEM_HEADER.size:
                     raise _ImpossibleItemLengthError
                 item_length, context_id, control = ITEM_HEADER.unpack(self.socket.recv_exactly(ITEM_HEADER.size))
-                if item_length < 2 or 4 + item_length > remaining:  # a context ID and a message control header
+                remaining -= ITEM_HEADER.size
+                if item_length < 2 or item_length - 2 > remaining:  # a context ID and a message control header
                     raise _ImpossibleItemLengthError
-                remaining -= 4 + item_length
+                remaining -= item_length - 2
                 spool = spool_for(self.assoc, context_id, control)
                 if spool is None:
                     value = bytes((control,)) + self.socket.recv_exactly(item_length - 2)
@@ -231,6 +235,8 @@ class NodeDUL(DULServiceProvider):
                     self.assoc.dimse.receive_primitive(p_data(context_id, bytes((control,))))
         except _ImpossibleItemLengthError:
             log.warning("association from %s: a P-DATA-TF PDU whose item lengths do not add up", requestor)
+            with contextlib.suppress(OSError, TimeoutError):  # the rest of the PDU, read as pynetdicom would
+                self.socket.recv(remaining)
             self.event_queue.put("Evt19")  # invalid PDU: the state machine aborts the association
         except (OSError, TimeoutError):
             log.warning("association from %s: the connection closed within a P-DATA-TF PDU", requestor)
@@ -287,6 +293,9 @@ class NodeDUL(DULServiceProvider):
         try:
             super().run()
         finally:
+            unfinished = self.assoc.dimse.message
+            if unfinished is not None and isinstance(unfinished.data_set, DatasetSpool):
+                unfinished.data_set.release()  # an aborted or dropped transfer: its map goes back to the pool
             self.activity.set()  # the association thread sees at once that the DUL has ended
             self.wakeup.close()
 
@@ -314,7 +323,7 @@ class NodeDIMSE(DIMSEServiceProvider):
                 command = c_store_response(primitive)
             except (UnicodeEncodeError, struct.error, TypeError):  # UIDs or values pynetdicom judges itself
                 command = None
-            if command is not None:
+            if command is not None and not 0 < self.maximum_pdu_size < len(command) + 6:  # one fragment
                 self.dul.send_pdu(p_data(context_id, bytes((COMMAND_LAST_FRAGMENT,)) + command))
                 return
         super().send_msg(primitive, context_id)

@@ -6,10 +6,12 @@ then answer Success for a file no worker can read. These checks are cheap and ne
 
 - ``decode_received`` first walks the element headers of the bytes as received (never the values): every
   length fits in its container, every VR is known, a value of a fixed-size binary VR (US, UL, FD, ...) is a
-  whole number of values (pydicom raises for one that is not when the value is used; in its default validation
-  mode it only warns about anything else, so this is what decoding every element used to catch, at ~2 ms per
-  image), sequences nest at most ``MAX_SEQUENCE_DEPTH`` levels, there are at most ``MAX_ELEMENTS`` elements, and
-  a deflated dataset inflates to at most ``MAX_INFLATED_BYTES``;
+  whole number of values, sequences nest at most ``MAX_SEQUENCE_DEPTH`` levels, there are at most
+  ``MAX_ELEMENTS`` elements, and a deflated dataset inflates to at most ``MAX_INFLATED_BYTES``. pydicom raises
+  for a partial binary value when it is used, and in its default validation mode only warns about anything else:
+  the walk catches what decoding every element caught, without its ~2 ms per image. A dataset holding an element
+  pydicom reads as another VR (UN of a standard tag, an ambiguous implicit VR) is still decoded element by
+  element;
 - ``check_instance`` checks the image attributes: known photometric interpretation
   consistent with Samples per Pixel, sane bit depths and frame count, at most ``MAX_FRAME_PIXELS`` per frame and
   ``MAX_DECODED_BYTES`` in all (so that a decompression bomb is refused by its declared size, before anything
@@ -32,7 +34,9 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, generate_frames
+from pydicom.errors import BytesLengthException
 from pydicom.filereader import read_dataset
+from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
@@ -81,6 +85,17 @@ def _tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+def _judged_by_decoding(tag: int, vr: str | None) -> bool:
+    """Whether pydicom reads the element as another VR than the one given: UN of a standard tag (read as its
+    dictionary VR), or an implicit VR the dictionary leaves ambiguous ("US or SS", "US or OW", ...; resolved
+    from other elements). Pixel data is checked on its own."""
+    if tag == PIXEL_DATA or vr is None:
+        return False
+    if vr == "UN":
+        return _implicit_vr(tag) not in (None, "UN")
+    return " or " in vr
+
+
 def _implicit_vr(tag: int) -> str | None:
     try:
         return dictionary_VR(tag)
@@ -99,6 +114,7 @@ class _Walker:
         self.elements = 0
         self.native_pixel_data: tuple[str | None, int, int] | None = None  # top level: (VR, value offset, length)
         self.top_level_pixel_data = 0  # how many (7FE0,0010) elements the top level holds, whatever their form
+        self.needs_decoding = False  # an element only pydicom's decoding can judge (see ``_judged_by_decoding``)
 
     def header(self, pos: int, end: int, implicit: bool) -> tuple[int, str | None, int, int]:
         """(tag, VR or None, length, offset of the value) of the element at ``pos``."""
@@ -150,6 +166,7 @@ class _Walker:
             if length % size:
                 raise MalformedInstanceError(f"element {_tag(tag)} ({vr}) at byte {pos} holds {length} bytes, not a "
                                              f"whole number of {size}-byte values")
+            self.needs_decoding = self.needs_decoding or _judged_by_decoding(tag, vr)
             if vr == "SQ":
                 self.items(value_at, value_at + length, depth + 1, implicit, delimited=False)
             elif tag == PIXEL_DATA and depth == 0 and (implicit or vr in ("OB", "OW")):
@@ -236,18 +253,33 @@ def decode_received(stream: bytes | memoryview, transfer_syntax_uid: str) -> Dat
     walker = _walk(data, syntax)
     pixel_data = walker.native_pixel_data
     if pixel_data is None or syntax.is_encapsulated or walker.top_level_pixel_data != 1:
-        return read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
-    vr, value_at, length = pixel_data
-    element_at = value_at - (8 if syntax.is_implicit_VR else 12)  # (7FE0,0010) OB/OW: a 4-byte length
-    dataset = read_dataset(BytesIO(data[:element_at]), syntax.is_implicit_VR, syntax.is_little_endian)
-    dataset[PIXEL_DATA] = RawDataElement(Tag(PIXEL_DATA), vr, length, memoryview(data)[value_at:value_at + length],
-                                         value_at, syntax.is_implicit_VR, syntax.is_little_endian, True)
-    if value_at + length < len(data):  # elements after the pixel data (trailing padding, private tags)
-        rest = read_dataset(BytesIO(data[value_at + length:]), syntax.is_implicit_VR, syntax.is_little_endian,
-                            parent_encoding=dataset.original_character_set)  # for the items of its sequences
-        for element in rest.elements():
-            dataset[element.tag] = element
+        dataset = read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
+    else:
+        vr, value_at, length = pixel_data
+        element_at = value_at - (8 if syntax.is_implicit_VR else 12)  # (7FE0,0010) OB/OW: a 4-byte length
+        dataset = read_dataset(BytesIO(data[:element_at]), syntax.is_implicit_VR, syntax.is_little_endian)
+        dataset[PIXEL_DATA] = RawDataElement(Tag(PIXEL_DATA), vr, length,
+                                             memoryview(data)[value_at:value_at + length], value_at,
+                                             syntax.is_implicit_VR, syntax.is_little_endian, True)
+        if value_at + length < len(data):  # elements after the pixel data (trailing padding, private tags)
+            rest = read_dataset(BytesIO(data[value_at + length:]), syntax.is_implicit_VR, syntax.is_little_endian,
+                                parent_encoding=dataset.original_character_set)  # for the items of its sequences
+            for element in rest.elements():
+                dataset[element.tag] = element
+    if walker.needs_decoding:
+        try:
+            _decode_all(dataset)
+        except (BytesLengthException, NotImplementedError, ValueError, KeyError, EOFError, TypeError,
+                AttributeError, RecursionError, OSError, struct.error) as error:
+            raise MalformedInstanceError(f"the dataset does not decode: {error}") from None
     return dataset
+
+
+def _decode_all(dataset: Dataset, depth: int = 0) -> None:
+    for element in dataset:  # iterating converts each raw element: a value of the wrong size raises here
+        if isinstance(element.value, Sequence):
+            for item in element.value:
+                _decode_all(item, depth + 1)
 
 
 def _check_attribute_vrs(dataset: Dataset) -> None:

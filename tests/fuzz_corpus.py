@@ -245,7 +245,8 @@ class Corpus:
         yield self.case("lying-header-length", with_length(body, manufacturer, 0xFFFF), REFUSED, ds)
         yield self.case("short-pixel-length", with_length(body, pixels, pixels.length - 2000), REFUSED, ds)
         # a binary value that is not a whole number of values (pydicom raises when it is used), at the top level
-        # and inside a sequence item, after the pixel data (private elements, in ascending order)
+        # and inside a sequence item (private elements of group 0009, before Patient's Name), and as UN of a
+        # standard US tag (pydicom reads it as US)
         at = find(body, 0x00100010).start
         yield self.case("partial-binary-value", body[:at] + _short(0x00091010, b"LO", b"FUZZ")
                         + _short(0x00091012, b"FD", bytes(4)) + body[at:], REFUSED, ds)
@@ -254,6 +255,9 @@ class Corpus:
             "<HHI", 0xFFFE, 0xE000, len(item)) + item
         yield self.case("partial-binary-value-in-item", body[:at] + _short(0x00091010, b"LO", b"FUZZ") + sequence
                         + body[at:], REFUSED, ds)
+        smallest = find(body, PIXEL_DATA).start  # (0028,0106) Smallest Image Pixel Value goes before the pixels
+        un = struct.pack("<HH2s2xI", 0x0028, 0x0106, b"UN", 3) + b"\x01\x02\x03"
+        yield self.case("partial-binary-value-as-un", body[:smallest] + un + body[smallest:], REFUSED, ds)
 
     def huge_element(self, megabytes: int) -> Iterator[Case]:
         ds = self.fresh()

@@ -16,13 +16,16 @@ import pydicom
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
+from dicom_node import dataset_spool
 from dicom_node.dataset_spool import file_header
+from dicom_node.durable_files import AlignedMemoryPool
 from dicom_node.scp import start_scp
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore
@@ -133,8 +136,12 @@ def test_large_instances_in_pdus_of_the_announced_size_are_stored_whole(server: 
         assert pydicom.dcmread(_stored(server, sent.SOPInstanceUID)).PixelData == sent.PixelData
 
 
-def test_an_abort_after_a_fragment_is_read_at_once_and_nothing_is_stored(server: Any, tmp_path: Path) -> None:
-    """The fragment's read takes the next PDU's headers along: a 10-byte A-ABORT there is put back and handled."""
+def test_an_abort_after_a_fragment_is_read_at_once_and_nothing_is_stored(server: Any, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fragment's read takes the next PDU's headers along: a 10-byte A-ABORT there is put back and handled.
+    The unfinished data set's map goes back to the pool."""
+    pool = AlignedMemoryPool(1 << 20, 2, reserve_only=True)
+    monkeypatch.setattr(dataset_spool, "_MAPS", pool)
     write_studies(tmp_path, 1, seed=9, rows=128, cols=96, progress=False)
     dataset = pydicom.dcmread(sorted(tmp_path.glob("*/*.dcm"))[0])
     assoc = _associate(server, MG)
@@ -148,11 +155,53 @@ def test_an_abort_after_a_fragment_is_read_at_once_and_nothing_is_stored(server:
     assert time.monotonic() - start < 5  # not held until a timeout
     assoc.abort()
     assert not list(server.settings.incoming_dir.rglob("*.dcm"))
+    assert len(pool._idle) == 1
     second = _associate(server)
     try:
         assert second.send_c_echo().Status == 0x0000
     finally:
         second.release()
+
+
+def test_an_invalid_pdu_within_a_message_ends_the_association_at_once(server: Any, tmp_path: Path) -> None:
+    """An item longer than its PDU, sent mid-message by a peer that keeps its socket open: the rest of the PDU is
+    read, the node aborts, and (no longer reading without a poll outside Sta6) closes without waiting for the
+    receive timeout."""
+    write_studies(tmp_path, 1, seed=12, rows=128, cols=96, progress=False)
+    dataset = pydicom.dcmread(sorted(tmp_path.glob("*/*.dcm"))[0])
+    assoc = _associate(server, MG)
+    try:
+        context = assoc.accepted_contexts[0]
+        encoded = encode(dataset, context.transfer_syntax[0].is_implicit_VR, True)
+        bodies = _pdu_bodies(_c_store_request(dataset, encoded), context.context_id, 4096)
+        wait_for(lambda: len(server.active_associations) == 1, "the association to be served")
+        assoc.dul.kill_dul()  # the peer keeps its socket open but no longer reads: only the node can close it
+        assoc.dul.join(5)
+        start = time.monotonic()
+        bad = struct.pack(">LBB", 100, context.context_id, 0) + b"ab"  # one item claiming 100 of the PDU's 8 bytes
+        assoc.dul.socket.socket.sendall(b"".join(map(_pdu, bodies[:3])) + _pdu(bad))
+        wait_for(lambda: not server.active_associations, "the association to end", timeout=30)
+        assert time.monotonic() - start < 10  # not the 60 s receive timeout
+    finally:
+        assoc.abort()
+    assert not list(server.settings.incoming_dir.rglob("*.dcm"))
+
+
+def test_a_c_store_response_larger_than_the_peers_pdus_goes_through_pynetdicom(monkeypatch: pytest.MonkeyPatch
+                                                                                ) -> None:
+    assoc = Association(AE(), "acceptor")
+    adopt(assoc)
+    assoc.dul.wakeup.close()
+    fallback, sent = [], []
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", lambda self, primitive, context_id: fallback.append(1))
+    assoc.dul.send_pdu = sent.append
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo, response.Status = 1, 0x0000
+    response.AffectedSOPClassUID, response.AffectedSOPInstanceUID = MG, "1.2.3.4"
+    for maximum in (0, 16384, 64):  # 0: no limit
+        assoc.requestor.maximum_length = maximum
+        assoc.dimse.send_msg(response, 1)
+    assert len(sent) == 2 and fallback == [1]
 
 
 def test_a_peer_that_stalls_within_a_message_is_cut_off(server: Any, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ so two schedulers can never create two jobs for the same arrival.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -63,7 +63,7 @@ def promote_ready_studies(sessions: sessionmaker[Session], readiness: Readiness,
     """
     now = now or utcnow()
     with sessions() as session:
-        candidates = session.scalars(select(Study.id).where(
+        candidates = session.execute(select(Study.study_instance_uid, Study.id).where(
             Study.state == StudyState.RECEIVING, Study.last_received_at <= now - readiness.settle,
             exists().where(Instance.study_id == Study.id, Instance.analysable.is_(True)))).all()
     return _promote_all(sessions, candidates, readiness, now, turn)
@@ -74,18 +74,21 @@ def promote_studies(sessions: sessionmaker[Session], study_uids: list[str], read
     """``promote_ready_studies`` for the named studies only (those still RECEIVING); returns the new job ids."""
     now = now or utcnow()
     with sessions() as session:
-        candidates = session.scalars(select(Study.id).where(
+        candidates = session.execute(select(Study.study_instance_uid, Study.id).where(
             Study.study_instance_uid.in_(study_uids), Study.state == StudyState.RECEIVING)).all()
     return _promote_all(sessions, candidates, readiness, now, turn)
 
 
-def _promote_all(sessions: sessionmaker[Session], candidates: list[int], readiness: Readiness,
+def _promote_all(sessions: sessionmaker[Session], candidates: Sequence[tuple[str, int]], readiness: Readiness,
                  now: datetime, turn: Turn) -> list[int]:
-    """Promote the candidates in transactions of up to ``PROMOTION_BATCH`` studies, each in one writers' turn
-    and one commit (a released association's studies, say: one fsync of the database, not one per study). The
-    candidates are taken in id order, so that concurrent promotions lock PostgreSQL's study rows in one order."""
+    """Promote the candidates ``(study UID, id)``, in UID order (Python's, as the Storage SCP sorts its
+    instances, not the database's collation), in transactions of up to ``PROMOTION_BATCH`` studies,
+    each in one writers' turn and one commit (a released association's studies, say: one fsync of the database,
+    not one per study). The Storage SCP's transactions lock study rows in the same order
+    (``dicom_node.storage``), so that they and the promotions never wait for each other in a cycle on
+    PostgreSQL. A failure rolls back its batch only; the scheduler promotes those studies on its next round."""
     created = []
-    ordered = sorted(candidates)
+    ordered = [study_id for _, study_id in sorted(candidates)]
     for start in range(0, len(ordered), PROMOTION_BATCH):
         with turn(), sessions.begin() as session:
             promoted = [promotion for study_id in ordered[start:start + PROMOTION_BATCH]
