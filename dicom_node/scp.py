@@ -118,16 +118,18 @@ def handle_store(event: Event, store: InstanceStore, space: FreeSpaceGuard | Non
     ``senders`` learns which study each association stored to (see ``dicom_node.release``). A data set the
     upper layer received into a ``DatasetSpool`` is decoded and written from it, and its memory given back."""
     received = event.request.DataSet
+    spool = received if isinstance(received, DatasetSpool) else None
     try:
-        return _store(event, store, space, senders, received if isinstance(received, DatasetSpool) else None)
+        return _store(event, store, space, senders, spool)
     finally:
-        if isinstance(received, DatasetSpool):
-            received.release()
+        if spool is not None:
+            spool.release()
 
 
 def _store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None, senders: ReleaseTracker | None,
            spool: DatasetSpool | None) -> int:
     sop_uid = str(event.request.AffectedSOPInstanceUID)
+    syntax = str(event.context.transfer_syntax)
     free = space.too_low() if space is not None else None
     if free is not None:  # refused before anything is decoded or written; UIDs only in the log
         metrics.rejected(metrics.DISK_FULL)
@@ -137,7 +139,7 @@ def _store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None, sen
         return OUT_OF_RESOURCES
     try:  # decoding can only be the sender's fault: never "out of resources"
         received = spool.dataset if spool is not None else event.encoded_dataset(include_meta=False)
-        dataset = decode_received(received, str(event.context.transfer_syntax))
+        dataset = decode_received(received, syntax)
         status = _command_disagrees(event, dataset)
     except MalformedInstanceError as error:
         metrics.rejected(metrics.MALFORMED)
@@ -151,9 +153,9 @@ def _store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None, sen
         metrics.rejected(metrics.MALFORMED)
         return status
     try:
-        encoded = spool.image() if spool is not None else (file_header(
-            str(event.request.AffectedSOPClassUID), sop_uid, str(event.context.transfer_syntax)), received)
-        stored = store.store(encoded, dataset, str(event.context.transfer_syntax), event.assoc.requestor.ae_title)
+        encoded = spool.image() if spool is not None else (
+            file_header(str(event.request.AffectedSOPClassUID), sop_uid, syntax), received)
+        stored = store.store(encoded, dataset, syntax, event.assoc.requestor.ae_title)
     except (InvalidUIDError, MalformedInstanceError) as error:
         metrics.rejected(metrics.MALFORMED)
         log.warning("refused instance %s from %s: %s", sop_uid[:64], event.assoc.requestor.ae_title, error)

@@ -74,13 +74,9 @@ class BoundedSocket(AssociationSocket):
         """Read exactly ``nr_bytes`` of a PDU whose length was checked; ``ConnectionError`` if the peer closes the
         connection first."""
         buffer = bytearray(nr_bytes)
-        self.recv_exactly_into(memoryview(buffer))
+        if self.fill(memoryview(buffer)) != nr_bytes:
+            raise ConnectionError(f"the connection closed before the {nr_bytes} bytes asked for arrived")
         return buffer
-
-    def recv_exactly_into(self, view: memoryview) -> None:
-        """Fill ``view`` from the connection; ``ConnectionError`` if the peer closes it first."""
-        if self.fill(view) != len(view):
-            raise ConnectionError(f"the connection closed after {len(view)} bytes were asked for")
 
     def fill(self, view: memoryview) -> int:
         """Read into ``view`` until it is full or the peer closes the connection; how many bytes were read. A

@@ -275,11 +275,12 @@ def decode_received(stream: bytes | memoryview, transfer_syntax_uid: str) -> Dat
     return dataset
 
 
-def _decode_all(dataset: Dataset, depth: int = 0) -> None:
+def _decode_all(dataset: Dataset) -> None:
+    """Convert every element, items of sequences included (their depth is bounded by the walk)."""
     for element in dataset:  # iterating converts each raw element: a value of the wrong size raises here
         if isinstance(element.value, Sequence):
             for item in element.value:
-                _decode_all(item, depth + 1)
+                _decode_all(item)
 
 
 def _check_attribute_vrs(dataset: Dataset) -> None:
