@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydicom
 import pytest
@@ -95,6 +95,28 @@ def _c_store_request(dataset: pydicom.Dataset, encoded: bytes) -> C_STORE_RQ:
     return request
 
 
+class _CStore(NamedTuple):
+    """An association to the server and a C-STORE of a small synthetic image cut into 4 KiB P-DATA-TF PDUs."""
+
+    assoc: Association
+    dataset: pydicom.Dataset
+    context: Any
+    encoded: bytes
+    bodies: list[bytes]
+
+
+def _c_store_in_pdus(server: Any, folder: Path, seed: int) -> _CStore:
+    """The PDU bodies are those pynetdicom would send for the image under the context the server accepted."""
+    write_studies(folder, 1, seed=seed, rows=128, cols=96, progress=False)
+    dataset = pydicom.dcmread(sorted(folder.glob("*/*.dcm"))[0])
+    assoc = _associate(server, MG)
+    context = assoc.accepted_contexts[0]
+    syntax = context.transfer_syntax[0]
+    encoded = encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian)
+    return _CStore(assoc, dataset, context, encoded,
+                   _pdu_bodies(_c_store_request(dataset, encoded), context.context_id, 4096))
+
+
 def _stored(server: Any, sop_instance_uid: str) -> Path:
     wait_for(lambda: any(server.settings.incoming_dir.rglob(f"{sop_instance_uid}.dcm")), "the instance to be stored")
     return next(server.settings.incoming_dir.rglob(f"{sop_instance_uid}.dcm"))
@@ -106,21 +128,16 @@ def test_a_c_store_read_value_by_value_is_stored_as_pynetdicom_sent_it(server: A
     """Small PDUs (4 KiB, each data set fragment read with the next PDU's headers), and every value of the
     message in a single PDU (allowed by PS3.8 9.3.5, read value by value): the file holds exactly what was
     sent, after the file meta information pynetdicom would have written."""
-    write_studies(tmp_path, 1, seed=5, rows=128, cols=96, progress=False)
-    dataset = pydicom.dcmread(sorted(tmp_path.glob("*/*.dcm"))[0])
-    assoc = _associate(server, MG)
+    store = _c_store_in_pdus(server, tmp_path, seed=5)
     try:
-        context = assoc.accepted_contexts[0]
-        syntax = context.transfer_syntax[0]
-        encoded = encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian)
-        bodies = _pdu_bodies(_c_store_request(dataset, encoded), context.context_id, 4096)
-        assert len(bodies) > 5
-        raw = b"".join(map(_pdu, bodies)) if layout == "one PDU per value" else _pdu(b"".join(bodies))
-        assoc.dul.socket.socket.sendall(raw)
-        stored = _stored(server, dataset.SOPInstanceUID).read_bytes()
+        assert len(store.bodies) > 5
+        raw = b"".join(map(_pdu, store.bodies)) if layout == "one PDU per value" else _pdu(b"".join(store.bodies))
+        store.assoc.dul.socket.socket.sendall(raw)
+        stored = _stored(server, store.dataset.SOPInstanceUID).read_bytes()
     finally:
-        assoc.release()
-    assert stored == file_header(MG, dataset.SOPInstanceUID, syntax) + encoded
+        store.assoc.release()
+    syntax = store.context.transfer_syntax[0]
+    assert stored == file_header(MG, store.dataset.SOPInstanceUID, syntax) + store.encoded
 
 
 def test_large_instances_in_pdus_of_the_announced_size_are_stored_whole(server: Any, tmp_path: Path) -> None:
@@ -142,12 +159,7 @@ def test_an_abort_after_a_fragment_is_read_at_once_and_nothing_is_stored(server:
     The unfinished data set's map goes back to the pool."""
     pool = AlignedMemoryPool(1 << 20, 2, reserve_only=True)
     monkeypatch.setattr(dataset_spool, "_MAPS", pool)
-    write_studies(tmp_path, 1, seed=9, rows=128, cols=96, progress=False)
-    dataset = pydicom.dcmread(sorted(tmp_path.glob("*/*.dcm"))[0])
-    assoc = _associate(server, MG)
-    context = assoc.accepted_contexts[0]
-    encoded = encode(dataset, context.transfer_syntax[0].is_implicit_VR, True)
-    bodies = _pdu_bodies(_c_store_request(dataset, encoded), context.context_id, 4096)
+    assoc, *_, bodies = _c_store_in_pdus(server, tmp_path, seed=9)
     wait_for(lambda: len(server.active_associations) == 1, "the association to be served")
     start = time.monotonic()
     assoc.dul.socket.socket.sendall(b"".join(map(_pdu, bodies[:3])) + b"\x07\x00" + struct.pack(">L", 4) + bytes(4))
@@ -167,13 +179,8 @@ def test_an_invalid_pdu_within_a_message_ends_the_association_at_once(server: An
     """An item longer than its PDU, sent mid-message by a peer that keeps its socket open: the rest of the PDU is
     read, the node aborts, and (no longer reading without a poll outside Sta6) closes without waiting for the
     receive timeout."""
-    write_studies(tmp_path, 1, seed=12, rows=128, cols=96, progress=False)
-    dataset = pydicom.dcmread(sorted(tmp_path.glob("*/*.dcm"))[0])
-    assoc = _associate(server, MG)
+    assoc, _, context, _, bodies = _c_store_in_pdus(server, tmp_path, seed=12)
     try:
-        context = assoc.accepted_contexts[0]
-        encoded = encode(dataset, context.transfer_syntax[0].is_implicit_VR, True)
-        bodies = _pdu_bodies(_c_store_request(dataset, encoded), context.context_id, 4096)
         wait_for(lambda: len(server.active_associations) == 1, "the association to be served")
         assoc.dul.kill_dul()  # the peer keeps its socket open but no longer reads: only the node can close it
         assoc.dul.join(5)
@@ -208,13 +215,8 @@ def test_a_peer_that_stalls_within_a_message_is_cut_off(server: Any, tmp_path: P
     """Within a message the DUL reads without waiting for data first; the socket's receive timeout (the AE's
     network timeout) ends an association whose peer stops sending."""
     server.ae.network_timeout = 1
-    write_studies(tmp_path, 1, seed=10, rows=128, cols=96, progress=False)
-    dataset = pydicom.dcmread(sorted(tmp_path.glob("*/*.dcm"))[0])
-    assoc = _associate(server, MG)
+    assoc, *_, bodies = _c_store_in_pdus(server, tmp_path, seed=10)
     try:
-        context = assoc.accepted_contexts[0]
-        encoded = encode(dataset, context.transfer_syntax[0].is_implicit_VR, True)
-        bodies = _pdu_bodies(_c_store_request(dataset, encoded), context.context_id, 4096)
         wait_for(lambda: len(server.active_associations) == 1, "the association to be served")
         assoc.dul.socket.socket.sendall(b"".join(map(_pdu, bodies[:3])))
         wait_for(lambda: not server.active_associations, "the stalled association to end", timeout=15)
