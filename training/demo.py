@@ -27,6 +27,7 @@ from training.calibration import fit_calibration
 from training.contrastive import soft_clip_loss
 from training.evaluation import embed_batched, zero_shot_metrics
 from training.label_text import breast_text, label_key
+from training.memory_format import channels_last
 from training.plots import plot_training_curve
 from training.synthetic import write_studies
 
@@ -135,7 +136,7 @@ def train_demo_model(folder: Path, recipe: DemoRecipe = DemoRecipe(), progress: 
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.learning_rate, total_steps=steps,
                                                     pct_start=0.1)
     history: list[dict[str, float]] = []
-    with batch_norm_momentum(model.image_encoder, 0.1), tqdm(
+    with batch_norm_momentum(model.image_encoder, 0.1), channels_last(model.image_encoder), tqdm(
             total=steps, desc="training demo model (synthetic, not clinical)", disable=not progress) as bar:
         model.train()
         model.text_encoder.eval()

@@ -61,6 +61,7 @@ from training.evaluate import (
     write_html_report,
 )
 from training.label_text import LABEL_OF_TASK
+from training.memory_format import channels_last
 from training.pretrain import RESEARCH_ONLY
 
 log = logging.getLogger(__name__)
@@ -310,26 +311,28 @@ def train_images(model: MammoClip, train: Sequence[ImageRecord], targets: Tensor
     rng = np.random.default_rng(config.seed)
     best, best_state, history = -math.inf, ({}, {}), []
     momentum = config.batch_norm_momentum if adapters is None else None
-    for epoch in range(1, config.epochs + 1):
-        order = rng.permutation(len(train))
-        tuned.train()
-        with (batch_norm_momentum(encoder, momentum) if momentum is not None else nullcontext(),
-              adapted(encoder, adapters)):
-            for start in tqdm(range(0, len(order), config.batch_size), desc=f"fine-tune epoch {epoch}",
-                              disable=not config.progress):
-                batch = order[start:start + config.batch_size]
-                images = load_batch([train[i] for i in batch], preprocess, rng if config.augment else None)
-                loss = loss_fn(layer(encoder(images.to(model.device))), targets[batch].to(model.device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            features = extract_features(encoder, validation, preprocess, config.batch_size, False, "validation")
-        with torch.no_grad():
-            score = selection_score(validation_truth, probabilities(layer(features.to(model.device))).cpu().numpy(),
-                                    config.binary)
-        history.append({"epoch": epoch, "loss": round(loss.item(), 5), "validation": _finite(score)})
-        if score >= best:
-            best, best_state = score, copy.deepcopy((tuned.state_dict(), layer.state_dict()))
+    with channels_last(encoder):
+        for epoch in range(1, config.epochs + 1):
+            order = rng.permutation(len(train))
+            tuned.train()
+            with (batch_norm_momentum(encoder, momentum) if momentum is not None else nullcontext(),
+                  adapted(encoder, adapters)):
+                for start in tqdm(range(0, len(order), config.batch_size), desc=f"fine-tune epoch {epoch}",
+                                  disable=not config.progress):
+                    batch = order[start:start + config.batch_size]
+                    images = load_batch([train[i] for i in batch], preprocess, rng if config.augment else None)
+                    loss = loss_fn(layer(encoder(images.to(model.device))), targets[batch].to(model.device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                features = extract_features(encoder, validation, preprocess, config.batch_size, False,
+                                            "validation")
+            with torch.no_grad():
+                score = selection_score(validation_truth,
+                                        probabilities(layer(features.to(model.device))).cpu().numpy(), config.binary)
+            history.append({"epoch": epoch, "loss": round(loss.item(), 5), "validation": _finite(score)})
+            if score >= best:
+                best, best_state = score, copy.deepcopy((tuned.state_dict(), layer.state_dict()))
     tuned.load_state_dict(best_state[0])
     layer.load_state_dict(best_state[1])
     return encoder.eval(), adapters, layer, history

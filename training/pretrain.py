@@ -325,6 +325,9 @@ class PretrainRun:
         if text.text_encoder.pooler is not None:  # "eos" pooling never uses BERT's pooler
             text.text_encoder.pooler.requires_grad_(False)
         model.to(self.device)
+        # channels-last convolutions train faster (training.memory_format), set before DDP lays out its buckets;
+        # this run's model is its own, and save_model_version writes contiguous tensors
+        model.image_encoder.to(memory_format=torch.channels_last)
         self.forward_module: torch.nn.Module = model
         if self.world > 1:
             self.forward_module = DistributedDataParallel(
