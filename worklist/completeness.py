@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import Connection, bindparam, exists, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from worklist.models import Instance, Job, JobState, Study, StudyState, utcnow
@@ -79,6 +79,16 @@ def promote_studies(sessions: sessionmaker[Session], study_uids: list[str], read
     return _promote_all(sessions, candidates, readiness, now, turn)
 
 
+# Built once, run on the transaction's connection: a released association's studies are checked with one query
+# of their views and one compare-and-set per study, not with ORM statements per study (that was ~20% of a Storage
+# SCP process's interpreter time when every association touched 16 studies).
+_ANALYSABLE_VIEWS = select(Instance.study_id, Instance.laterality, Instance.view).where(
+    Instance.study_id.in_(bindparam("study_ids", expanding=True)), Instance.analysable.is_(True))
+_CLAIM = update(Study).where(Study.id == bindparam("study_id"), Study.state == StudyState.RECEIVING,
+                             Study.last_received_at <= bindparam("cutoff")).values(state=StudyState.READY)
+_NEW_JOB = insert(Job).returning(Job.id)
+
+
 def _promote_all(sessions: sessionmaker[Session], candidates: Sequence[tuple[str, int]], readiness: Readiness,
                  now: datetime, turn: Turn) -> list[int]:
     """Promote the candidates ``(study UID, id)``, in UID order (Python's, as the Storage SCP sorts its
@@ -88,11 +98,10 @@ def _promote_all(sessions: sessionmaker[Session], candidates: Sequence[tuple[str
     (``dicom_node.storage``), so that they and the promotions never wait for each other in a cycle on
     PostgreSQL. A failure rolls back its batch only; the scheduler promotes those studies on its next round."""
     created = []
-    ordered = [study_id for _, study_id in sorted(candidates)]
+    ordered = sorted(candidates)
     for start in range(0, len(ordered), PROMOTION_BATCH):
         with turn(), sessions.begin() as session:
-            promoted = [promotion for study_id in ordered[start:start + PROMOTION_BATCH]
-                        if (promotion := _promote(session, study_id, readiness, now)) is not None]
+            promoted = _promote_batch(session.connection(), ordered[start:start + PROMOTION_BATCH], readiness, now)
         for job_id, study_uid, absent in promoted:  # committed: only now are they ready
             log.info("study %s is ready (job %d)%s", study_uid, job_id,
                      f"; missing views {', '.join(absent)}" if absent else "",
@@ -101,20 +110,19 @@ def _promote_all(sessions: sessionmaker[Session], candidates: Sequence[tuple[str
     return created
 
 
-def _promote(session: Session, study_id: int, readiness: Readiness,
-             now: datetime) -> tuple[int, str, list[str]] | None:
-    """Claim a RECEIVING study that is ready (compare-and-set on its state) and add its READY job: (job id, study
-    UID, missing views), or None when it is not ready or another promotion claimed it."""
-    present = present_views(session, study_id)
-    waited_out = Study.last_received_at <= now - readiness.timeout
-    condition = (Study.last_received_at <= now - readiness.settle) if len(present) == 4 else waited_out
-    claimed = session.execute(update(Study).where(
-        Study.id == study_id, Study.state == StudyState.RECEIVING, condition).values(
-        state=StudyState.READY)).rowcount
-    if not claimed:
-        return None
-    study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
-    job = Job(study_id=study_id, state=JobState.READY)
-    session.add(job)
-    session.flush()
-    return job.id, study_uid, missing_views(present)
+def _promote_batch(connection: Connection, batch: Sequence[tuple[str, int]], readiness: Readiness,
+                   now: datetime) -> list[tuple[int, str, list[str]]]:
+    """Claim each study of ``batch`` that is ready (compare-and-set on its state, in the batch's order) and add its
+    READY job: (job id, study UID, missing views) for each claimed; a study not ready, or claimed by another
+    promotion meanwhile, is left as it is."""
+    present: dict[int, set[str]] = {study_id: set() for _, study_id in batch}
+    for study_id, laterality, view in connection.execute(_ANALYSABLE_VIEWS, {"study_ids": list(present)}):
+        if (name := view_name(laterality, view)) in SCREENING_VIEW_NAMES:
+            present[study_id].add(name)
+    promoted = []
+    for study_uid, study_id in batch:
+        wait = readiness.settle if len(present[study_id]) == len(SCREENING_VIEW_NAMES) else readiness.timeout
+        if connection.execute(_CLAIM, {"study_id": study_id, "cutoff": now - wait}).rowcount:
+            job_id = connection.execute(_NEW_JOB, {"study_id": study_id, "state": JobState.READY}).scalar_one()
+            promoted.append((job_id, study_uid, missing_views(present[study_id])))
+    return promoted
