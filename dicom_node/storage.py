@@ -38,7 +38,7 @@ from typing import NamedTuple
 import blake3
 from pydicom.dataset import Dataset
 from sqlalchemy import Select, Table, bindparam, insert, literal_column, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.durable_files import FileData, data_views, fsync_folder, place, stage_file
@@ -174,7 +174,10 @@ def _filed_by_uids() -> Select:
 # ORM for each instance (that was a third of the store's CPU).
 _FILED_BY_UIDS = _filed_by_uids()
 _INSERT_INSTANCE = insert(_INSTANCE)
-_INSERT_RETURNING_ID = {table: insert(table).returning(table.c.id) for table in (_STUDY, _SERIES)}
+_INSERT_IF_ABSENT = {  # by dialect: the worklist database is SQLite or PostgreSQL
+    (name, table): dialect_insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c.id)
+    for name, dialect_insert in (("sqlite", sqlite.insert), ("postgresql", postgresql.insert))
+    for table, key in ((_STUDY, "study_instance_uid"), (_SERIES, "series_instance_uid"))}
 _UPDATE_INSTANCE = update(_INSTANCE).where(_INSTANCE.c.id == bindparam("row_id"))
 _UPDATE_STUDY = update(_STUDY).where(_STUDY.c.id == bindparam("row_id"))
 
@@ -188,13 +191,15 @@ def _filed(session: Session, study_uid: str, series_uid: str, sop_uid: str) -> _
                   _FiledInstance(*row[5:9]) if row[5] is not None else None)
 
 
-def _insert_once(session: Session, table: Table, key: str, value: str, **fields: object) -> int:
-    """The id of a new row keyed ``key == value``; a concurrent insert of the same key is re-selected."""
-    try:
-        with session.begin_nested():
-            return session.connection().execute(_INSERT_RETURNING_ID[table], {key: value, **fields}).scalar_one()
-    except IntegrityError:
-        return session.connection().execute(select(table.c.id).where(table.c[key] == value)).scalar_one()
+def _insert_once(session: Session, table: Table, key: str, value: str, **fields: object) -> tuple[int, bool]:
+    """The id of the row keyed ``key == value``, and whether this call inserted it: False when another transaction
+    inserted it meanwhile (one statement, ``ON CONFLICT DO NOTHING``; PostgreSQL waits for that transaction's
+    outcome), and the row is then selected."""
+    connection = session.connection()
+    inserted = connection.execute(_INSERT_IF_ABSENT[connection.dialect.name, table], {key: value, **fields}).scalar()
+    if inserted is not None:
+        return inserted, True
+    return connection.execute(select(table.c.id).where(table.c[key] == value)).scalar_one(), False
 
 
 def _write_rows(session: Session, dataset: Dataset, uids: tuple[str, str, str], patient_id: str | None,
@@ -202,16 +207,16 @@ def _write_rows(session: Session, dataset: Dataset, uids: tuple[str, str, str], 
     """Insert or update the instance's rows (a new study and series first), re-checking rows that another
     transaction inserted meanwhile."""
     study_uid, series_uid, sop_uid = uids
-    study_id = filed.study.id if filed.study is not None else _insert_once(
+    study_id, study_inserted = (filed.study.id, True) if filed.study is not None else _insert_once(
         session, _STUDY, "study_instance_uid", study_uid,
         accession_number=str(dataset.get("AccessionNumber") or "")[:16] or None, patient_id=patient_id,
         patient_name=str(dataset.get("PatientName") or "")[:324] or None,
         study_date=str(dataset.get("StudyDate") or "")[:8] or None)
-    series_id = filed.series.id if filed.series is not None else _insert_once(
+    series_id, series_inserted = (filed.series.id, True) if filed.series is not None else _insert_once(
         session, _SERIES, "series_instance_uid", series_uid, study_id=study_id,
         modality=str(dataset.get("Modality") or "")[:16] or None)
-    if filed.study is None or filed.series is None:  # a row another transaction inserted meanwhile is
-        reason = _filed(session, study_uid, series_uid, sop_uid).conflict(  # reused: check it too
+    if not (study_inserted and series_inserted):  # a row another transaction inserted meanwhile is reused:
+        reason = _filed(session, study_uid, series_uid, sop_uid).conflict(  # check it too
             study_uid, series_uid, sop_uid, patient_id)
         if reason is not None:
             raise _uid_conflict(reason)
