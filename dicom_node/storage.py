@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import blake3
 from pydicom.dataset import Dataset
-from sqlalchemy import Select, Table, bindparam, insert, literal_column, select, text, update
+from sqlalchemy import Select, Table, bindparam, literal_column, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -173,11 +173,11 @@ def _filed_by_uids() -> Select:
 # Built once: on the C-STORE path statements are executed on the session's connection, not built and run by the
 # ORM for each instance (that was a third of the store's CPU).
 _FILED_BY_UIDS = _filed_by_uids()
-_INSERT_INSTANCE = insert(_INSTANCE)
 _INSERT_IF_ABSENT = {  # by dialect: the worklist database is SQLite or PostgreSQL
     (name, table): dialect_insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c.id)
     for name, dialect_insert in (("sqlite", sqlite.insert), ("postgresql", postgresql.insert))
-    for table, key in ((_STUDY, "study_instance_uid"), (_SERIES, "series_instance_uid"))}
+    for table, key in ((_STUDY, "study_instance_uid"), (_SERIES, "series_instance_uid"),
+                       (_INSTANCE, "sop_instance_uid"))}
 _UPDATE_INSTANCE = update(_INSTANCE).where(_INSTANCE.c.id == bindparam("row_id"))
 _UPDATE_STUDY = update(_STUDY).where(_STUDY.c.id == bindparam("row_id"))
 
@@ -192,40 +192,39 @@ def _filed(session: Session, study_uid: str, series_uid: str, sop_uid: str) -> _
 
 
 def _insert_once(session: Session, table: Table, key: str, value: str, **fields: object) -> tuple[int, bool]:
-    """The id of the row keyed ``key == value``, and whether this call inserted it: False when another transaction
-    inserted it meanwhile (one statement, ``ON CONFLICT DO NOTHING``; PostgreSQL waits for that transaction's
-    outcome), and the row is then selected."""
+    """The id of the row keyed ``key == value``, and whether another transaction inserted it meanwhile (the
+    insert is one statement, ``ON CONFLICT DO NOTHING``: PostgreSQL waits for that transaction's outcome, and its
+    row is then selected)."""
     connection = session.connection()
     inserted = connection.execute(_INSERT_IF_ABSENT[connection.dialect.name, table], {key: value, **fields}).scalar()
     if inserted is not None:
-        return inserted, True
-    return connection.execute(select(table.c.id).where(table.c[key] == value)).scalar_one(), False
+        return inserted, False
+    return connection.execute(select(table.c.id).where(table.c[key] == value)).scalar_one(), True
 
 
 def _write_rows(session: Session, dataset: Dataset, uids: tuple[str, str, str], patient_id: str | None,
                 fields: dict[str, object], filed: _Filed, now: object) -> None:
-    """Insert or update the instance's rows (a new study and series first), re-checking rows that another
-    transaction inserted meanwhile."""
+    """Insert or update the instance's rows (a new study and series first), checking the UIDs of rows that
+    another transaction inserted meanwhile (another SCP process on PostgreSQL) before they are used."""
     study_uid, series_uid, sop_uid = uids
-    study_id, study_inserted = (filed.study.id, True) if filed.study is not None else _insert_once(
+    study_id, study_meanwhile = (filed.study.id, False) if filed.study is not None else _insert_once(
         session, _STUDY, "study_instance_uid", study_uid,
         accession_number=str(dataset.get("AccessionNumber") or "")[:16] or None, patient_id=patient_id,
         patient_name=str(dataset.get("PatientName") or "")[:324] or None,
         study_date=str(dataset.get("StudyDate") or "")[:8] or None)
-    series_id, series_inserted = (filed.series.id, True) if filed.series is not None else _insert_once(
+    series_id, series_meanwhile = (filed.series.id, False) if filed.series is not None else _insert_once(
         session, _SERIES, "series_instance_uid", series_uid, study_id=study_id,
         modality=str(dataset.get("Modality") or "")[:16] or None)
-    if not (study_inserted and series_inserted):  # a row another transaction inserted meanwhile is reused:
-        reason = _filed(session, study_uid, series_uid, sop_uid).conflict(  # check it too
-            study_uid, series_uid, sop_uid, patient_id)
+    row = {"study_id": study_id, "series_id": series_id, "received_at": now, **fields}
+    instance_id, instance_meanwhile = (filed.instance.id, False) if filed.instance is not None else _insert_once(
+        session, _INSTANCE, "sop_instance_uid", sop_uid, **row)
+    if study_meanwhile or series_meanwhile or instance_meanwhile:
+        reason = _filed(session, study_uid, series_uid, sop_uid).conflict(study_uid, series_uid, sop_uid, patient_id)
         if reason is not None:
             raise _uid_conflict(reason)
     connection = session.connection()
-    if filed.instance is None:
-        connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": sop_uid, "study_id": study_id,
-                                              "series_id": series_id, "received_at": now, **fields})
-    else:
-        connection.execute(_UPDATE_INSTANCE, {"row_id": filed.instance.id, "received_at": now, **fields})
+    if filed.instance is not None or instance_meanwhile:  # a resend, or the same instance from another
+        connection.execute(_UPDATE_INSTANCE, {"row_id": instance_id, **row})  # association at the same moment
     changes: dict[str, object] = {"row_id": study_id, "last_received_at": now}
     if filed.study is not None and filed.study.state == StudyState.ANALYSED and fields["analysable"]:
         changes["state"] = StudyState.RECEIVING  # a new or changed instance: the study will be analysed again

@@ -16,7 +16,7 @@ from pathlib import Path
 import blake3
 import pydicom
 import pytest
-from sqlalchemy import create_engine, func, insert, select, update
+from sqlalchemy import create_engine, func, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -107,50 +107,82 @@ def test_a_resend_to_a_row_with_a_sha256_digest_is_recognised(
     _store(store, changed, [buffer.getvalue()])
     assert stored() == ("blake3:" + blake3.blake3(buffer.getvalue()).hexdigest(), StudyState.RECEIVING)
 
+# What another SCP process files between this store's lookup and its inserts (SQL; SQLite refuses it, the store
+# holding the write lock), the reason the store then gives on PostgreSQL (None: it is stored) and the rows then
+# in the study, series and instance tables.
+_FILED_MEANWHILE = {
+    "study-of-another-patient": (
+        ["INSERT INTO study (study_instance_uid, patient_id, state, first_received_at, last_received_at, "
+         "views_complete) VALUES (:study, 'OTHER-PATIENT', 'RECEIVING', '2026-11-30', '2026-11-30', false)"],
+        "another Patient ID", (1, 0, 0)),
+    "instance-in-another-study": (
+        ["INSERT INTO study (study_instance_uid, patient_id, state, first_received_at, last_received_at, "
+         "views_complete) VALUES ('1.2.3.999', :patient, 'RECEIVING', '2026-11-30', '2026-11-30', false)",
+         "INSERT INTO series (study_id, series_instance_uid) SELECT id, '1.2.3.999.1' FROM study "
+         "WHERE study_instance_uid = '1.2.3.999'",
+         "INSERT INTO instance (sop_instance_uid, study_id, series_id, sop_class_uid, transfer_syntax_uid, path, "
+         "size_bytes, content_digest, analysable, received_at) SELECT :sop, study_id, id, '1.2', '1.2', 'x', 1, "
+         "'blake3:00', true, '2026-11-30' FROM series WHERE series_instance_uid = '1.2.3.999.1'"],
+        "SOP Instance UID .* is already stored in study 1.2.3.999", (1, 1, 1)),
+    "the-same-instance": (
+        ["INSERT INTO study (study_instance_uid, patient_id, state, first_received_at, last_received_at, "
+         "views_complete) VALUES (:study, :patient, 'RECEIVING', '2026-11-30', '2026-11-30', false)",
+         "INSERT INTO series (study_id, series_instance_uid) SELECT id, :series FROM study "
+         "WHERE study_instance_uid = :study",
+         "INSERT INTO instance (sop_instance_uid, study_id, series_id, sop_class_uid, transfer_syntax_uid, path, "
+         "size_bytes, content_digest, analysable, received_at) SELECT :sop, study_id, id, '1.2', '1.2', 'x', 1, "
+         "'blake3:00', true, '2026-11-30' FROM series WHERE series_instance_uid = :series"],
+        None, (1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("meanwhile", sorted(_FILED_MEANWHILE))
 def test_no_other_writer_files_a_clash_between_the_check_and_the_commit(
         tmp_path: Path, db_url: str, sessions: sessionmaker, source: tuple[pydicom.Dataset, list[bytes]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Another SCP process files the same StudyInstanceUID for another patient right after this store's lookup:
-    on SQLite it cannot (the store holds the write lock), on PostgreSQL its row is checked and the store refused."""
+        monkeypatch: pytest.MonkeyPatch, meanwhile: str) -> None:
+    """Another SCP process files rows under this instance's UIDs right after this store's lookup: on SQLite it
+    cannot (the store holds the write lock); on PostgreSQL its rows are checked, and the store is refused for a
+    clash or, for the same instance, updates the row."""
     store = InstanceStore(tmp_path / "incoming", sessions)
     dataset, encoded = source
+    statements, refusal, rows = _FILED_MEANWHILE[meanwhile]
+    values = {"study": str(dataset.StudyInstanceUID), "series": str(dataset.SeriesInstanceUID),
+              "sop": str(dataset.SOPInstanceUID), "patient": str(dataset.PatientID)}
     lookup = storage._filed
     outcome: list[str] = []
 
     def other_process_files_it(session: Session, study_uid: str, series_uid: str, sop_uid: str) -> object:
         found = lookup(session, study_uid, series_uid, sop_uid)
         if not outcome:
-            if db_url.startswith("sqlite"):
-                other = sqlite3.connect(db_url.removeprefix("sqlite:///"), timeout=0.2)
-                try:
-                    other.execute("INSERT INTO study (study_instance_uid, patient_id, state, first_received_at, "
-                                  "last_received_at, views_complete) VALUES (?, 'OTHER-PATIENT', 'RECEIVING', "
-                                  "'2026-11-30', '2026-11-30', 0)", (study_uid,))
-                    other.commit()
-                    outcome.append("inserted")
-                except sqlite3.OperationalError as error:
-                    outcome.append(str(error))
-                finally:
-                    other.close()
-            else:
-                engine = create_engine(db_url)
+            engine = create_engine(db_url, connect_args={"timeout": 0.2} if db_url.startswith("sqlite") else {})
+            try:
                 with engine.begin() as connection:
-                    connection.execute(insert(Study).values(study_instance_uid=study_uid, patient_id="OTHER-PATIENT"))
-                engine.dispose()
+                    for statement in statements:
+                        connection.execute(text(statement), values)
                 outcome.append("inserted")
+            except OperationalError as error:
+                outcome.append(str(error.orig))
+            finally:
+                engine.dispose()
         return found
 
     monkeypatch.setattr(storage, "_filed", other_process_files_it)
     if db_url.startswith("sqlite"):
         _store(store, dataset, encoded)
         assert outcome == ["database is locked"]
+        assert _rows(sessions) == (1, 1, 1)
         with sessions() as session:
             assert session.scalars(select(Study.patient_id)).all() == [str(dataset.PatientID)]
-    else:
-        with pytest.raises(UIDConflictError, match="another Patient ID"):
+    elif refusal is not None:
+        with pytest.raises(UIDConflictError, match=refusal):
             _store(store, dataset, encoded)
-        assert outcome == ["inserted"] and _rows(sessions) == (1, 0, 0)
+        assert outcome == ["inserted"] and _rows(sessions) == rows
         assert [path for path in store.root.rglob("*") if path.is_file()] == []
+    else:
+        stored = _store(store, dataset, encoded)
+        assert outcome == ["inserted"] and _rows(sessions) == rows
+        with sessions() as session:  # the row is this store's
+            assert session.scalar(select(Instance.size_bytes)) == len(encoded[0]) == stored.path.stat().st_size
 
 
 def test_a_clash_leaves_the_stored_file_and_row_as_they_were(
