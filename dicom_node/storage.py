@@ -19,8 +19,9 @@ stored under another Patient ID) is refused with ``UIDConflictError``, so that n
 in another patient's study; the first instance stays as it was. The check runs inside the transaction, before the
 stored file is touched: on SQLite that transaction holds the database's write lock from its start (BEGIN
 IMMEDIATE), so no other SCP process files anything between the check and the commit, and the SCP's writers queue
-for it (``worklist.writers``) rather than sleep on SQLite's busy handler; on PostgreSQL a study or series that
-another transaction inserted meanwhile is checked again.
+for it (``worklist.writers``) rather than sleep on SQLite's busy handler. On PostgreSQL the rows are inserted with
+``ON CONFLICT DO NOTHING``, and a study, series or instance row that another transaction inserted meanwhile is
+checked again before it is used (the same instance from another association at the same moment is updated).
 """
 
 from __future__ import annotations
