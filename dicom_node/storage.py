@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import blake3
 from pydicom.dataset import Dataset
-from sqlalchemy import Select, Table, bindparam, literal_column, select, text, update
+from sqlalchemy import Select, Table, bindparam, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -237,8 +237,9 @@ def _begin_writing(session: Session) -> None:
     no other process writes between them, and a savepoint cannot commit on its own (pysqlite begins transactions
     lazily, so without this the first SAVEPOINT would open, and its RELEASE commit, a transaction of its own).
     PostgreSQL's transactions need nothing."""
-    if session.get_bind().dialect.name == "sqlite":
-        session.execute(text("BEGIN IMMEDIATE"))
+    connection = session.connection()
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # as it is: nothing to compile
 
 
 def _uid_conflict(reason: str) -> UIDConflictError:
