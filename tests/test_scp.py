@@ -149,8 +149,7 @@ def test_a_malformed_instance_is_refused_and_the_node_keeps_serving(
 def test_path_traversal_uid_is_refused_and_never_becomes_a_path(node: Node, study_files: list[Path]) -> None:
     dataset = pydicom.dcmread(study_files[0])
     dataset.SeriesInstanceUID = "../../../../tmp/evil"
-    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
-        assert _send(node, dataset) == 0xC000
+    assert _send(node, dataset) == 0xC000  # refused by the node's own check (pydicom's read warnings are off)
     assert node.count(Instance) == 0
     assert not list(node.root.parent.rglob("evil*")) and not Path("/tmp/evil").exists()
     with pytest.raises(ValueError, match="not a valid DICOM UID"):
