@@ -356,3 +356,24 @@ def test_a_compressed_seg_is_sent_uncompressed_to_a_peer_without_that_syntax(
     # Lossless decompression keeps the instance: the worklist tracks delivery by this UID.
     assert ds.SOPInstanceUID == outcome.sop_instance_uid == pydicom.dcmread(path).SOPInstanceUID
     np.testing.assert_array_equal(ds.pixel_array, pydicom.dcmread(path).pixel_array)
+
+
+def test_unparseable_patient_values_are_left_empty_and_the_sr_still_validates(
+        tmp_path: Path, sources: list[pydicom.Dataset]) -> None:
+    """A sender's ACR-NEMA birth date, a time with colons and a sex of U failed highdicom before: the writer's
+    path empties them (Type 2) and the SR passes dciodvfy."""
+    from dicom_node.results.writer import SrRequest, without_pixels
+    from dicom_node.results.writer import write_sr as write_request
+
+    headers = [without_pixels(source) for source in sources]
+    for header in headers:
+        header.PatientBirthDate, header.StudyTime, header.PatientSex = "1941-03-02", "12:30:00", "U"
+    findings = make_findings(sources)
+    path = write_request(SrRequest(findings, headers, generate_uid(), generate_uid(), tmp_path / "sr.dcm"))
+    errors, warnings = dciodvfy(path)
+    assert errors == [], errors  # and one more warning than assert_valid allows: an empty Study Time
+    assert [line for line in warnings if "Device UID" not in line and "Standard Extended SOP Class" not in line] == [
+        "Warning - Missing attribute or value that would be needed to build DICOMDIR - Study Time"]
+    sr = pydicom.dcmread(path)
+    assert (sr.PatientBirthDate, sr.StudyTime, sr.PatientSex) == ("", "", "")
+    assert (sr.PatientID, sr.PatientName) == (sources[0].PatientID, sources[0].PatientName)
