@@ -1,46 +1,71 @@
 """The analysed images' patient and study attributes, made copyable into the node's SR and SEGs.
 
-highdicom copies the Patient and General Study modules of the source images into each object it builds and parses
-their dates, times and sex on the way. A sender's birth date in the old ACR-NEMA form (``1941-03-02``), a time
-with colons or a Patient's Sex of ``U`` raised there, failed the whole analysis, and put the value into the job's
-error and the log. Such a value is emptied before the objects are built: these attributes are Type 2 in both
-modules, where empty means unknown. Names, IDs and the accession number are copied as sent.
+highdicom copies the Patient and General Study modules of the source images into each object it builds, reads
+some of them as plain attributes and parses their dates, times, sex and name on the way. A birth date written
+``1941-03-02`` (ISO 8601, not DICOM's ``19410302``), a time with colons, a Patient's Sex of ``U``, a second
+Patient's Name value or a missing Accession Number raised there, failed the whole analysis, and put the value into
+the job's error and the log. Such a value is emptied (or, when absent, added empty) before the objects are built:
+these attributes are Type 2 in both modules, where empty means unknown. A Patient's Name keeps its first value;
+names, IDs and the accession number are otherwise copied as sent.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
 
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.valuerep import DA, TM
 
 log = logging.getLogger(__name__)
 
-PARSED: dict[str, Callable[[str], object]] = {"PatientBirthDate": DA, "StudyDate": DA, "StudyTime": TM}
+# the standard forms only: pydicom also reads the ACR-NEMA ones (1941.03.02, 12:30:00), which are invalid in output
+DATE, TIME = re.compile(r"\d{8}"), re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+PARSED = {"PatientBirthDate": (DATE, DA), "StudyDate": (DATE, DA), "StudyTime": (TIME, TM)}
 PATIENT_SEX_VALUES = frozenset({"M", "F", "O"})
+# Type 2 attributes that highdicom reads as plain attributes (an absent one raised AttributeError)
+READ_BY_HIGHDICOM = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                     "StudyDate", "StudyTime")
 
 
 def empty_unreadable_values(dataset: Dataset) -> list[str]:
-    """Empty, in place, the values of ``PARSED`` that do not parse and a Patient's Sex other than M, F or O;
-    returns their keywords (never their values, which may identify the patient)."""
-    emptied = [keyword for keyword, parse in PARSED.items() if not _parses(dataset.get(keyword), parse)]
+    """Empty, in ``dataset`` only (its elements are replaced, never changed), the values of ``PARSED`` that are not
+    in their standard form and a Patient's Sex other than M, F or O; add the absent ``READ_BY_HIGHDICOM`` empty;
+    keep a Patient's Name's first value. Returns the keywords it changed (never their values, which may identify
+    the patient)."""
+    changed = [keyword for keyword in READ_BY_HIGHDICOM if keyword not in dataset]
+    changed += [keyword for keyword, (form, parse) in PARSED.items()
+                if keyword in dataset and not _readable(dataset[keyword].value, form, parse)]
     sex = dataset.get("PatientSex")
-    if sex and str(sex).strip() not in PATIENT_SEX_VALUES:
-        emptied.append("PatientSex")
-    for keyword in emptied:
-        setattr(dataset, keyword, "")
-    if emptied:
-        log.warning("instance %s: %s not readable, left empty in the results", dataset.get("SOPInstanceUID"),
-                    ", ".join(emptied))
-    return emptied
+    if sex and str(sex) not in PATIENT_SEX_VALUES:
+        changed.append("PatientSex")
+    for keyword in changed:
+        _replace(dataset, keyword, "")
+    name = dataset.get("PatientName")
+    if isinstance(name, MultiValue):
+        _replace(dataset, "PatientName", name[0] if name else "")
+        changed.append("PatientName")
+    if changed:
+        log.warning("instance %s: %s absent or not copyable as sent; empty (a name: its first value) in the results",
+                    dataset.get("SOPInstanceUID"), ", ".join(changed))
+    return changed
 
 
-def _parses(value: object, parse: Callable[[str], object]) -> bool:
+def _replace(dataset: Dataset, keyword: str, value: object) -> None:
+    tag = tag_for_keyword(keyword)
+    dataset[tag] = DataElement(tag, dictionary_VR(tag), value)
+
+
+def _readable(value: object, form: re.Pattern[str], parse: type) -> bool:
     if value is None or value == "":
         return True
+    if not isinstance(value, str) or not form.fullmatch(value):
+        return False
     try:
-        parse(str(value))
+        parse(value)
     except (ValueError, TypeError, OverflowError):
         return False
     return True
