@@ -25,6 +25,18 @@ SCREENING_VIEW_NAMES = ("LCC", "RCC", "LMLO", "RMLO")
 PROMOTION_BATCH = 32  # studies promoted in one transaction
 
 
+# Built once, run on the transaction's connection: a released association's studies are checked with one query
+# of their views and one compare-and-set per study, not with ORM statements per study (that was ~20% of a Storage
+# SCP process's interpreter time when every association touched 16 studies).
+_RECEIVING_BY_UID = select(Study.study_instance_uid, Study.id).where(
+    Study.study_instance_uid.in_(bindparam("study_uids", expanding=True)), Study.state == StudyState.RECEIVING)
+_ANALYSABLE_VIEWS = select(Instance.study_id, Instance.laterality, Instance.view).where(
+    Instance.study_id.in_(bindparam("study_ids", expanding=True)), Instance.analysable.is_(True))
+_CLAIM = update(Study).where(Study.id == bindparam("study_id"), Study.state == StudyState.RECEIVING,
+                             Study.last_received_at <= bindparam("cutoff")).values(state=StudyState.READY)
+_NEW_JOB = insert(Job).returning(Job.id)
+
+
 def view_name(laterality: str | None, view: str | None) -> str:
     """``("L", "CC")`` -> ``"LCC"``."""
     return f"{laterality or ''}{view or ''}".upper()
@@ -32,9 +44,16 @@ def view_name(laterality: str | None, view: str | None) -> str:
 
 def present_views(session: Session, study_id: int) -> set[str]:
     """The screening views among a study's analysable instances."""
-    rows = session.execute(select(Instance.laterality, Instance.view).where(
-        Instance.study_id == study_id, Instance.analysable.is_(True))).all()
-    return {name for name in (view_name(lat, view) for lat, view in rows) if name in SCREENING_VIEW_NAMES}
+    return present_views_of(session.connection(), [study_id])[study_id]
+
+
+def present_views_of(connection: Connection, study_ids: Sequence[int]) -> dict[int, set[str]]:
+    """``present_views`` of each study, in one query."""
+    present: dict[int, set[str]] = {study_id: set() for study_id in study_ids}
+    for study_id, laterality, view in connection.execute(_ANALYSABLE_VIEWS, {"study_ids": list(present)}):
+        if (name := view_name(laterality, view)) in SCREENING_VIEW_NAMES:
+            present[study_id].add(name)
+    return present
 
 
 def missing_views(present: set[str]) -> list[str]:
@@ -51,18 +70,6 @@ class Readiness:
     @classmethod
     def from_seconds(cls, settle: float, timeout: float) -> Readiness:
         return cls(timedelta(seconds=settle), timedelta(seconds=timeout))
-
-
-# Built once, run on the transaction's connection: a released association's studies are checked with one query
-# of their views and one compare-and-set per study, not with ORM statements per study (that was ~20% of a Storage
-# SCP process's interpreter time when every association touched 16 studies).
-_RECEIVING_BY_UID = select(Study.study_instance_uid, Study.id).where(
-    Study.study_instance_uid.in_(bindparam("study_uids", expanding=True)), Study.state == StudyState.RECEIVING)
-_ANALYSABLE_VIEWS = select(Instance.study_id, Instance.laterality, Instance.view).where(
-    Instance.study_id.in_(bindparam("study_ids", expanding=True)), Instance.analysable.is_(True))
-_CLAIM = update(Study).where(Study.id == bindparam("study_id"), Study.state == StudyState.RECEIVING,
-                             Study.last_received_at <= bindparam("cutoff")).values(state=StudyState.READY)
-_NEW_JOB = insert(Job).returning(Job.id)
 
 
 def promote_ready_studies(sessions: sessionmaker[Session], readiness: Readiness,
@@ -116,10 +123,7 @@ def _promote_batch(connection: Connection, batch: Sequence[tuple[str, int]], rea
     """Claim each study of ``batch`` that is ready (compare-and-set on its state, in the batch's order) and add its
     READY job: (job id, study UID, missing views) for each claimed; a study not ready, or claimed by another
     promotion meanwhile, is left as it is."""
-    present: dict[int, set[str]] = {study_id: set() for _, study_id in batch}
-    for study_id, laterality, view in connection.execute(_ANALYSABLE_VIEWS, {"study_ids": list(present)}):
-        if (name := view_name(laterality, view)) in SCREENING_VIEW_NAMES:
-            present[study_id].add(name)
+    present = present_views_of(connection, [study_id for _, study_id in batch])
     promoted = []
     for study_uid, study_id in batch:
         wait = readiness.settle if len(present[study_id]) == len(SCREENING_VIEW_NAMES) else readiness.timeout
