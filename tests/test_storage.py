@@ -107,32 +107,30 @@ def test_a_resend_to_a_row_with_a_sha256_digest_is_recognised(
     _store(store, changed, [buffer.getvalue()])
     assert stored() == ("blake3:" + blake3.blake3(buffer.getvalue()).hexdigest(), StudyState.RECEIVING)
 
+
+def _filed_sql(study: str, patient: str, series: str | None = None) -> list[str]:
+    """SQL that files a study (SQL expressions: literals or binds) and, with ``series``, a series in it holding an
+    instance of this store's SOP Instance UID."""
+    statements = ["INSERT INTO study (study_instance_uid, patient_id, state, first_received_at, last_received_at, "
+                  f"views_complete) VALUES ({study}, {patient}, 'RECEIVING', '2026-11-30', '2026-11-30', false)"]
+    if series is not None:
+        statements += [
+            f"INSERT INTO series (study_id, series_instance_uid) SELECT id, {series} FROM study "
+            f"WHERE study_instance_uid = {study}",
+            "INSERT INTO instance (sop_instance_uid, study_id, series_id, sop_class_uid, transfer_syntax_uid, path, "
+            "size_bytes, content_digest, analysable, received_at) SELECT :sop, study_id, id, '1.2', '1.2', 'x', 1, "
+            f"'blake3:00', true, '2026-11-30' FROM series WHERE series_instance_uid = {series}"]
+    return statements
+
+
 # What another SCP process files between this store's lookup and its inserts (SQL; SQLite refuses it, the store
 # holding the write lock), the reason the store then gives on PostgreSQL (None: it is stored) and the rows then
 # in the study, series and instance tables.
 _FILED_MEANWHILE = {
-    "study-of-another-patient": (
-        ["INSERT INTO study (study_instance_uid, patient_id, state, first_received_at, last_received_at, "
-         "views_complete) VALUES (:study, 'OTHER-PATIENT', 'RECEIVING', '2026-11-30', '2026-11-30', false)"],
-        "another Patient ID", (1, 0, 0)),
-    "instance-in-another-study": (
-        ["INSERT INTO study (study_instance_uid, patient_id, state, first_received_at, last_received_at, "
-         "views_complete) VALUES ('1.2.3.999', :patient, 'RECEIVING', '2026-11-30', '2026-11-30', false)",
-         "INSERT INTO series (study_id, series_instance_uid) SELECT id, '1.2.3.999.1' FROM study "
-         "WHERE study_instance_uid = '1.2.3.999'",
-         "INSERT INTO instance (sop_instance_uid, study_id, series_id, sop_class_uid, transfer_syntax_uid, path, "
-         "size_bytes, content_digest, analysable, received_at) SELECT :sop, study_id, id, '1.2', '1.2', 'x', 1, "
-         "'blake3:00', true, '2026-11-30' FROM series WHERE series_instance_uid = '1.2.3.999.1'"],
-        "SOP Instance UID .* is already stored in study 1.2.3.999", (1, 1, 1)),
-    "the-same-instance": (
-        ["INSERT INTO study (study_instance_uid, patient_id, state, first_received_at, last_received_at, "
-         "views_complete) VALUES (:study, :patient, 'RECEIVING', '2026-11-30', '2026-11-30', false)",
-         "INSERT INTO series (study_id, series_instance_uid) SELECT id, :series FROM study "
-         "WHERE study_instance_uid = :study",
-         "INSERT INTO instance (sop_instance_uid, study_id, series_id, sop_class_uid, transfer_syntax_uid, path, "
-         "size_bytes, content_digest, analysable, received_at) SELECT :sop, study_id, id, '1.2', '1.2', 'x', 1, "
-         "'blake3:00', true, '2026-11-30' FROM series WHERE series_instance_uid = :series"],
-        None, (1, 1, 1)),
+    "study-of-another-patient": (_filed_sql(":study", "'OTHER-PATIENT'"), "another Patient ID", (1, 0, 0)),
+    "instance-in-another-study": (_filed_sql("'1.2.3.999'", ":patient", "'1.2.3.999.1'"),
+                                  "SOP Instance UID .* is already stored in study 1.2.3.999", (1, 1, 1)),
+    "the-same-instance": (_filed_sql(":study", ":patient", ":series"), None, (1, 1, 1)),
 }
 
 
