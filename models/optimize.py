@@ -1,4 +1,5 @@
-"""Inference-only speed-ups that keep the outputs: batch-norm folded into the preceding convolution."""
+"""Inference-only speed-ups that keep the outputs: batch-norm folded into the preceding convolution, and symmetric
+"same" padding done by the convolution itself instead of a separate copy of its input."""
 
 from __future__ import annotations
 
@@ -34,9 +35,24 @@ def fold_batch_norms(encoder: EfficientNetEncoder) -> EfficientNetEncoder:
     return encoder
 
 
+def pad_in_convolutions(encoder: EfficientNetEncoder) -> EfficientNetEncoder:
+    """Give every static "same" padding that is the same on both sides (all stride-1 convolutions) to the
+    convolution, in place: the same zeros, without ``F.pad`` writing a padded copy of each input. The one-sided
+    paddings of stride-2 convolutions at an even nominal size stay."""
+    for conv in encoder.modules():
+        if isinstance(conv, StaticSameConv2d) and any(conv.static_pad):
+            top, bottom, left, right = conv.static_pad
+            if top == bottom and left == right:
+                conv.padding = (top, left)
+                conv.static_pad = (0, 0, 0, 0)
+    return encoder
+
+
 def inference_copy(model: MammoClip) -> MammoClip:
-    """A frozen eval-mode copy for serving: BN folded, channels-last weights. Never train or save it."""
+    """A frozen eval-mode copy for serving: BN folded, padding in the convolutions, channels-last weights. Never
+    train or save it."""
     fast = copy.deepcopy(model).eval().requires_grad_(False)
     fold_batch_norms(fast.image_encoder)
+    pad_in_convolutions(fast.image_encoder)
     fast.image_encoder.to(memory_format=torch.channels_last)
     return fast
