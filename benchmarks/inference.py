@@ -6,6 +6,12 @@ time under ``torch.no_grad``, as the reference's evaluator runs it. Ours: ``mode
 (``torch.inference_mode``; the four views in one batch with bf16 autocast on CUDA, one view at a time on CPU).
 Both use the same random weights, so the embeddings must agree (max |delta| is printed).
 
+On CUDA (TF32 off, so float32 is float32), three of our paths are timed against the reference: float32 with the
+four views in one batch (the identity check, max |delta| < 1e-4), bf16 one view at a time, and bf16 batched (what
+the worker runs). Each row gives studies/min and the peak GPU memory of the path, weights included: the memory one
+analysis worker process needs for the image tower (the copy's weights plus the path's own peak above what
+was already allocated).
+
     python benchmarks/inference.py                      # B2 and B5 at 1520x912 on the best device
     python benchmarks/inference.py --variants b2 --repeats 3 --device cpu
     python benchmarks/inference.py --quick --json rows.json   # B2 at 760x456, one repeat; summary rows as JSON
@@ -56,6 +62,26 @@ def reference_study(model: MammoClip, reference: torch.nn.Module, views: list[to
     return torch.cat(rows).cpu()
 
 
+def our_paths(device: str) -> list[tuple[str, int | None, torch.dtype | None]]:
+    """(label, views per batch, CUDA autocast dtype) of each path of ours to time on ``device``."""
+    if device != "cuda":
+        return [("ours", None, None)]
+    return [("fp32 batched", 4, None), ("bf16 one by one", 1, torch.bfloat16), ("ours", 4, torch.bfloat16)]
+
+
+def reset_peak(device: str) -> int:
+    """Start a new CUDA peak; return what is allocated now (both models' weights and the inputs), else 0."""
+    if device != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def timed(function, repeats: int, device: str) -> tuple[float, object]:
     result = function()  # warm-up
     times = []
@@ -85,8 +111,10 @@ def main() -> None:
     rows: list[dict[str, object]] = []
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"input={args.height}x{args.width}, 4 views per study")
-    print(f"{'model':<6}{'reference s/study':>19}{'ours s/study':>14}{'speed-up':>10}{'studies/min':>13}"
-          f"{'max|d emb|':>12}")
+    print(f"{'model':<6}{'path':<18}{'ref s/study':>12}{'ours s/study':>14}{'speed-up':>10}{'studies/min':>13}"
+          f"{'max|d emb|':>12}" + (f"{'peak GiB':>9}" if args.device == "cuda" else ""))
+    if args.device == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     for variant in args.variants:
         model, reference = build(variant, args.device)
         torch.manual_seed(1)
@@ -94,19 +122,23 @@ def main() -> None:
         ref_time, ref_emb = timed(partial(reference_study, model, reference, views), args.repeats, args.device)
         images = dict(zip(SCREENING_VIEWS, views, strict=True))
         fast = inference_copy(model)
-        our_time, ours = timed(partial(embed_views, fast, images), args.repeats, args.device)
-        our_emb = torch.stack([ours[key] for key in SCREENING_VIEWS])
-        delta = float((our_emb - ref_emb).abs().max())
-        print(f"{variant:<6}{ref_time:19.3f}{our_time:14.3f}{ref_time / our_time:9.2f}x{60 / our_time:13.1f}"
-              f"{delta:12.2e}")
         name = f"inference {variant.upper()} 4 views {args.height}x{args.width} {args.device}"
-        rows += [{"name": name, "figure": round(our_time, 3), "baseline": round(ref_time, 3), "unit": "s/study",
-                  "ratio": round(ref_time / our_time, 2), "target": ">= 2x", "met": ref_time / our_time >= 2},
-                 {"name": f"{name}: max abs delta of embeddings", "figure": delta, "baseline": None, "unit": "",
-                  "ratio": None, "target": "< 1e-4", "met": delta < 1e-4}]
-        if args.device == "cuda":
-            print(f"       peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-            torch.cuda.reset_peak_memory_stats()
+        for path, batch_size, autocast in our_paths(args.device):
+            resident = reset_peak(args.device)
+            our_time, ours = timed(partial(embed_views, fast, images, batch_size, autocast), args.repeats,
+                                   args.device)
+            delta = float((torch.stack([ours[key] for key in SCREENING_VIEWS]) - ref_emb).abs().max())
+            peak = (f"{(weight_bytes(fast) + torch.cuda.max_memory_allocated() - resident) / 2**30:9.2f}"
+                    if args.device == "cuda" else "")
+            print(f"{variant:<6}{path:<18}{ref_time:12.3f}{our_time:14.4f}{ref_time / our_time:9.2f}x"
+                  f"{60 / our_time:13.1f}{delta:12.2e}{peak}")
+            label = name if path == "ours" else f"{name} {path}"
+            rows.append({"name": label, "figure": round(our_time, 4), "baseline": round(ref_time, 4),
+                         "unit": "s/study", "ratio": round(ref_time / our_time, 2), "target": ">= 2x",
+                         "met": ref_time / our_time >= 2})
+            if autocast is None:
+                rows.append({"name": f"{label}: max abs delta of embeddings", "figure": delta, "baseline": None,
+                             "unit": "", "ratio": None, "target": "< 1e-4", "met": delta < 1e-4})
     if args.json:
         args.json.write_text(json.dumps(rows))
 

@@ -27,9 +27,11 @@ class StudyScores:
     feature_maps: dict[ViewKey, Tensor] = field(default_factory=dict)
 
 
-def encode_views(model: MammoClip, images: Mapping[ViewKey, Tensor],
-                 batch_size: int | None = None) -> tuple[dict[ViewKey, Tensor], dict[ViewKey, Tensor]]:
-    """Embeddings and last feature maps of the views, in inference mode, channels-last, bf16 autocast on CUDA.
+def encode_views(model: MammoClip, images: Mapping[ViewKey, Tensor], batch_size: int | None = None,
+                 cuda_autocast: torch.dtype | None = torch.bfloat16) -> tuple[dict[ViewKey, Tensor],
+                                                                          dict[ViewKey, Tensor]]:
+    """Embeddings and last feature maps of the views, in inference mode, channels-last, autocast to
+    ``cuda_autocast`` on CUDA (None: float32 throughout; the CPU always runs float32).
 
     ``batch_size`` defaults to all views at once on CUDA and one view at a time on CPU, where a batch of
     large images runs slower than single images (measured by ``benchmarks/inference.py``). Pass the
@@ -40,7 +42,9 @@ def encode_views(model: MammoClip, images: Mapping[ViewKey, Tensor],
     step = batch_size or (len(keys) if on_cuda else 1)
     batch = torch.stack([images[k] for k in keys]).to(model.device).contiguous(memory_format=torch.channels_last)
     embeddings, feature_maps = [], []
-    with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=on_cuda):
+    autocast = torch.autocast(model.device.type, dtype=cuda_autocast or torch.float32,
+                              enabled=on_cuda and cuda_autocast is not None)
+    with torch.inference_mode(), autocast:
         for i in range(0, len(keys), step):
             feature_map = model.image_feature_map(batch[i:i + step])
             embeddings.append(model.project_feature_map(feature_map).float().cpu())
@@ -49,10 +53,10 @@ def encode_views(model: MammoClip, images: Mapping[ViewKey, Tensor],
             dict(zip(keys, torch.cat(feature_maps), strict=True)))
 
 
-def embed_views(model: MammoClip, images: Mapping[ViewKey, Tensor],
-                batch_size: int | None = None) -> dict[ViewKey, Tensor]:
+def embed_views(model: MammoClip, images: Mapping[ViewKey, Tensor], batch_size: int | None = None,
+                cuda_autocast: torch.dtype | None = torch.bfloat16) -> dict[ViewKey, Tensor]:
     """L2-normalized embeddings of the views (see ``encode_views``)."""
-    return encode_views(model, images, batch_size)[0]
+    return encode_views(model, images, batch_size, cuda_autocast)[0]
 
 
 def score_views(classifier: ZeroShotClassifier, images: Mapping[ViewKey, Tensor],
