@@ -21,6 +21,16 @@ from models.text_encoder import TextEncoder, default_text_encoder_dir, load_toke
 IN_CI = bool(os.environ.get("CI"))
 
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def python_env(**changes: str) -> dict[str, str]:
+    """The environment for a child Python process that runs this checkout: the repository first on PYTHONPATH,
+    then the caller's own entries (where the packages may live), then ``changes``."""
+    path = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **changes}
+
+
 def require_tool(path: str) -> str:
     """A Debian tool the test needs: fail under CI when absent, skip on a developer machine."""
     if shutil.which(path) is None:

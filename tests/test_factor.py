@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from models.factor import (
     save_factor,
 )
 from models.preprocess import CropBox
-from tests.conftest import tiny_model
+from tests.conftest import python_env, tiny_model
 from training.factor.data import FactorRecord
 from training.factor.localization import (
     box_iou,
@@ -267,7 +266,7 @@ def test_the_benchmark_runs_every_stage_in_quick_mode(tmp_path) -> None:
     result = subprocess.run([sys.executable, str(root / "benchmarks" / "factor_localization.py"), "--quick",
                              "--threads", "1", "--out", str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=600, cwd=root,
-                            env={**os.environ, "PYTHONPATH": str(root)})
+                            env=python_env())
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith(("mass", "calcification"))]
     assert [row[0] for row in rows] == ["mass"] * 4 + ["calcification"] * 4

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from models import save_model_version
 from models.errors import ConfigurationError
 from models.preprocess import PreprocessConfig, normalize
-from tests.conftest import free_port, tiny_model
+from tests.conftest import free_port, python_env, tiny_model
 from training.archive.indexer import index_archive
 from training.archive.store import ArchiveImage, ArchiveStudy, open_index
 from training.convert import convert_archive
@@ -166,8 +166,8 @@ def _script(*args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *args]
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _run(command: list[str], **env_changes: str) -> subprocess.CompletedProcess[str]:
+    env = python_env(**env_changes)
     return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, env=env)
 
 
@@ -201,12 +201,23 @@ def _ddp_rank(index: str, out: str, start: str, dump: str) -> None:
         torch.save(run.model.state_dict(), Path(dump) / f"rank{run.rank}.pt")
 
 
+def test_more_training_processes_than_gpus_is_refused_before_joining(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda _: pytest.fail("set_device on a GPU that is not there"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigurationError, match=r"process 1 .* no GPU of its own \(1 visible\)"), process_group():
+        pass
+
+
 def test_ddp_on_cpu_under_torchrun(tmp_path: Path, archive: dict[str, Path]) -> None:
     out, dump = tmp_path / "run", tmp_path / "dump"
     dump.mkdir()
     launched = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                      f"--master_port={free_port()}", *_script("ddp", str(archive["index"]), str(out),
-                                                              str(archive["tiny"]), str(dump))[1:]])
+                                                              str(archive["tiny"]), str(dump))[1:]],
+                    CUDA_VISIBLE_DEVICES="")  # two processes on the CPU, also on a machine with one GPU
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model"]
     assert [h["step"] for h in _history(out)] == [1, 2, 3, 4]

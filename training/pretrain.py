@@ -162,7 +162,13 @@ def process_group() -> Iterator[None]:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ConfigurationError(
+                f"training process {local_rank} of this machine has no GPU of its own ({visible} visible): start "
+                "at most one process per GPU (torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+                "to train on the CPU")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
     try:
         yield
