@@ -3,6 +3,7 @@ highdicom/pydicom read-back and a real DCMTK storescp."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from pathlib import Path
 
@@ -365,7 +366,7 @@ def test_unparseable_patient_values_are_left_empty_and_the_sr_still_validates(
     from dicom_node.results.writer import SrRequest, without_pixels
     from dicom_node.results.writer import write_sr as write_request
 
-    headers = [without_pixels(source) for source in sources]
+    headers = [copy.deepcopy(without_pixels(source)) for source in sources]  # setting a value changes its element
     for header in headers:
         header.PatientBirthDate, header.StudyTime, header.PatientSex = "1941-03-02", "12:30:00", "U"
     findings = make_findings(sources)
@@ -377,3 +378,20 @@ def test_unparseable_patient_values_are_left_empty_and_the_sr_still_validates(
     sr = pydicom.dcmread(path)
     assert (sr.PatientBirthDate, sr.StudyTime, sr.PatientSex) == ("", "", "")
     assert (sr.PatientID, sr.PatientName) == (sources[0].PatientID, sources[0].PatientName)
+
+
+def test_a_character_set_highdicom_refuses_is_written_as_utf8_with_the_names_as_sent(
+        tmp_path: Path, sources: list[pydicom.Dataset]) -> None:
+    """Japanese with the default repertoire first (a valid empty first value) failed highdicom's check before."""
+    from dicom_node.results.writer import SrRequest, without_pixels
+    from dicom_node.results.writer import write_sr as write_request
+
+    name = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    headers = [copy.deepcopy(without_pixels(source)) for source in sources]  # setting a value changes its element
+    for header in headers:
+        header.SpecificCharacterSet, header.PatientName = ["", "ISO 2022 IR 87"], name
+    path = write_request(SrRequest(make_findings(sources), headers, generate_uid(), generate_uid(),
+                                   tmp_path / "sr.dcm"))
+    assert_valid(path)
+    sr = pydicom.dcmread(path)
+    assert (sr.SpecificCharacterSet, str(sr.PatientName)) == ("ISO_IR 192", name)

@@ -1,4 +1,4 @@
-"""The analysed images' patient and study attributes, made copyable into the node's SR and SEGs.
+r"""The analysed images' patient and study attributes, made copyable into the node's SR and SEGs.
 
 highdicom copies the Patient and General Study modules of the source images into each object it builds, reads
 some of them as plain attributes and parses their dates, times, sex and name on the way. A birth date written
@@ -7,6 +7,11 @@ Patient's Name value or a missing Accession Number raised there, failed the whol
 the job's error and the log. Such a value is emptied (or, when absent, added empty) before the objects are built:
 these attributes are Type 2 in both modules, where empty means unknown. A Patient's Name keeps its first value;
 names, IDs and the accession number are otherwise copied as sent.
+
+highdicom also copies the Specific Character Set and refuses values that pydicom reads: an empty first value
+(``\ISO 2022 IR 87``, Japanese), a single value with code extensions (``ISO 2022 IR 100``), a misspelling
+(``ISO-IR 100``) or a Python codec name (``UTF8``). The header's text is then decoded with the sender's character
+set as pydicom reads it, and the results are written in UTF-8 (``ISO_IR 192``), which holds any text.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 
+from highdicom.valuerep import _check_specific_character_set
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -26,6 +32,7 @@ log = logging.getLogger(__name__)
 DATE, TIME = re.compile(r"\d{8}"), re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
 PARSED = {"PatientBirthDate": (DATE, DA), "StudyDate": (DATE, DA), "StudyTime": (TIME, TM)}
 PATIENT_SEX_VALUES = frozenset({"M", "F", "O"})
+UTF8 = "ISO_IR 192"
 # Type 2 attributes that highdicom reads as plain attributes (an absent one raised AttributeError)
 READ_BY_HIGHDICOM = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                      "StudyDate", "StudyTime")
@@ -34,24 +41,40 @@ READ_BY_HIGHDICOM = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex
 def empty_unreadable_values(dataset: Dataset) -> list[str]:
     """Empty, in ``dataset`` only (its elements are replaced, never changed), the values of ``PARSED`` that are not
     in their standard form and a Patient's Sex other than M, F or O; add the absent ``READ_BY_HIGHDICOM`` empty;
-    keep a Patient's Name's first value. Returns the keywords it changed (never their values, which may identify
-    the patient)."""
-    changed = [keyword for keyword in READ_BY_HIGHDICOM if keyword not in dataset]
-    changed += [keyword for keyword, (form, parse) in PARSED.items()
+    keep a Patient's Name's first value; write in UTF-8 what highdicom cannot write in the sender's character set.
+    Returns the keywords it changed (never their values, which may identify the patient)."""
+    recoded = not _copyable_character_set(dataset.get("SpecificCharacterSet"))
+    if recoded:
+        list(dataset)  # reads every element still raw with the sender's character set, before it changes
+        _replace(dataset, "SpecificCharacterSet", UTF8)
+    emptied = [keyword for keyword in READ_BY_HIGHDICOM if keyword not in dataset]
+    emptied += [keyword for keyword, (form, parse) in PARSED.items()
                 if keyword in dataset and not _readable(dataset[keyword].value, form, parse)]
     sex = dataset.get("PatientSex")
     if sex and str(sex) not in PATIENT_SEX_VALUES:
-        changed.append("PatientSex")
-    for keyword in changed:
+        emptied.append("PatientSex")
+    for keyword in emptied:
         _replace(dataset, keyword, "")
+    changed = ["SpecificCharacterSet"] * recoded + emptied
     name = dataset.get("PatientName")
     if isinstance(name, MultiValue):
         _replace(dataset, "PatientName", name[0] if name else "")
         changed.append("PatientName")
     if changed:
-        log.warning("instance %s: %s absent or not copyable as sent; empty (a name: its first value) in the results",
-                    dataset.get("SOPInstanceUID"), ", ".join(changed))
+        log.warning("instance %s: %s absent or not copyable as sent; in the results empty (a name: its first "
+                    "value; the character set: %s)", dataset.get("SOPInstanceUID"), ", ".join(changed), UTF8)
     return changed
+
+
+def _copyable_character_set(value: object) -> bool:
+    """Whether highdicom accepts ``value`` as the results' Specific Character Set (absent: the default)."""
+    if value is None:
+        return True
+    try:
+        _check_specific_character_set(list(value) if isinstance(value, MultiValue) else value)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _replace(dataset: Dataset, keyword: str, value: object) -> None:
