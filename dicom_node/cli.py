@@ -15,7 +15,7 @@ from dicom_node.cli_archive import archive
 from dicom_node.cli_model import model
 from dicom_node.cli_node import COMMANDS
 from dicom_node.cli_train import train
-from dicom_node.logs import TEXT_FORMAT, JsonFormatter, configure_logging
+from dicom_node.logs import JsonFormatter, TextFormatter, configure_logging
 from dicom_node.serving import NOT_CLINICAL_BANNER
 from dicom_node.settings import Settings, load_settings
 from models.errors import NodeError
@@ -90,7 +90,7 @@ def _log_to_file(path: Path) -> None:
         handler.setLevel(logging.WARNING)
     file_handler = logging.FileHandler(path)
     json_logs = any(isinstance(handler.formatter, JsonFormatter) for handler in root.handlers)
-    file_handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter(TEXT_FORMAT))
+    file_handler.setFormatter(JsonFormatter() if json_logs else TextFormatter())
     root.addHandler(file_handler)
 
 
