@@ -49,6 +49,13 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
+    def format(self, record: logging.LogRecord) -> str:
+        saved, record.exc_text = record.exc_text, None  # never another formatter's cached traceback, with messages
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = saved
+
     def formatException(self, ei: ExcInfo) -> str:  # noqa: N802 (logging's name)
         return traceback_without_messages(ei[1])
 
@@ -61,7 +68,7 @@ class JsonFormatter(TextFormatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname, "logger": record.name, "message": record.getMessage(), "pid": record.process}
         entry.update({name: getattr(record, name) for name in CONTEXT_FIELDS if hasattr(record, name)})
-        if record.exc_info:
+        if record.exc_info and record.exc_info[1] is not None:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 

@@ -41,7 +41,7 @@ def pad_in_convolutions(encoder: EfficientNetEncoder) -> EfficientNetEncoder:
     paddings of stride-2 convolutions at an even nominal size stay."""
     for conv in encoder.modules():
         if isinstance(conv, StaticSameConv2d) and any(conv.static_pad):
-            top, bottom, left, right = conv.static_pad
+            left, right, top, bottom = conv.static_pad  # F.pad's order
             if top == bottom and left == right:
                 conv.padding = (top, left)
                 conv.static_pad = (0, 0, 0, 0)

@@ -41,7 +41,8 @@ def test_only_one_sided_paddings_are_left_to_a_separate_pad(monkeypatch: pytest.
     fast = inference_copy(model)
     convs = [m for m in fast.image_encoder.modules() if isinstance(m, StaticSameConv2d)]
     kept = [c.static_pad for c in convs if any(c.static_pad)]
-    assert kept and all(top != bottom for top, bottom, _, _ in kept), "stride-2 pads of an even nominal size stay"
+    assert kept and all(left != right and top != bottom for left, right, top, bottom in kept), \
+        "stride-2 pads of an even nominal size stay"
     assert any(c.padding != (0, 0) for c in convs), "symmetric pads moved into the convolutions"
     assert all(any(c.static_pad) for c in model.image_encoder.modules()
                if isinstance(c, StaticSameConv2d) and c.kernel_size != (1, 1)), "the model keeps its own"

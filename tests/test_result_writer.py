@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
 from dicom_node.results.writer import (
@@ -103,3 +106,27 @@ def test_start_brings_up_the_helpers_before_the_first_job() -> None:
     finally:
         pool.reset()
     assert ResultWriter(0).start() == []
+
+
+@pytest.mark.parametrize(("character_set", "name", "meaning"), [
+    ("ISO-IR 100", "Müller^Anna", "Mammographie bilatérale"),  # misspelt: pydicom reads it as ISO_IR 100
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎", "マンモグラフィ")])  # Japanese, the default repertoire first
+def test_a_seg_in_utf8_keeps_the_senders_text_in_sequences_too(tmp_path: Path, views: list[pydicom.Dataset],
+                                                              character_set: str | list[str], name: str,
+                                                              meaning: str) -> None:
+    """highdicom shares the source's sequences (Procedure Code here) into the SEG: their text, still as the sender
+    encoded it, must be read in the sender's character set before the SEG is written in UTF-8."""
+    sent = copy.deepcopy(views[0])
+    sent.SpecificCharacterSet, sent.PatientName = character_set, name
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "24606-6", "LN", meaning
+    sent.ProcedureCodeSequence = [code]
+    buffer = DicomBytesIO()
+    sent.save_as(buffer, enforce_file_format=True)
+    header = without_pixels(pydicom.dcmread(DicomBytesIO(buffer.getvalue())))
+    path = write_seg(SegRequest(header, model_maps(), crop_of(sent), MODEL, {}, generate_uid(), generate_uid(), 1,
+                                tmp_path / "SEG.dcm"))
+    assert_valid(path)
+    seg = pydicom.dcmread(path)
+    assert (seg.SpecificCharacterSet, str(seg.PatientName)) == ("ISO_IR 192", name)
+    assert seg.ProcedureCodeSequence[0].CodeMeaning == meaning

@@ -36,12 +36,13 @@ def _sqlite_pragmas(connection, _record) -> None:  # noqa: ANN001  (DB-API conne
 
 
 def make_engine(url: str) -> Engine:
-    """An engine with the settings this node relies on (pre-ping; SQLite pragmas)."""
+    """An engine with the settings this node relies on (pre-ping; SQLite pragmas; no SQL parameters, which hold
+    patient names and IDs, in its errors and thus the log)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

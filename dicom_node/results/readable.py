@@ -45,7 +45,7 @@ def empty_unreadable_values(dataset: Dataset) -> list[str]:
     Returns the keywords it changed (never their values, which may identify the patient)."""
     recoded = not _copyable_character_set(dataset.get("SpecificCharacterSet"))
     if recoded:
-        list(dataset)  # reads every element still raw with the sender's character set, before it changes
+        dataset.walk(lambda *_: None)  # reads every element still raw, in sequences too, as the sender encoded it
         _replace(dataset, "SpecificCharacterSet", UTF8)
     emptied = [keyword for keyword in READ_BY_HIGHDICOM if keyword not in dataset]
     emptied += [keyword for keyword, (form, parse) in PARSED.items()
