@@ -30,13 +30,16 @@ def _chain(error: BaseException | None) -> Iterator[BaseException]:
 
 
 def traceback_without_messages(error: BaseException | None) -> str:
-    """The traceback of ``error`` and of the exceptions before it: frames and exception types, no messages."""
+    """The traceback of ``error``, of the exceptions before it and of a group's members: frames and exception
+    types, no messages."""
     blocks = []
     for exception in reversed(list(_chain(error))):
         kind = type(exception)
         name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
         frames = "".join(traceback.format_list(traceback.extract_tb(exception.__traceback__)))
         blocks.append(f"Traceback (most recent call last):\n{frames}{name} (message withheld from the log)")
+        if isinstance(exception, BaseExceptionGroup):
+            blocks += [traceback_without_messages(member) for member in exception.exceptions]
     return "\n\nDuring or because of that:\n\n".join(blocks)
 
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from dicom_node.logs import JsonFormatter, TextFormatter
+from dicom_node.logs import JsonFormatter, TextFormatter, traceback_without_messages
 from models.errors import ImageDecodeError
 from worklist.db import make_engine, upgrade
 
@@ -86,3 +86,13 @@ def test_database_errors_carry_no_sql_parameters(tmp_path: Path) -> None:
         connection.execute(insert, {"name": "Doe^Jane"})
     assert "INSERT INTO study" in str(raised.value) and "Doe" not in str(raised.value)
     engine.dispose()
+
+
+def test_a_groups_members_are_shown_without_their_messages() -> None:
+    try:
+        _decode(SECRET)
+    except ValueError as error:
+        group = ExceptionGroup("two failures", [error, KeyError(SECRET)])
+    shown = traceback_without_messages(group)
+    assert "ExceptionGroup (message" in shown and "ValueError (message" in shown and "KeyError (message" in shown
+    assert "in _decode" in shown and "Doe" not in shown
