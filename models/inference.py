@@ -28,10 +28,11 @@ class StudyScores:
 
 
 def encode_views(model: MammoClip, images: Mapping[ViewKey, Tensor], batch_size: int | None = None,
-                 cuda_autocast: torch.dtype | None = torch.bfloat16) -> tuple[dict[ViewKey, Tensor],
-                                                                          dict[ViewKey, Tensor]]:
-    """Embeddings and last feature maps of the views, in inference mode, channels-last, autocast to
-    ``cuda_autocast`` on CUDA (None: float32 throughout; the CPU always runs float32).
+                 cuda_autocast: torch.dtype | None = torch.bfloat16,
+                 keep_feature_maps: bool = True) -> tuple[dict[ViewKey, Tensor], dict[ViewKey, Tensor]]:
+    """Embeddings and (unless not ``keep_feature_maps``: none, and on CUDA no copy of them to the host) last
+    feature maps of the views, in inference mode, channels-last, autocast to ``cuda_autocast`` on CUDA (None:
+    float32 throughout; the CPU always runs float32).
 
     ``batch_size`` defaults to all views at once on CUDA and one view at a time on CPU, where a batch of
     large images runs slower than single images (measured by ``benchmarks/inference.py``). Pass the
@@ -48,27 +49,27 @@ def encode_views(model: MammoClip, images: Mapping[ViewKey, Tensor], batch_size:
         for i in range(0, len(keys), step):
             feature_map = model.image_feature_map(batch[i:i + step])
             embeddings.append(model.project_feature_map(feature_map).float().cpu())
-            feature_maps.append(feature_map.float().cpu())
+            if keep_feature_maps:
+                feature_maps.append(feature_map.float().cpu())
     return (dict(zip(keys, torch.cat(embeddings), strict=True)),
-            dict(zip(keys, torch.cat(feature_maps), strict=True)))
+            dict(zip(keys, torch.cat(feature_maps), strict=True)) if keep_feature_maps else {})
 
 
 def embed_views(model: MammoClip, images: Mapping[ViewKey, Tensor], batch_size: int | None = None,
                 cuda_autocast: torch.dtype | None = torch.bfloat16) -> dict[ViewKey, Tensor]:
     """L2-normalized embeddings of the views (see ``encode_views``)."""
-    return encode_views(model, images, batch_size, cuda_autocast)[0]
+    return encode_views(model, images, batch_size, cuda_autocast, keep_feature_maps=False)[0]
 
 
 def score_views(classifier: ZeroShotClassifier, images: Mapping[ViewKey, Tensor],
                 keep_feature_maps: bool = False) -> StudyScores:
     """Zero-shot probabilities for each view and each breast of one study."""
-    embeddings, feature_maps = encode_views(classifier.model, images)
+    embeddings, feature_maps = encode_views(classifier.model, images, keep_feature_maps=keep_feature_maps)
     keys = list(embeddings)
     results = classifier.classify(torch.stack([embeddings[k] for k in keys]))
     views = {key: {task: scores.probabilities[i] for task, scores in results.items()} for i, key in enumerate(keys)}
     missing = [key for key in SCREENING_VIEWS if key not in views]
-    return StudyScores(views, aggregate_breasts(views), embeddings, missing,
-                       feature_maps if keep_feature_maps else {})
+    return StudyScores(views, aggregate_breasts(views), embeddings, missing, feature_maps)
 
 
 def load_study_images(paths: list[Path], model: MammoClip) -> dict[ViewKey, Tensor]:

@@ -48,6 +48,11 @@ def test_study_with_a_missing_view_is_scored_and_reports_it(model) -> None:
     result = score_views(ZeroShotClassifier(model), images)
     assert result.missing_views == [("R", "MLO")]
     assert set(result.views) == set(images) and set(result.breasts) == {"L", "R"}
+    assert result.feature_maps == {}  # none kept, nor copied off a GPU, unless asked for
+    kept = score_views(ZeroShotClassifier(model), images, keep_feature_maps=True)
+    assert set(kept.feature_maps) == set(images)
+    assert all(m.shape == (model.image_encoder.out_dim, 2, 1) for m in kept.feature_maps.values())  # 64x48 / 32
+    assert all(torch.equal(kept.embeddings[key], result.embeddings[key]) for key in images)
 
 
 def test_a_card_calibration_maps_each_templates_logits_before_the_softmax(model) -> None:
