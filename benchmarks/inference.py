@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers import BertConfig
 
 from models.clip import ClipConfig, MammoClip
+from models.device_memory import peak_cuda_memory
 from models.inference import SCREENING_VIEWS, embed_views
 from models.optimize import inference_copy
 from models.text_encoder import TextEncoder
@@ -67,15 +68,6 @@ def our_paths(device: str) -> list[tuple[str, int | None, torch.dtype | None]]:
     if device != "cuda":
         return [("ours", None, None)]
     return [("fp32 batched", 4, None), ("bf16 one by one", 1, torch.bfloat16), ("ours", 4, torch.bfloat16)]
-
-
-def reset_peak(device: str) -> int:
-    """Start a new CUDA peak; return what is allocated now (both models' weights and the inputs), else 0."""
-    if device != "cuda":
-        return 0
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -124,14 +116,14 @@ def main() -> None:
         fast = inference_copy(model)
         name = f"inference {variant.upper()} 4 views {args.height}x{args.width} {args.device}"
         for path, batch_size, autocast in our_paths(args.device):
-            resident = reset_peak(args.device)
-            our_time, ours = timed(partial(embed_views, fast, images, batch_size, autocast), args.repeats,
-                                   args.device)
+            resident = torch.cuda.memory_allocated() if args.device == "cuda" else 0  # both models, the inputs
+            with peak_cuda_memory(args.device) as peak:
+                our_time, ours = timed(partial(embed_views, fast, images, batch_size, autocast), args.repeats,
+                                       args.device)
             delta = float((torch.stack([ours[key] for key in SCREENING_VIEWS]) - ref_emb).abs().max())
-            peak = (f"{(weight_bytes(fast) + torch.cuda.max_memory_allocated() - resident) / 2**30:9.2f}"
-                    if args.device == "cuda" else "")
+            shown = f"{(weight_bytes(fast) + peak.bytes - resident) / 2**30:9.2f}" if peak.bytes is not None else ""
             print(f"{variant:<6}{path:<18}{ref_time:12.3f}{our_time:14.4f}{ref_time / our_time:9.2f}x"
-                  f"{60 / our_time:13.1f}{delta:12.2e}{peak}")
+                  f"{60 / our_time:13.1f}{delta:12.2e}{shown}")
             label = name if path == "ours" else f"{name} {path}"
             rows.append({"name": label, "figure": round(our_time, 4), "baseline": round(ref_time, 4),
                          "unit": "s/study", "ratio": round(ref_time / our_time, 2), "target": ">= 2x",
