@@ -40,7 +40,13 @@ from dicom_node.results.findings import (
     ViewFindings,
 )
 from dicom_node.results.io import overlay_file, seg_file
-from dicom_node.results.overlay import DisplayImage, display_pixels, heatmap_overlay_png, malignancy_title
+from dicom_node.results.overlay import (
+    DisplayImage,
+    display_pixels,
+    factor_title,
+    heatmap_overlay_png,
+    malignancy_title,
+)
 from dicom_node.results.seg import FACTOR_PREFIX, TRANSFER_SYNTAX
 from dicom_node.results.writer import (
     ResultWriter,
@@ -136,9 +142,9 @@ def _overlay_pngs(folder: Path, overlay: ViewOverlay) -> list[Path]:
     written = []
     for name in (name for name in overlay.heatmaps if name.startswith(FACTOR_PREFIX)):
         attribute = name.removeprefix(FACTOR_PREFIX)
-        path = folder / f"overlay_factor_{attribute}_{view.name}.png"
+        path = overlay_file(folder, view.name, attribute)
         heatmap_overlay_png(shown, box.paste(overlay.heatmaps[name], shown.gray.shape), path,
-                            f"{view.name} FActOR {attribute}")
+                            factor_title(view.name, attribute))
         written.append(path)
     path = overlay_file(folder, view.name)
     heatmap_overlay_png(shown, box.paste(overlay.heatmaps["malignancy"], shown.gray.shape), path,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from PIL import Image
@@ -270,6 +271,8 @@ def test_study_page_shows_the_four_views_and_overlays(synthetic_root, sqlite_ses
     overlay = settings.results_dir / uid / str(job_id) / "overlay_LCC.png"
     overlay.parent.mkdir(parents=True)
     Image.new("RGB", (16, 24), "red").save(overlay)
+    factor_overlay = overlay.with_name("overlay_factor_mass_LCC.png")
+    Image.new("RGB", (16, 24), "blue").save(factor_overlay)
 
     server = serve(url, sessions)
     status, page, _ = get(f"{server.url}/studies/{uid}")
@@ -284,18 +287,34 @@ def test_study_page_shows_the_four_views_and_overlays(synthetic_root, sqlite_ses
     assert len(list((settings.data_dir / "cache" / "thumbnails" / uid).glob("*.png"))) == 1  # cached on disk
     assert get(f"{server.url}/studies/{uid}/overlay_LCC.png")[1] == overlay.read_bytes()
     assert get(f"{server.url}/studies/{uid}/overlay_RCC.png")[0] == 404
+    # the view's Mammo-FActOR overlays: linked from the page, listed in the JSON, served
+    assert f'href="/studies/{uid}/overlay_factor_mass_LCC.png">mass</a>' in html
+    assert get(f"{server.url}/studies/{uid}/overlay_factor_mass_LCC.png")[1] == factor_overlay.read_bytes()
+    images = json.loads(get(f"{server.url}/api/studies/{uid}")[1])["images"]
+    assert images["LCC"]["factor_overlays"] == {"mass": f"/studies/{uid}/overlay_factor_mass_LCC.png"}
+    assert images["RCC"] == {"thumbnail": f"/studies/{uid}/thumbnail_RCC.png", "overlay": None,
+                             "factor_overlays": {}}
+    for missing in ("overlay_factor_dense_LCC.png", "overlay_factor_mass_RCC.png",
+                    "overlay_factor_..%2F..%2Fmass_LCC.png", "overlay_factor_mass_LCC_LCC.png"):
+        assert get(f"{server.url}/studies/{uid}/{missing}")[0] == 404, missing
     assert get(f"{server.url}/studies/{uid}/thumbnail_XCC.png")[0] == 422
     assert get(f"{server.url}/studies/..%2F..%2Fetc/thumbnail_LCC.png")[0] == 404
 
     # A worker that stopped between recording the result and drawing the overlays: the page draws the
     # overlay again from the view's SEG and image.
     source = pydicom.dcmread(next(path for path in files if path.name == "R_MLO.dcm"))
-    write_seg(source, heatmaps_for(source), overlay.with_name("SEG_RMLO.dcm"))
-    assert f"/studies/{uid}/overlay_RMLO.png" in get(f"{server.url}/studies/{uid}")[1].decode()
+    heatmaps = heatmaps_for(source)
+    heatmaps["factor calcification"] = np.zeros_like(heatmaps["malignancy"])
+    write_seg(source, heatmaps, overlay.with_name("SEG_RMLO.dcm"))
+    page = get(f"{server.url}/studies/{uid}")[1].decode()
+    assert f"/studies/{uid}/overlay_RMLO.png" in page and f"/studies/{uid}/overlay_factor_calcification_RMLO.png" in page
     status, png, headers = get(f"{server.url}/studies/{uid}/overlay_RMLO.png")
     drawn = Image.open(io.BytesIO(png))
     assert status == 200 and headers["Content-Type"] == "image/png" and drawn.width == source.Columns
     assert overlay.with_name("overlay_RMLO.png").read_bytes() == png  # kept for the next request
+    status, png, _ = get(f"{server.url}/studies/{uid}/overlay_factor_calcification_RMLO.png")
+    assert status == 200 and overlay.with_name("overlay_factor_calcification_RMLO.png").read_bytes() == png
+    assert png != overlay.with_name("overlay_RMLO.png").read_bytes()  # the FActOR map, not the malignancy one
     overlay.with_name("SEG_RCC.dcm").write_bytes(b"not a SEG")
     assert get(f"{server.url}/studies/{uid}/overlay_RCC.png")[0] == 404
 

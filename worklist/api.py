@@ -3,6 +3,7 @@
     GET /                                  the triage list (HTML, auto-refresh)
     GET /studies/{uid}                     a study: four views with heatmap overlays, scores, exports (HTML)
     GET /studies/{uid}/thumbnail_{view}.png, /studies/{uid}/overlay_{view}.png   (view: LCC, RCC, LMLO, RMLO)
+    GET /studies/{uid}/overlay_factor_{attribute}_{view}.png   a Mammo-FActOR map's overlay (attribute: mass...)
     GET /api/studies[?limit=&offset=]      the triage list by section (JSON)
     GET /api/studies/{uid}                 a study (JSON); /api/studies/{uid}/exports: export status
     GET /drift, /api/drift, /drift.png     suspicion-score drift per model version and week (worklist.drift)
@@ -31,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.results.io import overlay_file, seg_file
+from dicom_node.results.seg import FACTOR_PREFIX
 from dicom_node.serving import NOT_CLINICAL_BANNER
 from dicom_node.settings import Settings
 from worklist import api_pages
@@ -38,6 +40,7 @@ from worklist.api_auth import Authenticator
 from worklist.api_metrics import worklist_registry
 from worklist.drift import CachedReport, plot_png
 from worklist.node_checks import as_json, readiness, served_model
+from worklist.overlays import factor_attributes, malignancy_overlay
 from worklist.study_detail import export_status, study_detail, view_instance
 from worklist.thumbnails import cached_thumbnail
 from worklist.triage import TriageRow, parse_order, triage
@@ -92,14 +95,48 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
             raise HTTPException(404, "no such study on the worklist")
         return detail
 
-    def overlay(row: TriageRow, view: str) -> Path | None:
-        """The view's overlay PNG of the study's result, or where it goes when only its SEG is there (it is
-        drawn again from the SEG when asked for); None when the result has neither."""
+    def result_folder(row: TriageRow) -> Path | None:
         if row.result_job_id is None:
             return None
-        folder = settings.results_dir / row.study_instance_uid / str(row.result_job_id)
-        path = overlay_file(folder, view)
-        return path if path.is_file() or seg_file(folder, view).is_file() else None
+        return settings.results_dir / row.study_instance_uid / str(row.result_job_id)
+
+    def overlays(row: TriageRow) -> dict[str, list[str]]:
+        """The views with a malignancy overlay in the study's result (drawn, or to be drawn again from its SEG
+        when asked for), each with the attributes of its FActOR overlays."""
+        folder = result_folder(row)
+        if folder is None:
+            return {}
+        return {view.value: factor_attributes(folder, view.value) for view in View
+                if malignancy_overlay(folder, view.value) is not None}
+
+    def overlay_url(row: TriageRow, view: str, attribute: str | None = None) -> str:
+        name = f"overlay_{view}.png" if attribute is None else f"overlay_factor_{attribute}_{view}.png"
+        return f"/studies/{row.study_instance_uid}/{name}"
+
+    def served_overlay(study_uid: str, view: str, attribute: str | None) -> FileResponse:
+        """The overlay PNG of the view's malignancy map, or of its FActOR map of ``attribute``; drawn again from
+        the view's SEG and image when the worker did not draw it."""
+        row, detail = found(study_uid)
+        folder, offered = result_folder(row), overlays(row)
+        if folder is None or view not in offered or (attribute is not None and attribute not in offered[view]):
+            raise HTTPException(404, f"no {view} {attribute or 'malignancy'} overlay")
+        path = overlay_file(folder, view, attribute)
+        if not path.is_file():
+            from dicom_node.results.overlay import factor_title, malignancy_title, redraw_overlay  # torch: lazily
+
+            scores = detail["views"].get(view, {})
+            chosen = view_instance(sessions, row.study_instance_uid, view, scores.get("sop_instance_uid"))
+            try:
+                title = (malignancy_title(view, float(scores["malignancy"])) if attribute is None
+                         else factor_title(view, attribute))
+                redraw_overlay(seg_file(folder, view), settings.incoming_dir / chosen[1], path, title,
+                               "malignancy" if attribute is None else FACTOR_PREFIX + attribute)
+            except Exception as error:  # a missing or unreadable SEG or image must not take the page down
+                log.warning("overlay %s of study %s not drawn again: %s", path.name, row.study_instance_uid,
+                            type(error).__name__)
+                raise HTTPException(404, f"no {view} {attribute or 'malignancy'} overlay") from None
+            log.info("overlay %s of study %s drawn again from its SEG", path.name, row.study_instance_uid)
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -124,11 +161,14 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
     @router.get("/api/studies/{study_uid}")
     def study(study_uid: str) -> dict[str, Any]:
         row, detail = found(study_uid)
+        offered = overlays(row)
         return {**row.to_json(), **detail, "notes": notes([row]),
                 "images": {view: {"thumbnail": f"/studies/{row.study_instance_uid}/thumbnail_{view}.png"
                                   if view in row.views else None,
-                                  "overlay": f"/studies/{row.study_instance_uid}/overlay_{view}.png"
-                                  if overlay(row, view) else None} for view in View}}
+                                  "overlay": overlay_url(row, view) if view in offered else None,
+                                  "factor_overlays": {attribute: overlay_url(row, view, attribute)
+                                                      for attribute in offered.get(view, [])}}
+                           for view in View}}
 
     @router.get("/api/studies/{study_uid}/exports")
     def exports(study_uid: str) -> dict[str, Any]:
@@ -155,26 +195,14 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
             raise HTTPException(404, "the image cannot be rendered") from None
         return FileResponse(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
+    # before overlay_{view}.png, whose pattern also matches these paths
+    @router.get("/studies/{study_uid}/overlay_factor_{attribute}_{view}.png")
+    def factor_overlay_png(study_uid: str, attribute: str, view: View) -> FileResponse:
+        return served_overlay(study_uid, view.value, attribute)
+
     @router.get("/studies/{study_uid}/overlay_{view}.png")
     def overlay_png(study_uid: str, view: View) -> FileResponse:
-        row, detail = found(study_uid)
-        path = overlay(row, view.value)
-        if path is None:
-            raise HTTPException(404, f"no {view.value} overlay")
-        if not path.is_file():
-            from dicom_node.results.overlay import malignancy_title, redraw_overlay  # torch: only when needed
-
-            scores = detail["views"].get(view.value, {})
-            chosen = view_instance(sessions, row.study_instance_uid, view.value, scores.get("sop_instance_uid"))
-            try:
-                redraw_overlay(seg_file(path.parent, view.value), settings.incoming_dir / chosen[1], path,
-                               malignancy_title(view.value, float(scores["malignancy"])))
-            except Exception as error:  # a missing or unreadable SEG or image must not take the page down
-                log.warning("overlay %s of study %s not drawn again: %s", view.value, row.study_instance_uid,
-                            type(error).__name__)
-                raise HTTPException(404, f"no {view.value} overlay") from None
-            log.info("overlay %s of study %s drawn again from its SEG", view.value, row.study_instance_uid)
-        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+        return served_overlay(study_uid, view.value, None)
 
     @router.get("/", response_class=HTMLResponse)
     def index(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> str:
@@ -186,8 +214,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
     @router.get("/studies/{study_uid}", response_class=HTMLResponse)
     def study_page(study_uid: str) -> str:
         row, detail = found(study_uid)
-        overlays = {view.value for view in View if overlay(row, view.value)}
-        return api_pages.study_page(row, detail, export_status(sessions, row.result_job_id), overlays,
+        return api_pages.study_page(row, detail, export_status(sessions, row.result_job_id), overlays(row),
                                     notes([row]), settings.api_refresh_seconds)
 
     @router.get("/drift", response_class=HTMLResponse)

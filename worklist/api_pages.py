@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
@@ -138,9 +138,11 @@ def drift_page(report: DriftReport, notes: Sequence[str], refresh: int) -> str:
     return _page("Score drift", body, refresh, notes, report.alert())
 
 
-def study_page(row: TriageRow, detail: dict[str, Any], exports: list[dict[str, Any]], overlays: set[str],
-               notes: Sequence[str], refresh: int) -> str:
-    """One study: scores per breast, the four views (thumbnail and heatmap overlay), exports and jobs."""
+def study_page(row: TriageRow, detail: dict[str, Any], exports: list[dict[str, Any]],
+               overlays: Mapping[str, Sequence[str]], notes: Sequence[str], refresh: int) -> str:
+    """One study: scores per breast, the four views (thumbnail and malignancy overlay, with links to the FActOR
+    overlays), exports and jobs. ``overlays``: the views with a malignancy overlay, each with its FActOR
+    attributes."""
     uid = quote(row.study_instance_uid)
     patient = f"<p>Patient: {' · ID '.join(_patient(row))}</p>" if row.patient else ""
     head = (f'<p><a href="/">← worklist</a></p><h1>Study {escape(row.accession or "")}</h1>{patient}'
@@ -161,6 +163,10 @@ def study_page(row: TriageRow, detail: dict[str, Any], exports: list[dict[str, A
             images += f'<img src="/studies/{uid}/overlay_{view}.png" alt="{view} heatmap overlay">'
         caption = escape(view) + (" · " + ", ".join(f"{escape(k)} {_score(scores.get(k))}" for k in
                                                      ("malignancy", "mass", "calcification")) if scores else "")
+        if overlays.get(view):
+            caption += "<br>Mammo-FActOR maps: " + " · ".join(
+                f'<a href="/studies/{uid}/overlay_factor_{quote(attribute)}_{view}.png">{escape(attribute)}</a>'
+                for attribute in overlays[view])
         figures.append(f'<figure id="view-{view}">{images}<figcaption>{caption}</figcaption></figure>')
     export_rows = "".join(
         f"<tr><td>{escape(d['destination'])}</td><td>{escape(d['state'])}</td><td>{escape(o['object'])}</td>"

@@ -24,6 +24,7 @@ def seg_file(folder: Path, view: str) -> Path:
     return Path(folder) / f"SEG_{view}.dcm"
 
 
-def overlay_file(folder: Path, view: str) -> Path:
-    """Where a job's malignancy overlay PNG of ``view`` is written in its folder."""
-    return Path(folder) / f"overlay_{view}.png"
+def overlay_file(folder: Path, view: str, attribute: str | None = None) -> Path:
+    """Where a job's overlay PNG of ``view`` is written in its folder: its malignancy overlay, or with
+    ``attribute`` (``mass``, ``calcification``, ``dense``) the overlay of that Mammo-FActOR map."""
+    return Path(folder) / (f"overlay_{view}.png" if attribute is None else f"overlay_factor_{attribute}_{view}.png")

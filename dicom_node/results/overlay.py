@@ -109,7 +109,13 @@ def malignancy_title(view: str, score: float) -> str:
     return f"{view} malignancy {score:.2f}"
 
 
-def redraw_overlay(seg_path: Path, source_path: Path, path: Path, title: str) -> Path:
-    """A view's malignancy overlay drawn again from its SEG and source image (for a job whose worker stopped
-    between recording its results and drawing the overlays, or an overlay deleted since)."""
-    return heatmap_overlay_png(dcmread(source_path), seg_heatmap(dcmread(seg_path)), path, title)
+def factor_title(view: str, attribute: str) -> str:
+    """The title of a view's Mammo-FActOR overlay, e.g. ``LCC FActOR mass``."""
+    return f"{view} FActOR {attribute}"
+
+
+def redraw_overlay(seg_path: Path, source_path: Path, path: Path, title: str, heatmap: str = "malignancy") -> Path:
+    """A view's overlay of its ``heatmap`` (``malignancy``, or a FActOR map such as ``factor mass``) drawn again
+    from its SEG and source image (for a job whose worker stopped between recording its results and drawing the
+    overlays, or an overlay deleted since)."""
+    return heatmap_overlay_png(dcmread(source_path), seg_heatmap(dcmread(seg_path), heatmap), path, title)

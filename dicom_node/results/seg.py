@@ -141,6 +141,12 @@ def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model
     return seg
 
 
+def seg_heatmap_names(seg: Dataset) -> list[str]:
+    """The names of the heatmaps of a SEG that ``build_heatmap_seg`` made (``malignancy``, ``factor mass``...), in
+    segment order; its header is enough (``stop_before_pixels``)."""
+    return [str(item.SegmentLabel).removesuffix(" heatmap") for item in seg.get("SegmentSequence", [])]
+
+
 def seg_heatmap(seg: Dataset, name: str = "malignancy") -> np.ndarray:
     """The ``name`` heatmap of a SEG that ``build_heatmap_seg`` made, in [0, 1] at the source image's size."""
     numbers = {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
