@@ -95,7 +95,7 @@ def stage_file(path: Path, data: FileData) -> Path:
     """Write ``data`` (bytes, parts written one after the other, or an ``AlignedImage``) into a new fsynced file
     next to ``path``; returns it for ``publish`` (the caller removes it if it is not published)."""
     parts = data_views(data)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    make_folders(path.parent)
     staged = path.parent / f".{uuid.uuid4().hex}.part"
     try:
         descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -111,6 +111,26 @@ def stage_file(path: Path, data: FileData) -> Path:
         staged.unlink(missing_ok=True)
         raise
     return staged
+
+
+def make_folders(folder: Path, mode: int = 0o750) -> None:
+    """Create ``folder`` and its missing parents, each new folder's name made durable (its parent fsynced) before
+    anything is written in it: a file fsynced in a folder whose own entry is not on disk can be lost with it. A
+    folder that another thread or process created meanwhile has its parent fsynced too (its creator may not have
+    done so yet). An existing folder costs one ``stat``."""
+    if folder.is_dir():
+        return
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir(mode=mode)
+        except FileExistsError:
+            if not new.is_dir():
+                raise
+        fsync_folder(new.parent)
 
 
 def data_views(data: FileData) -> list[memoryview]:

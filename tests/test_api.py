@@ -307,7 +307,8 @@ def test_study_page_shows_the_four_views_and_overlays(synthetic_root, sqlite_ses
     heatmaps["factor calcification"] = np.zeros_like(heatmaps["malignancy"])
     write_seg(source, heatmaps, overlay.with_name("SEG_RMLO.dcm"))
     page = get(f"{server.url}/studies/{uid}")[1].decode()
-    assert f"/studies/{uid}/overlay_RMLO.png" in page and f"/studies/{uid}/overlay_factor_calcification_RMLO.png" in page
+    assert f"/studies/{uid}/overlay_RMLO.png" in page
+    assert f"/studies/{uid}/overlay_factor_calcification_RMLO.png" in page
     status, png, headers = get(f"{server.url}/studies/{uid}/overlay_RMLO.png")
     drawn = Image.open(io.BytesIO(png))
     assert status == 200 and headers["Content-Type"] == "image/png" and drawn.width == source.Columns

@@ -46,6 +46,24 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path: Path) -> None:
     assert target.stat().st_mode & 0o007 == 0  # never world-readable
 
 
+def test_new_folders_are_made_durable_before_a_file_is_written_in_them(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    original = durable_files.fsync_folder
+    monkeypatch.setattr(durable_files, "fsync_folder", lambda folder: (synced.append(Path(folder)), original(folder)))
+    root = tmp_path / "studies"
+    root.mkdir()
+    atomic_write(root / "1.2" / "1.2.3" / "1.2.3.4.dcm", b"first")  # a new study and series folder
+    assert synced == [root, root / "1.2", root / "1.2" / "1.2.3"]  # each new name's parent, then the file's folder
+    synced.clear()
+    atomic_write(root / "1.2" / "1.2.3" / "1.2.3.5.dcm", b"second")
+    atomic_write(root / "1.2" / "1.2.4" / "1.2.4.1.dcm", b"third")  # a new series of the same study
+    assert synced == [root / "1.2" / "1.2.3", root / "1.2", root / "1.2" / "1.2.4"]
+    (root / "1.3").write_bytes(b"a file where a folder should be")
+    with pytest.raises(FileExistsError):
+        atomic_write(root / "1.3" / "1.3.1" / "1.3.1.1.dcm", b"refused")
+
+
 @pytest.fixture
 def direct_io_folder(tmp_path: Path) -> Path:
     """``tmp_path``, where its file system takes direct I/O (ext4 and XFS do; this project's machines have ext4)."""
