@@ -191,10 +191,10 @@ def send(settings: Settings, paths: tuple[Path, ...], to: str | None, host: str 
         raise _fail(error) from None
     failed = [o for o in outcomes if not o.stored]
     for outcome in failed:
-        click.echo(f"{outcome.path}: status 0x{outcome.status & 0xFFFF:04X}", err=True)
+        click.echo(f"{outcome.path}: {outcome.describe()}", err=True)
     click.echo(f"sent {len(outcomes) - len(failed)} of {len(files)} file(s) to {peer.ae_title}@{peer.host}:"
                f"{peer.port}")
-    if failed or len(outcomes) < len(files):
+    if failed:
         raise click.exceptions.Exit(1)
 
 

@@ -33,6 +33,7 @@ from models.errors import ImageDecodeError, NotMammographyError
 
 if TYPE_CHECKING:
     from dicom_node.analysis import AnalysisOutput
+    from worklist.exports import ExportAttempt
 
 log = logging.getLogger(__name__)
 
@@ -278,39 +279,51 @@ def analyze_study(self: Task, job_id: int) -> None:
 
 @app.task(name=EXPORT)
 def export_results(job_id: int) -> None:
-    """Send every due export of a job; failures wait for their backoff (the scheduler re-sends them)."""
-    from dicom_node.scu import SendError, send_files
-    from worklist.exports import claim_due, mark_delivered
+    """Send every due export of a job; failures wait for their backoff (the scheduler re-sends them). Every
+    claimed export ends the attempt DELIVERED or failed, whatever goes wrong (``_send_to``)."""
+    from worklist.exports import claim_due
 
     ctx = context()
-    settings = ctx.settings
-    destinations = {destination.name: destination for destination in settings.destinations}
     attempts = claim_due(ctx.sessions, job_id, hold=timedelta(seconds=EXPORT_HOLD_SECONDS))
-    by_destination: dict[str, list] = {}
+    by_destination: dict[str, list[ExportAttempt]] = {}
     for attempt in attempts:
         by_destination.setdefault(attempt.destination, []).append(attempt)
     for name, items in by_destination.items():
-        if name not in destinations:
-            _failed(ctx, items, f"destination {name!r} is no longer configured")
-            continue
-        try:
-            outcomes = send_files(destinations[name], [Path(a.path) for a in items], settings.ae_title,
-                                  ssl_context=settings.client_ssl_context(destinations[name]))
-        except (SendError, OSError) as error:
-            _failed(ctx, items, str(error))
-            continue
-        statuses = {outcome.sop_instance_uid: outcome for outcome in outcomes}
-        for attempt in items:
-            outcome = statuses.get(attempt.sop_instance_uid)
-            if outcome is not None and outcome.stored:
-                mark_delivered(ctx.sessions, attempt)
-                log.info("delivered %s to %s", attempt.sop_instance_uid, name)
-            else:
-                status = "no answer" if outcome is None else f"status 0x{outcome.status & 0xFFFF:04X}"
-                _failed(ctx, [attempt], f"{name} did not store the object ({status})")
+        _send_to(ctx, name, items)
 
 
-def _failed(ctx: _Context, attempts: list, error: str) -> None:
+def _send_to(ctx: _Context, name: str, items: list[ExportAttempt]) -> None:
+    """Send one destination's claimed exports over one association and record each outcome; an error of the
+    send fails every attempt not recorded yet (never left PENDING under its claim, nor sent again if stored)."""
+    from dicom_node.scu import SendError, send_files
+    from worklist.exports import extend_claims, mark_delivered
+
+    settings = ctx.settings
+    destination = next((d for d in settings.destinations if d.name == name), None)
+    if destination is None:
+        _failed(ctx, items, f"destination {name!r} is no longer configured")
+        return
+    try:
+        outcomes = send_files(destination, [Path(a.path) for a in items], settings.ae_title,
+                              ssl_context=settings.client_ssl_context(destination),
+                              before_each=lambda: extend_claims(ctx.sessions, items,
+                                                                timedelta(seconds=EXPORT_HOLD_SECONDS)))
+    except SendError as error:
+        _failed(ctx, items, str(error))
+        return
+    except Exception as error:  # unexpected: the send is failed (and retried), not left to the claim's hold
+        log.exception("export to %s raised", name)
+        _failed(ctx, items, f"{type(error).__name__}: {error}")
+        return
+    for attempt, outcome in zip(items, outcomes, strict=True):
+        if outcome.stored:
+            mark_delivered(ctx.sessions, attempt)
+            log.info("delivered %s to %s", attempt.sop_instance_uid, name)
+        else:
+            _failed(ctx, [attempt], f"{name} did not store the object ({outcome.describe()})")
+
+
+def _failed(ctx: _Context, attempts: list[ExportAttempt], error: str) -> None:
     from worklist.exports import mark_failed_attempt
 
     for attempt in attempts:

@@ -395,3 +395,76 @@ def test_a_character_set_highdicom_refuses_is_written_as_utf8_with_the_names_as_
     assert_valid(path)
     sr = pydicom.dcmread(path)
     assert (sr.SpecificCharacterSet, str(sr.PatientName)) == ("ISO_IR 192", name)
+
+
+def test_an_export_the_pacs_cannot_take_fails_visibly_and_the_rest_is_delivered_once(
+        tmp_path: Path, result_files: list[Path]) -> None:
+    """A PACS that stores SRs but not Segmentation Storage, and a result file that has gone: the SR is
+    delivered once, the SEG and the missing file fail with their reason (FAILED once the attempts are spent);
+    nothing stays PENDING under its claim, and the delivered SR is not sent again."""
+    from datetime import timedelta
+
+    from sqlalchemy import select, update
+
+    from dicom_node import tasks
+    from dicom_node.demo import LocalReceiver
+    from dicom_node.settings import Destination, Settings
+    from tests.test_worklist_state import ready_job
+    from worklist.db import make_engine, session_factory, upgrade
+    from worklist.models import Export, ExportState, utcnow
+    from worklist.state import claim_job, complete_job
+
+    receiver = LocalReceiver(tmp_path / "pacs")
+    receiver.ae.remove_supported_context(SegmentationStorage)
+    received: list[str] = []
+    store = receiver._store
+    receiver._store = lambda event: (received.append(str(event.request.AffectedSOPInstanceUID)), store(event))[1]
+    port = receiver.start()
+    settings = Settings(data_dir=tmp_path / "node", export_max_attempts=2, destinations=[
+        Destination(name="pacs", ae_title=receiver.ae.ae_title, host="127.0.0.1", port=port)])
+    settings.data_dir.mkdir()
+    engine = make_engine(settings.database_url())
+    try:
+        upgrade(engine)
+        sessions = session_factory(engine)
+        job_id = ready_job(sessions, "1.2.3.99")
+        claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+        sr_uid, seg_uid = (str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in result_files)
+        complete_job(sessions, claim, {}, 0.5, {}, "m", [("pacs", sr_uid, str(result_files[0])),
+                                                         ("pacs", seg_uid, str(result_files[1])),
+                                                         ("pacs", "1.2.9.9", str(tmp_path / "gone.dcm"))])
+
+        def exports() -> dict[str, Export]:
+            with sessions() as session:
+                return {row.sop_instance_uid: row for row in session.scalars(select(Export))}
+
+        tasks.configure(settings)
+        tasks.export_results.apply(args=(job_id,))
+        first = exports()
+        assert first[sr_uid].state == ExportState.DELIVERED and received == [sr_uid]
+        assert first[seg_uid].state == ExportState.PENDING and first[seg_uid].attempts == 1
+        assert "accepted no presentation context for Segmentation Storage" in first[seg_uid].error
+        assert first["1.2.9.9"].state == ExportState.PENDING and "cannot be read" in first["1.2.9.9"].error
+        with sessions.begin() as session:  # their backoff has passed
+            session.execute(update(Export).where(Export.state == ExportState.PENDING)
+                            .values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+        tasks.export_results.apply(args=(job_id,))
+        second = exports()
+        assert {uid: row.state for uid, row in second.items()} == {
+            sr_uid: ExportState.DELIVERED, seg_uid: ExportState.FAILED, "1.2.9.9": ExportState.FAILED}
+        assert second[seg_uid].attempts == 2 and received == [sr_uid]  # the SR was not sent again
+    finally:
+        receiver.stop()
+        engine.dispose()
+
+
+def test_the_warning_statuses_of_c_store_mean_stored() -> None:
+    from dicom_node.scu import NOT_SENT, SendOutcome
+
+    def outcome(status: int, problem: str | None = None) -> SendOutcome:
+        return SendOutcome(Path("SR.dcm"), "1.2.3", status, problem)
+
+    assert all(outcome(status).stored for status in (0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB007))
+    assert not any(outcome(status).stored for status in (0xA700, 0xA900, 0xC000, 0x0122, NOT_SENT))
+    assert (outcome(0xA700).describe(), outcome(NOT_SENT).describe()) == ("status 0xA700", "no answer")
+    assert outcome(NOT_SENT, "not sent: its file cannot be read").describe() == "not sent: its file cannot be read"

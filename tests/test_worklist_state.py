@@ -9,7 +9,14 @@ from sqlalchemy import event, select, update
 
 from worklist import completeness
 from worklist.completeness import Readiness, promote_ready_studies
-from worklist.exports import claim_due, jobs_with_due_exports, mark_delivered, mark_failed_attempt, retry_failed
+from worklist.exports import (
+    claim_due,
+    extend_claims,
+    jobs_with_due_exports,
+    mark_delivered,
+    mark_failed_attempt,
+    retry_failed,
+)
 from worklist.models import Export, ExportState, Instance, Job, JobState, Result, Series, Study, StudyState, utcnow
 from worklist.queries import node_status, triage_list
 from worklist.state import (
@@ -21,6 +28,7 @@ from worklist.state import (
     release_jobs_of,
     stale_running_jobs,
 )
+from worklist.triage import as_utc
 from worklist.writers import WriterQueue
 
 READINESS = Readiness.from_seconds(settle=1, timeout=60)
@@ -193,6 +201,28 @@ def test_release_jobs_of_a_dead_worker(sessions):
     assert release_jobs_of(sessions, "host:42") == []
     assert release_jobs_of(sessions, "host:41") == [job_id]
     assert claim_job(sessions, job_id, "host:43", timedelta(seconds=60)).attempt == 2
+
+
+def test_a_send_overtaken_by_a_newer_claim_does_not_decide_the_export(sessions):
+    job_id = ready_job(sessions, "1.2.3.13")
+    claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+    complete_job(sessions, claim, {}, 0.5, {}, "m", [("pacs", "1.2.9.4", "/r/SR.dcm")])
+    hold = timedelta(seconds=300)
+    (slow,) = claim_due(sessions, job_id, hold)
+    extend_claims(sessions, [slow], hold)  # the send goes on: its claim is pushed on, nobody else may take it
+    assert claim_due(sessions, job_id, hold) == []
+    with sessions.begin() as session:  # a send so slow that its hold ran out after all
+        session.execute(update(Export).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+    (newer,) = claim_due(sessions, job_id, hold)
+    extend_claims(sessions, [slow], timedelta(0))  # the overtaken send no longer moves the newer claim
+    mark_failed_attempt(sessions, slow, "timed out", max_attempts=2, first_backoff=0.01)
+    with sessions() as session:
+        export = session.scalars(select(Export)).one()
+        assert (export.state, export.attempts, export.error) == (ExportState.PENDING, 2, None)
+        assert as_utc(export.next_attempt_at) > utcnow() + timedelta(seconds=200)
+    mark_failed_attempt(sessions, newer, "refused", max_attempts=2, first_backoff=0.01)  # the newer one decides
+    with sessions() as session:
+        assert session.scalars(select(Export)).one().state == ExportState.FAILED
 
 
 def test_export_attempts_back_off_fail_visibly_and_retry(sessions):

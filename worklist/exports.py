@@ -57,7 +57,19 @@ def claim_due(sessions: sessionmaker[Session], job_id: int, hold: timedelta) -> 
     return attempts
 
 
+def extend_claims(sessions: sessionmaker[Session], attempts: list[ExportAttempt], hold: timedelta) -> None:
+    """Push the claims of attempts still being sent ``hold`` past now, so that a slow send (a large batch to a
+    slow PACS) is not claimed and sent again beside it."""
+    with sessions.begin() as session:
+        for attempt in attempts:
+            session.execute(update(Export).where(
+                Export.id == attempt.export_id, Export.state == ExportState.PENDING,
+                Export.attempts == attempt.attempt).values(next_attempt_at=utcnow() + hold))
+
+
 def mark_delivered(sessions: sessionmaker[Session], attempt: ExportAttempt) -> None:
+    """DELIVERED, whichever attempt stored it (a delivery is the truth, even from an attempt overtaken by a
+    newer claim)."""
     with sessions.begin() as session:
         session.execute(update(Export).where(Export.id == attempt.export_id).values(
             state=ExportState.DELIVERED, delivered_at=utcnow(), error=None, next_attempt_at=None))
@@ -65,13 +77,20 @@ def mark_delivered(sessions: sessionmaker[Session], attempt: ExportAttempt) -> N
 
 def mark_failed_attempt(sessions: sessionmaker[Session], attempt: ExportAttempt, error: str, max_attempts: int,
                         first_backoff: float) -> ExportState:
-    """PENDING with the next attempt after the backoff, or FAILED once the attempts are spent."""
+    """PENDING with the next attempt after the backoff, or FAILED once the attempts are spent. An attempt that
+    a newer claim overtook (its hold ran out mid-send) changes nothing: the newer attempt decides."""
     final = attempt.attempt >= max_attempts
     state = ExportState.FAILED if final else ExportState.PENDING
     with sessions.begin() as session:
-        session.execute(update(Export).where(Export.id == attempt.export_id, Export.state == ExportState.PENDING)
-                        .values(state=state, error=error[:4000],
-                                next_attempt_at=None if final else utcnow() + backoff(first_backoff, attempt.attempt)))
+        changed = session.execute(
+            update(Export).where(Export.id == attempt.export_id, Export.state == ExportState.PENDING,
+                                 Export.attempts == attempt.attempt)
+            .values(state=state, error=error[:4000],
+                    next_attempt_at=None if final else utcnow() + backoff(first_backoff, attempt.attempt))).rowcount
+    if not changed:
+        log.info("export of %s to %s attempt %d failed after a newer attempt or a delivery: not recorded",
+                 attempt.sop_instance_uid, attempt.destination, attempt.attempt)
+        return state
     log_call = log.error if final else log.warning
     log_call("export of %s to %s attempt %d %s: %s", attempt.sop_instance_uid, attempt.destination, attempt.attempt,
              "FAILED (no more retries; `mammo-node retry-exports` sends it again)" if final else "failed", error[:300])
