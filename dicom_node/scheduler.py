@@ -20,12 +20,15 @@ from worklist.completeness import Readiness, promote_ready_studies
 from worklist.drift import DriftWatch
 from worklist.exports import jobs_with_due_exports
 from worklist.models import Job, JobState
-from worklist.state import jobs_to_resend, queue_job, release_jobs_of, stale_running_jobs
+from worklist.state import jobs_to_resend, long_queued_jobs, queue_job, release_jobs_of, stale_running_jobs
 from worklist.writers import WriterQueue
 
 log = logging.getLogger(__name__)
 
 Sender = Callable[[int], str]
+# A QUEUED job no worker took for this long is sent again: longer than the longest retry countdown of the
+# analysis task (600 s), so that a retry waiting in the broker is not doubled.
+QUEUED_RESEND_AFTER = timedelta(minutes=15)
 
 
 class Scheduler:
@@ -74,7 +77,8 @@ class Scheduler:
         return job_ids
 
     def tick(self) -> None:
-        """One round: new READY studies, READY jobs, stale RUNNING jobs, due exports, and (when due) score drift."""
+        """One round: new READY studies, READY jobs, stale RUNNING jobs, long-QUEUED jobs, due exports, and (when
+        due) score drift."""
         promote_ready_studies(self.sessions, self.readiness, turn=self.writers.turn)
         with self.sessions() as session:
             ready = session.scalars(select(Job.id).where(Job.state == JobState.READY).order_by(Job.id)).all()
@@ -86,6 +90,10 @@ class Scheduler:
             for job_id in stale_running_jobs(self.sessions, self.stale):
                 log.warning("job %d has a stale heartbeat: sending it again", job_id)
                 self.send_analysis(job_id)
+            for job_id in long_queued_jobs(self.sessions, QUEUED_RESEND_AFTER):
+                log.warning("job %d has waited QUEUED for %s with no worker taking it: sending it again", job_id,
+                            QUEUED_RESEND_AFTER)
+                self.dispatch(job_id)
         self._exports_sent = {k: v for k, v in self._exports_sent.items() if now - v[1] < self.export_hold}
         for job_id, due in jobs_with_due_exports(self.sessions).items():
             if self._exports_sent.get(job_id, (None,))[0] != due:  # not yet sent for this attempt

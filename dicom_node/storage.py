@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import blake3
 from pydicom.dataset import Dataset
-from sqlalchemy import Select, Table, bindparam, literal_column, select, update
+from sqlalchemy import Select, Table, bindparam, case, literal, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -113,7 +113,6 @@ class StoredInstance:
 class _FiledStudy(NamedTuple):
     id: int
     patient_id: str | None
-    state: StudyState
 
 
 class _FiledSeries(NamedTuple):
@@ -159,7 +158,7 @@ def _filed_by_uids() -> Select:
     instance, instance_study, instance_series = _INSTANCE.alias(), _STUDY.alias(), _SERIES.alias()
     anchor = select(literal_column("1").label("one")).subquery()
     return select(
-        study.c.id, study.c.patient_id, study.c.state, series.c.id, series_study.c.study_instance_uid,
+        study.c.id, study.c.patient_id, series.c.id, series_study.c.study_instance_uid,
         instance.c.id, instance.c.content_digest, instance_study.c.study_instance_uid,
         instance_series.c.series_instance_uid,
     ).select_from(
@@ -180,16 +179,22 @@ _INSERT_IF_ABSENT = {  # by dialect: the worklist database is SQLite or PostgreS
     for table, key in ((_STUDY, "study_instance_uid"), (_SERIES, "series_instance_uid"),
                        (_INSTANCE, "sop_instance_uid"))}
 _UPDATE_INSTANCE = update(_INSTANCE).where(_INSTANCE.c.id == bindparam("row_id"))
-_UPDATE_STUDY = update(_STUDY).where(_STUDY.c.id == bindparam("row_id"))
+_TOUCH_STUDY = update(_STUDY).where(_STUDY.c.id == bindparam("row_id")).values(last_received_at=bindparam("now"))
+# A new or changed analysable instance: one more revision for its study (``worklist.state`` then knows that a job
+# promoted before did not see it) and an analysed or failed study re-opened. Decided in the statement, on the row
+# it locks, not on the state read before: a worker settling the study at the same moment is ordered with it.
+_REVISE_STUDY = _TOUCH_STUDY.values(revision=_STUDY.c.revision + 1, state=case(
+    (_STUDY.c.state.in_([StudyState.ANALYSED, StudyState.FAILED]), literal(StudyState.RECEIVING, _STUDY.c.state.type)),
+    else_=_STUDY.c.state))
 
 
 def _filed(session: Session, study_uid: str, series_uid: str, sop_uid: str) -> _Filed:
     """Three lookups by unique key, in one statement."""
     row = session.connection().execute(
         _FILED_BY_UIDS, {"study_uid": study_uid, "series_uid": series_uid, "sop_uid": sop_uid}).one()
-    return _Filed(_FiledStudy(*row[0:3]) if row[0] is not None else None,
-                  _FiledSeries(*row[3:5]) if row[3] is not None else None,
-                  _FiledInstance(*row[5:9]) if row[5] is not None else None)
+    return _Filed(_FiledStudy(*row[0:2]) if row[0] is not None else None,
+                  _FiledSeries(*row[2:4]) if row[2] is not None else None,
+                  _FiledInstance(*row[4:8]) if row[4] is not None else None)
 
 
 def _insert_once(session: Session, table: Table, key: str, value: str, **fields: object) -> tuple[int, bool]:
@@ -226,10 +231,7 @@ def _write_rows(session: Session, dataset: Dataset, uids: tuple[str, str, str], 
     connection = session.connection()
     if filed.instance is not None or instance_meanwhile:  # a resend, or the same instance from another
         connection.execute(_UPDATE_INSTANCE, {"row_id": instance_id, **row})  # association at the same moment
-    changes: dict[str, object] = {"row_id": study_id, "last_received_at": now}
-    if filed.study is not None and filed.study.state == StudyState.ANALYSED and fields["analysable"]:
-        changes["state"] = StudyState.RECEIVING  # a new or changed instance: the study will be analysed again
-    connection.execute(_UPDATE_STUDY, changes)
+    connection.execute(_REVISE_STUDY if fields["analysable"] else _TOUCH_STUDY, {"row_id": study_id, "now": now})
 
 
 def _begin_writing(session: Session) -> None:

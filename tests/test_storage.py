@@ -76,6 +76,36 @@ def test_a_resend_of_the_same_bytes_writes_its_file_again(
     assert _rows(sessions) == (1, 1, 1)
 
 
+def test_new_and_changed_views_revise_and_reopen_their_study_and_nothing_else_does(
+        tmp_path: Path, sessions: sessionmaker, source: tuple[pydicom.Dataset, list[bytes]]) -> None:
+    """A job analyses the revision its study was promoted at (``worklist.state``): only a new or changed
+    analysable instance moves it on, and re-opens an analysed or failed study."""
+    store = InstanceStore(tmp_path / "incoming", sessions)
+    dataset, encoded = source
+
+    def study() -> tuple[int, StudyState]:
+        with sessions() as session:
+            return session.execute(select(Study.revision, Study.state)).one()._tuple()
+
+    def encoded_copy(**changes: str) -> tuple[pydicom.Dataset, list[bytes]]:
+        changed = copy.deepcopy(dataset)
+        for keyword, value in changes.items():
+            setattr(changed, keyword, value)
+        buffer = BytesIO()
+        changed.save_as(buffer, enforce_file_format=True)
+        return changed, [buffer.getvalue()]
+
+    _store(store, dataset, encoded)
+    assert study() == (1, StudyState.RECEIVING)
+    with sessions.begin() as session:  # its analysis failed (an undecodable view, say)
+        session.execute(update(Study).values(state=StudyState.FAILED))
+    assert _store(store, dataset, encoded).duplicate and study() == (1, StudyState.FAILED)  # the same bytes again
+    other = _store(store, *encoded_copy(SOPInstanceUID="1.2.3.4.5", Modality="OT",
+                                        SOPClassUID="1.2.840.10008.5.1.4.1.1.7"))  # stored, never analysed
+    assert not other.analysable and study() == (1, StudyState.FAILED)
+    _store(store, *encoded_copy(SeriesDescription="corrected"))  # the technologist sends the view again, fixed
+    assert study() == (2, StudyState.RECEIVING)
+
 
 def test_a_resend_to_a_row_with_a_sha256_digest_is_recognised(
         tmp_path: Path, sessions: sessionmaker, source: tuple[pydicom.Dataset, list[bytes]]) -> None:

@@ -186,9 +186,9 @@ def test_failures_retry_then_fail_and_mark_the_study(sessions):
 def test_a_late_instance_sends_the_study_back_for_a_new_analysis(sessions):
     job_id = ready_job(sessions, "1.2.3.10")
     claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
-    with sessions.begin() as session:  # an instance arrives while the job runs
+    with sessions.begin() as session:  # an analysable instance arrives while the job runs (dicom_node.storage)
         session.execute(update(Study).where(Study.study_instance_uid == "1.2.3.10").values(
-            last_received_at=utcnow() + timedelta(seconds=1)))
+            revision=Study.revision + 1))
     assert complete_job(sessions, claim, {}, 0.3, {}, "m", [])
     with sessions() as session:
         assert session.scalar(select(Study.state).where(Study.study_instance_uid == "1.2.3.10")) == \
@@ -246,3 +246,28 @@ def test_export_attempts_back_off_fail_visibly_and_retry(sessions):
     mark_delivered(sessions, attempt)
     assert retry_failed(sessions) == 0  # a delivered export is never sent again
     assert triage_list(sessions)[0]["exports"] == {"DELIVERED": 1}
+
+
+def test_a_job_left_queued_with_no_worker_taking_it_is_sent_again(sessions):
+    """Its message may be lost (a broker restarted without it, a retry whose send failed after QUEUED was
+    recorded): the scheduler sends it again once it has waited QUEUED_RESEND_AFTER, not before, not twice."""
+    from dicom_node.scheduler import QUEUED_RESEND_AFTER, Scheduler
+    from dicom_node.settings import Settings
+
+    job_id = ready_job(sessions, "1.2.3.14")
+    sent = []
+    scheduler = Scheduler(Settings(), sessions, lambda job: sent.append(job) or f"task-{len(sent)}", lambda job: "")
+    scheduler.tick()
+    assert sent == [job_id]  # READY -> sent, QUEUED
+    scheduler._last_stale_check = 0.0
+    scheduler.tick()
+    assert sent == [job_id]  # a queue wait is not a lost message
+    with sessions.begin() as session:
+        session.execute(update(Job).values(updated_at=utcnow() - QUEUED_RESEND_AFTER - timedelta(seconds=1)))
+    scheduler._last_stale_check = 0.0
+    scheduler.tick()
+    scheduler._last_stale_check = 0.0
+    scheduler.tick()
+    assert sent == [job_id, job_id]
+    with sessions() as session:
+        assert session.get(Job, job_id).task_id == "task-2"

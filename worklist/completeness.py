@@ -33,7 +33,8 @@ _RECEIVING_BY_UID = select(Study.study_instance_uid, Study.id).where(
 _ANALYSABLE_VIEWS = select(Instance.study_id, Instance.laterality, Instance.view).where(
     Instance.study_id.in_(bindparam("study_ids", expanding=True)), Instance.analysable.is_(True))
 _CLAIM = update(Study).where(Study.id == bindparam("study_id"), Study.state == StudyState.RECEIVING,
-                             Study.last_received_at <= bindparam("cutoff")).values(state=StudyState.READY)
+                             Study.last_received_at <= bindparam("cutoff")).values(state=StudyState.READY).returning(
+    Study.revision)  # the revision its job analyses (``worklist.state``)
 _NEW_JOB = insert(Job).returning(Job.id)
 
 
@@ -127,7 +128,9 @@ def _promote_batch(connection: Connection, batch: Sequence[tuple[str, int]], rea
     promoted = []
     for study_uid, study_id in batch:
         wait = readiness.settle if len(present[study_id]) == len(SCREENING_VIEW_NAMES) else readiness.timeout
-        if connection.execute(_CLAIM, {"study_id": study_id, "cutoff": now - wait}).rowcount:
-            job_id = connection.execute(_NEW_JOB, {"study_id": study_id, "state": JobState.READY}).scalar_one()
+        revision = connection.execute(_CLAIM, {"study_id": study_id, "cutoff": now - wait}).scalar()
+        if revision is not None:
+            job_id = connection.execute(_NEW_JOB, {"study_id": study_id, "state": JobState.READY,
+                                                   "study_revision": revision}).scalar_one()
             promoted.append((job_id, study_uid, missing_views(present[study_id])))
     return promoted

@@ -81,6 +81,9 @@ class Study(Base):
     # the last analysis gave a suspicion score on the four screening views: the study is ranked, not listed
     # apart as incomplete (set when the study is settled ANALYSED)
     views_complete: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # + 1 with every new or changed analysable instance (migration 0011): a job analysed the revision it was
+    # promoted at (``Job.study_revision``); a later one means the study must be analysed again
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
     instances: Mapped[list[Instance]] = relationship(back_populates="study", cascade="all, delete-orphan")
@@ -143,6 +146,7 @@ class Job(Base):
     gpu_memory_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    study_revision: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))  # Study.revision
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job", cascade="all, delete-orphan")

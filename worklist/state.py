@@ -117,8 +117,11 @@ def fail_job(sessions: sessionmaker[Session], claim: Claim, error: str, retry: b
 
 
 def _settle_study(session: Session, job: Job, state: StudyState, suspicion: float | None) -> None:
-    study = session.get(Study, job.study_id)
-    late = session.scalar(select(Study.last_received_at > job.created_at).where(Study.id == study.id))
+    """The study of a finished job: ``state``, or RECEIVING when a new or changed analysable instance came after
+    the job was promoted (its revision moved on), so that it is analysed again. The study's row is locked first
+    (PostgreSQL: FOR UPDATE waits for a Storage SCP transaction writing it, and reads its outcome)."""
+    study = session.get(Study, job.study_id, with_for_update=True, populate_existing=True)
+    late = study.revision > job.study_revision
     study.state = StudyState.RECEIVING if late else state
     if suspicion is not None:
         study.suspicion = suspicion
@@ -134,6 +137,16 @@ def stale_running_jobs(sessions: sessionmaker[Session], stale_after: timedelta,
     with sessions() as session:
         return list(session.scalars(select(Job.id).where(
             Job.state == JobState.RUNNING, Job.heartbeat_at < now - stale_after)).all())
+
+
+def long_queued_jobs(sessions: sessionmaker[Session], queued_for: timedelta, now: datetime | None = None) -> list[int]:
+    """QUEUED jobs that no worker took and nobody sent again for ``queued_for``: their message may be lost (a
+    broker restarted without it, a retry whose send failed after QUEUED was recorded). A second message is
+    harmless: the job is claimed once."""
+    now = now or utcnow()
+    with sessions() as session:
+        return list(session.scalars(select(Job.id).where(
+            Job.state == JobState.QUEUED, Job.updated_at < now - queued_for).order_by(Job.id)).all())
 
 
 def jobs_to_resend(sessions: sessionmaker[Session], stale_after: timedelta) -> list[int]:
