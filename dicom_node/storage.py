@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.durable_files import FileData, data_views, fsync_folder, place, stage_file
 from dicom_node.validation import check_instance
 from models.errors import NodeError
-from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES
+from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES, view_of
 from worklist.models import Instance, Series, Study, StudyState, utcnow
 from worklist.writers import GroupCommit, WriterQueue
 
@@ -317,10 +317,10 @@ class InstanceStore:
         patient_id = str(dataset.get("PatientID") or "")[:64] or None
         path = instance_path(self.root, study_uid, series_uid, sop_uid)
         analysable = sop_class in MAMMOGRAPHY_SOP_CLASSES and dataset.get("Modality") == "MG"
+        laterality, view = view_of(dataset)
         fields = {
             "sop_class_uid": sop_class, "transfer_syntax_uid": transfer_syntax_uid,
-            "laterality": str(dataset.get("ImageLaterality") or dataset.get("Laterality") or "")[:2] or None,
-            "view": str(dataset.get("ViewPosition") or "")[:16] or None, "analysable": analysable,
+            "laterality": laterality[:2] or None, "view": view[:16] or None, "analysable": analysable,
             "path": str(path.relative_to(self.root)), "size_bytes": sum(map(len, data_views(encoded))),
             "calling_ae": calling_ae[:16],
         }

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from models.clip import MammoClip
-from models.preprocess import preprocess_dicom, read_dicom, view_of
-from models.sop_classes import SCREENING_VIEWS, ViewKey
+from models.preprocess import preprocess_dicom, read_dicom
+from models.sop_classes import SCREENING_VIEWS, ViewKey, view_of
 from models.zero_shot import ZeroShotClassifier, aggregate_breasts
 
 

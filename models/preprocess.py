@@ -261,10 +261,3 @@ def preprocess_file(path: Path, config: PreprocessConfig = PreprocessConfig()) -
     if head == PNG_MAGIC:
         return preprocess_png(path, config)
     return preprocess_dicom(path, config)
-
-
-def view_of(ds: Dataset) -> tuple[str, str]:
-    """(laterality, view) of a mammogram, e.g. ("L", "CC"); from ImageLaterality/Laterality and ViewPosition."""
-    laterality = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").upper()
-    view = str(ds.get("ViewPosition") or "").upper()
-    return laterality, view

@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from pydicom.dataset import Dataset
 
 from models.errors import ImageDecodeError, NotMammographyError
 from models.preprocess import (
@@ -17,8 +18,8 @@ from models.preprocess import (
     extract_breast,
     preprocess_dicom,
     preprocess_file,
-    view_of,
 )
+from models.sop_classes import view_of
 from training.synthetic import generate_study
 
 CONFIG = PreprocessConfig(height=128, width=80)
@@ -66,8 +67,19 @@ def test_extract_breast_finds_the_longest_nonconstant_run() -> None:
 
 
 def test_view_of_reads_laterality_and_view() -> None:
-    assert set(map(view_of, _views("MONOCHROME2").values())) == {("L", "CC"), ("R", "CC"), ("L", "MLO"),
-                                                                  ("R", "MLO")}
+    views = _views("MONOCHROME2")
+    assert set(map(view_of, views.values())) == {("L", "CC"), ("R", "CC"), ("L", "MLO"), ("R", "MLO")}
+    # a unit that fills only the View Code Sequence (the MG IOD requires it; View Position is optional), in
+    # SNOMED CT or the SNOMED RT codes of older units, and Laterality instead of Image Laterality
+    for (laterality, view), code in ((("R", "MLO"), "399368009"), (("L", "CC"), "R-10242")):
+        ds = views[(laterality, view)]
+        del ds.ViewPosition, ds.ImageLaterality
+        ds.Laterality = laterality
+        ds.ViewCodeSequence = [Dataset()]
+        ds.ViewCodeSequence[0].CodeValue = code
+        assert view_of(ds) == (laterality, view)
+    ds.ViewCodeSequence[0].CodeValue = "0000"  # a code of no view it knows
+    assert view_of(ds) == ("L", "")
 
 
 def test_png_in_reference_format(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 from dicom_node.results.codes import LATERALITY, SEGMENT_CATEGORY, SEGMENT_TYPES
 from dicom_node.results.equipment import MANUFACTURER, SERIAL_NUMBER, add_algorithm_equipment, software_versions
 from dicom_node.results.findings import ModelIdentity
+from models.sop_classes import view_of
 
 # The SEG's transfer syntax, by the ``seg_compression`` setting. Measured for a 4096 x 3328 SEG of 3 smooth heatmaps
 # (one core, 2026-11-29): JPEG-LS Lossless 5.0 MB, 0.78 s to build; JPEG 2000 Lossless 3.8 MB, 1.44 s; uncompressed
@@ -116,8 +117,8 @@ def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model
             raise ValueError(f"heatmap {name!r} is {values.dtype} {values.shape}, not uint8 levels of the source "
                              f"image's {shape}")
     names = list(heatmaps)
-    laterality = str(source.get("ImageLaterality", source.get("Laterality", "")))
-    view = f"{laterality}{source.get('ViewPosition', '')}"
+    laterality, position = view_of(source)
+    view = f"{laterality}{position}"
     others = segment_models or {}
     descriptions = [_description(number, name, view, laterality, _algorithm(others.get(name, model)),
                                  sop_instance_uid) for number, name in enumerate(names, start=1)]

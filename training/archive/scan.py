@@ -12,7 +12,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES, SCREENING_VIEWS
+from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES, SCREENING_VIEWS, view_of
 from training.evaluate.metrics import parse_patient_age
 
 SCREENING_VIEW_NAMES = {view for _, view in SCREENING_VIEWS}
@@ -116,8 +116,7 @@ def classify(path: Path) -> ImageEntry | ReportEntry | Skipped:
         return Skipped(path, f"modality {modality}, not MG")
     if sop_class not in MAMMOGRAPHY_SOP_CLASSES:
         return Skipped(path, f"MG object of SOP class {sop_class}, not a mammogram image")
-    laterality = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").upper()
-    view = str(ds.get("ViewPosition") or "").upper()
+    laterality, view = view_of(ds)
     if laterality not in ("L", "R") or view not in SCREENING_VIEW_NAMES:
         return Skipped(path, f"not a screening view (laterality {laterality or '?'}, view {view or '?'})")
     if not ds.get("StudyInstanceUID") or not ds.get("SOPInstanceUID") or "Rows" not in ds:
