@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute, Session, selectinload, sessionmaker
 
 from worklist.models import Instance, Job, JobState, Series, Study, StudyState
+from worklist.wildcards import matches, wildcard_matches
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 
 RESPONSE_ONLY_TAGS = (Tag("SpecificCharacterSet"), Tag("QueryRetrieveLevel"), Tag("RetrieveAETitle"))
-DATE = re.compile(r"\d{8}")
+DATE = re.compile(r"[0-9]{8}")  # ASCII digits only: "\d" takes any script's
 
 Condition = ColumnElement[bool]
 
@@ -101,18 +102,12 @@ def _values(element: DataElement) -> list[str]:
     return [text for text in (str(item).strip() for item in items if item is not None) if text]
 
 
-def _wildcard_regex(value: str) -> str:
-    """A DICOM wildcard value (``*`` any run, ``?`` one character) as an anchored regular expression."""
-    body = "".join(".*" if char == "*" else "." if char == "?" else re.escape(char) for char in value)
-    return f"^{body}$"
-
-
 def _text(column: InstrumentedAttribute[str | None], values: list[str], ignore_case: bool = False) -> Condition:
     """Single value or wildcard matching on a string column; a list matches any of its values."""
     def one(value: str) -> Condition:
         if not ignore_case and "*" not in value and "?" not in value:
             return column == value
-        return column.regexp_match(("(?i)" if ignore_case else "") + _wildcard_regex(value))
+        return matches(column, value, ignore_case)
 
     return or_(*map(one, values))
 
@@ -133,7 +128,7 @@ def _date(values: list[str]) -> Condition:
 def _state(values: list[str]) -> Condition:
     """Matching on the private study state: the wildcards are resolved against the known states."""
     return Study.state.in_([state for state in StudyState
-                            if any(re.match(_wildcard_regex(value), state.value) for value in values)])
+                            if any(wildcard_matches(value, state.value) for value in values)])
 
 
 MATCHERS: dict[str, Callable[[list[str]], Condition]] = {

@@ -16,7 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.find_scp import handle_find
+from dicom_node.find_scp import QueryError, handle_find, parse_query
 from dicom_node.scp import start_scp
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore
@@ -259,6 +259,8 @@ def test_a_malformed_date_is_refused(node: FindNode) -> None:
     statuses, found = c_find(node, identifier)
     assert [int(s.Status) for s in statuses] == [0xC000] and not found
     assert "StudyDate" in statuses[0].ErrorComment
+    with pytest.raises(QueryError, match="StudyDate"):  # digits of another script (as decoded from UTF-8)
+        parse_query(query(StudyDate="\u0662\u0660\u0662\u0664\u0660\u0661\u0660\u0661-"))
 
 
 def test_unknown_calling_ae_is_refused_when_an_allow_list_is_set(node_factory: Callable[..., FindNode],

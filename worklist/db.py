@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import ConfigurationError
+from worklist.wildcards import SQLITE_LOWER
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -33,6 +34,11 @@ def _sqlite_pragmas(connection, _record) -> None:  # noqa: ANN001  (DB-API conne
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+    connection.create_function(SQLITE_LOWER, 1, _lower, deterministic=True)  # C-FIND's person-name matching
+
+
+def _lower(text: str | None) -> str | None:
+    return None if text is None else text.lower()
 
 
 def make_engine(url: str) -> Engine:
