@@ -64,7 +64,7 @@ def _associate(destination: Destination, calling_ae: str, contexts: set[tuple[st
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop_class, syntax in sorted(_with_fallbacks(contexts)):
         ae.add_requested_context(sop_class, syntax)
-    tls = (ssl_context, destination.host) if ssl_context is not None else None
+    tls = (ssl_context, destination.tls_server_name or destination.host) if ssl_context is not None else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls)
     if not assoc.is_established:
         raise SendError(f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port}) "

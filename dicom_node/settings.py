@@ -27,6 +27,8 @@ class Destination(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: bool = False
+    # the name (DNS, or IP address) the peer's TLS certificate must carry; unset: ``host``
+    tls_server_name: str | None = Field(None, min_length=1, max_length=253)
 
 
 class Settings(BaseSettings):

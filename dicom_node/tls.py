@@ -24,10 +24,12 @@ def server_context(certificate: Path, private_key: Path, client_ca: Path | None 
 
 def client_context(ca: Path | None, certificate: Path | None = None,
                    private_key: Path | None = None) -> ssl.SSLContext:
-    """A TLS 1.2+ client context that verifies the peer against ``ca`` (system CAs when None)."""
+    """A TLS 1.2+ client context that verifies the peer against ``ca`` (system CAs when None), and that its
+    certificate names the peer: the destination's ``tls_server_name``, else its host (an IP address is checked
+    against the certificate's IP subject alternative names). Without the name check any certificate of the CA
+    (every modality's client certificate, with a site CA) could stand in for the PACS."""
     context = ssl.create_default_context(cafile=str(ca) if ca else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False  # DICOM peers are addressed by IP; the CA pins who they are
     try:
         if certificate is not None and private_key is not None:
             context.load_cert_chain(certfile=str(certificate), keyfile=str(private_key))

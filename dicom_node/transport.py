@@ -112,7 +112,19 @@ class BoundedSocket(AssociationSocket):
 
 
 class NodeRequestHandler(RequestHandler):
-    """pynetdicom's request handler, its association reading through a ``BoundedSocket``."""
+    """pynetdicom's request handler, its association reading through a ``BoundedSocket``; a TLS connection's
+    handshake is made here, in the association's own thread (``NodeServer.get_request``)."""
+
+    def handle(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            try:
+                self.request.do_handshake()  # bounded by the network timeout the server set
+            except (OSError, ValueError) as error:
+                log.warning("TLS handshake with %s failed: %s", self.client_address[0], type(error).__name__)
+                self.request.close()
+                return
+            self.request.settimeout(None)  # as pynetdicom's sockets are: reads are bounded by SO_RCVTIMEO
+        super().handle()
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -152,6 +164,17 @@ class NodeServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, request_handler=NodeRequestHandler, **kwargs)
         self.contexts = PresentationContexts(self.contexts)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection. pynetdicom makes the TLS handshake here, in the one thread that accepts every
+        connection and with no timeout: a peer that connected and sent nothing kept every other peer out. The
+        socket is only wrapped here; its handshake waits for its own thread (``NodeRequestHandler.handle``),
+        for at most the network timeout."""
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client.settimeout(self.ae.network_timeout)
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
 
     def shutdown(self) -> None:
         socketserver.BaseServer.shutdown(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 import subprocess
 import time
@@ -244,7 +245,7 @@ def _certificates(folder: Path) -> dict[str, Path]:
 
 
 def test_mutual_tls_with_dcmtk_and_our_scu(db_url: str, tmp_path: Path, study_files: list[Path]) -> None:
-    from dicom_node.scu import send_files
+    from dicom_node.scu import SendError, send_files
     from dicom_node.settings import Destination
 
     storescu = require_tool("/usr/bin/storescu")
@@ -252,6 +253,7 @@ def test_mutual_tls_with_dcmtk_and_our_scu(db_url: str, tmp_path: Path, study_fi
     running, (server, engine) = _start(db_url, tmp_path, tls_certificate=certs["server.crt"],
                                        tls_private_key=certs["server.key"], tls_ca_certificates=certs["ca.crt"])
     port = str(running.settings.port)
+    silent = socket.create_connection(("127.0.0.1", int(port)))  # connects, never says hello: others still get in
     try:
         plain = subprocess.run([storescu, "-aec", "MAMMO_AI", "127.0.0.1", port, str(study_files[0])],
                                capture_output=True, text=True, timeout=60)
@@ -270,7 +272,11 @@ def test_mutual_tls_with_dcmtk_and_our_scu(db_url: str, tmp_path: Path, study_fi
         outcomes = send_files(peer, study_files[2:], "MODALITY", ssl_context=client.client_ssl_context(peer))
         assert [o.stored for o in outcomes] == [True, True]
         assert running.count() == 4
+        impostor = peer.model_copy(update={"tls_server_name": "pacs.example.org"})  # not a name the cert holds
+        with pytest.raises(SendError):
+            send_files(impostor, study_files[:1], "MODALITY", ssl_context=client.client_ssl_context(impostor))
     finally:
+        silent.close()
         server.shutdown()
         engine.dispose()
 
