@@ -254,6 +254,7 @@ def start_scp(settings: Settings, store: InstanceStore, ssl_context: ssl.SSLCont
     server = build_ae(settings).make_server((settings.bind_host, settings.port), ssl_context=ssl_context,
                                             evt_handlers=scp_handlers(settings, store, on_ready),
                                             server_class=NodeServer)
+    server.maximum_message_bytes = settings.maximum_message_mb << 20
     threading.Thread(target=server.serve_forever, name="StorageSCP", daemon=True).start()
     log.info("Storage SCP %s listening on %s:%d", settings.ae_title, settings.bind_host, server.server_address[1])
     return server
@@ -264,6 +265,7 @@ def make_shared_port_server(settings: Settings, store: InstanceStore,
     """The SCP of ``start_scp``, bound with SO_REUSEPORT and listening; the caller runs ``serve_forever()``."""
     server = build_ae(settings).make_server((settings.bind_host, settings.port), ssl_context=ssl_context,
                                             evt_handlers=scp_handlers(settings, store), server_class=ReusePortServer)
+    server.maximum_message_bytes = settings.maximum_message_mb << 20
     log.info("Storage SCP %s process %d listening on %s:%d", settings.ae_title, os.getpid(), settings.bind_host,
              server.server_address[1])
     return server

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     maximum_pdu_size: int = Field(
         1 << 20, ge=65536, le=1 << 26, description="Largest P-DATA PDU the SCP announces and accepts (bytes); an "
                                                  "association whose peer sends a longer one is aborted.")
+    maximum_message_mb: int = Field(
+        4096, ge=1, le=1 << 20, description="Largest DIMSE message (a C-STORE's data set, MiB) an association may "
+                                            "send; one that grows past it is aborted, so that a peer that never "
+                                            "ends a data set cannot fill the memory. Tomosynthesis objects reach "
+                                            "~2 GiB.")
     min_free_disk_mb: float = Field(
         500.0, ge=0, description="The Storage SCP refuses instances with 0xA700 (out of resources; the sender "
                                  "retries) while data_dir has less free space than this (MiB), so a full disk "

@@ -49,6 +49,7 @@ class BoundedSocket(AssociationSocket):
     """An ``AssociationSocket`` whose reads never exceed ``limit`` bytes and fill one buffer."""
 
     limit: int
+    message_limit: int = 1 << 62  # bytes of one DIMSE message's fragments (``NodeServer.maximum_message_bytes``)
     _unread: bytes = b""
 
     def unread(self, data: bytes) -> None:
@@ -134,6 +135,7 @@ class NodeRequestHandler(RequestHandler):
         sock.__class__ = BoundedSocket
         maximum = self.ae.maximum_pdu_size
         sock.limit = PDU_HEADER + maximum if maximum else 1 << 62
+        sock.message_limit = self.server.maximum_message_bytes
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a C-FIND's responses go at once
         if self.ae.network_timeout:  # a read the peer leaves unfinished this long fails: the association ends
             seconds = float(self.ae.network_timeout)
@@ -159,7 +161,9 @@ class PresentationContexts(list[PresentationContext]):
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded association server with ``NodeRequestHandler`` and ``PresentationContexts``.
     ``shutdown()`` stops serving and closes the socket (the server is made with ``make_server``, so it is not in
-    its AE's server list)."""
+    its AE's server list). ``maximum_message_bytes``: the most one DIMSE message's fragments may add up to."""
+
+    maximum_message_bytes: int = 1 << 62
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, request_handler=NodeRequestHandler, **kwargs)

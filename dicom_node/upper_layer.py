@@ -76,6 +76,10 @@ class _ImpossibleItemLengthError(Exception):
     """A P-DATA-TF item that does not fit its PDU."""
 
 
+class _MessageTooLargeError(Exception):
+    """A DIMSE message whose fragments add up to more than the node takes."""
+
+
 class DulWakeup:
     """A pipe whose read end a DUL thread polls; ``wake`` from any thread ends that wait. Closed once, by
     the DUL thread as it ends: a later ``wake`` does nothing (its descriptor is never written after reuse)."""
@@ -169,6 +173,8 @@ class NodeDUL(DULServiceProvider):
 
     wakeup: DulWakeup
     activity: threading.Event
+    _counted_message: object = None  # the DIMSE message whose fragments _counted_bytes adds up
+    _counted_bytes: int = 0
 
     def kill_dul(self) -> None:
         super().kill_dul()
@@ -225,6 +231,7 @@ class NodeDUL(DULServiceProvider):
                 if item_length < 2 or item_length - 2 > remaining:  # a context ID and a message control header
                     raise _ImpossibleItemLengthError
                 remaining -= item_length - 2
+                self._count_message(item_length - 2)
                 spool = spool_for(self.assoc, context_id, control)
                 if spool is None:
                     value = bytes((control,)) + self.socket.recv_exactly(item_length - 2)
@@ -233,14 +240,28 @@ class NodeDUL(DULServiceProvider):
                 self._receive_fragment(spool, item_length - 2, read_ahead=not remaining and not control & 2)
                 if control & 2:  # the last fragment: the DIMSE layer completes the message as usual
                     self.assoc.dimse.receive_primitive(p_data(context_id, bytes((control,))))
-        except _ImpossibleItemLengthError:
-            log.warning("association from %s: a P-DATA-TF PDU whose item lengths do not add up", requestor)
+        except (_ImpossibleItemLengthError, _MessageTooLargeError) as error:
+            if isinstance(error, _MessageTooLargeError):
+                log.warning("association from %s aborted: a message of more than %d MiB", requestor,
+                            self.socket.message_limit >> 20)
+            else:
+                log.warning("association from %s: a P-DATA-TF PDU whose item lengths do not add up", requestor)
             with contextlib.suppress(OSError, TimeoutError):  # the rest of the PDU, read as pynetdicom would
                 self.socket.recv(remaining)
             self.event_queue.put("Evt19")  # invalid PDU: the state machine aborts the association
         except (OSError, TimeoutError):
             log.warning("association from %s: the connection closed within a P-DATA-TF PDU", requestor)
             self.event_queue.put("Evt17")
+
+    def _count_message(self, count: int) -> None:
+        """Add a fragment of ``count`` bytes to the message being received; ``_MessageTooLargeError`` past the
+        socket's ``message_limit`` (a peer that never sends a message's last fragment)."""
+        message = self.assoc.dimse.message
+        if message is not self._counted_message:
+            self._counted_message, self._counted_bytes = message, 0
+        self._counted_bytes += count
+        if self._counted_bytes > self.socket.message_limit:
+            raise _MessageTooLargeError
 
     def _receive_fragment(self, spool: DatasetSpool, count: int, read_ahead: bool) -> None:
         """Read a data set fragment of ``count`` bytes into ``spool``. With ``read_ahead`` (it ends its PDU and is

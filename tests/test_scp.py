@@ -281,6 +281,23 @@ def test_mutual_tls_with_dcmtk_and_our_scu(db_url: str, tmp_path: Path, study_fi
         engine.dispose()
 
 
+def test_a_message_larger_than_the_node_takes_aborts_its_association_and_the_node_keeps_serving(
+        db_url: str, tmp_path: Path, study_files: list[Path]) -> None:
+    running, (server, engine) = _start(db_url, tmp_path, maximum_message_mb=1)
+    large = pydicom.dcmread(study_files[0])
+    large.Rows, large.Columns = 1024, 832
+    large.PixelData = bytes(1024 * 832 * 2)  # 1.7 MB: more than the 1 MiB the node takes
+    large.SOPInstanceUID = large.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.99"
+    large.save_as(tmp_path / "large.dcm", enforce_file_format=True)
+    try:
+        refused = storescu(running, tmp_path / "large.dcm")
+        assert refused.returncode != 0 and running.count() == 0
+        assert storescu(running, study_files[0]).returncode == 0 and running.count() == 1
+    finally:
+        server.shutdown()
+        engine.dispose()
+
+
 def test_a_pdu_longer_than_announced_aborts_its_association_and_the_node_keeps_serving(
         node: Node, study_files: list[Path]) -> None:
     ae = AE(ae_title="OVERSIZE")
