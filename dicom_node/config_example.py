@@ -24,6 +24,7 @@ DESTINATION_EXAMPLE = """\
 # host = "10.0.0.5"
 # port = 104
 # tls = false                 # DICOM TLS (verified against tls_ca_certificates)
+# tls_server_name = "pacs.hospital.org"   # with tls: the name its certificate holds, if not host
 """
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from models.errors import ConfigurationError
@@ -17,13 +17,14 @@ DEFAULT_CONFIG_FILE = Path("mammo-node.toml")
 
 
 AE_TITLE_PATTERN = r"^[ -~]*[!-~][ -~]*$"
+AETitle = Annotated[str, StringConstraints(min_length=1, max_length=16, pattern=AE_TITLE_PATTERN)]
 
 
 class Destination(BaseModel):
     """A DICOM peer that receives the node's results by C-STORE (a PACS, a viewer, a router)."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: str = Field(min_length=1, max_length=16, pattern=AE_TITLE_PATTERN)
+    ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
     tls: bool = False
@@ -52,7 +53,7 @@ class Settings(BaseSettings):
                           description="The node's AE title (1-16 printable ASCII characters).")
     bind_host: str = Field("127.0.0.1", description="Address the Storage SCP listens on.")
     port: int = Field(11112, ge=1, le=65535, description="Storage SCP port.")
-    allowed_calling_aes: list[str] = Field(
+    allowed_calling_aes: list[AETitle] = Field(
         default_factory=list, description="Calling AE titles allowed to associate; empty: any (logged).")
     store_non_mammography: bool = Field(
         True, description="Store non-MG objects without analysing them (false: refuse them with 0x0122).")

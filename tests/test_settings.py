@@ -34,6 +34,12 @@ def test_bad_environment_value_names_the_key_and_the_choices(monkeypatch: pytest
         load_settings()
 
 
+def test_an_allow_list_entry_that_is_no_ae_title_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAMMO_ALLOWED_CALLING_AES", '["PACS", "A_TITLE_OF_20_CHARS"]')
+    with pytest.raises(ConfigurationError, match="allowed_calling_aes"):
+        load_settings()
+
+
 def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
     config.write_text("modle_path = '/x'\n")
