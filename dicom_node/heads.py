@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from torch import Tensor
 
 from dicom_node.results.findings import BIRADS_LABELS, DENSITY_LABELS, FINDING_TASKS, Detection, ModelIdentity
-from models.checkpoints import file_sha256
+from models.checkpoints import file_sha256, read_card
 from models.clip import MammoClip
 from models.errors import ConfigurationError
 from models.heads import load_head, probabilities, score_images
@@ -115,7 +115,6 @@ def _identity(name: str, folder: Path, card: Mapping[str, object], base: ModelId
 
 
 def load_detector_model(folder: Path, base: ModelIdentity, device: str) -> ServedDetector:
-    from models.checkpoints import read_card
     from models.detector import load_detector
 
     return ServedDetector(load_detector(folder, device=device),
@@ -123,7 +122,6 @@ def load_detector_model(folder: Path, base: ModelIdentity, device: str) -> Serve
 
 
 def load_factor_model(folder: Path, model: MammoClip, base: ModelIdentity) -> ServedFactor:
-    from models.checkpoints import read_card
     from models.factor import load_factor
 
     return ServedFactor(load_factor(folder, model, device=model.device),
@@ -174,7 +172,8 @@ def load_heads(paths: Mapping[str, str | Path], model: MammoClip, base: ModelIde
             raise ConfigurationError(f"head {path} scores {head.info['target']}, registered for {target}")
         mode = head.info["mode"]
         identity = ModelIdentity(name=f"Mammo-CLIP {target} head ({mode})", software_version=base.software_version,
-                                 model_version=base.model_version, clinical=base.clinical)
+                                 model_version=base.model_version,
+                                 clinical=base.clinical and bool(read_card(Path(path)).get("clinical_use")))
         served.append(ServedHead(target, head.to(model.device).eval(), identity))
     return served
 

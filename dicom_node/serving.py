@@ -46,7 +46,8 @@ def load_serving_model(settings: Settings, model_path: Path | None = None, text_
 
 
 def model_identity(model: MammoClip, version_name: str | None = None) -> ModelIdentity:
-    """Algorithm name, software version and model version (registry name, else card name, the weights hash and,
+    """Algorithm name, software version and model version (registry name, else card name, the hash of the
+    weights file loaded and,
     when the card calibrates the zero-shot scores, ``+cal`` and a hash of that calibration: the same weights
     calibrated otherwise give other probabilities) of a loaded model."""
     from dicom_node.results.findings import ModelIdentity
@@ -54,7 +55,7 @@ def model_identity(model: MammoClip, version_name: str | None = None) -> ModelId
 
     card = getattr(model, "card", {}) or {}
     report = getattr(model, "load_report", None)
-    sha = (card.get("weights_sha256") or getattr(report, "sha256", "") or "unknown")[:12]
+    sha = (getattr(report, "sha256", "") or card.get("weights_sha256") or "unknown")[:12]  # of the file loaded
     name = version_name or card.get("name") or Path(getattr(report, "source", "model")).name
     calibration = card.get(CALIBRATION_KEY)
     if calibration:

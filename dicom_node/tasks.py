@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
-from models.errors import ImageDecodeError, NotMammographyError
+from models.errors import ConfigurationError, ImageDecodeError, NotMammographyError
 
 if TYPE_CHECKING:
     from dicom_node.analysis import AnalysisOutput
@@ -174,6 +174,10 @@ class _Context:
 
                 model = load_serving_model(self.settings, active.path if active else None,
                                            active.text_encoder_path if active else None, progress=False)
+                if active is not None and model.load_report.sha256 != active.sha256:
+                    raise ConfigurationError(
+                        f"model version {active.name}: {active.path} is not the file registered (sha256 "
+                        f"{active.sha256[:12]}, now {model.load_report.sha256[:12]}); register it under a new name")
                 identity = model_identity(model, active.name if active else None)
                 self._analyzer = Analyzer(model, identity, self.settings.results_dir, writer=self.writer,
                                           seg_transfer_syntax=SEG_TRANSFER_SYNTAXES[self.settings.seg_compression],

@@ -196,7 +196,7 @@ def test_a_study_without_screening_views_fails_with_a_reason(tmp_path: Path, mod
     study_uid, series_uid = generate_uid(), generate_uid()
     for source in studies[0]:
         ds = pydicom.dcmread(source)
-        del ds.ViewPosition  # an MG image with no view: stored, never scored
+        del ds.ViewPosition, ds.ViewCodeSequence  # an MG image with no view: stored, never scored
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         unlabeled.append(tmp_path / source.name)

@@ -59,6 +59,16 @@ def test_a_moved_version_cannot_be_activated(sessions, model_folders: list[Path]
         activate(sessions, "moving")
 
 
+def test_a_version_whose_weights_changed_cannot_be_activated(sessions, model_folders: list[Path],
+                                                             tmp_path: Path) -> None:
+    changed = shutil.copytree(model_folders[0], tmp_path / "changed")
+    register(sessions, changed, name="changed")
+    shutil.copy(model_folders[1] / "weights.safetensors", changed / "weights.safetensors")  # copied over later
+    with pytest.raises(ConfigurationError, match="changed since it was registered"):
+        activate(sessions, "changed")
+    assert active_model(sessions) is None
+
+
 def test_model_commands(tmp_path: Path, model_folders: list[Path]) -> None:
     env = {**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data")}
 

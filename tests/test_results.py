@@ -468,3 +468,19 @@ def test_the_warning_statuses_of_c_store_mean_stored() -> None:
     assert not any(outcome(status).stored for status in (0xA700, 0xA900, 0xC000, 0x0122, NOT_SENT))
     assert (outcome(0xA700).describe(), outcome(NOT_SENT).describe()) == ("status 0xA700", "no answer")
     assert outcome(NOT_SENT, "not sent: its file cannot be read").describe() == "not sent: its file cannot be read"
+
+
+def test_a_result_is_clinical_only_when_every_model_behind_it_is(sources: list[pydicom.Dataset]) -> None:
+    """A research head (finetune marks its card not clinical) on a clinical base model: the study's scores are
+    not clinical, and the triage page says so."""
+    import dataclasses
+
+    from worklist.triage import result_is_clinical
+
+    findings = make_findings(sources)
+    findings.model = dataclasses.replace(MODEL, clinical=True)
+    assert findings.clinical and result_is_clinical(findings.to_dict()) is True
+    findings.sources["malignancy"] = dataclasses.replace(MODEL, name="Mammo-CLIP malignancy head", clinical=False)
+    assert not findings.clinical and result_is_clinical(findings.to_dict()) is False
+    legacy = {key: value for key, value in findings.to_dict().items() if key != "clinical"}
+    assert result_is_clinical(legacy) is True  # a result recorded before: the base model's flag

@@ -106,16 +106,33 @@ def get_version(sessions: sessionmaker[Session], name: str) -> ModelVersion:
 
 
 def activate(sessions: sessionmaker[Session], name: str) -> ModelVersion:
-    """Make ``name`` the only active version (one transaction); its files must still be there."""
+    """Make ``name`` the only active version (one transaction, the versions' rows locked first, so that two
+    activations at once leave one active); its files must still be there, its weights the ones registered."""
     version = get_version(sessions, name)
-    if not Path(version.path).exists():
-        raise ConfigurationError(f"model version {name!r}: {version.path} no longer exists")
+    _check_files(version)
     with sessions.begin() as session:
+        session.execute(select(ModelVersion.id).with_for_update())  # PostgreSQL: the other activation waits
         session.execute(update(ModelVersion).where(ModelVersion.active.is_(True)).values(active=False))
         session.execute(update(ModelVersion).where(ModelVersion.id == version.id)
                         .values(active=True, activated_at=utcnow()))
     log.info("model version %s is now active", name)
     return get_version(sessions, name)
+
+
+def _check_files(version: ModelVersion) -> None:
+    """``ConfigurationError`` unless every file of the version is there and its weights hash as registered (the
+    workers would fail every study on it)."""
+    from models.checkpoints import WEIGHTS_FILE, file_sha256
+
+    parts = [version.path, version.text_encoder_path, *(version.heads or {}).values(), version.multiview_path,
+             version.detector_path, version.factor_path]
+    missing = [part for part in parts if part and not Path(part).exists()]
+    if missing:
+        raise ConfigurationError(f"model version {version.name!r}: no longer exists: {', '.join(missing)}")
+    path = Path(version.path)
+    if file_sha256(path / WEIGHTS_FILE if path.is_dir() else path) != version.sha256:
+        raise ConfigurationError(f"model version {version.name!r}: the weights at {path} changed since it was "
+                                 "registered; register them under a new name")
 
 
 def rollback(sessions: sessionmaker[Session]) -> ModelVersion:

@@ -217,10 +217,18 @@ def describe(session: Session, study_ids: Sequence[int], with_patient: bool = Fa
             job_id=job.id if job else None, job_state=str(job.state) if job else None,
             error=job.error if job else None, result_job_id=result.id if result else None,
             done_at=result.finished_at if result else None, model_version=result.model_version if result else None,
-            clinical_model=(scores or {}).get("model", {}).get("clinical"), breasts=breast_scores(scores),
+            clinical_model=result_is_clinical(scores), breasts=breast_scores(scores),
             exports=exports.get(result.id, {}) if result else {},
             patient={"name": s.patient_name, "id": s.patient_id} if with_patient else None)
     return rows
+
+
+def result_is_clinical(findings: dict[str, Any] | None) -> bool | None:
+    """Whether every model behind a result is marked for clinical use (results before 2026-11-30 record the
+    base model's flag only); None without a result."""
+    if findings is None:
+        return None
+    return findings.get("clinical", findings.get("model", {}).get("clinical"))
 
 
 def breast_scores(findings: dict[str, Any] | None) -> dict[str, dict[str, Any]]:

@@ -109,8 +109,14 @@ class StudyFindings:
             return self.case_score
         return max((breast.scores["malignancy"] for breast in self.breasts), default=0.0)
 
+    @property
+    def clinical(self) -> bool:
+        """Whether every model that gave a score (the base model, each head, the four-view model, the detector)
+        is marked for clinical use."""
+        return self.model.clinical and all(identity.clinical for identity in self.sources.values())
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "suspicion": self.suspicion}
+        return {**asdict(self), "suspicion": self.suspicion, "clinical": self.clinical}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudyFindings:
