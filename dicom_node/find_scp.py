@@ -43,6 +43,7 @@ OUT_OF_RESOURCES = 0xA700
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 
+FIND_PAGE = 200  # studies read from the database at a time
 RESPONSE_ONLY_TAGS = (Tag("SpecificCharacterSet"), Tag("QueryRetrieveLevel"), Tag("RetrieveAETitle"))
 DATE = re.compile(r"[0-9]{8}")  # ASCII digits only: "\d" takes any script's
 
@@ -70,8 +71,9 @@ class Query:
 
 @dataclass(frozen=True)
 class StudyMatch:
-    """One matching study, read before the first response is sent."""
+    """One matching study, read with its page (``FIND_PAGE``) before that page's responses are sent."""
 
+    row_id: int
     study_instance_uid: str
     accession_number: str | None
     patient_id: str | None
@@ -186,18 +188,29 @@ def parse_query(identifier: Dataset) -> Query:
     return query
 
 
-def find_studies(sessions: sessionmaker[Session], conditions: list[Condition]) -> list[StudyMatch]:
-    """The studies meeting every condition, with their counts, modalities and the model of their last score."""
+def find_studies(sessions: sessionmaker[Session], conditions: list[Condition], after: int = 0,
+                 limit: int | None = None) -> list[StudyMatch]:
+    """The studies meeting every condition, with their counts, modalities and the model of their last score, in
+    row order: those after row ``after``, at most ``limit``."""
     instances = select(func.count(Instance.id)).where(Instance.study_id == Study.id).scalar_subquery()
     model_version = select(Job.model_version).where(Job.study_id == Study.id, Job.state == JobState.DONE).order_by(
         Job.id.desc()).limit(1).scalar_subquery()
     with sessions() as session:
-        rows = session.execute(select(Study, instances, model_version).where(*conditions).options(
-            selectinload(Study.series)).order_by(Study.id)).all()
-        return [StudyMatch(study.study_instance_uid, study.accession_number, study.patient_id, study.patient_name,
-                           study.study_date, study.state, study.suspicion, version,
+        rows = session.execute(select(Study, instances, model_version).where(*conditions, Study.id > after).options(
+            selectinload(Study.series)).order_by(Study.id).limit(limit)).all()
+        return [StudyMatch(study.id, study.study_instance_uid, study.accession_number, study.patient_id,
+                           study.patient_name, study.study_date, study.state, study.suspicion, version,
                            sorted({s.modality for s in study.series if s.modality}), len(study.series), count)
                 for study, count, version in rows]
+
+
+def _pages(sessions: sessionmaker[Session], conditions: list[Condition]) -> Iterator[list[StudyMatch]]:
+    """``find_studies`` a page at a time: a query that matches the whole archive is never held in memory at once,
+    and a C-CANCEL stops it between pages."""
+    after = 0
+    while page := find_studies(sessions, conditions, after, FIND_PAGE):
+        yield page
+        after = page[-1].row_id
 
 
 def _element(tag: BaseTag, vr: str, value: object) -> DataElement:
@@ -238,23 +251,26 @@ def handle_find(event: Event, sessions: sessionmaker[Session],
     calling = event.assoc.requestor.ae_title
     try:
         query = parse_query(event.identifier)
-        matches = find_studies(sessions, query.conditions)
     except QueryError as error:
         log.warning("C-FIND from %s refused: %s", calling, error.comment)
         yield _failure(error.status, error.comment), None
         return
+    status = PENDING_KEYS_NOT_SUPPORTED if query.unsupported else PENDING
+    sent = 0
+    try:
+        for page in _pages(sessions, query.conditions):
+            for match in page:
+                if event.is_cancelled:
+                    log.info("C-FIND from %s cancelled after %d studies", calling, sent)
+                    yield CANCELLED, None
+                    return
+                log.debug("C-FIND match for %s: study %s", calling, match.study_instance_uid)
+                yield status, build_response(query, match, ae_title)
+                sent += 1
     except SQLAlchemyError as error:
         log.error("C-FIND from %s failed: database error %s", calling, type(error).__name__)
         yield OUT_OF_RESOURCES, None
         return
-    log.info("C-FIND from %s: %d studies match (keys %s%s)", calling, len(matches),
+    log.info("C-FIND from %s: %d studies matched (keys %s%s)", calling, sent,
              ", ".join(element.keyword or str(element.tag) for element in query.requested) or "none",
              f"; not matched on {', '.join(query.unsupported)}" if query.unsupported else "")
-    status = PENDING_KEYS_NOT_SUPPORTED if query.unsupported else PENDING
-    for match in matches:
-        if event.is_cancelled:
-            log.info("C-FIND from %s cancelled", calling)
-            yield CANCELLED, None
-            return
-        log.debug("C-FIND match for %s: study %s", calling, match.study_instance_uid)
-        yield status, build_response(query, match, ae_title)

@@ -192,6 +192,17 @@ def test_matching(node: FindNode) -> None:
     assert results == MATCHING
 
 
+def test_studies_are_read_a_page_at_a_time(node: FindNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node import find_scp
+
+    pages = []
+    read = find_scp.find_studies
+    monkeypatch.setattr(find_scp, "FIND_PAGE", 3)
+    monkeypatch.setattr(find_scp, "find_studies", lambda *args: pages.append(args[2:]) or read(*args))
+    assert matched(node, query(StudyInstanceUID="", AccessionNumber="ACC*")) == {1, 2, 4}
+    assert [limit for _, limit in pages] == [3, 3] and pages[0][0] == 0  # 3 studies, then none after them
+
+
 def test_matching_on_the_private_state(node: FindNode) -> None:
     assert matched(node, with_private_block(query(StudyInstanceUID=""), "ANALYSED")) == {1}
     identifier = with_private_block(query(StudyInstanceUID=""), "RE*")  # a wildcard: valid in a query
