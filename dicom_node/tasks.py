@@ -163,10 +163,11 @@ class _Context:
         A version activated meanwhile is loaded before the next job, without a worker restart."""
         from training.registry import active_model
 
-        active = active_model(self.sessions)
-        wanted = (active.name, active.sha256) if active else None
-        with self._lock:
+        with self._lock:  # the active version is read under the lock: no thread reloads one that was replaced
+            active = active_model(self.sessions)
+            wanted = (active.name, active.sha256) if active else None
             if self._analyzer is None or wanted != self._served:
+                self._analyzer = None  # the old model is let go before the new one loads (one model's memory)
                 from dicom_node.analysis import Analyzer
                 from dicom_node.heads import served_components
                 from dicom_node.results.seg import SEG_TRANSFER_SYNTAXES
