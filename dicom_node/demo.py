@@ -159,7 +159,7 @@ def run_demo(settings: Settings, seed: int, timeout: float = 900.0,
             outcomes = send_files(Destination(name="node", ae_title=node_settings.ae_title, host="127.0.0.1",
                                               port=node.port), files, DEMO_MODALITY_AE)
             if not all(outcome.stored for outcome in outcomes):
-                raise NodeError(f"the node refused the study: {[hex(o.status) for o in outcomes]}")
+                raise NodeError(f"the node refused the study: {[o.describe() for o in outcomes]}")
             on_state(f"sent {len(files)} images by C-STORE")
             study_uid = str(_read_uid(files[0]))
             state, job_id = wait_for_delivery(node.sessions, study_uid, timeout, on_state)

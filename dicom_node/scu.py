@@ -129,7 +129,10 @@ def _send_each(assoc, readable: list[tuple[int, Path, pydicom.Dataset]],  # noqa
             outcomes[index] = SendOutcome(path, uid, NOT_SENT)
             continue
         if before_each is not None:
-            before_each()
+            try:
+                before_each()
+            except Exception as error:  # e.g. the database busy: the send goes on, the outcomes are kept
+                log.warning("before sending %s: %s", uid, _reason(error))
         try:
             status = assoc.send_c_store(_as_sent(path, header, assoc))
         except Exception as error:  # no accepted context for it, undecodable, the association ended under it...

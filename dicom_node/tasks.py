@@ -95,8 +95,8 @@ class OverlayDrawer:
     """Draws each finished job's overlay PNGs in a background thread, so that the worker takes its next task at
     once (on a single-slot worker serving both queues, the job's export waited ~1-2 s behind them at 4096 x 3328).
     One job's overlays at a time: handing over the next waits for the previous, which bounds the images held to
-    one study's. The PNGs are for people, not PACS: a failure is logged, and the API draws a missing malignancy
-    overlay again from its SEG."""
+    one study's. The PNGs are for people, not PACS: a failure is logged, and the API draws a missing overlay
+    (malignancy or FActOR) again from its SEG."""
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlays")
@@ -129,6 +129,8 @@ class _Context:
         self._lock = threading.Lock()
         self._analyzer = None
         self._served: tuple[str, str] | None = None  # (name, sha256) of the registry version loaded
+        # a version whose weights file is not the one registered, and why: refused until another is active
+        self._refused: tuple[tuple[str, str] | None, ConfigurationError] | None = None
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
@@ -166,6 +168,8 @@ class _Context:
         with self._lock:  # the active version is read under the lock: no thread reloads one that was replaced
             active = active_model(self.sessions)
             wanted = (active.name, active.sha256) if active else None
+            if self._refused is not None and self._refused[0] == wanted:  # not loaded and hashed again per job
+                raise self._refused[1]
             if self._analyzer is None or wanted != self._served:
                 self._analyzer = None  # the old model is let go before the new one loads (one model's memory)
                 from dicom_node.analysis import Analyzer
@@ -176,9 +180,10 @@ class _Context:
                 model = load_serving_model(self.settings, active.path if active else None,
                                            active.text_encoder_path if active else None, progress=False)
                 if active is not None and model.load_report.sha256 != active.sha256:
-                    raise ConfigurationError(
+                    self._refused = (wanted, ConfigurationError(
                         f"model version {active.name}: {active.path} is not the file registered (sha256 "
-                        f"{active.sha256[:12]}, now {model.load_report.sha256[:12]}); register it under a new name")
+                        f"{active.sha256[:12]}, now {model.load_report.sha256[:12]}); register it under a new name"))
+                    raise self._refused[1]
                 identity = model_identity(model, active.name if active else None)
                 self._analyzer = Analyzer(model, identity, self.settings.results_dir, writer=self.writer,
                                           seg_transfer_syntax=SEG_TRANSFER_SYNTAXES[self.settings.seg_compression],

@@ -173,8 +173,7 @@ class NodeDUL(DULServiceProvider):
 
     wakeup: DulWakeup
     activity: threading.Event
-    _counted_message: object = None  # the DIMSE message whose fragments _counted_bytes adds up
-    _counted_bytes: int = 0
+    _counted_bytes: int = 0  # of the command or data set being received (``_count_message``)
 
     def kill_dul(self) -> None:
         super().kill_dul()
@@ -231,7 +230,7 @@ class NodeDUL(DULServiceProvider):
                 if item_length < 2 or item_length - 2 > remaining:  # a context ID and a message control header
                     raise _ImpossibleItemLengthError
                 remaining -= item_length - 2
-                self._count_message(item_length - 2)
+                self._count_message(item_length - 2, last=bool(control & 2))
                 spool = spool_for(self.assoc, context_id, control)
                 if spool is None:
                     value = bytes((control,)) + self.socket.recv_exactly(item_length - 2)
@@ -253,15 +252,15 @@ class NodeDUL(DULServiceProvider):
             log.warning("association from %s: the connection closed within a P-DATA-TF PDU", requestor)
             self.event_queue.put("Evt17")
 
-    def _count_message(self, count: int) -> None:
-        """Add a fragment of ``count`` bytes to the message being received; ``_MessageTooLargeError`` past the
-        socket's ``message_limit`` (a peer that never sends a message's last fragment)."""
-        message = self.assoc.dimse.message
-        if message is not self._counted_message:
-            self._counted_message, self._counted_bytes = message, 0
+    def _count_message(self, count: int, last: bool) -> None:
+        """Add a fragment of ``count`` bytes to the command or data set being received (``last``: its last
+        fragment, after which the count starts again); ``_MessageTooLargeError`` past the socket's
+        ``message_limit`` (a peer that never sends a data set's last fragment)."""
         self._counted_bytes += count
         if self._counted_bytes > self.socket.message_limit:
             raise _MessageTooLargeError
+        if last:
+            self._counted_bytes = 0
 
     def _receive_fragment(self, spool: DatasetSpool, count: int, read_ahead: bool) -> None:
         """Read a data set fragment of ``count`` bytes into ``spool``. With ``read_ahead`` (it ends its PDU and is

@@ -192,8 +192,8 @@ def test_db_downgrade_and_upgrade_again(mammo_node: Invoke, tmp_path: Path) -> N
         assert "content_digest" in {row[1] for row in connection.execute("PRAGMA table_info(instance)")}
 
 
-@pytest.mark.parametrize("revision", ["base", "head", "0010", "9999"])
+@pytest.mark.parametrize("revision", ["base", "head", "0011", "9999"])
 def test_db_downgrade_refuses_what_is_not_an_older_revision(mammo_node: Invoke, revision: str) -> None:
     refused = mammo_node("db", "downgrade", revision)
-    assert refused.exit_code != 0 and "the database is at 0010" in refused.output
+    assert refused.exit_code != 0 and "the database is at 0011" in refused.output
     assert "Traceback" not in refused.output and "up to date" in mammo_node("db", "upgrade").output

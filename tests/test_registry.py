@@ -69,6 +69,26 @@ def test_a_version_whose_weights_changed_cannot_be_activated(sessions, model_fol
     assert active_model(sessions) is None
 
 
+def test_a_worker_refuses_weights_changed_under_the_active_version(db_url: str, sessions, model_folders: list[Path],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node import serving, tasks
+    from dicom_node.settings import Settings
+
+    changing = shutil.copytree(model_folders[0], tmp_path / "changing")
+    register(sessions, changing, name="changing")
+    activate(sessions, "changing")
+    shutil.copy(model_folders[1] / "weights.safetensors", changing / "weights.safetensors")  # after activation
+    loads = []
+    load = serving.load_serving_model
+    monkeypatch.setattr(serving, "load_serving_model", lambda *args, **kw: loads.append(1) or load(*args, **kw))
+    context = tasks._Context(Settings(data_dir=tmp_path / "data", db_url=db_url, device="cpu"))
+    for _ in range(2):  # every job fails with the reason; the file is loaded and hashed once
+        with pytest.raises(ConfigurationError, match="is not the file registered"):
+            context.analyzer  # noqa: B018
+    assert loads == [1]
+
+
 def test_model_commands(tmp_path: Path, model_folders: list[Path]) -> None:
     env = {**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data")}
 

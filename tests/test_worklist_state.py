@@ -264,6 +264,13 @@ def test_a_job_left_queued_with_no_worker_taking_it_is_sent_again(sessions):
     assert sent == [job_id]  # a queue wait is not a lost message
     with sessions.begin() as session:
         session.execute(update(Job).values(updated_at=utcnow() - QUEUED_RESEND_AFTER - timedelta(seconds=1)))
+    other = ready_job(sessions, "1.2.3.15")
+    claim_job(sessions, other, "host:1", timedelta(seconds=60))  # a worker is busy: a backlog, not a lost message
+    scheduler._last_stale_check = 0.0
+    scheduler.tick()
+    assert sent == [job_id]
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == other).values(state=JobState.DONE))
     scheduler._last_stale_check = 0.0
     scheduler.tick()
     scheduler._last_stale_check = 0.0

@@ -140,11 +140,14 @@ def stale_running_jobs(sessions: sessionmaker[Session], stale_after: timedelta,
 
 
 def long_queued_jobs(sessions: sessionmaker[Session], queued_for: timedelta, now: datetime | None = None) -> list[int]:
-    """QUEUED jobs that no worker took and nobody sent again for ``queued_for``: their message may be lost (a
-    broker restarted without it, a retry whose send failed after QUEUED was recorded). A second message is
+    """QUEUED jobs that no worker took and nobody sent again for ``queued_for``, while no job is RUNNING: their
+    message may be lost (a broker restarted without it, a retry whose send failed after QUEUED was recorded).
+    While a job runs the workers are draining a backlog, and a long wait is only that. A second message is
     harmless: the job is claimed once."""
     now = now or utcnow()
     with sessions() as session:
+        if session.scalar(select(Job.id).where(Job.state == JobState.RUNNING).limit(1)) is not None:
+            return []
         return list(session.scalars(select(Job.id).where(
             Job.state == JobState.QUEUED, Job.updated_at < now - queued_for).order_by(Job.id)).all())
 
