@@ -23,6 +23,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute, Session, selectinload, sessionmaker
 
+from dicom_node.study_time import sortable_time
 from worklist.models import Instance, Job, JobState, Series, Study, StudyState
 from worklist.wildcards import matches, wildcard_matches
 
@@ -79,6 +80,8 @@ class StudyMatch:
     patient_id: str | None
     patient_name: str | None
     study_date: str | None
+    study_time: str | None
+    study_id: str | None
     state: StudyState
     suspicion: float | None
     model_version: str | None
@@ -90,6 +93,7 @@ class StudyMatch:
         """The standard keys this node answers, by keyword."""
         return {"StudyInstanceUID": self.study_instance_uid, "AccessionNumber": self.accession_number,
                 "PatientID": self.patient_id, "PatientName": self.patient_name, "StudyDate": self.study_date,
+                "StudyTime": self.study_time, "StudyID": self.study_id,
                 "ModalitiesInStudy": self.modalities, "NumberOfStudyRelatedSeries": self.series,
                 "NumberOfStudyRelatedInstances": self.instances}
 
@@ -127,6 +131,22 @@ def _date(values: list[str]) -> Condition:
     return or_(*map(one, values))
 
 
+def _time(values: list[str]) -> Condition:
+    """Single time or range matching (``T``, ``T1-T2``, ``T1-``, ``-T2``) on StudyTime; a partial time takes in
+    its whole hour or minute (``08`` matches 08:00:00 to 08:59:59.999999)."""
+    def one(value: str) -> Condition:
+        start, dash, end = value.partition("-")
+        if not dash:
+            end = start
+        bounds = (sortable_time(start) if start else None, sortable_time(end, latest=True) if end else None)
+        if not (start or end) or (start and bounds[0] is None) or (end and bounds[1] is None):
+            raise QueryError(UNABLE_TO_PROCESS, "StudyTime must be HHMMSS[.FFFFFF] (or HH, HHMM) or a range of them")
+        return and_(*([Study.study_time >= bounds[0]] if start else []),
+                    *([Study.study_time <= bounds[1]] if end else []))
+
+    return or_(*map(one, values))
+
+
 def _state(values: list[str]) -> Condition:
     """Matching on the private study state: the wildcards are resolved against the known states."""
     return Study.state.in_([state for state in StudyState
@@ -139,6 +159,8 @@ MATCHERS: dict[str, Callable[[list[str]], Condition]] = {
     "PatientID": lambda values: _text(Study.patient_id, values),
     "PatientName": lambda values: _text(Study.patient_name, values, ignore_case=True),
     "StudyDate": _date,
+    "StudyTime": _time,
+    "StudyID": lambda values: _text(Study.study_id, values),
     "ModalitiesInStudy": lambda values: Study.series.any(_text(Series.modality, values)),
 }
 
@@ -199,7 +221,8 @@ def find_studies(sessions: sessionmaker[Session], conditions: list[Condition], a
         rows = session.execute(select(Study, instances, model_version).where(*conditions, Study.id > after).options(
             selectinload(Study.series)).order_by(Study.id).limit(limit)).all()
         return [StudyMatch(study.id, study.study_instance_uid, study.accession_number, study.patient_id,
-                           study.patient_name, study.study_date, study.state, study.suspicion, version,
+                           study.patient_name, study.study_date, study.study_time, study.study_id, study.state,
+                           study.suspicion, version,
                            sorted({s.modality for s in study.series if s.modality}), len(study.series), count)
                 for study, count, version in rows]
 

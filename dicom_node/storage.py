@@ -43,6 +43,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.durable_files import FileData, data_views, fsync_folder, place, stage_file
+from dicom_node.study_time import sortable_time
 from dicom_node.validation import check_instance
 from models.errors import NodeError
 from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES, view_of
@@ -217,7 +218,8 @@ def _write_rows(session: Session, dataset: Dataset, uids: tuple[str, str, str], 
         session, _STUDY, "study_instance_uid", study_uid,
         accession_number=str(dataset.get("AccessionNumber") or "")[:16] or None, patient_id=patient_id,
         patient_name=str(dataset.get("PatientName") or "")[:324] or None,
-        study_date=str(dataset.get("StudyDate") or "")[:8] or None)
+        study_date=str(dataset.get("StudyDate") or "")[:8] or None, study_time=sortable_time(dataset.get("StudyTime")),
+        study_id=str(dataset.get("StudyID") or "")[:16] or None)
     series_id, series_meanwhile = (filed.series.id, False) if filed.series is not None else _insert_once(
         session, _SERIES, "series_instance_uid", series_uid, study_id=study_id,
         modality=str(dataset.get("Modality") or "")[:16] or None)

@@ -192,8 +192,17 @@ def test_db_downgrade_and_upgrade_again(mammo_node: Invoke, tmp_path: Path) -> N
         assert "content_digest" in {row[1] for row in connection.execute("PRAGMA table_info(instance)")}
 
 
-@pytest.mark.parametrize("revision", ["base", "head", "0011", "9999"])
+def _newest_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    from worklist.db import MIGRATIONS
+
+    return ScriptDirectory(str(MIGRATIONS)).get_current_head()
+
+
+@pytest.mark.parametrize("revision", ["base", "head", "newest", "9999"])
 def test_db_downgrade_refuses_what_is_not_an_older_revision(mammo_node: Invoke, revision: str) -> None:
-    refused = mammo_node("db", "downgrade", revision)
-    assert refused.exit_code != 0 and "the database is at 0011" in refused.output
+    newest = _newest_revision()
+    refused = mammo_node("db", "downgrade", newest if revision == "newest" else revision)
+    assert refused.exit_code != 0 and f"the database is at {newest}" in refused.output
     assert "Traceback" not in refused.output and "up to date" in mammo_node("db", "upgrade").output

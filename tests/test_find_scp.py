@@ -20,6 +20,7 @@ from dicom_node.find_scp import QueryError, handle_find, parse_query
 from dicom_node.scp import start_scp
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore
+from dicom_node.study_time import sortable_time
 from tests.conftest import free_port, require_tool
 from worklist.db import make_engine, session_factory
 from worklist.models import Instance, Job, JobState, Series, Study, StudyState
@@ -34,6 +35,7 @@ STUDIES = {
     3: ("XYZ2001", "PID-C", "ROE^RICHARD", "20240302", StudyState.RECEIVING, None, {"MG": 2}),
     4: ("ACC1003", "PID-D", "DOE^JOHN", "20231231", StudyState.FAILED, None, {"MG": 4, "OT": 1}),
 }
+TIMES = {1: ("080512.5", "S1001"), 2: ("0930", "S1002"), 3: ("23:59:59", "T2001"), 4: (None, None)}  # 4: neither
 PRIVATE = {"PrivateCreator": ("0041,0010", "MAMMO_CLIP_NODE"), "state": ("0041,1001", ""),
            "suspicion": ("0041,1002", ""), "model": ("0041,1003", "")}
 
@@ -48,8 +50,10 @@ def _populate(sessions: sessionmaker[Session]) -> None:
     """Four studies in every state; study 1 was analysed twice, the newer model gave its score."""
     with sessions.begin() as session:
         for number, (accession, patient_id, name, date, state, suspicion, modalities) in STUDIES.items():
+            time, study_id = TIMES[number]
             study = Study(study_instance_uid=UIDS[number], accession_number=accession, patient_id=patient_id,
-                          patient_name=name, study_date=date, state=state, suspicion=suspicion)
+                          patient_name=name, study_date=date, state=state, suspicion=suspicion,
+                          study_time=sortable_time(time), study_id=study_id)
             for index, (modality, count) in enumerate(modalities.items()):
                 series = Series(study=study, series_instance_uid=f"{UIDS[number]}.{index}", modality=modality)
                 for instance in range(count):
@@ -184,6 +188,13 @@ MATCHING = [  # keys besides StudyInstanceUID (universal, returned), and the stu
     ({"StudyDate": "20240101-20240131", "AccessionNumber": "ACC*"}, {1, 2}),
     ({"ModalitiesInStudy": ["OT", "SR"]}, {1, 4}),
     ({"ModalitiesInStudy": "MG"}, {1, 2, 3, 4}),
+    ({"StudyTime": "080512.5"}, {1}),
+    ({"StudyTime": "08"}, {1}),  # a partial time: its whole hour
+    ({"StudyTime": "0800-0930"}, {1, 2}),
+    ({"StudyTime": "1000-"}, {3}),
+    ({"StudyTime": "-09"}, {1, 2}),
+    ({"StudyID": "S100*"}, {1, 2}),
+    ({"StudyID": "T2001"}, {3}),
 ]
 
 
@@ -225,7 +236,8 @@ def test_universal_query_returns_the_requested_keys_with_values(node: FindNode) 
             modalities)
         assert dataset.NumberOfStudyRelatedSeries == len(modalities)
         assert dataset.NumberOfStudyRelatedInstances == sum(modalities.values())
-        assert dataset.StudyTime == "" and dataset.StudyID == ""  # not held by the node: returned empty
+        time, study_id = TIMES[number]
+        assert (dataset.StudyTime, dataset.StudyID) == (sortable_time(time) or "", study_id or "")
         assert "SpecificCharacterSet" not in dataset or dataset.SpecificCharacterSet == "ISO_IR 192"
         assert not any(element.tag.group == 0x0041 for element in dataset)  # the block was not asked for
     assert by_uid[UIDS[2]].SpecificCharacterSet == "ISO_IR 192"  # Müller
@@ -245,13 +257,13 @@ def test_the_private_block_follows_the_requester_slot(node: FindNode) -> None:
 
 
 def test_unsupported_key_values_give_a_pending_warning(node: FindNode) -> None:
-    statuses, found = c_find(node, query(StudyInstanceUID=UIDS[1], StudyTime="0800-1200"))
+    statuses, found = c_find(node, query(StudyInstanceUID=UIDS[1], StudyDescription="SCREENING*"))
     assert [int(s.Status) for s in statuses] == [0xFF01, 0x0000]
-    assert found[0].StudyTime == ""
-    empty_sequence = query(StudyInstanceUID=UIDS[1], ReferencedStudySequence=[], StudyTime="")
+    assert found[0].StudyDescription == ""
+    empty_sequence = query(StudyInstanceUID=UIDS[1], ReferencedStudySequence=[], StudyDescription="")
     statuses, found = c_find(node, empty_sequence)  # universal keys: no warning
     assert [int(s.Status) for s in statuses] == [0xFF00, 0x0000]
-    assert found[0].ReferencedStudySequence == [] and found[0].StudyTime == ""
+    assert found[0].ReferencedStudySequence == [] and found[0].StudyDescription == ""
 
 
 @pytest.mark.parametrize(("level", "status"), [("IMAGE", 0xA900), ("SERIES", 0xA900), ("", 0xA900)])
@@ -312,3 +324,12 @@ def test_a_database_failure_is_out_of_resources(tmp_path: Path) -> None:
         assert list(handle_find(event, session_factory(engine), "MAMMO_AI")) == [(0xA700, None)]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(("value", "latest", "expected"), [
+    ("080512.5", False, "080512.500000"), ("08", False, "080000.000000"), ("08", True, "085959.999999"),
+    ("0930", True, "093059.999999"), ("23:59:59", False, "235959.000000"), ("", False, None),
+    ("2460", False, None), ("0860", False, None), ("08.5", False, None), ("12345", False, None),
+])
+def test_study_times_become_sortable_text(value: str, latest: bool, expected: str | None) -> None:
+    assert sortable_time(value, latest) == expected

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import storage
 from dicom_node.storage import InstanceStore, UIDConflictError
+from dicom_node.study_time import sortable_time
 from tests.conftest import wait_for
 from worklist.models import Instance, Series, Study, StudyState
 
@@ -97,6 +98,9 @@ def test_new_and_changed_views_revise_and_reopen_their_study_and_nothing_else_do
 
     _store(store, dataset, encoded)
     assert study() == (1, StudyState.RECEIVING)
+    with sessions() as session:  # the keys a C-FIND matches on
+        assert session.execute(select(Study.study_time, Study.study_id)).one()._tuple() == (
+            sortable_time(dataset.StudyTime), dataset.StudyID)
     with sessions.begin() as session:  # its analysis failed (an undecodable view, say)
         session.execute(update(Study).values(state=StudyState.FAILED))
     assert _store(store, dataset, encoded).duplicate and study() == (1, StudyState.FAILED)  # the same bytes again

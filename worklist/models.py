@@ -74,6 +74,8 @@ class Study(Base):
     patient_id: Mapped[str | None] = mapped_column(String(64))
     patient_name: Mapped[str | None] = mapped_column(String(324))
     study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(13))  # HHMMSS.FFFFFF (dicom_node.study_time; 0012)
+    study_id: Mapped[str | None] = mapped_column(String(16))
     state: Mapped[StudyState] = mapped_column(_enum(StudyState), default=StudyState.RECEIVING, index=True)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
