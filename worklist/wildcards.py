@@ -15,27 +15,23 @@ from typing import Any
 
 from sqlalchemy import Boolean, ColumnElement, String, literal
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.functions import FunctionElement, GenericFunction
 
 SQLITE_LOWER = "unicode_lower"  # the name worklist.db registers str.lower under on SQLite connections
 
 
-class _Lowered(FunctionElement[str]):
-    """Lower-cased text, Unicode-aware on both databases."""
+class _Lowered(GenericFunction[str]):
+    """Lower-cased text, Unicode-aware on both databases: ``lower``, on SQLite ``SQLITE_LOWER``."""
 
     type = String()
     inherit_cache = True
     name = "lower"
+    _register = False  # not func.lower
 
 
 @compiles(_Lowered, "sqlite")
 def _lowered_on_sqlite(element: _Lowered, compiler: Any, **kw: Any) -> str:
     return f"{SQLITE_LOWER}({compiler.process(element.clauses, **kw)})"
-
-
-@compiles(_Lowered)
-def _lowered(element: _Lowered, compiler: Any, **kw: Any) -> str:
-    return f"lower({compiler.process(element.clauses, **kw)})"
 
 
 class _Matches(FunctionElement[bool]):
