@@ -81,7 +81,7 @@ class StudyMatch:
     patient_name: str | None
     study_date: str | None
     study_time: str | None
-    study_id: str | None
+    dicom_study_id: str | None
     state: StudyState
     suspicion: float | None
     model_version: str | None
@@ -93,7 +93,7 @@ class StudyMatch:
         """The standard keys this node answers, by keyword."""
         return {"StudyInstanceUID": self.study_instance_uid, "AccessionNumber": self.accession_number,
                 "PatientID": self.patient_id, "PatientName": self.patient_name, "StudyDate": self.study_date,
-                "StudyTime": self.study_time, "StudyID": self.study_id,
+                "StudyTime": self.study_time, "StudyID": self.dicom_study_id,
                 "ModalitiesInStudy": self.modalities, "NumberOfStudyRelatedSeries": self.series,
                 "NumberOfStudyRelatedInstances": self.instances}
 
@@ -160,7 +160,7 @@ MATCHERS: dict[str, Callable[[list[str]], Condition]] = {
     "PatientName": lambda values: _text(Study.patient_name, values, ignore_case=True),
     "StudyDate": _date,
     "StudyTime": _time,
-    "StudyID": lambda values: _text(Study.study_id, values),
+    "StudyID": lambda values: _text(Study.dicom_study_id, values),
     "ModalitiesInStudy": lambda values: Study.series.any(_text(Series.modality, values)),
 }
 
@@ -221,7 +221,7 @@ def find_studies(sessions: sessionmaker[Session], conditions: list[Condition], a
         rows = session.execute(select(Study, instances, model_version).where(*conditions, Study.id > after).options(
             selectinload(Study.series)).order_by(Study.id).limit(limit)).all()
         return [StudyMatch(study.id, study.study_instance_uid, study.accession_number, study.patient_id,
-                           study.patient_name, study.study_date, study.study_time, study.study_id, study.state,
+                           study.patient_name, study.study_date, study.study_time, study.dicom_study_id, study.state,
                            study.suspicion, version,
                            sorted({s.modality for s in study.series if s.modality}), len(study.series), count)
                 for study, count, version in rows]

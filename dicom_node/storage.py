@@ -219,7 +219,7 @@ def _write_rows(session: Session, dataset: Dataset, uids: tuple[str, str, str], 
         accession_number=str(dataset.get("AccessionNumber") or "")[:16] or None, patient_id=patient_id,
         patient_name=str(dataset.get("PatientName") or "")[:324] or None,
         study_date=str(dataset.get("StudyDate") or "")[:8] or None, study_time=sortable_time(dataset.get("StudyTime")),
-        study_id=str(dataset.get("StudyID") or "")[:16] or None)
+        dicom_study_id=str(dataset.get("StudyID") or "")[:16] or None)
     series_id, series_meanwhile = (filed.series.id, False) if filed.series is not None else _insert_once(
         session, _SERIES, "series_instance_uid", series_uid, study_id=study_id,
         modality=str(dataset.get("Modality") or "")[:16] or None)

@@ -53,7 +53,7 @@ def _populate(sessions: sessionmaker[Session]) -> None:
             time, study_id = TIMES[number]
             study = Study(study_instance_uid=UIDS[number], accession_number=accession, patient_id=patient_id,
                           patient_name=name, study_date=date, state=state, suspicion=suspicion,
-                          study_time=sortable_time(time), study_id=study_id)
+                          study_time=sortable_time(time), dicom_study_id=study_id)
             for index, (modality, count) in enumerate(modalities.items()):
                 series = Series(study=study, series_instance_uid=f"{UIDS[number]}.{index}", modality=modality)
                 for instance in range(count):

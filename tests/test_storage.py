@@ -99,7 +99,7 @@ def test_new_and_changed_views_revise_and_reopen_their_study_and_nothing_else_do
     _store(store, dataset, encoded)
     assert study() == (1, StudyState.RECEIVING)
     with sessions() as session:  # the keys a C-FIND matches on
-        assert session.execute(select(Study.study_time, Study.study_id)).one()._tuple() == (
+        assert session.execute(select(Study.study_time, Study.dicom_study_id)).one()._tuple() == (
             sortable_time(dataset.StudyTime), dataset.StudyID)
     with sessions.begin() as session:  # its analysis failed (an undecodable view, say)
         session.execute(update(Study).values(state=StudyState.FAILED))

@@ -75,7 +75,7 @@ class Study(Base):
     patient_name: Mapped[str | None] = mapped_column(String(324))
     study_date: Mapped[str | None] = mapped_column(String(8))
     study_time: Mapped[str | None] = mapped_column(String(13))  # HHMMSS.FFFFFF (dicom_node.study_time; 0012)
-    study_id: Mapped[str | None] = mapped_column(String(16))
+    dicom_study_id: Mapped[str | None] = mapped_column(String(16))  # Study ID (0020,0010); not a row id
     state: Mapped[StudyState] = mapped_column(_enum(StudyState), default=StudyState.RECEIVING, index=True)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

@@ -1,4 +1,4 @@
-"""study.study_time and study.study_id: the two Required keys of a STUDY-level C-FIND the node did not hold
+"""study.study_time and study.dicom_study_id (Study ID; "study_id" names the study row elsewhere): the two Required keys of a STUDY-level C-FIND the node did not hold
 
 Study Time is kept as sortable text (``HHMMSS.FFFFFF``, ``dicom_node.study_time``) for range matching. Rows
 stored before have neither: they match these keys only universally.
@@ -20,9 +20,9 @@ depends_on = None
 def upgrade() -> None:
     # plain ADD COLUMNs, never a batch "move and copy" (see 0009)
     op.add_column('study', sa.Column('study_time', sa.String(13), nullable=True))
-    op.add_column('study', sa.Column('study_id', sa.String(16), nullable=True))
+    op.add_column('study', sa.Column('dicom_study_id', sa.String(16), nullable=True))
 
 
 def downgrade() -> None:
-    op.drop_column('study', 'study_id')
+    op.drop_column('study', 'dicom_study_id')
     op.drop_column('study', 'study_time')
