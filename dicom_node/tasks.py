@@ -263,6 +263,10 @@ def analyze_study(self: Task, job_id: int) -> None:
             raise self.retry(countdown=settings.job_stale_seconds, max_retries=None)
         log.info("job %d is %s: nothing to do for this delivery", job_id, state)
         return
+    if claim.attempt > settings.job_max_attempts:  # the earlier attempts never finished: their worker died
+        fail_job(ctx.sessions, claim, f"the analysis was started {claim.attempt - 1} times and its worker died or "
+                 "stopped each time (a study that crashes the decoder or exhausts the memory?)", retry=False)
+        return
     try:
         with _Heartbeat(ctx.sessions, claim, settings.job_stale_seconds / 4).running():
             instances = _source_instances(ctx.sessions, settings.incoming_dir, job_id)

@@ -355,13 +355,38 @@ def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
     return None
 
 
+J2K_START = b"\xff\x4f\xff\x51"  # SOC, then the SIZ marker: how every JPEG 2000 codestream begins
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
 def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) from a JPEG 2000 SIZ marker segment (a JP2 wrapper is tolerated), or None."""
-    at = frame.find(b"\xff\x4f\xff\x51", 0, 4096)
-    if at < 0 or at + 42 > len(frame):
+    """(rows, columns, components) from the SIZ marker segment of a JPEG 2000 codestream, or None. The codestream
+    is the frame, or (a JP2 file, which PS3.5 A.4.4 does not allow but decoders read) the content of its
+    ``jp2c`` box: never the first SOC-SIZ bytes found anywhere, which a box before the codestream could hold
+    to declare a small image while the decoder reads a huge one."""
+    at = _jp2_codestream(frame) if frame.startswith(JP2_SIGNATURE) else 0
+    if at is None or frame[at:at + 4] != J2K_START or at + 42 > len(frame):
         return None
     x_size, y_size, x_offset, y_offset = struct.unpack_from(">IIII", frame, at + 8)
     return y_size - y_offset, x_size - x_offset, struct.unpack_from(">H", frame, at + 40)[0]
+
+
+def _jp2_codestream(frame: bytes) -> int | None:
+    """Where the content of a JP2 file's top-level ``jp2c`` box begins, or None."""
+    at = 0
+    while at + 8 <= len(frame):
+        length, kind = struct.unpack_from(">I4s", frame, at)
+        header = 8
+        if length == 1:  # the length is in the next 8 bytes
+            if at + 16 > len(frame):
+                return None
+            length, header = struct.unpack_from(">Q", frame, at + 8)[0], 16
+        if kind == b"jp2c":
+            return at + header
+        if length == 0 or length < header:  # the last box (to the end), or a lying length
+            return None
+        at += length
+    return None
 
 
 def _check_frame(frame: bytes, syntax: str, rows: int, columns: int, samples: int, bits: int, index: int) -> None:
@@ -421,12 +446,18 @@ def _check_pixel_data(dataset: Dataset, transfer_syntax: UID) -> None:
 
 
 def _check_mammogram(dataset: Dataset) -> None:
-    """An MG image (PS3.3 A.26, DX Image module) carries grayscale pixel data."""
+    """An MG image (PS3.3 A.26, DX Image module) carries one frame of grayscale pixel data."""
     if "PixelData" not in dataset:
         raise MalformedInstanceError("the MG image has no pixel data")
     photometric = str(dataset.get("PhotometricInterpretation", "")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise MalformedInstanceError(f"an MG image must be MONOCHROME1 or MONOCHROME2, not {photometric[:32]!r}")
+    try:
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return  # refused with the other image attributes
+    if frames != 1:  # the worker would decode every frame before finding it is not one image
+        raise MalformedInstanceError(f"an MG image has one frame, not {frames}")
 
 
 def check_instance(dataset: Dataset, transfer_syntax_uid: str) -> None:

@@ -86,13 +86,17 @@ def presentation_pixels(ds: Dataset) -> np.ndarray:
         raise ImageDecodeError(f"{_describe(ds)}: photometric interpretation {photometric!r} is not grayscale.")
     try:
         stored = ds.pixel_array
+    except MemoryError:
+        raise  # the machine's, not the image's: the job is retried
     except Exception as error:  # pydicom raises many types for undecodable pixel data
         raise ImageDecodeError(f"{_describe(ds)}: pixel data cannot be decoded ({error}).") from error
     if stored.ndim != 2:
         raise ImageDecodeError(f"{_describe(ds)}: expected one grayscale frame, got array shape {stored.shape}.")
     try:
         values = _displayed(ds, stored, photometric == "MONOCHROME1")
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as error:
+    except MemoryError:
+        raise  # the machine's, not the image's: the job is retried
+    except Exception as error:  # pydicom's LUT code raises many types too (NotImplementedError, struct.error...)
         raise ImageDecodeError(f"{_describe(ds)}: its modality or VOI attributes cannot be applied "
                                f"({type(error).__name__}: {error}).") from error
     if not np.isfinite(values).all():

@@ -303,10 +303,37 @@ def test_declared_size_limit_is_checked_before_decoding(seeds: list[Dataset]) ->
         check_instance(_j2k_dataset(seeds, 10_000, 10_001), JPEG2000Lossless)
     with pytest.raises(MalformedInstanceError, match="declares 20000 x 20000 pixels"):
         check_instance(_j2k_dataset(seeds, 128, 96, header=(20_000, 20_000)), JPEG2000Lossless)
-    with pytest.raises(MalformedInstanceError, match="once decoded"):
-        many = _j2k_dataset(seeds, 128, 96)
-        many.NumberOfFrames = 200_000
+    many = _j2k_dataset(seeds, 128, 96)
+    many.NumberOfFrames = 200_000
+    with pytest.raises(MalformedInstanceError, match="one frame, not 200000"):  # an MG image
         check_instance(many, JPEG2000Lossless)
+    many.SOPClassUID = "1.2.840.10008.5.1.4.1.1.13.1.3"  # tomosynthesis: many frames, but not that many
+    with pytest.raises(MalformedInstanceError, match="once decoded"):
+        check_instance(many, JPEG2000Lossless)
+
+
+def test_a_jp2_wrapper_cannot_hide_the_codestream_size(seeds: list[Dataset]) -> None:
+    """A box before the codestream that holds a small SOC-SIZ header: the size is read from the jp2c box."""
+    import struct
+
+    honest = _j2k_dataset(seeds, 128, 96)
+    (codestream,) = generate_frames(honest.PixelData, number_of_frames=1)
+
+    def box(kind: bytes, content: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(content)) + kind + content
+
+    def jp2(decoy: bytes, real: bytes) -> bytes:
+        return b"\x00\x00\x00\x0cjP  \r\n\x87\n" + box(b"xml ", decoy) + box(b"jp2c", real)
+
+    wrapped = copy.deepcopy(honest)
+    wrapped.PixelData = encapsulate([jp2(codestream[:64], codestream)])
+    check_instance(wrapped, JPEG2000Lossless)  # a true JP2 file: tolerated, its codestream checked
+    wrapped.PixelData = encapsulate([jp2(codestream[:64], j2k_with_size(codestream, 20_000, 20_000))])
+    with pytest.raises(MalformedInstanceError, match="declares 20000 x 20000 pixels"):
+        check_instance(wrapped, JPEG2000Lossless)
+    wrapped.PixelData = encapsulate([b"junk" + codestream])  # not at the start: no codestream
+    with pytest.raises(MalformedInstanceError, match="no readable codestream header"):
+        check_instance(wrapped, JPEG2000Lossless)
 
 
 def test_inflate_refuses_a_bomb_without_holding_it() -> None:
@@ -489,6 +516,17 @@ def _bad_voi_lut(ds: Dataset) -> None:
     ds.VOILUTSequence = Sequence([Dataset()])
 
 
+def _voi_lut(descriptor: list[int], data: bytes) -> Callable[[Dataset], None]:
+    def edit(ds: Dataset) -> None:
+        del ds.WindowCenter, ds.WindowWidth
+        item = Dataset()
+        item.LUTDescriptor, item.LUTData = descriptor, data
+        item["LUTData"].VR = "OW"
+        ds.VOILUTSequence = Sequence([item])
+
+    return edit
+
+
 HOSTILE_IMAGES = [
     pytest.param(_resize(1, 1), id="1x1"),
     pytest.param(_resize(1, 96), id="1x96"),
@@ -516,6 +554,8 @@ HOSTILE_IMAGES = [
     pytest.param(_element(0x00281053, "LO", "x"), id="rescale-slope-text"),
     pytest.param(_set(WindowCenter=[], WindowWidth=[]), id="window-empty"),
     pytest.param(_bad_voi_lut, id="voi-lut-item-without-descriptor"),
+    pytest.param(_voi_lut([256, 0, 9], bytes(512)), id="voi-lut-9-bit-entries"),  # NotImplementedError in pydicom
+    pytest.param(_voi_lut([256, 0, 16], bytes(10)), id="voi-lut-data-shorter-than-described"),  # struct.error
 ]
 
 

@@ -71,3 +71,30 @@ def test_overlays_are_drawn_after_the_task_one_job_at_a_time(caplog: pytest.LogC
     third.set()
     drawer.draw(3, _SlowOverlays(third, drawn, "third")).result(30)  # handed over once the second's are drawn
     assert drawn == ["second", "third"]
+
+
+def test_a_job_whose_worker_died_at_every_attempt_fails_instead_of_coming_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study that kills its worker (a decoder crash, the memory exhausted) never reaches fail_job: released
+    again and again, it would take the worker down forever. Past job_max_attempts it is FAILED with the reason."""
+    from sqlalchemy import update
+
+    from tests.test_worklist_state import ready_job
+    from worklist.db import session_factory
+    from worklist.models import Job, JobState, Study, StudyState
+
+    settings = Settings(data_dir=tmp_path, job_max_attempts=3)
+    engine = make_engine(settings.database_url())
+    upgrade(engine)
+    sessions = session_factory(engine)
+    job_id = ready_job(sessions, "1.2.3.77")
+    with sessions.begin() as session:  # three claims, each ended by the worker's death (released as QUEUED)
+        session.execute(update(Job).values(state=JobState.QUEUED, attempts=3))
+    tasks.configure(settings)
+    monkeypatch.setattr(tasks._Context, "analyzer", property(lambda self: pytest.fail("analysed a fourth time")))
+    assert tasks.analyze_study.apply(args=(job_id,)).successful()
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.attempts) == (JobState.FAILED, 4) and "worker died" in job.error
+        assert session.get(Study, job.study_id).state == StudyState.FAILED
+    engine.dispose()
