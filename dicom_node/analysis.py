@@ -157,14 +157,15 @@ def result_uid(study_uid: str, job_id: int, *parts: str) -> str:
     return generate_uid(entropy_srcs=[study_uid, str(job_id), *parts])
 
 
-def select_views(instances: list[SourceInstance]) -> dict[ViewKey, SourceInstance]:
-    """One instance per screening view; the last listed wins (callers list them by arrival)."""
-    chosen: dict[ViewKey, SourceInstance] = {}
+def select_views(instances: list[SourceInstance]) -> dict[ViewKey, list[SourceInstance]]:
+    """The instances of each screening view, the last listed first (callers list them by arrival): the newest is
+    analysed, an earlier one where it cannot be read."""
+    candidates: dict[ViewKey, list[SourceInstance]] = {}
     for instance in instances:
         key = ((instance.laterality or "").upper(), (instance.view or "").upper())
         if key in SCREENING_VIEWS:
-            chosen[key] = instance
-    return chosen
+            candidates.setdefault(key, []).insert(0, instance)
+    return candidates
 
 
 class Stopwatch:
@@ -197,6 +198,21 @@ class PreparedView:
     image: torch.Tensor
     box: CropBox
     shown: DisplayImage
+
+
+def _prepare_readable(candidates: list[SourceInstance],
+                      config: PreprocessConfig) -> tuple[SourceInstance, PreparedView] | ImageDecodeError:
+    """The first of a view's instances (newest first) that can be read, prepared; else the newest one's error."""
+    first_error: ImageDecodeError | None = None
+    for instance in candidates:
+        try:
+            return instance, _prepare_view(instance.path, config)
+        except ImageDecodeError as error:
+            log.warning("instance %s (%s%s) cannot be analysed: %s", instance.sop_instance_uid, instance.laterality,
+                        instance.view, type(error).__name__)
+            first_error = first_error or error
+    assert first_error is not None
+    return first_error
 
 
 def _prepare_view(path: Path, config: PreprocessConfig) -> PreparedView:
@@ -243,15 +259,22 @@ class Analyzer:
     def _analyse(self, study_uid: str, job_id: int, instances: list[SourceInstance],
                  heartbeat: Callable[[], object]) -> AnalysisOutput:
         watch = Stopwatch()
-        chosen = select_views(instances)
-        if not chosen:
+        candidates = select_views(instances)
+        if not candidates:
             raise NoScreeningViewsError(
                 f"study {study_uid} has no screening view (LCC, RCC, LMLO, RMLO) among its "
                 f"{len(instances)} analysable instance(s)")
         config = self.serving.config.preprocess()
         with watch.stage("preprocess"):  # the views at once: NumPy and OpenCV release the GIL on large arrays
-            prepared = dict(zip(chosen, _PREPARERS.map(lambda instance: _prepare_view(instance.path, config),
-                                                            chosen.values()), strict=True))
+            outcomes = dict(zip(candidates, _PREPARERS.map(lambda views: _prepare_readable(views, config),
+                                                            candidates.values()), strict=True))
+        readable = {key: outcome for key, outcome in outcomes.items() if not isinstance(outcome, ImageDecodeError)}
+        if not readable:  # every view is unreadable: the study's failure, with the first view's reason
+            raise next(outcome for outcome in outcomes.values() if isinstance(outcome, ImageDecodeError))
+        # A view none of whose instances can be read is left out, as a view not received: the study is analysed
+        # on the others and listed as incomplete; the log names the instances.
+        chosen = {key: instance for key, (instance, _) in readable.items()}
+        prepared = {key: view for key, (_, view) in readable.items()}
         datasets = {key: view.dataset for key, view in prepared.items()}
         images = {key: view.image for key, view in prepared.items()}
         heartbeat()

@@ -585,3 +585,31 @@ def test_a_hostile_stored_image_fails_its_analysis_with_a_reason(analyzer, seeds
         assert str(ds.SOPInstanceUID) in str(error) or "image" in str(error)
         return
     raise AssertionError(f"analysed without an error: {[v.scores for v in output.findings.views]}")
+
+
+def test_an_unreadable_view_costs_that_view_only(analyzer, seeds: list[Dataset], tmp_path: Path) -> None:
+    """A resend of RCC that cannot be decoded: the earlier RCC is analysed. An LCC with no readable instance:
+    the study is analysed on its three other views, LCC reported missing, as a view not received."""
+    from dicom_node.analysis import SourceInstance
+
+    study = [copy.deepcopy(ds) for ds in seeds if ds.PhotometricInterpretation == "MONOCHROME2"]
+    assert len(study) == 4
+
+    def stored(ds: Dataset, name: str) -> SourceInstance:
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+        return SourceInstance(tmp_path / name, str(ds.SOPInstanceUID), str(ds.ImageLaterality), str(ds.ViewPosition))
+
+    instances = [stored(ds, f"{ds.ImageLaterality}{ds.ViewPosition}.dcm") for ds in study]
+    for ds in study:
+        if (ds.ImageLaterality, ds.ViewPosition) in (("R", "CC"), ("L", "CC")):
+            broken = copy.deepcopy(ds)
+            broken.SOPInstanceUID = f"{ds.SOPInstanceUID}.9"
+            broken.PixelData = broken.PixelData[: len(broken.PixelData) // 2]  # cut short: cannot be decoded
+            instances.append(stored(broken, f"broken-{ds.ImageLaterality}{ds.ViewPosition}.dcm"))
+    good_lcc = next(i for i in instances if (i.laterality, i.view) == ("L", "CC"))
+    instances.remove(good_lcc)  # LCC: only its broken instance
+    output = analyzer.analyse(str(study[0].StudyInstanceUID), 7, instances)
+    used = {(v.laterality, v.view): v.sop_instance_uid for v in output.findings.views}
+    rcc = next(ds for ds in study if (ds.ImageLaterality, ds.ViewPosition) == ("R", "CC"))
+    assert set(used) == {("R", "CC"), ("L", "MLO"), ("R", "MLO")} and used[("R", "CC")] == str(rcc.SOPInstanceUID)
+    assert output.findings.missing_views == ["LCC"]
