@@ -118,8 +118,6 @@ def make_folders(folder: Path, mode: int = 0o750) -> None:
     anything is written in it: a file fsynced in a folder whose own entry is not on disk can be lost with it. A
     folder that another thread or process created meanwhile has its parent fsynced too (its creator may not have
     done so yet). An existing folder costs one ``stat``."""
-    if folder.is_dir():
-        return
     missing = []
     while not folder.is_dir():
         missing.append(folder)

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -247,14 +248,23 @@ def scp_handlers(settings: Settings, store: InstanceStore, on_ready: Callable[[]
             (evt.EVT_RELEASED, senders.released), (evt.EVT_CONN_CLOSE, senders.closed)]
 
 
+ServerT = TypeVar("ServerT", bound=NodeServer)
+
+
+def _make_server(settings: Settings, handlers: list[tuple], server_class: type[ServerT],
+                 ssl_context: ssl.SSLContext | None) -> ServerT:
+    """The SCP's listening server of ``server_class``, with the node's AE and message bound."""
+    server = build_ae(settings).make_server((settings.bind_host, settings.port), ssl_context=ssl_context,
+                                            evt_handlers=handlers, server_class=server_class)
+    server.maximum_message_bytes = settings.maximum_message_mb << 20
+    return server
+
+
 def start_scp(settings: Settings, store: InstanceStore, ssl_context: ssl.SSLContext | None = None,
               on_ready: Callable[[], None] | None = None) -> NodeServer:
     """Start the Storage (and C-FIND) SCP in background threads; call ``.shutdown()`` on the result to stop it.
     ``on_ready`` is called when a released association made a study READY."""
-    server = build_ae(settings).make_server((settings.bind_host, settings.port), ssl_context=ssl_context,
-                                            evt_handlers=scp_handlers(settings, store, on_ready),
-                                            server_class=NodeServer)
-    server.maximum_message_bytes = settings.maximum_message_mb << 20
+    server = _make_server(settings, scp_handlers(settings, store, on_ready), NodeServer, ssl_context)
     threading.Thread(target=server.serve_forever, name="StorageSCP", daemon=True).start()
     log.info("Storage SCP %s listening on %s:%d", settings.ae_title, settings.bind_host, server.server_address[1])
     return server
@@ -263,9 +273,7 @@ def start_scp(settings: Settings, store: InstanceStore, ssl_context: ssl.SSLCont
 def make_shared_port_server(settings: Settings, store: InstanceStore,
                             ssl_context: ssl.SSLContext | None = None) -> ReusePortServer:
     """The SCP of ``start_scp``, bound with SO_REUSEPORT and listening; the caller runs ``serve_forever()``."""
-    server = build_ae(settings).make_server((settings.bind_host, settings.port), ssl_context=ssl_context,
-                                            evt_handlers=scp_handlers(settings, store), server_class=ReusePortServer)
-    server.maximum_message_bytes = settings.maximum_message_mb << 20
+    server = _make_server(settings, scp_handlers(settings, store), ReusePortServer, ssl_context)
     log.info("Storage SCP %s process %d listening on %s:%d", settings.ae_title, os.getpid(), settings.bind_host,
              server.server_address[1])
     return server

@@ -22,6 +22,5 @@ def sortable_time(value: object, latest: bool = False) -> str | None:
     hours, minutes, seconds, fraction = match.groups()
     if int(hours) > 23 or int(minutes or 0) > 59 or int(seconds or 0) > 60:
         return None
-    fill = "9" if latest else "0"
-    return (f"{hours}{minutes or ('59' if latest else '00')}{seconds or ('59' if latest else '00')}."
-            f"{(fraction or '').ljust(6, fill)}")
+    unset, fill = ("59", "9") if latest else ("00", "0")  # a missing minute or second, a missing fraction digit
+    return f"{hours}{minutes or unset}{seconds or unset}.{(fraction or '').ljust(6, fill)}"

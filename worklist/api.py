@@ -31,7 +31,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.results.io import overlay_file, seg_file
+from dicom_node.results.io import overlay_file, overlay_name, seg_file
 from dicom_node.results.seg import FACTOR_PREFIX
 from dicom_node.serving import NOT_CLINICAL_BANNER
 from dicom_node.settings import Settings
@@ -110,15 +110,15 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
                 if malignancy_overlay(folder, view.value) is not None}
 
     def overlay_url(row: TriageRow, view: str, attribute: str | None = None) -> str:
-        name = f"overlay_{view}.png" if attribute is None else f"overlay_factor_{attribute}_{view}.png"
-        return f"/studies/{row.study_instance_uid}/{name}"
+        return f"/studies/{row.study_instance_uid}/{overlay_name(view, attribute)}"
 
     def served_overlay(study_uid: str, view: str, attribute: str | None) -> FileResponse:
         """The overlay PNG of the view's malignancy map, or of its FActOR map of ``attribute``; drawn again from
         the view's SEG and image when the worker did not draw it."""
         row, detail = found(study_uid)
-        folder, offered = result_folder(row), overlays(row)
-        if folder is None or view not in offered or (attribute is not None and attribute not in offered[view]):
+        folder = result_folder(row)  # only this view's SEG is read to see what it offers
+        if folder is None or malignancy_overlay(folder, view) is None or (
+                attribute is not None and attribute not in factor_attributes(folder, view)):
             raise HTTPException(404, f"no {view} {attribute or 'malignancy'} overlay")
         path = overlay_file(folder, view, attribute)
         if not path.is_file():

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 from dicom_node.results.findings import DISCLAIMER
+from dicom_node.results.io import overlay_name
 from worklist.drift import BINS, DriftReport
 from worklist.triage import Section, TriageRow, as_utc
 
@@ -160,12 +161,12 @@ def study_page(row: TriageRow, detail: dict[str, Any], exports: list[dict[str, A
         images = (f'<img src="/studies/{uid}/thumbnail_{view}.png" alt="{view} image">'
                   if view in row.views else "<p>not received</p>")
         if view in overlays:
-            images += f'<img src="/studies/{uid}/overlay_{view}.png" alt="{view} heatmap overlay">'
+            images += f'<img src="/studies/{uid}/{overlay_name(view)}" alt="{view} heatmap overlay">'
         caption = escape(view) + (" · " + ", ".join(f"{escape(k)} {_score(scores.get(k))}" for k in
                                                      ("malignancy", "mass", "calcification")) if scores else "")
         if overlays.get(view):
             caption += "<br>Mammo-FActOR maps: " + " · ".join(
-                f'<a href="/studies/{uid}/overlay_factor_{quote(attribute)}_{view}.png">{escape(attribute)}</a>'
+                f'<a href="/studies/{uid}/{quote(overlay_name(view, attribute))}">{escape(attribute)}</a>'
                 for attribute in overlays[view])
         figures.append(f'<figure id="view-{view}">{images}<figcaption>{caption}</figcaption></figure>')
     export_rows = "".join(

@@ -13,12 +13,11 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from dicom_node.results.io import overlay_file, seg_file
+from dicom_node.results.io import overlay_file, overlay_name, seg_file
 from dicom_node.results.seg import FACTOR_PREFIX, seg_heatmap_names
 
 # FActOR attributes served by name: their names go into file names and URLs
 SERVED_ATTRIBUTE = re.compile(r"[A-Za-z0-9-]{1,64}")
-_FACTOR_PNG = "overlay_factor_"
 
 
 def malignancy_overlay(folder: Path, view: str) -> Path | None:
@@ -36,6 +35,7 @@ def factor_attributes(folder: Path, view: str) -> list[str]:
         seg = dcmread(seg_file(folder, view), stop_before_pixels=True)
         names = [name.removeprefix(FACTOR_PREFIX) for name in seg_heatmap_names(seg) if name.startswith(FACTOR_PREFIX)]
     except Exception:  # a missing or damaged SEG (the page must still show): what was drawn
-        suffix = f"_{view}.png"
-        names = [path.name[len(_FACTOR_PNG):-len(suffix)] for path in folder.glob(f"{_FACTOR_PNG}*{suffix}")]
+        pattern = overlay_name(view, "*")
+        prefix, suffix = pattern.split("*")
+        names = [path.name[len(prefix):-len(suffix)] for path in folder.glob(pattern)]
     return sorted(name for name in names if SERVED_ATTRIBUTE.fullmatch(name))

@@ -24,7 +24,12 @@ def seg_file(folder: Path, view: str) -> Path:
     return Path(folder) / f"SEG_{view}.dcm"
 
 
+def overlay_name(view: str, attribute: str | None = None) -> str:
+    """The file name of a job's overlay PNG of ``view``: its malignancy overlay, or with ``attribute`` (``mass``,
+    ``calcification``, ``dense``) the overlay of that Mammo-FActOR map. The triage API serves it by this name."""
+    return f"overlay_{view}.png" if attribute is None else f"overlay_factor_{attribute}_{view}.png"
+
+
 def overlay_file(folder: Path, view: str, attribute: str | None = None) -> Path:
-    """Where a job's overlay PNG of ``view`` is written in its folder: its malignancy overlay, or with
-    ``attribute`` (``mass``, ``calcification``, ``dense``) the overlay of that Mammo-FActOR map."""
-    return Path(folder) / (f"overlay_{view}.png" if attribute is None else f"overlay_factor_{attribute}_{view}.png")
+    """Where ``overlay_name(view, attribute)`` is written in a job's folder."""
+    return Path(folder) / overlay_name(view, attribute)
