@@ -7,8 +7,9 @@ sharing the port (``dicom_node.scp_pool``).
 Statuses returned by ``handle_store`` (PS3.4 Annex B.2.3):
 
 - ``0x0000`` Success: the file is on disk (fsynced) and its row is committed.
-- ``0xA700`` Refused, out of resources: the disk or the database failed, or the data directory has less free
-  space than ``min_free_disk_mb`` (checked before anything is written); the sender should retry later.
+- ``0xA700`` Refused, out of resources: the disk or the database failed, the process ran out of memory, or the
+  data directory has less free space than ``min_free_disk_mb`` (checked before anything is written); the sender
+  should retry later.
 - ``0xA900`` Error, dataset does not match SOP class: the dataset's SOP class is not the command's.
 - ``0xC000`` Error, cannot understand: the dataset cannot be decoded (checked element by element, inflated
   with a limit), its pixel data is cut short, it carries an invalid UID, or its SOP instance UID is not the
@@ -146,6 +147,8 @@ def _store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None, sen
         metrics.rejected(metrics.MALFORMED)
         log.warning("refused instance %s from %s: %s", sop_uid[:64], event.assoc.requestor.ae_title, error)
         return CANNOT_UNDERSTAND
+    except MemoryError:
+        return _out_of_memory(sop_uid)
     except Exception as error:  # a malformed dataset can raise anything while decoding
         metrics.rejected(metrics.UNDECODABLE)
         log.warning("refused undecodable instance %s: %s", sop_uid[:64], type(error).__name__)
@@ -170,6 +173,8 @@ def _store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None, sen
         metrics.rejected(metrics.DATABASE_ERROR)
         log.error("could not record instance %s: database error %s", sop_uid[:64], type(error).__name__)
         return OUT_OF_RESOURCES
+    except MemoryError:
+        return _out_of_memory(sop_uid)
     except Exception as error:  # validation of a decoded dataset can still raise anything
         metrics.rejected(metrics.UNDECODABLE)
         log.warning("refused undecodable instance %s: %s", sop_uid[:64], type(error).__name__)
@@ -181,6 +186,15 @@ def _store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None, sen
         log.info("instance %s is SOP class %s: stored, not analysed", stored.sop_instance_uid,
                  event.request.AffectedSOPClassUID)
     return SUCCESS
+
+
+def _out_of_memory(sop_uid: str) -> int:
+    """A store that ran out of memory is the node's shortage, not the sender's fault: refused for now (0xA700),
+    so that the sender retries, instead of refused as not understood (0xC000), which it would not retry."""
+    metrics.rejected(metrics.OUT_OF_MEMORY)
+    log.error("could not store instance %s: out of memory (out of resources; the sender should retry)",
+              sop_uid[:64])
+    return OUT_OF_RESOURCES
 
 
 def _command_disagrees(event: Event, dataset: Dataset) -> int | None:

@@ -226,6 +226,22 @@ def test_database_failure_returns_out_of_resources(tmp_path: Path, study_files: 
         engine.dispose()
 
 
+@pytest.mark.parametrize("failing", ["dicom_node.scp.decode_received", "dicom_node.storage.InstanceStore.store"])
+def test_running_out_of_memory_is_out_of_resources(node: Node, study_files: list[Path], failing: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """No memory to decode or store an instance is the node's shortage: 0xA700 (the sender retries), never
+    0xC000 (which tells it the instance is bad); the next instance is stored once memory is back."""
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    with monkeypatch.context() as patched:
+        patched.setattr(failing, out_of_memory)
+        assert _send(node, study_files[0]) == 0xA700
+    assert node.count(Instance) == 0
+    assert _send(node, study_files[0]) == 0x0000
+    assert node.count(Instance) == 1
+
+
 def _certificates(folder: Path) -> dict[str, Path]:
     """A CA, and a server and a client certificate it signed (openssl, RSA 2048, two days)."""
     openssl = require_tool("/usr/bin/openssl")
