@@ -23,7 +23,14 @@ import torch
 from pydicom.dataset import Dataset
 from torch import Tensor
 
-from dicom_node.results.findings import BIRADS_LABELS, DENSITY_LABELS, FINDING_TASKS, Detection, ModelIdentity
+from dicom_node.results.findings import (
+    BIRADS_LABELS,
+    DENSITY_LABELS,
+    FINDING_TASKS,
+    Detection,
+    ModelIdentity,
+    version_label,
+)
 from models.checkpoints import file_sha256, read_card
 from models.clip import MammoClip
 from models.errors import ConfigurationError
@@ -111,7 +118,8 @@ class ServedFactor:
 def _identity(name: str, folder: Path, card: Mapping[str, object], base: ModelIdentity) -> ModelIdentity:
     sha = str(card.get("weights_sha256") or file_sha256(next(Path(folder).glob("*.safetensors"))))
     return ModelIdentity(name=name, software_version=base.software_version,
-                         model_version=f"{Path(folder).name}@{sha[:12]}", clinical=bool(card.get("clinical_use")))
+                         model_version=version_label(Path(folder).name, sha[:12]),
+                         clinical=bool(card.get("clinical_use")))
 
 
 def load_detector_model(folder: Path, base: ModelIdentity, device: str) -> ServedDetector:

@@ -50,7 +50,7 @@ def model_identity(model: MammoClip, version_name: str | None = None) -> ModelId
     weights file loaded and,
     when the card calibrates the zero-shot scores, ``+cal`` and a hash of that calibration: the same weights
     calibrated otherwise give other probabilities) of a loaded model."""
-    from dicom_node.results.findings import ModelIdentity
+    from dicom_node.results.findings import ModelIdentity, version_label
     from models.zero_shot import CALIBRATION_KEY
 
     card = getattr(model, "card", {}) or {}
@@ -61,5 +61,5 @@ def model_identity(model: MammoClip, version_name: str | None = None) -> ModelId
     if calibration:
         sha += "+cal" + hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()[:8]
     return ModelIdentity(name=f"Mammo-CLIP zero-shot ({model.config.image_encoder})",
-                         software_version=software_version(), model_version=f"{name}@{sha}",
+                         software_version=software_version(), model_version=version_label(name, sha),
                          clinical=bool(card.get("clinical_use", False)))

@@ -107,3 +107,20 @@ def test_the_model_version_names_the_calibration(model) -> None:
         assert calibrated.startswith("v@0123456789ab+cal") and model_identity(model).model_version != calibrated
     finally:
         del model.card
+
+
+def test_a_long_version_name_keeps_its_digest_in_the_results(model) -> None:
+    """A registry name of any length still names the weights' and calibration's digest, whole, in the model
+    version that the SR, the SEG and Software Versions carry (LO: 64 characters)."""
+    from dicom_node.results.equipment import software_versions
+    from dicom_node.serving import model_identity
+
+    model.card = {"weights_sha256": "0123456789abcdef", CALIBRATION_KEY: {"mass": {"scale": 0.5, "bias": [0, 1]}}}
+    try:
+        identity = model_identity(model, "site-finetune-" + "x" * 80)
+        digest = model_identity(model, "v").model_version.removeprefix("v@")
+        assert identity.model_version.endswith("@" + digest) and identity.model_version.startswith("site-finetune-")
+        assert all(len(value) <= 64 for value in software_versions(identity))
+        assert software_versions(identity)[1] == f"model {identity.model_version}"
+    finally:
+        del model.card

@@ -20,7 +20,7 @@ def device_uid(model: ModelIdentity) -> str:
 
 def software_versions(model: ModelIdentity) -> list[str]:
     """Software Versions (LO, multi-valued): the node software, then the model weights."""
-    return [f"node {model.software_version}"[:64], f"model {model.model_version}"[:64]]
+    return [f"node {model.software_version}"[:64], f"model {model.model_version}"]
 
 
 def add_algorithm_equipment(dataset: Dataset, model: ModelIdentity) -> None:

@@ -9,6 +9,13 @@ FINDING_TASKS = ("malignancy", "mass", "calcification")
 DENSITY_LABELS = ("A", "B", "C", "D")
 BIRADS_LABELS = ("1", "2", "3", "4", "5")
 DISCLAIMER = "For research and triage support only; not for diagnosis. Not a medical device."
+VERSION_LENGTH = 58  # a model version fits an LO (64) after the Software Versions' "model " prefix
+
+
+def version_label(name: str, digest: str) -> str:
+    """A model version, ``name@digest``, of at most ``VERSION_LENGTH`` characters: a long name is shortened,
+    never the digest (what tells two versions' weights apart in the SR, the SEG and the database)."""
+    return f"{name[:max(0, VERSION_LENGTH - len(digest) - 1)]}@{digest}"
 
 
 @dataclass(frozen=True)
