@@ -82,7 +82,8 @@ def list_command(settings: Settings, as_json: bool) -> None:
     rows = versions(worklist_sessions(settings))
     if as_json:
         click.echo(json.dumps([{"name": v.name, "active": v.active, "sha256": v.sha256, "path": v.path,
-                                "heads": v.heads or {}, "clinical_use": bool(v.card.get("clinical_use", False))}
+                                "heads": v.heads or {}, "clinical_use": bool(v.card.get("clinical_use", False)),
+                                "rolled_back_at": v.rolled_back_at.isoformat() if v.rolled_back_at else None}
                                for v in rows], indent=2))
         return
     if not rows:
@@ -90,8 +91,9 @@ def list_command(settings: Settings, as_json: bool) -> None:
     for version in rows:
         clinical = "" if version.card.get("clinical_use") else "  (not for clinical use)"
         heads = f"  heads: {', '.join(version.heads)}" if version.heads else ""
+        retired = f"  (rolled back {version.rolled_back_at:%Y-%m-%d %H:%M})" if version.rolled_back_at else ""
         click.echo(f"{'*' if version.active else ' '} {version.name:<32} {version.sha256[:12]}  "
-                   f"{version.created_at:%Y-%m-%d %H:%M}  {version.path}{heads}{clinical}")
+                   f"{version.created_at:%Y-%m-%d %H:%M}  {version.path}{heads}{clinical}{retired}")
 
 
 @model.command("show")
@@ -123,7 +125,10 @@ def activate_command(settings: Settings, name: str) -> None:
 @model.command("rollback")
 @click.pass_obj
 def rollback_command(settings: Settings) -> None:
-    """Re-activate the version that was active before the current one."""
+    """Re-activate the version that was active before the current one.
+
+    The current one is marked rolled back: a second rollback goes further back, never to it (activate it by
+    name to serve it again)."""
     from training.registry import rollback
 
     version = _run(lambda: rollback(worklist_sessions(settings)))

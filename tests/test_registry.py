@@ -21,7 +21,7 @@ from training.registry import activate, active_model, register, rollback, versio
 def model_folders(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("versions")
     return [save_model_version(tiny_model(seed=number), root / f"v{number}",
-                               card={"name": "site", "clinical_use": False}) for number in (1, 2)]
+                               card={"name": "site", "clinical_use": False}) for number in (1, 2, 3)]
 
 
 def test_register_activate_and_roll_back(sessions, model_folders: list[Path]) -> None:
@@ -42,6 +42,23 @@ def test_register_activate_and_roll_back(sessions, model_folders: list[Path]) ->
     assert active_model(sessions).sha256 == first.sha256
     with pytest.raises(ConfigurationError, match="no model version named 'v9'"):
         activate(sessions, "v9")
+
+
+def test_a_second_rollback_goes_further_back(sessions, model_folders: list[Path]) -> None:
+    """Rollbacks walk back through the versions served, never to one a rollback took out of service, until it
+    is activated by name again."""
+    for number, folder in enumerate(model_folders, 1):
+        register(sessions, folder, name=f"v{number}")
+        activate(sessions, f"v{number}")
+    assert rollback(sessions).name == "v2"
+    assert rollback(sessions).name == "v1"  # not v3 again, which the first rollback retired
+    with pytest.raises(ConfigurationError, match="no earlier active model version"):
+        rollback(sessions)
+    assert active_model(sessions).name == "v1"
+    activate(sessions, "v3")
+    assert rollback(sessions).name == "v1"  # v2 stays retired
+    assert {v.name: v.rolled_back_at is not None for v in versions(sessions)} == {
+        "v1": False, "v2": True, "v3": True}
 
 
 def test_an_unloadable_path_is_not_registered(sessions, tmp_path: Path) -> None:

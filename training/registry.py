@@ -107,16 +107,24 @@ def get_version(sessions: sessionmaker[Session], name: str) -> ModelVersion:
 
 def activate(sessions: sessionmaker[Session], name: str) -> ModelVersion:
     """Make ``name`` the only active version (one transaction, the versions' rows locked first, so that two
-    activations at once leave one active); its files must still be there, its weights the ones registered."""
-    version = get_version(sessions, name)
+    activations at once leave one active); its files must still be there, its weights the ones registered. A
+    version rolled back from before is back on the rollback path once activated by name."""
+    version = _activate(sessions, get_version(sessions, name), retire_current=False)
+    log.info("model version %s is now active", name)
+    return version
+
+
+def _activate(sessions: sessionmaker[Session], version: ModelVersion, retire_current: bool) -> ModelVersion:
+    """Make ``version`` the only active one; ``retire_current``: mark the version it replaces rolled back."""
     _check_files(version)
+    now = utcnow()
     with sessions.begin() as session:
         session.execute(select(ModelVersion.id).with_for_update())  # PostgreSQL: the other activation waits
-        session.execute(update(ModelVersion).where(ModelVersion.active.is_(True)).values(active=False))
+        session.execute(update(ModelVersion).where(ModelVersion.active.is_(True))
+                        .values(active=False, **({"rolled_back_at": now} if retire_current else {})))
         session.execute(update(ModelVersion).where(ModelVersion.id == version.id)
-                        .values(active=True, activated_at=utcnow()))
-    log.info("model version %s is now active", name)
-    return get_version(sessions, name)
+                        .values(active=True, activated_at=now, rolled_back_at=None))
+    return get_version(sessions, version.name)
 
 
 def _check_files(version: ModelVersion) -> None:
@@ -136,14 +144,19 @@ def _check_files(version: ModelVersion) -> None:
 
 
 def rollback(sessions: sessionmaker[Session]) -> ModelVersion:
-    """Re-activate the version that was active before the current one."""
+    """Re-activate the version that was active before the current one, and mark the current one rolled back:
+    a second rollback goes further back, never to the version the first took out of service (until it is
+    activated by name again)."""
     with sessions() as session:
         previous = session.scalar(
-            select(ModelVersion).where(ModelVersion.active.is_(False), ModelVersion.activated_at.is_not(None))
+            select(ModelVersion).where(ModelVersion.active.is_(False), ModelVersion.activated_at.is_not(None),
+                                       ModelVersion.rolled_back_at.is_(None))
             .order_by(ModelVersion.activated_at.desc()).limit(1))
     if previous is None:
         raise ConfigurationError("no earlier active model version to roll back to")
-    return activate(sessions, previous.name)
+    version = _activate(sessions, previous, retire_current=True)
+    log.info("rolled back: model version %s is active again", version.name)
+    return version
 
 
 def active_model(sessions: sessionmaker[Session]) -> ActiveModel | None:

@@ -205,3 +205,4 @@ class ModelVersion(Base):
     factor_path: Mapped[str | None] = mapped_column(Text)  # Mammo-FActOR: attribute maps in the SEGs
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    rolled_back_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # a rollback retired it
