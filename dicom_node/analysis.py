@@ -283,7 +283,8 @@ class Analyzer:
             trained = {served.target: head_probabilities(served, self.model, images, scores.feature_maps)
                        for served in self.heads}
         heartbeat()
-        findings = self._findings(study_uid, chosen, scores)
+        findings = self._findings(study_uid, chosen, scores,
+                                  {key: error for key, error in outcomes.items() if key not in readable})
         self._apply_heads(findings, trained)
         if self.multiview is not None:
             with watch.stage("multiview"):
@@ -325,7 +326,10 @@ class Analyzer:
                  extra={"study_uid": study_uid, "job_id": job_id})
         return AnalysisOutput(findings, [obj for obj, _ in pending], folder, overlays, watch.seconds)
 
-    def _findings(self, study_uid: str, chosen: dict[ViewKey, SourceInstance], scores) -> StudyFindings:  # noqa: ANN001
+    def _findings(self, study_uid: str, chosen: dict[ViewKey, SourceInstance], scores,  # noqa: ANN001
+                  unreadable: dict[ViewKey, ImageDecodeError]) -> StudyFindings:
+        """The study's findings; ``unreadable``: the views left out because none of their instances could be
+        read, with the newest one's error (kept as the reason the study page shows)."""
         views = []
         for key in SCREENING_VIEWS:
             if key in scores.views:
@@ -335,7 +339,8 @@ class Analyzer:
         breasts = [BreastFindings(*_probabilities(scores.breasts[side]), laterality=side)
                    for side in ("L", "R") if side in scores.breasts]
         missing = [f"{lat}{view}" for lat, view in scores.missing_views]
-        return StudyFindings(study_uid, self.identity, views, breasts, missing)
+        reasons = {f"{lat}{view}": str(error)[:300] for (lat, view), error in unreadable.items()}
+        return StudyFindings(study_uid, self.identity, views, breasts, missing, reasons)
 
     def _segment_models(self, heatmaps: dict[str, object]) -> dict[str, ModelIdentity]:
         """The FActOR segments' own algorithm identity (the zero-shot heatmaps are the base model's)."""

@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
@@ -34,8 +35,11 @@ from worklist.triage import Section, parse_order, triage
 TOKEN = "s3cret-token"
 
 
-def get(url: str, token: str | None = TOKEN, basic: tuple[str, str] | None = None) -> tuple[int, bytes, Message]:
+def get(url: str, token: str | None = TOKEN, basic: tuple[str, str] | None = None,
+        host: str | None = None) -> tuple[int, bytes, Message]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if host:
+        headers["Host"] = host
     if basic:
         headers["Authorization"] = "Basic " + base64.b64encode(":".join(basic).encode()).decode()
     try:
@@ -110,7 +114,7 @@ def test_the_order_is_a_declarative_config(db_url, sessions) -> None:
     late_high = add_study(sessions, 1, StudyState.ANALYSED, 0.9, minutes=30)
     early_low = add_study(sessions, 2, StudyState.ANALYSED, 0.1, minutes=0)
     by_waiting = triage(sessions, parse_order(["last_received_at", "-suspicion"]))
-    assert uids([row.to_json() for row in by_waiting[Section.RANKED]]) == [early_low, late_high]
+    assert uids([row.to_json() for row in by_waiting.sections[Section.RANKED]]) == [early_low, late_high]
     with pytest.raises(ConfigurationError, match="priority"):
         parse_order(["-priority"])
 
@@ -128,6 +132,57 @@ def test_failed_and_incomplete_studies_are_listed_apart(db_url, sessions, serve)
     assert sections["incomplete"][0]["missing_views"] == ["RMLO"] and sections["incomplete"][0]["suspicion"] == 0.99
     assert sections["failed"][0]["error"].startswith("ImageDecodeError")
     assert get(f"{server.url}/api/studies/{not_mammography}")[0] == 404
+
+
+def test_every_section_pages(db_url, sessions, serve) -> None:
+    """The sections that need a look page too: a full page says more follow and links to the next, which the
+    section parameter reaches; an offset the database could not hold is refused, not a server error."""
+    failed = [add_study(sessions, n, StudyState.FAILED, minutes=n, error="boom") for n in range(1, 4)]
+    ranked = add_study(sessions, 9, StudyState.ANALYSED, 0.5)
+    server = serve(db_url, sessions)
+    first = get_json(f"{server.url}/api/studies?limit=2")
+    assert uids(first["sections"]["failed"]) == failed[:2] and uids(first["sections"]["ranked"]) == [ranked]
+    assert first["more"] == {"ranked": False, "incomplete": False, "failed": True, "in_progress": False}
+    rest = get_json(f"{server.url}/api/studies?limit=2&section=failed&offset=2")
+    assert uids(rest["sections"]["failed"]) == failed[2:] and not rest["more"]["failed"]
+    assert [row["rank"] for row in rest["sections"]["failed"]] == [3]
+    assert uids(rest["sections"]["ranked"]) == [ranked]  # the other sections from their start
+    html = get(f"{server.url}/?limit=2")[1].decode()
+    assert 'href="/?section=failed&amp;offset=2&amp;limit=2#failed"' in html and "analysis failed (2+)" in html
+    assert "analysis failed (3-3)" in get(f"{server.url}/?limit=2&section=failed&offset=2")[1].decode()
+    for path in ("/api/studies?offset=100000000000000000000", "/?offset=99999999999999999999",
+                 "/api/studies?section=nonsense"):
+        assert get(f"{server.url}{path}")[0] == 422
+
+
+def test_a_server_error_is_plain_and_keeps_the_security_headers(sqlite_sessions, serve,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    url, sessions = sqlite_sessions
+    server = serve(url, sessions)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("DOE^JANE")
+
+    monkeypatch.setattr("worklist.api.triage", broken)
+    status, body, headers = get(f"{server.url}/api/studies")
+    assert (status, body) == (500, b"internal error") and "DOE" not in body.decode()
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["Cache-Control"] == "no-store"
+
+
+def test_a_view_left_out_as_unreadable_is_listed_apart_with_its_reason(db_url, sessions, serve) -> None:
+    uid = add_study(sessions, 1, StudyState.ANALYSED, 0.6)
+    with sessions.begin() as session:  # the analysis could read no LCC instance
+        result = session.scalars(select(Result)).one()
+        result.scores = {**result.scores, "missing_views": ["LCC"],
+                         "unreadable_views": {"LCC": "SOP Instance UID 1.2.3: pixel data cannot be decoded"}}
+        session.execute(update(Study).values(views_complete=False))
+    server = serve(db_url, sessions)
+    (row,) = get_json(f"{server.url}/api/studies")["sections"]["incomplete"]
+    assert (row["study_instance_uid"], row["missing_views"]) == (uid, ["LCC"])
+    assert get_json(f"{server.url}/api/studies/{uid}")["unreadable_views"] == {
+        "LCC": "SOP Instance UID 1.2.3: pixel data cannot be decoded"}
+    assert "its image could not be read: SOP Instance UID 1.2.3: pixel data cannot be decoded" in get(
+        f"{server.url}/studies/{uid}")[1].decode()
 
 
 def test_study_and_its_exports(db_url, sessions, serve) -> None:
@@ -166,14 +221,21 @@ def test_authentication(sqlite_sessions, serve) -> None:
     demo = serve(url, sessions, api_token=None, api_allow_local_unauthenticated=True)
     assert get(f"{demo.url}/api/studies", token=None)[0] == 200
     assert get(f"{demo.url}/", token=None)[0] == 200
+    # DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 asks from the user's browser
+    assert get(f"{demo.url}/api/studies", token=None, host="evil.example:8080")[0] == 401
+    assert get(f"{demo.url}/api/studies", token=None, host="localhost")[0] == 200
 
 
-def test_local_access_is_only_for_loopback_clients() -> None:
+def test_local_access_is_only_for_loopback_clients_that_name_the_node_so() -> None:
     demo = Authenticator(Settings(api_allow_local_unauthenticated=True))
-    assert demo.allowed("", "127.0.0.1") and demo.allowed("", "::1") and demo.allowed("", "::ffff:127.0.0.1")
-    assert not demo.allowed("", "10.1.2.3") and not demo.allowed("", None)
-    assert not Authenticator(Settings()).allowed("", "127.0.0.1")
-    assert not Authenticator(Settings(api_token=TOKEN)).allowed(f"Basic {TOKEN}", "10.1.2.3")
+    local = "localhost:8080"
+    assert demo.allowed("", "127.0.0.1", local) and demo.allowed("", "::1", "[::1]:8080")
+    assert demo.allowed("", "::ffff:127.0.0.1", "127.0.0.1")
+    assert not demo.allowed("", "10.1.2.3", local) and not demo.allowed("", None, local)
+    for rebound in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example", "localhost.evil.example:80", ""):
+        assert not demo.allowed("", "127.0.0.1", rebound)
+    assert not Authenticator(Settings()).allowed("", "127.0.0.1", local)
+    assert not Authenticator(Settings(api_token=TOKEN)).allowed(f"Basic {TOKEN}", "10.1.2.3", local)
 
 
 def test_no_patient_names_unless_allowed(sqlite_sessions, serve) -> None:

@@ -613,3 +613,8 @@ def test_an_unreadable_view_costs_that_view_only(analyzer, seeds: list[Dataset],
     rcc = next(ds for ds in study if (ds.ImageLaterality, ds.ViewPosition) == ("R", "CC"))
     assert set(used) == {("R", "CC"), ("L", "MLO"), ("R", "MLO")} and used[("R", "CC")] == str(rcc.SOPInstanceUID)
     assert output.findings.missing_views == ["LCC"]
+    assert list(output.findings.unreadable_views) == ["LCC"] and "cannot be decoded" in \
+        output.findings.unreadable_views["LCC"]  # the reason, for the study page
+    sr = pydicom.dcmread(output.objects[0].path)  # the SR first
+    texts = [element.value for element in sr.iterall() if element.keyword == "TextValue"]
+    assert any(text.startswith("Missing views: LCC (received, image unreadable).") for text in texts), texts

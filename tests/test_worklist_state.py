@@ -183,6 +183,47 @@ def test_failures_retry_then_fail_and_mark_the_study(sessions):
     assert triage_list(sessions)[-1]["error"] == "ImageDecodeError: truncated"
 
 
+def test_an_analysis_that_left_a_received_view_out_is_listed_apart(sessions):
+    """Four views received, one unreadable and left out of the analysis: the study is not ranked with the
+    complete ones, and its row names the view as missing."""
+    job_id = ready_job(sessions, "1.2.3.14")
+    claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+    assert complete_job(sessions, claim, {"missing_views": ["LCC"]}, 0.9, {}, "m", [])
+    with sessions() as session:
+        study = session.get(Study, session.get(Job, job_id).study_id)
+        assert (study.state, study.views_complete) == (StudyState.ANALYSED, False)
+    (row,) = [row for row in triage_list(sessions) if row["study_instance_uid"] == "1.2.3.14"]
+    assert (row["section"], row["missing_views"]) == ("incomplete", ["LCC"])
+
+
+def test_a_failed_analysis_leaves_no_suspicion_and_no_names_in_its_error(sessions):
+    """A study that fails after an earlier result keeps none of its score, and the error recorded (shown on the
+    pages and logged) carries none of the study's identifiers, whatever the library quoted."""
+    job_id = ready_job(sessions, "1.2.3.15")
+    with sessions.begin() as session:
+        session.execute(update(Study).where(Study.study_instance_uid == "1.2.3.15").values(
+            suspicion=0.8, patient_name="Doe^Jane^Q", patient_id="PID-4711"))
+    claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+    assert fail_job(sessions, claim, "ValueError: invalid value 'DOE^JANE^Q' for PID-4711 (doe jane); A3.15",
+                    retry=False) == JobState.FAILED
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert session.get(Study, job.study_id).suspicion is None
+        assert job.error == "ValueError: invalid value '[redacted]' for [redacted] ([redacted] [redacted]); [redacted]"
+
+
+def test_an_export_error_is_recorded_without_the_study_identifiers(sessions):
+    job_id = ready_job(sessions, "1.2.3.16")
+    with sessions.begin() as session:
+        session.execute(update(Study).where(Study.study_instance_uid == "1.2.3.16").values(patient_name="Roe^Richard"))
+    claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+    complete_job(sessions, claim, {}, 0.5, {}, "m", [("pacs", "1.2.9.5", "/r/SR.dcm")])
+    (attempt,) = claim_due(sessions, job_id, timedelta(seconds=300))
+    mark_failed_attempt(sessions, attempt, "refused: Patient's Name RICHARD ROE", max_attempts=2, first_backoff=0.01)
+    with sessions() as session:
+        assert session.scalars(select(Export.error)).one() == "refused: Patient's Name [redacted] [redacted]"
+
+
 def test_a_late_instance_sends_the_study_back_for_a_new_analysis(sessions):
     job_id = ready_job(sessions, "1.2.3.10")
     claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,7 +43,7 @@ from worklist.node_checks import as_json, readiness, served_model
 from worklist.overlays import factor_attributes, malignancy_overlay
 from worklist.study_detail import export_status, study_detail, view_instance
 from worklist.thumbnails import cached_thumbnail
-from worklist.triage import TriageRow, parse_order, triage
+from worklist.triage import Section, TriageRow, parse_order, triage
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-
                     "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'"}
 
 
+MAX_OFFSET = 2**31 - 1  # a larger offset is refused (422) before the database, which would overflow on it
 NOT_CLINICAL_CARD = "The card of the model in service says it is not a clinical model: its scores are not clinical."
 NOT_CLINICAL_RESULTS = "Some scores shown come from a model not marked for clinical use: they are not clinical."
 
@@ -75,7 +76,11 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as error:  # answered here, so that an error's page has the headers too; no message
+            log.error("%s %s failed: %s", request.method, request.url.path, type(error).__name__)
+            response = PlainTextResponse("internal error", status_code=500)
         response.headers.update(SECURITY_HEADERS)
         response.headers.setdefault("Cache-Control", "no-store")
         return response
@@ -86,7 +91,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
         model = served_model(settings, sessions)
         if model.clinical is False:
             text = NOT_CLINICAL_BANNER if model.source == "demo" else model.card.get("intended_use")
-            return [" ".join((text or NOT_CLINICAL_CARD).split())]
+            return [" ".join(str(text or NOT_CLINICAL_CARD).split())]  # a card's value may be any JSON
         return [NOT_CLINICAL_RESULTS] if any(row.clinical_model is False for row in rows) else []
 
     def found(study_uid: str) -> tuple[TriageRow, dict[str, Any]]:
@@ -152,11 +157,13 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
         return Response(generate_latest(REGISTRY) + generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/api/studies")
-    def studies(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict[str, Any]:
-        sections = triage(sessions, order, limit, offset, show_patient)
-        rows = [row for section in sections.values() for row in section]
-        return {"order": settings.triage_order, "limit": limit, "offset": offset, "notes": notes(rows),
-                "sections": {section.value: [row.to_json() for row in items] for section, items in sections.items()}}
+    def studies(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_OFFSET),
+                section: Section = Section.RANKED) -> dict[str, Any]:
+        page = triage(sessions, order, limit, offset, show_patient, section)
+        return {"order": settings.triage_order, "limit": limit, "offset": offset, "section": section.value,
+                "notes": notes(page.rows()),
+                "more": {name.value: more for name, more in page.more.items()},
+                "sections": {name.value: [row.to_json() for row in rows] for name, rows in page.sections.items()}}
 
     @router.get("/api/studies/{study_uid}")
     def study(study_uid: str) -> dict[str, Any]:
@@ -205,11 +212,11 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
         return served_overlay(study_uid, view.value, None)
 
     @router.get("/", response_class=HTMLResponse)
-    def index(offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> str:
-        sections = triage(sessions, order, limit, offset, show_patient)
-        return api_pages.list_page(sections, notes([r for rows in sections.values() for r in rows]),
-                                   settings.api_refresh_seconds, settings.triage_order, show_patient, offset, limit,
-                                   drift().alert())
+    def index(offset: int = Query(0, ge=0, le=MAX_OFFSET), limit: int = Query(50, ge=1, le=500),
+              section: Section = Section.RANKED) -> str:
+        page = triage(sessions, order, limit, offset, show_patient, section)
+        return api_pages.list_page(page, notes(page.rows()), settings.api_refresh_seconds, settings.triage_order,
+                                   show_patient, limit, drift().alert())
 
     @router.get("/studies/{study_uid}", response_class=HTMLResponse)
     def study_page(study_uid: str) -> str:

@@ -3,7 +3,9 @@
 Credentials are compared in constant time. With none configured every request is refused (401), unless
 ``api_allow_local_unauthenticated`` is set (the demo) and the client connects from a loopback address. The
 client address is the socket's peer (proxy headers are not trusted): behind a local reverse proxy every
-client would look local, so that setting is for the demo only.
+client would look local, so that setting is for the demo only. A loopback request is let in only when it names
+the node by a loopback name (its Host header ``localhost``, ``127.0.0.1`` or ``[::1]``): a web page that points
+its own domain at 127.0.0.1 (DNS rebinding) would otherwise read the worklist from the user's browser.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dicom_node.settings import Settings
 log = logging.getLogger(__name__)
 
 REALM = "mammo-node"
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 
 
 def _equal(given: str, expected: str) -> bool:
@@ -33,6 +36,16 @@ def is_loopback(host: str | None) -> bool:
     except ValueError:
         return False
     return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+
+
+def names_loopback(host_header: str) -> bool:
+    """Whether a Host header (``name[:port]``) names this machine's loopback interface."""
+    name = host_header.strip().lower()
+    if name.startswith("["):  # [IPv6 address]:port
+        name = name[:name.find("]") + 1]
+    elif name.count(":") == 1:  # name:port
+        name = name.partition(":")[0]
+    return name in LOOPBACK_NAMES
 
 
 class Authenticator:
@@ -49,20 +62,21 @@ class Authenticator:
                         "it refuses every request but /healthz")
 
     def __call__(self, request: Request) -> None:
-        if self.allowed(request.headers.get("authorization", ""), request.client.host if request.client else None):
+        if self.allowed(request.headers.get("authorization", ""), request.client.host if request.client else None,
+                        request.headers.get("host", "")):
             return
         log.info("triage API request refused: no valid credentials (client %s)",
                  request.client.host if request.client else "unknown")
         raise HTTPException(401, "valid credentials required", headers={"WWW-Authenticate": self.challenge})
 
-    def allowed(self, authorization: str, client_host: str | None) -> bool:
+    def allowed(self, authorization: str, client_host: str | None, host_header: str) -> bool:
         scheme, _, value = authorization.partition(" ")
         scheme, value = scheme.lower(), value.strip()
         if self.token and scheme == "bearer" and _equal(value, self.token):
             return True
         if self.basic and scheme == "basic" and self._basic(value):
             return True
-        return self.allow_local and is_loopback(client_host)
+        return self.allow_local and is_loopback(client_host) and names_loopback(host_header)
 
     def _basic(self, value: str) -> bool:
         try:

@@ -11,7 +11,7 @@ from urllib.parse import quote
 from dicom_node.results.findings import DISCLAIMER
 from dicom_node.results.io import overlay_name
 from worklist.drift import BINS, DriftReport
-from worklist.triage import Section, TriageRow, as_utc
+from worklist.triage import Section, TriagePage, TriageRow, as_utc
 
 TITLES = {Section.RANKED: "Ranked by suspicion",
           Section.INCOMPLETE: "Listed apart: analysed on fewer than four views",
@@ -97,14 +97,15 @@ def _page(title: str, body: str, refresh: int, notes: Sequence[str], drift_alert
             f'<p class="disclaimer">{escape(DISCLAIMER)}</p></body></html>')
 
 
-def list_page(sections: dict[Section, list[TriageRow]], notes: Sequence[str], refresh: int, order: Sequence[str],
-              show_patient: bool, offset: int, limit: int, drift_alert: str | None = None) -> str:
-    """The triage list: one table per section; the ranked section pages with ``offset``; the drift banner."""
+def list_page(page: TriagePage, notes: Sequence[str], refresh: int, order: Sequence[str], show_patient: bool,
+              limit: int, drift_alert: str | None = None) -> str:
+    """The triage list: one table per section, each with a link to its next page when more follow; the drift
+    banner."""
     parts = [f'<h1>Triage worklist</h1><p class="meta">Generated {_time(datetime.now(UTC))}'
              f'{f" · refreshes every {refresh} s" if refresh else ""} · order: {escape(", ".join(order))}'
              ' · <a href="/drift">score drift</a></p>']
     for section in Section:
-        rows = sections[section]
+        rows = page.sections[section]
         head = list(COLUMNS[section])
         if show_patient:
             head[2:2] = ["patient name", "patient ID"]
@@ -112,9 +113,11 @@ def list_page(sections: dict[Section, list[TriageRow]], notes: Sequence[str], re
             f'<tr class="study-row" data-uid="{escape(row.study_instance_uid)}">'
             + _cells([*(_row_cells(section, row)[:2]), *_patient(row), *_row_cells(section, row)[2:]]) + "</tr>"
             for row in rows) or f'<tr><td colspan="{len(head)}">none</td></tr>'
-        more = (f'<p><a href="/?offset={offset + limit}&amp;limit={limit}">next {limit} →</a></p>'
-                if section == Section.RANKED and len(rows) == limit else "")
-        parts.append(f'<section id="{section.value}"><h2>{escape(TITLES[section])} ({len(rows)}'
+        start = page.offset_of(section)
+        shown = f"{start + 1}-{start + len(rows)}" if start and rows else str(len(rows))
+        more = (f'<p><a href="/?section={section.value}&amp;offset={start + limit}&amp;limit={limit}#{section.value}">'
+                f"next {limit} →</a></p>" if page.more[section] else "")
+        parts.append(f'<section id="{section.value}"><h2>{escape(TITLES[section])} ({shown}'
                      f'{"+" if more else ""})</h2><table><thead><tr>{"".join(f"<th>{escape(h)}</th>" for h in head)}'
                      f"</tr></thead><tbody>{body}</tbody></table>{more}</section>")
     return _page("Triage worklist", "".join(parts), refresh, notes, drift_alert)
@@ -164,6 +167,9 @@ def study_page(row: TriageRow, detail: dict[str, Any], exports: list[dict[str, A
             images += f'<img src="/studies/{uid}/{overlay_name(view)}" alt="{view} heatmap overlay">'
         caption = escape(view) + (" · " + ", ".join(f"{escape(k)} {_score(scores.get(k))}" for k in
                                                      ("malignancy", "mass", "calcification")) if scores else "")
+        if view in detail["unreadable_views"]:
+            caption += ('<br><span class="error">left out of the analysis, its image could not be read: '
+                        f'{escape(detail["unreadable_views"][view])}</span>')
         if overlays.get(view):
             caption += "<br>Mammo-FActOR maps: " + " · ".join(
                 f'<a href="/studies/{uid}/{quote(overlay_name(view, attribute))}">{escape(attribute)}</a>'

@@ -15,6 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from worklist.models import Export, ExportState, utcnow
+from worklist.redaction import redacted
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,12 @@ def mark_delivered(sessions: sessionmaker[Session], attempt: ExportAttempt) -> N
 def mark_failed_attempt(sessions: sessionmaker[Session], attempt: ExportAttempt, error: str, max_attempts: int,
                         first_backoff: float) -> ExportState:
     """PENDING with the next attempt after the backoff, or FAILED once the attempts are spent. An attempt that
-    a newer claim overtook (its hold ran out mid-send) changes nothing: the newer attempt decides."""
+    a newer claim overtook (its hold ran out mid-send) changes nothing: the newer attempt decides. The error is
+    recorded and logged without the study's patient identifiers."""
     final = attempt.attempt >= max_attempts
     state = ExportState.FAILED if final else ExportState.PENDING
     with sessions.begin() as session:
+        error = redacted(session, error, export_id=attempt.export_id)
         changed = session.execute(
             update(Export).where(Export.id == attempt.export_id, Export.state == ExportState.PENDING,
                                  Export.attempts == attempt.attempt)

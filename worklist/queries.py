@@ -14,7 +14,7 @@ from worklist.triage import Section, triage
 def triage_list(sessions: sessionmaker[Session], limit: int = 50) -> list[dict[str, Any]]:
     """Studies in reading order (``worklist.triage``): the ranked section (highest suspicion first; ties go to
     the study waiting longest), then those analysed on fewer than four views, those in progress, and the failed."""
-    sections = triage(sessions, limit=limit)
+    sections = triage(sessions, limit=limit).sections
     rows = [row for section in (Section.RANKED, Section.INCOMPLETE, Section.IN_PROGRESS, Section.FAILED)
             for row in sections[section]][:limit]
     return [{"study_instance_uid": row.study_instance_uid, "accession": row.accession, "state": row.state,

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worklist.completeness import SCREENING_VIEW_NAMES, present_views
 from worklist.models import Export, ExportState, Job, JobState, Result, Study, StudyState, utcnow
+from worklist.redaction import redacted
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +91,20 @@ def complete_job(sessions: sessionmaker[Session], claim: Claim, findings: dict[s
         for destination, sop_uid, path in exports:
             session.add(Export(job_id=job.id, destination=destination, sop_instance_uid=sop_uid, path=path,
                                state=ExportState.PENDING, next_attempt_at=now))
-        _settle_study(session, job, StudyState.ANALYSED, suspicion)
+        _settle_study(session, job, StudyState.ANALYSED, suspicion,
+                      all_views_analysed=not findings.get("missing_views"))
     log.info("job %d done for study %s (suspicion %.3f)", claim.job_id, claim.study_instance_uid, suspicion,
              extra={"study_uid": claim.study_instance_uid, "job_id": claim.job_id})
     return True
 
 
 def fail_job(sessions: sessionmaker[Session], claim: Claim, error: str, retry: bool) -> JobState | None:
-    """RUNNING -> QUEUED (``retry``: the caller re-sends it) or FAILED with the error text; None if the
-    lease was lost."""
+    """RUNNING -> QUEUED (``retry``: the caller re-sends it) or FAILED with the error text, recorded and logged
+    without the study's patient identifiers; None if the lease was lost."""
     now = utcnow()
     state = JobState.QUEUED if retry else JobState.FAILED
     with sessions.begin() as session:
+        error = redacted(session, error, job_id=claim.job_id)
         changed = session.execute(update(Job).where(
             Job.id == claim.job_id, Job.lease == claim.lease, Job.state == JobState.RUNNING).values(
             state=state, error=error[:4000], lease=None, updated_at=now,
@@ -116,18 +119,23 @@ def fail_job(sessions: sessionmaker[Session], claim: Claim, error: str, retry: b
     return state
 
 
-def _settle_study(session: Session, job: Job, state: StudyState, suspicion: float | None) -> None:
+def _settle_study(session: Session, job: Job, state: StudyState, suspicion: float | None,
+                  all_views_analysed: bool = False) -> None:
     """The study of a finished job: ``state``, or RECEIVING when a new or changed analysable instance came after
     the job was promoted (its revision moved on), so that it is analysed again. The study's row is locked first
-    (PostgreSQL: FOR UPDATE waits for a Storage SCP transaction writing it, and reads its outcome)."""
+    (PostgreSQL: FOR UPDATE waits for a Storage SCP transaction writing it, and reads its outcome).
+
+    An ANALYSED study ranks with the complete ones only when the analysis used all four views
+    (``all_views_analysed``; a view received but unreadable was left out) and all four are there; a FAILED one
+    keeps no suspicion (an earlier analysis' score is not the study's as it is now)."""
     study = session.get(Study, job.study_id, with_for_update=True, populate_existing=True)
     late = study.revision > job.study_revision
     study.state = StudyState.RECEIVING if late else state
-    if suspicion is not None:
+    if suspicion is not None or study.state == StudyState.FAILED:
         study.suspicion = suspicion
     if study.state == StudyState.ANALYSED:
-        study.views_complete = study.suspicion is not None and present_views(session, study.id) == set(
-            SCREENING_VIEW_NAMES)
+        study.views_complete = all_views_analysed and study.suspicion is not None and present_views(
+            session, study.id) == set(SCREENING_VIEW_NAMES)
 
 
 def stale_running_jobs(sessions: sessionmaker[Session], stale_after: timedelta,

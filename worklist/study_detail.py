@@ -16,7 +16,8 @@ from worklist.triage import TriageRow, iso, study
 def study_detail(sessions: sessionmaker[Session], study_uid: str,
                  with_patient: bool = False) -> tuple[TriageRow, dict[str, Any]] | None:
     """The study's row, and ``{"views": {name: scores}, "timings": {...}, "gpu_memory_peak_bytes": int | None,
-    "jobs": [...]}`` (timings and GPU memory peak of the shown result's job)."""
+    "unreadable_views": {name: reason}, "jobs": [...]}`` (timings, GPU memory peak and the views left out as
+    unreadable of the shown result's job)."""
     row = study(sessions, study_uid, with_patient)
     if row is None:
         return None
@@ -37,6 +38,7 @@ def study_detail(sessions: sessionmaker[Session], study_uid: str,
                  "timings": (shown.timings if shown else None) or {},
                  "gpu_memory_peak_bytes": shown.gpu_memory_peak_bytes if shown else None,
                  "model": (findings or {}).get("model"),
+                 "unreadable_views": (findings or {}).get("unreadable_views", {}),
                  "jobs": [{"id": job.id, "state": str(job.state), "attempts": job.attempts,
                            "model_version": job.model_version, "error": job.error,
                            "created_at": iso(job.created_at), "started_at": iso(job.started_at),

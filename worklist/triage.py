@@ -136,15 +136,36 @@ def ranked_ids(session: Session, section: Section, order: Sequence[SortKey], lim
     return list(session.scalars(section_query(section, order, limit, offset)).all())
 
 
-def triage(sessions: sessionmaker[Session], order: Sequence[SortKey] = DEFAULT_KEYS,
-           limit: int = 50, offset: int = 0, with_patient: bool = False) -> dict[Section, list[TriageRow]]:
-    """Every section, each one page of at most ``limit`` studies (``offset`` pages the ranked section)."""
+@dataclass
+class TriagePage:
+    """One page of every section: ``paged`` from ``offset``, the others from their start."""
+
+    sections: dict[Section, list[TriageRow]]
+    more: dict[Section, bool]  # whether the section has studies after its page
+    paged: Section
+    offset: int
+
+    def rows(self) -> list[TriageRow]:
+        return [row for rows in self.sections.values() for row in rows]
+
+    def offset_of(self, section: Section) -> int:
+        return self.offset if section == self.paged else 0
+
+
+def triage(sessions: sessionmaker[Session], order: Sequence[SortKey] = DEFAULT_KEYS, limit: int = 50,
+           offset: int = 0, with_patient: bool = False, paged: Section = Section.RANKED) -> TriagePage:
+    """Every section, each one page of at most ``limit`` studies; ``offset`` pages the ``paged`` section (a
+    row past the page is read to tell whether more follow)."""
+    page = TriagePage({}, {}, paged, offset)
     with sessions() as session:
-        pages = {section: ranked_ids(session, section, order, limit, offset if section == Section.RANKED else 0)
-                 for section in Section}
-        rows = describe(session, [i for ids in pages.values() for i in ids], with_patient)
-    return {section: [_ranked(rows[i], section, offset + n if section == Section.RANKED else n)
-                      for n, i in enumerate(ids, start=1)] for section, ids in pages.items()}
+        ids = {section: ranked_ids(session, section, order, limit + 1, page.offset_of(section))
+               for section in Section}
+        rows = describe(session, [i for found in ids.values() for i in found[:limit]], with_patient)
+    for section, found in ids.items():
+        page.more[section] = len(found) > limit
+        page.sections[section] = [_ranked(rows[i], section, page.offset_of(section) + n)
+                                  for n, i in enumerate(found[:limit], start=1)]
+    return page
 
 
 def study(sessions: sessionmaker[Session], study_uid: str, with_patient: bool = False) -> TriageRow | None:
@@ -185,7 +206,8 @@ def latest_jobs(session: Session, study_ids: Sequence[int]) -> tuple[dict[int, J
 
 
 def describe(session: Session, study_ids: Sequence[int], with_patient: bool = False) -> dict[int, TriageRow]:
-    """Rows for the given studies (any order): views, latest job, scores per breast, export counts."""
+    """Rows for the given studies (any order): views, latest job, scores per breast, export counts. The missing
+    views of an analysed study are those not received and those its analysis left out (unreadable)."""
     if not study_ids:
         return {}
     views: dict[int, set[str]] = {i: set() for i in study_ids}
@@ -208,12 +230,13 @@ def describe(session: Session, study_ids: Sequence[int], with_patient: bool = Fa
             Study.id.in_(study_ids))):
         job, result = newest.get(s.id), done.get(s.id)
         scores = findings.get(result.id) if result else None
+        left_out = set((scores or {}).get("missing_views", [])) if s.state == StudyState.ANALYSED else set()
         rows[s.id] = TriageRow(
             section="", rank=0, study_instance_uid=s.study_instance_uid, accession=s.accession_number,
             study_date=s.study_date, state=str(s.state), suspicion=s.suspicion,
             first_received_at=s.first_received_at, last_received_at=s.last_received_at,
             views=[name for name in SCREENING_VIEW_NAMES if name in views[s.id]],
-            missing_views=[name for name in SCREENING_VIEW_NAMES if name not in views[s.id]],
+            missing_views=[name for name in SCREENING_VIEW_NAMES if name not in views[s.id] or name in left_out],
             job_id=job.id if job else None, job_state=str(job.state) if job else None,
             error=job.error if job else None, result_job_id=result.id if result else None,
             done_at=result.finished_at if result else None, model_version=result.model_version if result else None,

@@ -99,6 +99,7 @@ class StudyFindings:
     views: list[ViewFindings]
     breasts: list[BreastFindings]
     missing_views: list[str] = field(default_factory=list)
+    unreadable_views: dict[str, str] = field(default_factory=dict)  # of the missing: received, why unreadable
     # target -> the trained head that gave its scores; targets not listed are the zero-shot ``model``'s
     sources: dict[str, ModelIdentity] = field(default_factory=dict)
     detections: list[Detection] = field(default_factory=list)  # their model is ``source("detector")``
@@ -131,6 +132,7 @@ class StudyFindings:
                    views=[ViewFindings(**view) for view in data["views"]],
                    breasts=[BreastFindings(**breast) for breast in data["breasts"]],
                    missing_views=list(data.get("missing_views", [])),
+                   unreadable_views=dict(data.get("unreadable_views", {})),
                    sources={target: ModelIdentity(**identity)
                             for target, identity in data.get("sources", {}).items()},
                    detections=[Detection(**{**item, "box": tuple(item["box"])})

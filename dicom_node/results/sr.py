@@ -14,7 +14,7 @@ tracking identifier:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -43,11 +43,13 @@ RegionGroup = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 SERIES_DESCRIPTION = "AI results - research/triage only"
 
 
-def missing_views_text(missing: Sequence[str]) -> str:
-    """The statement a reader sees about the completeness of the analysis."""
+def missing_views_text(missing: Sequence[str], unreadable: Collection[str] = ()) -> str:
+    """The statement a reader sees about the completeness of the analysis (``unreadable``: the missing views
+    that were received but whose images could not be read)."""
     if not missing:
         return "All four screening views were analysed."
-    return f"Missing views: {', '.join(missing)}. Partial analysis: only the available views were analysed."
+    named = ", ".join(f"{view} (received, image unreadable)" if view in unreadable else view for view in missing)
+    return f"Missing views: {named}. Partial analysis: only the available views were analysed."
 
 
 class _Groups:
@@ -122,7 +124,7 @@ class _Groups:
                       measurements=[suspicion])
         origin = ("Study score: the four-view fusion model, from the analysed views together." if fused else
                   "Study score: the highest breast probability of malignancy.")
-        for text in (DISCLAIMER, origin, missing_views_text(findings.missing_views)):
+        for text in (DISCLAIMER, origin, missing_views_text(findings.missing_views, findings.unreadable_views)):
             group[0].ContentSequence.append(hd.sr.TextContentItem(
                 name=codes.DCM.Comment, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
         return group
