@@ -46,7 +46,7 @@ from dicom_node.durable_files import FileData, data_views, fsync_folder, place, 
 from dicom_node.study_time import sortable_time
 from dicom_node.validation import check_instance
 from models.errors import NodeError
-from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES, view_of
+from models.sop_classes import ANALYSABLE_SOP_CLASSES, view_of
 from worklist.models import Instance, Series, Study, StudyState, utcnow
 from worklist.writers import GroupCommit, WriterQueue
 
@@ -318,7 +318,7 @@ class InstanceStore:
         check_instance(dataset, transfer_syntax_uid)
         patient_id = str(dataset.get("PatientID") or "")[:64] or None
         path = instance_path(self.root, study_uid, series_uid, sop_uid)
-        analysable = sop_class in MAMMOGRAPHY_SOP_CLASSES and dataset.get("Modality") == "MG"
+        analysable = sop_class in ANALYSABLE_SOP_CLASSES and dataset.get("Modality") == "MG"
         laterality, view = view_of(dataset)
         fields = {
             "sop_class_uid": sop_class, "transfer_syntax_uid": transfer_syntax_uid,

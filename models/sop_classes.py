@@ -10,6 +10,9 @@ if TYPE_CHECKING:
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
 MAMMOGRAPHY_SOP_CLASSES = frozenset({MG_FOR_PRESENTATION, MG_FOR_PROCESSING})
+# The images the models analyse and train on: processed for display, as in every public mammography dataset
+# behind them. A "For Processing" image is the detector's raw signal (another look altogether): stored, not scored.
+ANALYSABLE_SOP_CLASSES = frozenset({MG_FOR_PRESENTATION})
 
 ViewKey = tuple[str, str]
 SCREENING_VIEWS: tuple[ViewKey, ...] = (("L", "CC"), ("R", "CC"), ("L", "MLO"), ("R", "MLO"))

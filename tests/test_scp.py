@@ -188,10 +188,13 @@ def test_non_mammography_is_refused_by_configuration(db_url: str, tmp_path: Path
         engine.dispose()
 
 
-def test_non_mammography_is_stored_but_not_analysed_by_default(node: Node, study_files: list[Path]) -> None:
+@pytest.mark.parametrize(("sop_class", "modality"), [("1.2.840.10008.5.1.4.1.1.7", "OT"),
+                                                      ("1.2.840.10008.5.1.4.1.1.1.2.1", "MG")])  # For Processing
+def test_non_mammography_and_raw_mammograms_are_stored_but_not_analysed(node: Node, study_files: list[Path],
+                                                                        sop_class: str, modality: str) -> None:
     dataset = pydicom.dcmread(study_files[0])
-    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    dataset.Modality = "OT"
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = sop_class
+    dataset.Modality = modality
     assert _send(node, dataset) == 0x0000
     with node.sessions() as session:
         assert session.scalars(select(Instance)).one().analysable is False

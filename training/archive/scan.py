@@ -12,7 +12,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from models.sop_classes import MAMMOGRAPHY_SOP_CLASSES, SCREENING_VIEWS, view_of
+from models.sop_classes import ANALYSABLE_SOP_CLASSES, MAMMOGRAPHY_SOP_CLASSES, SCREENING_VIEWS, view_of
 from training.evaluate.metrics import parse_patient_age
 
 SCREENING_VIEW_NAMES = {view for _, view in SCREENING_VIEWS}
@@ -114,8 +114,9 @@ def classify(path: Path) -> ImageEntry | ReportEntry | Skipped:
         return ReportEntry(path, str(ds.StudyInstanceUID), str(ds.get("AccessionNumber") or "") or None, text)
     if modality != "MG":
         return Skipped(path, f"modality {modality}, not MG")
-    if sop_class not in MAMMOGRAPHY_SOP_CLASSES:
-        return Skipped(path, f"MG object of SOP class {sop_class}, not a mammogram image")
+    if sop_class not in ANALYSABLE_SOP_CLASSES:
+        kind = "a For Processing (raw) image" if sop_class in MAMMOGRAPHY_SOP_CLASSES else "not a mammogram image"
+        return Skipped(path, f"MG object of SOP class {sop_class}, {kind}")
     laterality, view = view_of(ds)
     if laterality not in ("L", "R") or view not in SCREENING_VIEW_NAMES:
         return Skipped(path, f"not a screening view (laterality {laterality or '?'}, view {view or '?'})")
