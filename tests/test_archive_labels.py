@@ -16,7 +16,7 @@ from sqlalchemy import insert, select, text
 from dicom_node.cli import main
 from models.errors import ConfigurationError
 from training.archive.indexer import index_archive
-from training.archive.labels import read_label_table
+from training.archive.labels import labels_from_report, read_label_table
 from training.archive.split import stratum
 from training.archive.store import (
     SCHEMA_VERSION,
@@ -242,6 +242,37 @@ def test_cli_prints_the_label_counts(tmp_path: Path, vindr: dict[str, object]) -
     bad = _write(tmp_path / "labels.csv", ["accession", "side", "label"], [{"accession": 1, "side": "L", "label": 1}])
     refused = runner.invoke(main, ["archive", "index", str(vindr["root"]), "--labels", str(bad)])
     assert refused.exit_code != 0 and "unknown label CSV layout" in refused.output
+
+
+def _side_labels(text: str) -> dict[str, tuple[int | None, int | None, int | None]]:
+    labels = labels_from_report(text)
+    return {side: (labels[side]["mass"], labels[side]["calcification"], labels[side]["birads"]) for side in "LR"}
+
+
+def test_report_labels_give_each_breast_its_findings() -> None:
+    assert _side_labels("Left breast mass and right breast calcifications. BI-RADS 4.") == {
+        "L": (1, 0, 4), "R": (0, 1, 4)}  # findings in both breasts: the one category applies to both
+    assert _side_labels("There is a mass in the left breast, and the right breast is unremarkable. BI-RADS 4.") == {
+        "L": (1, 0, 4), "R": (0, 0, None)}
+    assert _side_labels("No calcifications are seen within the 2 cm spiculated mass in the left breast. BI-RADS 5.") \
+        == {"L": (1, 0, 5), "R": (0, 0, None)}
+
+
+def test_a_normal_breast_does_not_take_the_reports_birads() -> None:
+    assert _side_labels("Spiculated mass in the left breast; the right breast is normal. BI-RADS 5") == {
+        "L": (1, 0, 5), "R": (0, 0, None)}
+    assert _side_labels("Focal asymmetry in the left breast. The right breast is unremarkable. BI-RADS 0.") == {
+        "L": (0, 0, 0), "R": (0, 0, None)}  # no mass or calcification: the breast not called normal has it
+    assert _side_labels("Mass in the right breast. Right: BI-RADS 4. Left: BI-RADS 1.") == {
+        "L": (0, 0, 1), "R": (1, 0, 4)}
+    assert _side_labels("Mass in the right breast. Right breast: BI-RADS 4.")["L"] == (0, 0, None)
+    # no side distinguished: the one category applies to both breasts
+    assert _side_labels("No suspicious masses, calcifications or architectural distortion. BI-RADS 1.") == {
+        "L": (0, 0, 1), "R": (0, 0, 1)}
+    assert _side_labels("Bilateral masses. No suspicious calcifications. BI-RADS 2.") == {
+        "L": (1, 0, 2), "R": (1, 0, 2)}
+    assert _side_labels("No suspicious findings in the left breast. No suspicious findings in the right breast. "
+                        "BI-RADS 1.") == {"L": (0, 0, 1), "R": (0, 0, 1)}
 
 
 def test_unknown_layout_is_a_configuration_error(tmp_path: Path) -> None:

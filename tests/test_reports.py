@@ -67,6 +67,52 @@ def test_but_ends_the_negation_scope() -> None:
     assert parsed.mass is True and parsed.mass_sides == {"L"}
 
 
+def test_a_negation_reaches_the_next_finding_and_its_list_only() -> None:
+    parsed = parse_labels("No calcifications are seen within the 2 cm spiculated mass in the left breast. BI-RADS 5.")
+    assert (parsed.mass, parsed.calcification, parsed.mass_sides) == (True, False, {"L"})
+    parsed = parse_labels("Spiculated mass in the left breast, calcifications are not seen. BI-RADS 5.")
+    assert (parsed.mass, parsed.calcification, parsed.mass_sides) == (True, False, {"L"})
+    parsed = parse_labels("No malignant features within the mass in the right breast. BI-RADS 2.")
+    assert (parsed.mass, parsed.mass_sides) == (True, {"R"})  # "within" ends the negation's reach
+    parsed = parse_labels("No evidence of architectural distortion or skin thickening around the mass. BI-RADS 4.")
+    assert parsed.mass is True  # beyond the five-word window
+    for text in ("No suspicious mass or calcifications in the left breast. BI-RADS 1.",
+                 "Neither a mass nor calcifications are seen. BI-RADS 1.",
+                 "No masses, architectural distortion, or calcifications. BI-RADS 1.",
+                 "No mass with associated calcifications. BI-RADS 1.",
+                 "Mass and calcifications are not seen. BI-RADS 1."):
+        parsed = parse_labels(text)
+        assert (parsed.mass, parsed.calcification) == (False, False), text
+
+
+def test_each_finding_is_on_the_side_named_nearest_to_it() -> None:
+    cases = {"Left breast mass and right breast calcifications. BI-RADS 4.": ({"L"}, {"R"}),
+             "There is a mass in the left breast, and the right breast is unremarkable.": ({"L"}, set()),
+             "Mass measuring 1 cm in the left breast, compared with the right breast.": ({"L"}, set()),
+             "There is a mass in the right breast and calcifications in the left breast.": ({"R"}, {"L"}),
+             "A mass, 1 cm, is seen in the left breast, and calcifications are noted in the right breast.": (
+                 {"L"}, {"R"}),
+             "In the left breast, there is a mass with associated calcifications, and the right breast is normal.": (
+                 {"L"}, {"L"}),
+             "Right breast: a mass and calcifications.": ({"R"}, {"R"}),
+             "Masses in the left and right breasts; calcifications in both breasts.": ({"L", "R"}, {"L", "R"}),
+             # two sides coordinated for one finding, not a clause of their own
+             "Masses in the left breast and in the right breast.": ({"L", "R"}, set()),
+             "A mass is present in the right breast and in the left breast.": ({"L", "R"}, set()),
+             "Calcifications are seen in both the left and the right breast.": (set(), {"L", "R"}),
+             "There is a mass in the left breast and the right breast is unremarkable.": ({"L"}, set())}
+    for text, sides in cases.items():
+        parsed = parse_labels(text)
+        assert (parsed.mass_sides, parsed.calcification_sides) == sides, text
+
+
+def test_breasts_called_normal() -> None:
+    assert parse_labels("Spiculated mass in the left breast; the right breast is normal.").normal_sides == {"R"}
+    assert parse_labels("LEFT BREAST: Mass.\nRIGHT BREAST: Negative.").normal_sides == {"R"}
+    assert parse_labels("No suspicious findings in the left breast. Mass in the right breast.").normal_sides == {"L"}
+    assert parse_labels("Normal lymph node in the left axilla. BI-RADS 1.").normal_sides == set()
+
+
 def test_benign_calcifications_are_not_suspicious() -> None:
     for text in ("Scattered benign-appearing calcifications. BI-RADS 2.",
                  "Vascular calcifications are noted bilaterally.",

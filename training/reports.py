@@ -117,6 +117,12 @@ PSEUDO_NEGATION = re.compile(
     r"identified) (?:on|in) (?:the )?(?:prior|previous|comparison)\w*|\bnot previously\b", re.IGNORECASE)
 PRE_NEGATION = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|neither|nor|resolved|resolution of)\b",
                           re.IGNORECASE)
+NEGATION_WINDOW = 5  # words from a pre-negation trigger to the finding it negates (NegEx's window)
+NEGATION_END = re.compile(r"\b(?:within|in the setting of|secondary to|adjacent to|which|who|whose)\b", re.IGNORECASE)
+# Between the terms of a coordinated list ("masses, calcifications or distortion", "mass with associated
+# calcifications"): a connector, then up to three words that are not a verb, each time.
+LIST_GAP = re.compile(r"(?:\s*+(?:,|/|\b(?:and/or|or|and|nor|with)\b)\s*+"
+                      r"(?:(?!(?:is|are|was|were|there|which|that)\b)\w[\w-]*+\s*+){0,3})++", re.IGNORECASE)
 POST_NEGATION = re.compile(
     r"\bnot (?:be )?(?:seen|identified|visualized|visible|present|appreciated|demonstrated|evident|detected"
     r"|suspicious)\b|\b(?:has|have)? ?resolved\b|\b(?:is|are) absent\b|\bno longer\b", re.IGNORECASE)
@@ -129,8 +135,18 @@ BENIGN_CALCIFICATION = re.compile(r"\b(?:benign|vascular|dermal|skin|secretory|m
                                   r"|eggshell|dystrophic|rod-like|lucent)", re.IGNORECASE)
 FINDING_TERMS = {"mass": re.compile(r"\bmass(?:es)?\b", re.IGNORECASE),
                  "calcification": re.compile(r"\b(?:micro-?)?calcifications?\b|\b(?:micro)?calcs?\b", re.IGNORECASE)}
-SIDE_WORD = re.compile(r"\b(?i:(?P<left>left)|(?P<right>right)|(?P<both>bilateral(?:ly)?|both breasts))\b"
-                       r"|\b(?P<letter>[LR])\b")
+# A side word; "both" also for two sides coordinated ("in the left and in the right breast"), unless the second
+# one starts a clause of its own ("... in the left breast and the right breast is normal").
+SIDE_WORD = re.compile(r"\b(?:(?i:(?P<both>bilateral(?:ly)?|both breasts"
+                       r"|(?:left|right)(?:\s+breast)?\s+(?:and|or|as well as|&)\s+(?:in\s+)?(?:the\s+)?(?:left|right)"
+                       r"(?!(?:\s+breasts?)?\s+(?:is|are|was|were|appears?|remains?|shows?|demonstrates?|has|have"
+                       r"|contains?)\b))"
+                       r"|(?P<left>left)|(?P<right>right))|(?P<letter>[LR]))\b(?i:\s+breasts?\b)?")
+PART_BREAK = re.compile(r",|\band\b", re.IGNORECASE)  # never inside a side word ("left and right", _clauses)
+NORMAL = re.compile(r"\b(?:is|are|appears?|remains?)\s+(?:mammographically\s+)?(?:normal|negative|unremarkable)\b"
+                    r"|:\s*(?:normal|negative|unremarkable)\b|\b(?:normal|negative|unremarkable)(?=\s+(?:left|right)\b)"
+                    r"|\bno (?:suspicious |significant |mammographic )?(?:findings?|abnormalit(?:y|ies)"
+                    r"|evidence of malignancy)\b", re.IGNORECASE)
 SIDE_HEADING = re.compile(r"^\W*(?i:left|right|bilateral)(?i:\s+breast)?\s*:")
 BIRADS_VALUE = re.compile(r"(?i:\b(?P<word>bi[\s-]?rads\b\W{0,3}(?:(?:assessment|category|cat)\b\W{0,3}){0,2}"
                           r"|category\W{0,3}))(?P<value>[0-6])(?i:[abc])?\b")
@@ -145,7 +161,8 @@ DENSITY_PHRASES = (("A", re.compile(r"\b(?:almost entirely|predominantly|mostly)
 
 @dataclass
 class ReportLabels:
-    """Labels read from one report. ``None``: the report does not say; sides are "L"/"R"."""
+    """Labels read from one report. ``None``: the report does not say; sides are "L"/"R". ``normal_sides``: the
+    breasts it calls normal, negative or unremarkable ("no suspicious findings in the left breast")."""
 
     birads: int | None
     birads_by_side: dict[str, int]
@@ -155,6 +172,7 @@ class ReportLabels:
     mass_sides: set[str]
     calcification_sides: set[str]
     uncertain: list[str]
+    normal_sides: set[str]
 
 
 @dataclass
@@ -204,38 +222,116 @@ def _sentences(body: str) -> list[tuple[str, set[str]]]:
     return result
 
 
-def _mention_status(clause: str, start: int, end: int, kind: str) -> str | None:
+def _spans(pattern: re.Pattern[str], text: str, start: int, end: int,
+           within: Iterable[re.Match[str]] = ()) -> list[tuple[int, int]]:
+    """The spans of ``text[start:end]`` between the matches of ``pattern`` (none of them inside ``within``)."""
+    kept = [(match.start(), match.end()) for match in within]
+    cuts = [cut for cut in pattern.finditer(text, start, end)
+            if not any(first <= cut.start() and cut.end() <= last for first, last in kept)]
+    return list(zip([start] + [cut.end() for cut in cuts], [cut.start() for cut in cuts] + [end], strict=True))
+
+
+def _clauses(sentence: str) -> list[tuple[int, int]]:
+    """Spans of a sentence's clauses: split at ``CLAUSE_BREAK``, then at commas and "and" between parts that each
+    name a side ("a mass in the left breast, and the right breast is normal"). A part that names no side stays
+    with the part before it, or, before the first side, with the part that names it ("a mass, 1 cm, in the left
+    breast")."""
+    clauses: list[tuple[int, int]] = []
+    for clause_start, clause_end in _spans(CLAUSE_BREAK, sentence, 0, len(sentence)):
+        first, sided = len(clauses), False
+        sides = list(SIDE_WORD.finditer(sentence, clause_start, clause_end))
+        for start, end in _spans(PART_BREAK, sentence, clause_start, clause_end, sides):
+            names = SIDE_WORD.search(sentence, start, end) is not None
+            if len(clauses) > first and not (names and sided):
+                clauses[-1] = (clauses[-1][0], end)
+                sided = sided or names
+            else:
+                clauses.append((start, end))
+                sided = names
+    return clauses
+
+
+def _nearest_side(text: str, span: tuple[int, int], bounds: tuple[int, int]) -> set[str]:
+    """The sides of the side word in ``text[bounds]`` nearest to ``text[span]`` (in characters; the earlier
+    one on a tie); empty when there is none."""
+    nearest = min(SIDE_WORD.finditer(text, *bounds), default=None,
+                  key=lambda word: span[0] - word.end() if word.end() <= span[0] else word.start() - span[1])
+    return _match_sides(nearest) if nearest else set()
+
+
+def _side(sentence: str, clause: tuple[int, int], span: tuple[int, int], context: set[str]) -> set[str]:
+    """The sides ``sentence[span]`` is about: the nearest side named in its clause, else in its sentence, else
+    the heading's (``_sentences``). One side, so "left breast mass and right breast calcifications" gives each
+    finding its own; both only for a word that names both ("bilateral", "left and right")."""
+    return _nearest_side(sentence, span, clause) or _nearest_side(sentence, span, (0, len(sentence))) or context
+
+
+def _coordinated(sentence: str, clause: tuple[int, int]) -> list[list[tuple[re.Match[str], str]]]:
+    """The finding terms of a clause, with their kinds, in coordinated lists ("masses, calcifications or
+    distortion" is one list of two; "calcifications are seen within the mass" two lists of one)."""
+    found = sorted(((match, kind) for kind, term in FINDING_TERMS.items()
+                    for match in term.finditer(sentence, *clause)), key=lambda item: item[0].start())
+    lists: list[list[tuple[re.Match[str], str]]] = []
+    for match, kind in found:
+        if lists and LIST_GAP.fullmatch(sentence, lists[-1][-1][0].end(), match.start()):
+            lists[-1].append((match, kind))
+        else:
+            lists.append([(match, kind)])
+    return lists
+
+
+def _negated(before: str, after: str) -> bool:
+    """Whether a list of finding terms is negated: by the last pre-negation trigger in ``before`` (the text
+    back to the previous finding term) at most ``NEGATION_WINDOW`` words before it with no ``NEGATION_END``
+    word between, or by a post-negation in ``after`` (up to the next finding term): "no calcifications are seen
+    within the mass" negates the calcifications only."""
+    triggers = list(PRE_NEGATION.finditer(before))
+    scope = before[triggers[-1].end():] if triggers else None
+    if scope is not None and len(scope.split()) <= NEGATION_WINDOW and not NEGATION_END.search(scope):
+        return True
+    return POST_NEGATION.search(after) is not None
+
+
+def _mention_status(clause: str, before: str, after: str, kind: str, negated: bool) -> str | None:
     """"affirmed", "negated", "uncertain", or None for a mention that is not about this examination
-    ("may obscure small masses", "history of", "excised")."""
+    ("may obscure small masses", "history of", "excised"). ``before``/``after``: the clause's text around it."""
     if NOT_THIS_EXAM.search(clause):
         return None
     if UNCERTAIN.search(clause):
         return "uncertain"
-    if PRE_NEGATION.search(clause[:start]) or POST_NEGATION.search(clause[end:]):
+    if negated:
         return "negated"
     if kind == "calcification":
-        window = " ".join(clause[:start].split()[-5:] + clause[end:].split()[:10])
+        window = " ".join(before.split()[-5:] + after.split()[:10])
         if BENIGN_CALCIFICATION.search(window):
             return "negated"  # benign calcifications are no suspicious calcifications
     return "affirmed"
 
 
-def _read_findings(sentence: str, context: set[str], evidence: dict[str, _Evidence]) -> bool:
-    """Add the sentence's finding mentions to ``evidence``; True when one of them was uncertain."""
-    sentence_sides = _sides(sentence) or context
+def _read_findings(sentence: str, context: set[str], evidence: dict[str, _Evidence], normal: set[str]) -> bool:
+    """Add the sentence's finding mentions to ``evidence`` and the sides it calls normal to ``normal``; True
+    when a mention was uncertain."""
+    masked = PSEUDO_NEGATION.sub(lambda m: " " * len(m.group()), sentence)
     uncertain = False
-    for clause in CLAUSE_BREAK.split(sentence):
-        masked = PSEUDO_NEGATION.sub(lambda m: " " * len(m.group()), clause)
-        for kind, term in FINDING_TERMS.items():
-            for match in term.finditer(masked):
-                status = _mention_status(masked, match.start(), match.end(), kind)
+    for clause in _clauses(masked):
+        text = masked[clause[0]:clause[1]]
+        lists = _coordinated(masked, clause)
+        for index, terms in enumerate(lists):
+            previous_end = lists[index - 1][-1][0].end() if index else clause[0]
+            next_start = lists[index + 1][0][0].start() if index + 1 < len(lists) else clause[1]
+            negated = _negated(masked[previous_end:terms[0][0].start()], masked[terms[-1][0].end():next_start])
+            for match, kind in terms:
+                status = _mention_status(text, masked[clause[0]:match.start()], masked[match.end():clause[1]], kind,
+                                         negated)
                 if status == "affirmed":
                     evidence[kind].affirmed = True
-                    evidence[kind].sides |= _sides(clause) or sentence_sides
+                    evidence[kind].sides |= _side(masked, clause, match.span(), context)
                 elif status == "negated":
                     evidence[kind].negated = True
                 elif status == "uncertain":
                     evidence[kind].uncertain = uncertain = True
+        for match in NORMAL.finditer(text):
+            normal |= _side(masked, clause, (clause[0] + match.start(), clause[0] + match.end()), context)
     return uncertain
 
 
@@ -277,9 +373,12 @@ def parse_labels(text: str) -> ReportLabels:
     A finding is True when affirmed anywhere (positive precedence), None when any mention of it is
     uncertain ("possible mass"), False when negated or, in a report with a BI-RADS assessment (a complete
     report), not mentioned. Negation is NegEx-style: a trigger ("no", "without", "negative for", "free of",
-    ...) before the finding in the same clause negates everything up to the clause's end, so lists are
-    covered; clauses end at ";", "but", "however", "except" and similar. Benign-appearing, vascular,
-    coarse... calcifications do not count as suspicious ones. BI-RADS is the most severe category stated,
+    ...) negates the finding term after it, within five words and not past "within", "which"..., and the
+    terms coordinated with it ("no suspicious mass or calcifications"), not a later one ("no calcifications
+    are seen within the mass"); a post-negation ("is not seen", "has resolved") the terms just before it.
+    Clauses end at ";", "but", "however", "except" and similar, and at a comma or "and" between parts that each
+    name a side. A finding is on the side named nearest to it in its clause (``_side``). Benign-appearing,
+    vascular, coarse... calcifications do not count as suspicious ones. BI-RADS is the most severe category stated,
     overall or per breast, in the ACR hierarchy 1 < 2 < 3 < 6 < 0 < 4 < 5; density is the densest stated.
     """
     sections = split_sections(text)
@@ -287,9 +386,10 @@ def parse_labels(text: str) -> ReportLabels:
     birads: list[tuple[int, set[str]]] = []
     densities: list[str] = []
     uncertain: list[str] = []
+    normal: set[str] = set()
     for body in (sections.findings, sections.impression):
         for sentence, context in _sentences(body):
-            if _read_findings(sentence, context, evidence) and sentence not in uncertain:
+            if _read_findings(sentence, context, evidence, normal) and sentence not in uncertain:
                 uncertain.append(sentence)
             birads += _read_birads(sentence)
             densities += _read_density(sentence)
@@ -302,7 +402,8 @@ def parse_labels(text: str) -> ReportLabels:
     return ReportLabels(
         birads=overall, birads_by_side=by_side, density=max(densities, default=None),
         mass=evidence["mass"].decide(complete), calcification=evidence["calcification"].decide(complete),
-        mass_sides=evidence["mass"].sides, calcification_sides=evidence["calcification"].sides, uncertain=uncertain)
+        mass_sides=evidence["mass"].sides, calcification_sides=evidence["calcification"].sides, uncertain=uncertain,
+        normal_sides=normal)
 
 
 # --- label CSVs -----------------------------------------------------------------------------------------

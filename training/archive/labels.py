@@ -18,13 +18,21 @@ from typing import Any
 
 from models.errors import ConfigurationError
 from training.archive.store import ArchiveStudy
-from training.reports import BreastLabels, birads_rank, parse_labels, read_label_csv, synthesize_breast_report
+from training.reports import (
+    BreastLabels,
+    ReportLabels,
+    birads_rank,
+    parse_labels,
+    read_label_csv,
+    synthesize_breast_report,
+)
 
 SIDES = ("L", "R")
 
 
 def labels_from_report(text: str | None) -> dict[str, Any] | None:
-    """Per-breast labels parsed from a report (negation-aware); None when nothing could be read."""
+    """Per-breast labels parsed from a report (negation-aware); None when nothing could be read. A breast's
+    BI-RADS is ``_side_birads``."""
     if not text:
         return None
     parsed = parse_labels(text)
@@ -33,9 +41,20 @@ def labels_from_report(text: str | None) -> dict[str, Any] | None:
         labels[side] = {
             "mass": _side_flag(parsed.mass, parsed.mass_sides, side),
             "calcification": _side_flag(parsed.calcification, parsed.calcification_sides, side),
-            "malignant": None, "birads": parsed.birads_by_side.get(side, parsed.birads)}
+            "malignant": None, "birads": _side_birads(parsed, side)}
     known = [labels["density"], labels["birads"], *(labels[s][f] for s in SIDES for f in ("mass", "calcification"))]
     return labels if any(value is not None for value in known) else None
+
+
+def _side_birads(parsed: ReportLabels, side: str) -> int | None:
+    """The category stated for this breast when the report states any per breast; else the report's one
+    category when it applies to this breast: to the breasts with a mass or calcification, or, with none, to
+    those the report does not call normal (both when it calls both or neither normal). "Mass in the left
+    breast; the right breast is normal. BI-RADS 5": the right breast's category is unknown, not 5."""
+    if parsed.birads_by_side:
+        return parsed.birads_by_side.get(side)
+    applies = (parsed.mass_sides | parsed.calcification_sides) or (set(SIDES) - parsed.normal_sides) or set(SIDES)
+    return parsed.birads if side in applies else None
 
 
 def _side_flag(present: bool | None, sides: set[str], side: str) -> int | None:
