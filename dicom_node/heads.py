@@ -116,7 +116,7 @@ class ServedFactor:
 
 
 def _identity(name: str, folder: Path, card: Mapping[str, object], base: ModelIdentity) -> ModelIdentity:
-    sha = str(card.get("weights_sha256") or file_sha256(next(Path(folder).glob("*.safetensors"))))
+    sha = file_sha256(next(Path(folder).glob("*.safetensors")))  # of the weights loaded, not what the card says
     return ModelIdentity(name=name, software_version=base.software_version,
                          model_version=version_label(Path(folder).name, sha[:12]),
                          clinical=bool(card.get("clinical_use")))

@@ -129,7 +129,8 @@ class _Context:
         self._lock = threading.Lock()
         self._analyzer = None
         self._served: tuple[str, str] | None = None  # (name, sha256) of the registry version loaded
-        # a version whose weights file is not the one registered, and why: refused until another is active
+        # a version whose weights or components are not the ones registered, and why: refused until another is
+        # active
         self._refused: tuple[tuple[str, str] | None, ConfigurationError] | None = None
 
     @cached_property
@@ -163,7 +164,7 @@ class _Context:
     def analyzer(self):
         """The analyzer of the model to serve now: the registry's active version, else the configured model.
         A version activated meanwhile is loaded before the next job, without a worker restart."""
-        from training.registry import active_model
+        from training.registry import active_model, check_components
 
         with self._lock:  # the active version is read under the lock: no thread reloads one that was replaced
             active = active_model(self.sessions)
@@ -172,6 +173,12 @@ class _Context:
                 raise self._refused[1]
             if self._analyzer is None or wanted != self._served:
                 self._analyzer = None  # the old model is let go before the new one loads (one model's memory)
+                if active is not None:
+                    try:
+                        check_components(active.name, active.components, active.component_sha256)
+                    except ConfigurationError as error:
+                        self._refused = (wanted, error)
+                        raise
                 from dicom_node.analysis import Analyzer
                 from dicom_node.heads import served_components
                 from dicom_node.results.seg import SEG_TRANSFER_SYNTAXES

@@ -8,13 +8,14 @@ from pathlib import Path
 import pydicom
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from dicom_node.analysis import Analyzer, SourceInstance
 from dicom_node.heads import load_heads
 from dicom_node.serving import model_identity
 from models import load_model, save_model_version
 from models.errors import ConfigurationError
-from models.heads import Head, load_head, save_head, score_images
+from models.heads import HEAD_WEIGHTS, Head, load_head, save_head, score_images
 from tests.conftest import tiny_model
 from tests.test_results import assert_valid, text_values
 from training.registry import activate, active_model, register
@@ -77,6 +78,25 @@ def test_heads_are_registered_with_their_version_and_checked(sessions, version: 
     with pytest.raises(ConfigurationError, match="two heads for mass"):
         register(sessions, version, name="bad", heads=[mass, write_head(tmp_path / "m2", "mass", ["n", "m"],
                                                                          base_sha, seed=1)])
+
+
+def test_a_head_changed_since_registration_is_refused_at_activation_and_by_the_worker(
+        db_url: str, sessions, version: Path, base_sha: str, tmp_path: Path) -> None:
+    """Every component is checked like the main weights: a head's weights copied over after registration stop
+    its activation, and a worker serving the version refuses it (each job fails with the reason)."""
+    from dicom_node import tasks
+    from dicom_node.settings import Settings
+
+    mass = write_head(tmp_path / "mass", "mass", ["no mass", "mass"], base_sha)
+    register(sessions, version, name="v1-mass", heads=[mass])
+    activate(sessions, "v1-mass")
+    weights = mass / HEAD_WEIGHTS  # retrained in place after activation
+    save_file({name: tensor + 1 for name, tensor in load_file(weights).items()}, weights)
+    context = tasks._Context(Settings(data_dir=tmp_path / "data", db_url=db_url, device="cpu"))
+    with pytest.raises(ConfigurationError, match=r"changed since it was registered: mass head"):
+        context.analyzer  # noqa: B018
+    with pytest.raises(ConfigurationError, match=r"changed since it was registered: mass head"):
+        activate(sessions, "v1-mass")
 
 
 def test_the_analysis_serves_head_scores_and_the_sr_names_the_head(version: Path, base_sha: str, tmp_path: Path,

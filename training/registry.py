@@ -8,8 +8,9 @@ database. At most one version is active; the workers load it before their next j
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,44 @@ class ActiveModel:
     multiview_path: Path | None = None
     detector_path: Path | None = None
     factor_path: Path | None = None
+    component_sha256: dict[str, str] | None = None  # recorded at registration (``component_paths``' roles)
+    components: dict[str, str] = field(default_factory=dict)  # role -> folder
+
+
+def component_paths(text_encoder: str | None, heads: dict[str, str] | None, multiview: str | None,
+                    detector: str | None, factor: str | None) -> dict[str, str]:
+    """A version's component folders by role: ``text encoder``, ``<target> head``, ``four-view model``,
+    ``lesion detector``, ``FActOR``."""
+    roles = {"text encoder": text_encoder, **{f"{target} head": folder for target, folder in (heads or {}).items()},
+             "four-view model": multiview, "lesion detector": detector, "FActOR": factor}
+    return {role: str(folder) for role, folder in roles.items() if folder}
+
+
+def folder_sha256(path: Path) -> str:
+    """SHA-256 of a component: of a file its content's, of a folder that of every file's relative path and
+    content digest, in path order (a file added, removed, renamed or changed changes it)."""
+    from models.checkpoints import file_sha256
+
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(item for item in path.rglob("*") if item.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def check_components(name: str, components: dict[str, str], recorded: dict[str, str] | None) -> None:
+    """``ConfigurationError`` unless every component folder is there and, where its digest was recorded at
+    registration (versions registered from migration 0014 on), still has it."""
+    missing = [folder for folder in components.values() if not Path(folder).exists()]
+    if missing:
+        raise ConfigurationError(f"model version {name!r}: no longer exists: {', '.join(missing)}")
+    changed = [f"{role} ({folder})" for role, folder in components.items()
+               if recorded and role in recorded and folder_sha256(Path(folder)) != recorded[role]]
+    if changed:
+        raise ConfigurationError(f"model version {name!r}: changed since it was registered: {', '.join(changed)}; "
+                                 "register them under a new name")
 
 
 def register(sessions: sessionmaker[Session], path: Path, name: str | None = None,
@@ -74,18 +113,22 @@ def register(sessions: sessionmaker[Session], path: Path, name: str | None = Non
     factor_path = str(Path(factor).resolve()) if factor else None
     card: dict[str, Any] = dict(getattr(model, "card", {}) or {})
     name = name or f"{card.get('name') or path.stem}-{sha[:8]}{'-heads' if head_paths else ''}"
+    text_encoder_path = str(Path(text_encoder).resolve()) if text_encoder else None
+    digests = {role: folder_sha256(Path(folder)) for role, folder in component_paths(
+        text_encoder_path, head_paths, multiview_path, detector_path, factor_path).items()}
     with sessions.begin() as session:
         existing = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
         if existing is not None:
             if (existing.sha256, existing.heads or {}, existing.multiview_path, existing.detector_path,
-                    existing.factor_path) != (sha, head_paths, multiview_path, detector_path, factor_path):
+                    existing.factor_path, existing.component_sha256 or digests) != (
+                    sha, head_paths, multiview_path, detector_path, factor_path, digests):
                 raise ConfigurationError(f"a model version named {name!r} exists with other weights or heads "
                                          f"({existing.sha256[:12]}); choose another --name")
             return existing
         version = ModelVersion(name=name, path=str(path), sha256=sha, card=card, heads=head_paths,
                                multiview_path=multiview_path, detector_path=detector_path,
-                               factor_path=factor_path,
-                               text_encoder_path=str(Path(text_encoder).resolve()) if text_encoder else None)
+                               factor_path=factor_path, text_encoder_path=text_encoder_path,
+                               component_sha256=digests)
         session.add(version)
     log.info("registered model version %s (%s)%s", name, sha[:12],
              f" with heads for {', '.join(head_paths)}" if head_paths else "")
@@ -128,15 +171,13 @@ def _activate(sessions: sessionmaker[Session], version: ModelVersion, retire_cur
 
 
 def _check_files(version: ModelVersion) -> None:
-    """``ConfigurationError`` unless every file of the version is there and its weights hash as registered (the
-    workers would fail every study on it)."""
+    """``ConfigurationError`` unless every file of the version is there and its weights and components hash as
+    registered (the workers would refuse every study on it)."""
     from models.checkpoints import WEIGHTS_FILE, file_sha256
 
-    parts = [version.path, version.text_encoder_path, *(version.heads or {}).values(), version.multiview_path,
-             version.detector_path, version.factor_path]
-    missing = [part for part in parts if part and not Path(part).exists()]
-    if missing:
-        raise ConfigurationError(f"model version {version.name!r}: no longer exists: {', '.join(missing)}")
+    if not Path(version.path).exists():
+        raise ConfigurationError(f"model version {version.name!r}: no longer exists: {version.path}")
+    check_components(version.name, _components(version), version.component_sha256)
     path = Path(version.path)
     if file_sha256(path / WEIGHTS_FILE if path.is_dir() else path) != version.sha256:
         raise ConfigurationError(f"model version {version.name!r}: the weights at {path} changed since it was "
@@ -169,4 +210,10 @@ def active_model(sessions: sessionmaker[Session]) -> ActiveModel | None:
                            Path(version.text_encoder_path) if version.text_encoder_path else None,
                            {target: Path(folder) for target, folder in (version.heads or {}).items()},
                            *(Path(p) if p else None for p in (version.multiview_path, version.detector_path,
-                                                               version.factor_path)))
+                                                               version.factor_path)),
+                           component_sha256=version.component_sha256, components=_components(version))
+
+
+def _components(version: ModelVersion) -> dict[str, str]:
+    return component_paths(version.text_encoder_path, version.heads, version.multiview_path, version.detector_path,
+                           version.factor_path)

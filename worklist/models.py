@@ -203,6 +203,8 @@ class ModelVersion(Base):
     multiview_path: Mapped[str | None] = mapped_column(Text)  # four-view fusion model: the study score
     detector_path: Mapped[str | None] = mapped_column(Text)  # lesion detector: boxes in the SR
     factor_path: Mapped[str | None] = mapped_column(Text)  # Mammo-FActOR: attribute maps in the SEGs
+    # role ("text encoder", "mass head", ...) -> sha256 of its folder at registration (0014; None before)
+    component_sha256: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     rolled_back_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # a rollback retired it
