@@ -17,7 +17,7 @@ from dicom_node.cli import main
 from models.errors import ConfigurationError
 from training.archive.indexer import index_archive
 from training.archive.labels import labels_from_report, read_label_table
-from training.archive.split import stratum
+from training.archive.split import patient_key, stratum, stratum_rank
 from training.archive.store import (
     SCHEMA_VERSION,
     SYNTHESIZED_REPORT,
@@ -319,3 +319,19 @@ def test_pretraining_phrases_label_only_studies_from_their_labels(tmp_path: Path
     assert sum(1 for item in items if item.sections) == 2 * len(reported)
     assert all(item.labels is not None for item in items if not item.sections)
     assert len(items) == 10  # five labelled studies, both breasts; the unlabelled one has neither text nor labels
+
+
+def test_a_patients_most_positive_study_sets_its_stratum() -> None:
+    assert max(["unlabelled", "111", "000"], key=stratum_rank) == "111"  # not "unlabelled", which sorts last
+    assert max(["unlabelled", "000"], key=stratum_rank) == "000"
+    assert max(["100", "011"], key=stratum_rank) == "011"
+
+
+def test_studies_without_a_patient_id_are_patients_of_their_own() -> None:
+    """An anonymised archive (no Patient ID) is split by study, not put into one split as one patient; a
+    Patient ID keys as it always did, so the keys already in an index stay valid."""
+    import hashlib
+
+    assert patient_key("", "salt", "1.2.3") != patient_key("", "salt", "1.2.4")
+    assert patient_key("P1", "salt", "1.2.3") == patient_key("P1", "salt", "1.2.4") == hashlib.sha256(
+        b"salt:P1").hexdigest()[:32]

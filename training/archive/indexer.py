@@ -20,7 +20,7 @@ from tqdm import tqdm
 from training.archive.labels import LabelTable, labels_from_report, read_label_table, study_labels, synthesized_report
 from training.archive.report_sources import ReportBook, read_reports
 from training.archive.scan import ImageEntry, ReportEntry, Skipped, classify, walk_files
-from training.archive.split import assign_splits, patient_key, stratum
+from training.archive.split import assign_splits, patient_key, stratum, stratum_rank
 from training.archive.store import (
     SYNTHESIZED_REPORT,
     ArchiveImage,
@@ -96,7 +96,8 @@ def _study(session: Session, entry: ImageEntry, salt: str, cache: dict[str, Arch
     study = cache.get(entry.study_instance_uid) or study_by_uid(session, entry.study_instance_uid)
     if study is None:
         study = ArchiveStudy(study_instance_uid=entry.study_instance_uid, accession_number=entry.accession_number,
-                             patient_key=patient_key(entry.patient_id, salt), study_date=entry.study_date)
+                             patient_key=patient_key(entry.patient_id, salt, entry.study_instance_uid),
+                             study_date=entry.study_date)
         session.add(study)
     cache[entry.study_instance_uid] = study
     return study
@@ -135,7 +136,8 @@ def _assign_splits(session: Session, seed: int) -> None:
     studies = session.scalars(select(ArchiveStudy)).all()
     strata: dict[str, str] = {}
     for study in studies:  # a patient's stratum: the most positive of their studies
-        strata[study.patient_key] = max(strata.get(study.patient_key, ""), stratum(study.labels))
+        strata[study.patient_key] = max(strata.get(study.patient_key, "unlabelled"), stratum(study.labels),
+                                        key=stratum_rank)
     existing = {s.patient_key: s.split for s in studies if s.split}
     assigned = assign_splits(strata, existing, seed)
     for study in studies:

@@ -15,9 +15,19 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = {"train": 0.7, "validation": 0.1, "test": 0.2}
 
 
-def patient_key(patient_id: str, salt: str) -> str:
-    """A salted hash that groups a patient's studies without keeping the identifier."""
-    return hashlib.sha256(f"{salt}:{patient_id}".encode()).hexdigest()[:32]
+def patient_key(patient_id: str, salt: str, study_instance_uid: str = "") -> str:
+    """A salted hash that groups a patient's studies without keeping the identifier. A study without a Patient ID
+    (an anonymised archive) is a patient of its own, keyed by its Study Instance UID: one shared empty ID would
+    put every such study into one split."""
+    # a Patient ID hashes as it always did (keys already in an index stay valid); NUL is in no Patient ID (LO)
+    identity = patient_id if patient_id.strip() else f"\0study:{study_instance_uid}"
+    return hashlib.sha256(f"{salt}:{identity}".encode()).hexdigest()[:32]
+
+
+def stratum_rank(value: str) -> tuple[int, str]:
+    """How positive a stratum is, for a patient's most positive study: unlabelled below any labels, then by the
+    number of positive flags."""
+    return (-1, value) if value == "unlabelled" else (value.count("1"), value)
 
 
 def stratum(labels: Mapping[str, object] | None) -> str:
