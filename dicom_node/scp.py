@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from dicom_node.find_scp import handle_find
 from dicom_node.release import ReleaseTracker
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore, InvalidUIDError
+from dicom_node.tls import ServerTLS
 from dicom_node.transport import NodeServer
 from dicom_node.validation import MalformedInstanceError, decode_received
 
@@ -266,7 +266,7 @@ ServerT = TypeVar("ServerT", bound=NodeServer)
 
 
 def _make_server(settings: Settings, handlers: list[tuple], server_class: type[ServerT],
-                 ssl_context: ssl.SSLContext | None) -> ServerT:
+                 ssl_context: ServerTLS | None) -> ServerT:
     """The SCP's listening server of ``server_class``, with the node's AE and message bound."""
     server = build_ae(settings).make_server((settings.bind_host, settings.port), ssl_context=ssl_context,
                                             evt_handlers=handlers, server_class=server_class)
@@ -274,7 +274,7 @@ def _make_server(settings: Settings, handlers: list[tuple], server_class: type[S
     return server
 
 
-def start_scp(settings: Settings, store: InstanceStore, ssl_context: ssl.SSLContext | None = None,
+def start_scp(settings: Settings, store: InstanceStore, ssl_context: ServerTLS | None = None,
               on_ready: Callable[[], None] | None = None) -> NodeServer:
     """Start the Storage (and C-FIND) SCP in background threads; call ``.shutdown()`` on the result to stop it.
     ``on_ready`` is called when a released association made a study READY."""
@@ -285,7 +285,7 @@ def start_scp(settings: Settings, store: InstanceStore, ssl_context: ssl.SSLCont
 
 
 def make_shared_port_server(settings: Settings, store: InstanceStore,
-                            ssl_context: ssl.SSLContext | None = None) -> ReusePortServer:
+                            ssl_context: ServerTLS | None = None) -> ReusePortServer:
     """The SCP of ``start_scp``, bound with SO_REUSEPORT and listening; the caller runs ``serve_forever()``."""
     server = _make_server(settings, scp_handlers(settings, store), ReusePortServer, ssl_context)
     log.info("Storage SCP %s process %d listening on %s:%d", settings.ae_title, os.getpid(), settings.bind_host,

@@ -160,15 +160,15 @@ class Settings(BaseSettings):
         """Where the SR, SEG and overlay files of each analysis live."""
         return Path(self.data_dir) / "results"
 
-    def server_ssl_context(self):  # noqa: ANN201  (ssl.SSLContext | None)
-        """The SCP's TLS context when a certificate is configured."""
+    def server_ssl_context(self):  # noqa: ANN201  (dicom_node.tls.ReloadingServerContext | None)
+        """The SCP's TLS context when a certificate is configured (made again when its files change)."""
         if self.tls_certificate is None:
             return None
         if self.tls_private_key is None:
             raise ConfigurationError("tls_certificate is set but tls_private_key is not")
-        from dicom_node.tls import server_context
+        from dicom_node.tls import ReloadingServerContext
 
-        return server_context(self.tls_certificate, self.tls_private_key, self.tls_ca_certificates)
+        return ReloadingServerContext(self.tls_certificate, self.tls_private_key, self.tls_ca_certificates)
 
     def client_ssl_context(self, destination: Destination):  # noqa: ANN201  (ssl.SSLContext | None)
         """The TLS context for a destination marked ``tls`` (our certificate is offered for mutual TLS)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -245,8 +247,8 @@ def test_running_out_of_memory_is_out_of_resources(node: Node, study_files: list
     assert node.count(Instance) == 1
 
 
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A CA, and a server and a client certificate it signed (openssl, RSA 2048, two days)."""
+def _certificates(folder: Path, names: tuple[str, ...] = ("server", "client")) -> dict[str, Path]:
+    """A CA, and a certificate it signed for each name (openssl, RSA 2048, two days): ``<name>.crt``, ``.key``."""
     openssl = require_tool("/usr/bin/openssl")
 
     def run(*args: str) -> None:
@@ -254,13 +256,14 @@ def _certificates(folder: Path) -> dict[str, Path]:
 
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
         "-subj", "/CN=mammo-test-ca")
-    for name in ("server", "client"):
+    for name in names:
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
             "-subj", f"/CN={name}")
         (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
         run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext")
-    return {name: folder / name for name in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+    return {"ca.crt": folder / "ca.crt", **{f"{name}.{kind}": folder / f"{name}.{kind}"
+                                            for name in names for kind in ("crt", "key")}}
 
 
 def test_mutual_tls_with_dcmtk_and_our_scu(db_url: str, tmp_path: Path, study_files: list[Path]) -> None:
@@ -296,6 +299,32 @@ def test_mutual_tls_with_dcmtk_and_our_scu(db_url: str, tmp_path: Path, study_fi
             send_files(impostor, study_files[:1], "MODALITY", ssl_context=client.client_ssl_context(impostor))
     finally:
         silent.close()
+        server.shutdown()
+        engine.dispose()
+
+
+def test_a_certificate_renewed_in_place_is_served_to_new_connections(db_url: str, tmp_path: Path) -> None:
+    """The SCP reads its certificate files again when they change, without a restart; a renewal not yet
+    loadable (its key half written) keeps the certificate before."""
+    certs = _certificates(tmp_path, ("server", "client", "renewed"))
+    running, (server, engine) = _start(db_url, tmp_path, tls_certificate=certs["server.crt"],
+                                       tls_private_key=certs["server.key"], tls_ca_certificates=certs["ca.crt"])
+
+    def served_name() -> str:
+        context = ssl.create_default_context(cafile=str(certs["ca.crt"]))
+        context.load_cert_chain(certs["client.crt"], certs["client.key"])
+        with socket.create_connection(("127.0.0.1", running.settings.port), timeout=30) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return dict(item[0] for item in tls.getpeercert()["subject"])["commonName"]
+
+    try:
+        assert served_name() == "server"
+        shutil.copy(certs["renewed.key"], certs["server.key"])
+        shutil.copy(certs["renewed.crt"], certs["server.crt"])
+        assert served_name() == "renewed"
+        certs["server.key"].write_text("-----BEGIN PRIVATE KEY-----\n")  # the next renewal, half written
+        assert served_name() == "renewed"
+    finally:
         server.shutdown()
         engine.dispose()
 
