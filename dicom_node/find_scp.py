@@ -186,7 +186,8 @@ def _matcher(element: DataElement, block: PrivateBlock | None) -> Callable[[list
 
 
 def parse_query(identifier: Dataset) -> Query:
-    """Turn a request identifier into SQL conditions; ``QueryError`` for a level other than STUDY or a bad key."""
+    """Turn a request identifier into SQL conditions; ``QueryError`` for a level other than STUDY or a bad key.
+    Private keys of other creators are not returned; one with a value to match is listed as not supported."""
     level = str(identifier.get("QueryRetrieveLevel", "")).strip()
     if level != "STUDY":
         raise QueryError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
@@ -195,14 +196,16 @@ def parse_query(identifier: Dataset) -> Query:
     skipped = {*RESPONSE_ONLY_TAGS, *([Tag(PRIVATE_GROUP, block.block_start >> 8)] if block else [])}
     query = Query(private_block=block)
     for element in identifier:
-        if element.tag in skipped:
-            continue
-        if not _in_block(element.tag, block):
+        ours = _in_block(element.tag, block)
+        foreign = element.tag.is_private and not ours  # another vendor's private key: never returned (an empty
+        if element.tag in skipped or (foreign and element.tag.is_private_creator):  # creator would orphan its
+            continue  # block), matched on by nobody
+        if not (ours or foreign):
             query.requested.append(element)
         values = _values(element)
         if not values or any(set(value) == {"*"} for value in values):
             continue  # universal matching
-        matcher = _matcher(element, block)
+        matcher = None if foreign else _matcher(element, block)
         if matcher is None:
             query.unsupported.append(element.keyword or str(element.tag))
         else:

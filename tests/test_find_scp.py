@@ -256,6 +256,21 @@ def test_the_private_block_follows_the_requester_slot(node: FindNode) -> None:
         "ANALYSED", "0.8700", "mammo-clip-demo-1")
 
 
+def test_another_vendors_private_keys_are_not_returned(node: FindNode) -> None:
+    """A request that carries another creator's block beside ours gets ours back and none of theirs (an empty
+    creator would leave its elements orphaned); a value to match in their block is not supported (0xFF01)."""
+    identifier = with_private_block(query(StudyInstanceUID=UIDS[1]))
+    identifier.private_block(0x0009, "GEMS_IDEN_01", create=True).add_new(0x01, "LO", "")
+    statuses, (found,) = c_find(node, identifier)
+    assert [int(s.Status) for s in statuses] == [0xFF00, 0x0000]
+    assert not any(element.tag.group == 0x0009 for element in found)
+    assert found[0x00410010].value == "MAMMO_CLIP_NODE" and found[0x00411001].value == "ANALYSED"
+    identifier.private_block(0x0009, "GEMS_IDEN_01").add_new(0x01, "LO", "X*")
+    statuses, (found,) = c_find(node, identifier)
+    assert [int(s.Status) for s in statuses] == [0xFF01, 0x0000]
+    assert not any(element.tag.group == 0x0009 for element in found)
+
+
 def test_unsupported_key_values_give_a_pending_warning(node: FindNode) -> None:
     statuses, found = c_find(node, query(StudyInstanceUID=UIDS[1], StudyDescription="SCREENING*"))
     assert [int(s.Status) for s in statuses] == [0xFF01, 0x0000]
