@@ -380,6 +380,11 @@ def test_study_page_shows_the_four_views_and_overlays(synthetic_root, sqlite_ses
     assert png != overlay.with_name("overlay_RMLO.png").read_bytes()  # the FActOR map, not the malignancy one
     overlay.with_name("SEG_RCC.dcm").write_bytes(b"not a SEG")
     assert get(f"{server.url}/studies/{uid}/overlay_RCC.png")[0] == 404
+    # a redraw that failed is not tried again at each refresh of the page: a while later only
+    rcc = pydicom.dcmread(next(path for path in files if path.name == "R_CC.dcm"))
+    write_seg(rcc, heatmaps_for(rcc), overlay.with_name("SEG_RCC.dcm"))
+    assert get(f"{server.url}/studies/{uid}/overlay_RCC.png")[0] == 404
+    assert not overlay.with_name("overlay_RCC.png").exists()
 
 
 def test_the_port_must_be_free(sqlite_sessions, serve) -> None:

@@ -53,6 +53,7 @@ SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-
 
 
 MAX_OFFSET = 2**31 - 1  # a larger offset is refused (422) before the database, which would overflow on it
+REDRAW_RETRY_SECONDS = 300.0  # an overlay that could not be drawn again is not tried again for this long
 NOT_CLINICAL_CARD = "The card of the model in service says it is not a clinical model: its scores are not clinical."
 NOT_CLINICAL_RESULTS = "Some scores shown come from a model not marked for clinical use: they are not clinical."
 
@@ -126,22 +127,38 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
                 attribute is not None and attribute not in factor_attributes(folder, view)):
             raise HTTPException(404, f"no {view} {attribute or 'malignancy'} overlay")
         path = overlay_file(folder, view, attribute)
-        if not path.is_file():
-            from dicom_node.results.overlay import factor_title, malignancy_title, redraw_overlay  # torch: lazily
-
-            scores = detail["views"].get(view, {})
-            chosen = view_instance(sessions, row.study_instance_uid, view, scores.get("sop_instance_uid"))
-            try:
-                title = (malignancy_title(view, float(scores["malignancy"])) if attribute is None
-                         else factor_title(view, attribute))
-                redraw_overlay(seg_file(folder, view), settings.incoming_dir / chosen[1], path, title,
-                               "malignancy" if attribute is None else FACTOR_PREFIX + attribute)
-            except Exception as error:  # a missing or unreadable SEG or image must not take the page down
-                log.warning("overlay %s of study %s not drawn again: %s", path.name, row.study_instance_uid,
-                            type(error).__name__)
-                raise HTTPException(404, f"no {view} {attribute or 'malignancy'} overlay") from None
-            log.info("overlay %s of study %s drawn again from its SEG", path.name, row.study_instance_uid)
+        with redrawing:  # one redraw at a time: two requests for a missing PNG do not both decode its image
+            if not path.is_file():
+                redraw(path, folder, row, detail, view, attribute)
         return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+    redrawing = threading.Lock()
+    failed_redraws: dict[Path, float] = {}  # overlay -> when it last could not be drawn again
+
+    def redraw(path: Path, folder: Path, row: TriageRow, detail: dict[str, Any], view: str,
+               attribute: str | None) -> None:
+        """Draw a missing overlay PNG again from the view's SEG and image; 404 when that fails, and for
+        ``REDRAW_RETRY_SECONDS`` after without trying again (a page refresh does not decode the image again)."""
+        now = time.monotonic()
+        for stale in [key for key, when in failed_redraws.items() if now - when > REDRAW_RETRY_SECONDS]:
+            del failed_redraws[stale]
+        if path in failed_redraws:
+            raise HTTPException(404, f"no {view} {attribute or 'malignancy'} overlay")
+        from dicom_node.results.overlay import factor_title, malignancy_title, redraw_overlay  # torch: lazily
+
+        scores = detail["views"].get(view, {})
+        chosen = view_instance(sessions, row.study_instance_uid, view, scores.get("sop_instance_uid"))
+        try:
+            title = (malignancy_title(view, float(scores["malignancy"])) if attribute is None
+                     else factor_title(view, attribute))
+            redraw_overlay(seg_file(folder, view), settings.incoming_dir / chosen[1], path, title,
+                           "malignancy" if attribute is None else FACTOR_PREFIX + attribute)
+        except Exception as error:  # a missing or unreadable SEG or image must not take the page down
+            failed_redraws[path] = now
+            log.warning("overlay %s of study %s not drawn again: %s", path.name, row.study_instance_uid,
+                        type(error).__name__)
+            raise HTTPException(404, f"no {view} {attribute or 'malignancy'} overlay") from None
+        log.info("overlay %s of study %s drawn again from its SEG", path.name, row.study_instance_uid)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
