@@ -11,6 +11,20 @@ import click
 from dicom_node.settings import Settings
 from models.errors import NodeError
 
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE_HELP = "Where the model runs; auto: cuda when available, else cpu. Default: the node's `device` setting."
+
+
+def _device(settings: Settings, device: str | None) -> str:
+    """``--device`` (else the ``device`` setting) with ``auto`` resolved; a usage error for cuda without a GPU."""
+    resolved = settings.model_copy(update={"device": device or settings.device}).resolved_device()
+    if resolved == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.UsageError("--device cuda: no CUDA device is visible")
+    return resolved
+
 
 def _subgroup_lines(subgroups: dict[str, Any]) -> list[str]:
     """A compact subgroup table from ``metrics.json``: one line per attribute with each value's cases and AUC
@@ -129,9 +143,11 @@ def factor_command(ctx: click.Context) -> None:
 @click.option("--epochs", type=int, default=5, show_default=True, help="Epochs (full, adapter).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--synthetic", is_flag=True, help="The archive is synthetic phantoms (the card says NOT clinical).")
+@click.option("--device", type=click.Choice(DEVICES), help=DEVICE_HELP)
 @click.pass_obj
 def finetune_command(settings: Settings, index: str, model_path: Path, out: Path, target: str, mode: str,
-                     k_shot: int | None, steps: int, epochs: int, seed: int, synthetic: bool) -> None:
+                     k_shot: int | None, steps: int, epochs: int, seed: int, synthetic: bool,
+                     device: str | None) -> None:
     """Train a TARGET head on INDEX's train split for MODEL_PATH, select on validation, report on test.
 
     Writes head weights, head.json (thresholds at 90/95% specificity), metrics.json, roc.png and
@@ -142,7 +158,7 @@ def finetune_command(settings: Settings, index: str, model_path: Path, out: Path
     try:
         config = FinetuneConfig(target=target, mode=mode, k_shot=k_shot, steps=steps, epochs=epochs, seed=seed,
                                 synthetic_data=synthetic)
-        folder = finetune(index, model_path, out, config=config)
+        folder = finetune(index, model_path, out, config=config, device=_device(settings, device))
     except NodeError as error:
         raise click.ClickException(str(error)) from None
     click.echo("\n".join(_subgroup_lines(json.loads((folder / METRICS_FILE).read_text())["subgroups"])))
@@ -156,14 +172,19 @@ def finetune_command(settings: Settings, index: str, model_path: Path, out: Path
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test", show_default=True)
 @click.option("--text-encoder", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Local text-encoder directory, for a reference .tar checkpoint.")
-def evaluate_command(index: str, model_path: Path, out: Path, split: str, text_encoder: Path | None) -> None:
+@click.option("--device", type=click.Choice(DEVICES), help=DEVICE_HELP)
+@click.pass_obj
+def evaluate_command(settings: Settings, index: str, model_path: Path, out: Path, split: str,
+                     text_encoder: Path | None, device: str | None) -> None:
     """Zero-shot evaluation of MODEL_PATH on INDEX's split: mass, calcification and malignancy AUC with 95% CI
     and sensitivity at 90/95% specificity, per image, breast and study, and image-level subgroup AUCs (density,
-    age band, manufacturer, view); metrics.json, roc.png, report.html."""
+    age band, manufacturer, view); metrics.json, roc.png, report.html. With no validation split, the operating
+    points are fitted on the evaluated split itself (optimistic)."""
     from training.zero_shot_eval import zero_shot_evaluation
 
     try:
-        results = zero_shot_evaluation(index, model_path, out, split=split, text_encoder=text_encoder)
+        results = zero_shot_evaluation(index, model_path, out, split=split, text_encoder=text_encoder,
+                                       device=_device(settings, device))
     except NodeError as error:
         raise click.ClickException(str(error)) from None
     for target, levels in results.items():

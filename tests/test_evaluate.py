@@ -23,6 +23,7 @@ from training.evaluate import (
     subgroup_table,
     write_html_report,
 )
+from training.evaluate.metrics import EVALUATED_SET
 from training.evaluate.plots import DPI
 
 
@@ -74,6 +75,38 @@ def test_ci_narrows_as_n_grows_and_is_reproducible() -> None:
     assert binary_metrics(truth, score, seed=8).auc_ci != small.auc_ci
 
 
+def test_cluster_bootstrap_resamples_patients_with_all_their_cases() -> None:
+    """Four identical views per patient add no information: resampling patients gives the CI of one view each,
+    resampling the views as independent cases a CI about half as wide."""
+    truth, score = shifted_scores(100, seed=9)
+    views = {"y_true": np.repeat(truth, 4), "y_score": np.repeat(score, 4), "seed": 10}
+    per_patient = binary_metrics(truth, score, seed=10)
+    clustered = binary_metrics(**views, clusters=[f"p{i}" for i in np.repeat(np.arange(100), 4)])
+    plain = binary_metrics(**views)
+    assert clustered.auc_ci == pytest.approx(per_patient.auc_ci, abs=1e-12)
+    assert (clustered.bootstrap, clustered.bootstrap_units) == ("cluster", 100)
+    assert (plain.bootstrap, plain.bootstrap_units) == ("case", 400)
+    assert ci_width(plain) < 0.6 * ci_width(clustered)
+    with pytest.raises(ValueError, match="3 clusters for 400 cases"):
+        binary_metrics(**views, clusters=["a", "b", "c"])
+
+
+def test_operating_points_at_thresholds_set_elsewhere() -> None:
+    """Given thresholds (from validation) are applied as they are; the ones fitted here are kept as oracle."""
+    negatives = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
+    truth, score = [0] * 10 + [1] * 5, [*negatives, 0.5, 0.8, 0.9, 0.97, 0.99]
+    fitted = binary_metrics(truth, score, n_bootstrap=0)
+    assert fitted.thresholds_from == EVALUATED_SET and fitted.oracle_operating_points == ()
+    applied = binary_metrics(truth, score, n_bootstrap=0, thresholds={0.9: 0.7, 0.95: float("inf")},
+                             thresholds_from="validation")
+    at_90, at_95 = applied.operating_points
+    # 0.7 calls 0.8, 0.9, 0.97, 0.99 and the 0.75, 0.85, 0.95 negatives: below the 90% the threshold was set for
+    assert (at_90.target_specificity, at_90.threshold, at_90.sensitivity, at_90.specificity) == (0.9, 0.7, 0.8, 0.7)
+    assert (at_95.sensitivity, at_95.specificity) == (0.0, 1.0)
+    assert applied.thresholds_from == "validation" and applied.oracle_operating_points == fitted.operating_points
+    assert binary_metrics(truth, score, n_bootstrap=0, thresholds={}).operating_points == ()
+
+
 def test_sensitivity_at_fixed_specificity_by_hand() -> None:
     negatives = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
     positives = [0.5, 0.8, 0.9, 0.97, 0.99]
@@ -103,7 +136,8 @@ def test_to_dict_is_plain_json_with_rounded_floats() -> None:
     data = json.loads(json.dumps(metrics.to_dict(), allow_nan=False))
     assert data["auc"] == round(metrics.auc, 4) == 0.6667
     assert data["operating_points"][0]["threshold"] is None  # the only point at 90% specificity calls nothing
-    assert {"n", "positives", "auc_ci", "bootstrap_resamples", "fpr", "tpr"} <= data.keys()
+    assert {"n", "positives", "auc_ci", "bootstrap_resamples", "bootstrap", "bootstrap_units", "thresholds_from",
+            "oracle_operating_points", "fpr", "tpr"} <= data.keys()
 
 
 def test_ece_is_zero_for_perfectly_calibrated_bins() -> None:

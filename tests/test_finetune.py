@@ -9,11 +9,15 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
+import click
 import numpy as np
 import pytest
 import torch
 
+from dicom_node.cli_train import _device
+from dicom_node.settings import Settings
 from models import load_model, save_model_version
 from models.errors import CheckpointError
 from models.heads import load_head, probabilities, score_images
@@ -22,14 +26,21 @@ from tests.conftest import tiny_model
 from training.archive.indexer import index_archive
 from training.archive.store import open_index
 from training.convert import convert_archive
-from training.evaluate import binary_metrics
+from training.evaluate import BinaryMetrics, binary_metrics
+from training.evaluate.metrics import EVALUATED_SET
 from training.finetune import (
+    LEVELS,
     FinetuneConfig,
+    ImageRecord,
+    aggregate,
+    evaluate,
+    evaluation_notes,
     few_shot,
     finetune,
     load_batch,
     load_images,
     train_linear,
+    weighted_loss,
 )
 from training.synthetic import write_studies
 
@@ -68,18 +79,25 @@ def test_linear_probe_writes_every_output(mass_head: Path, archive: dict[str, Pa
     metrics = json.loads((mass_head / "metrics.json").read_text())
     breast = metrics["test"]["breast"]
     assert 0 <= breast["auc"] <= 1 and breast["auc_ci"][0] <= breast["auc"] <= breast["auc_ci"][1]
-    assert [p["target_specificity"] for p in breast["operating_points"]] == [0.9, 0.95]
-    assert all(0 <= p["sensitivity"] <= 1 and p["specificity"] >= 0.9 for p in breast["operating_points"])
     counts = metrics["counts"]
     assert counts["test"]["breasts"] == breast["n"] == metrics["test"]["image"]["n"] / 2
     assert counts["test"]["studies"] == metrics["test"]["study"]["n"]
     assert sum(counts[s]["studies"] for s in ("train", "validation", "test")) == 40
+    assert breast["bootstrap"] == "cluster" and 0 < breast["bootstrap_units"] <= counts["test"]["studies"]
     head = json.loads((mass_head / "head.json").read_text())
     assert head["target"] == "mass" and head["classes"] == ["no mass", "mass"] and head["mode"] == "linear"
     assert head["feature_dim"] == tiny_model().image_encoder.out_dim and not head["own_encoder"]
     assert head["thresholds"]["split"] == "validation"
+    points = breast["operating_points"]  # head.json's validation thresholds applied to test
+    assert [p["target_specificity"] for p in points] == [0.9, 0.95] and breast["thresholds_from"] == "validation"
+    assert [p["threshold"] for p in points] == [head["thresholds"][f"specificity_{p['target_specificity']:.2f}"][
+        "threshold"] for p in points]
+    assert all(0 <= p["sensitivity"] <= 1 and 0 <= p["specificity"] <= 1 for p in points)
+    assert all(p["specificity"] >= 0.9 for p in breast["oracle_operating_points"])  # fitted on test
     assert (mass_head / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "data:image/png;base64," in (mass_head / "report.html").read_text()
+    page = (mass_head / "report.html").read_text()
+    assert "data:image/png;base64," in page and "oracle (fitted on test)" in page
+    assert "cluster bootstrap over patients" in page
     card = json.loads((mass_head / "card.json").read_text())
     assert card["clinical_use"] is False and "NOT a clinical model" in card["intended_use"]
     assert card["data"]["train"]["images"] == counts["train"]["images"] and card["base_model"] == "tiny-test-model"
@@ -179,10 +197,74 @@ def test_linear_probe_learns_separable_features() -> None:
     assert auc > 0.95
 
 
+def synthetic_records(patients: list[str | None]) -> list[ImageRecord]:
+    """One study of two breasts of two views per entry of ``patients``."""
+    return [ImageRecord(f"{study}{side}{view}.npy", study, side, view, 0, None, None, None, patient)
+            for study, patient in enumerate(patients) for side in "LR" for view in ("CC", "MLO")]
+
+
+def test_test_operating_points_apply_the_validation_thresholds_and_cis_resample_patients() -> None:
+    rng = np.random.default_rng(3)
+    config, classes = replace(QUICK, n_bootstrap=20), ("no mass", "mass")
+
+    def split(patients: list[str | None]) -> tuple[list[ImageRecord], np.ndarray, np.ndarray]:
+        records = synthetic_records(patients)
+        truth = (rng.random(len(records)) < 0.3).astype(int)
+        return records, truth, rng.normal(size=len(records)) + truth
+
+    validation = evaluate(*split([f"v{i // 2}" for i in range(40)]), classes, config)
+    records, truth, scores = split([f"t{i // 2}" for i in range(40)])  # 20 patients of two studies each
+    test = evaluate(records, truth, scores, classes, config, validation)
+    for level in LEVELS:
+        fitted, applied = validation[level], test[level]
+        assert isinstance(fitted, BinaryMetrics) and isinstance(applied, BinaryMetrics)
+        assert fitted.thresholds_from == EVALUATED_SET and applied.thresholds_from == "validation"
+        assert [p.threshold for p in applied.operating_points] == [p.threshold for p in fitted.operating_points]
+        labels, level_scores = aggregate(records, truth, scores, level)
+        for point in applied.operating_points:
+            called = level_scores >= point.threshold
+            assert point.sensitivity == called[labels == 1].mean()
+            assert point.specificity == 1 - called[labels == 0].mean()
+        assert applied.oracle_operating_points == binary_metrics(labels, level_scores, n_bootstrap=0).operating_points
+        assert (applied.bootstrap, applied.bootstrap_units) == ("cluster", 20)
+    assert "oracle (fitted on test)" in evaluation_notes(test)[1]
+    left = np.array([int(record.side == "L") for record in synthetic_records([None] * 10)])
+    studies_one_class = evaluate(synthetic_records([f"w{i}" for i in range(10)]), left, left + 0.0, classes, config)
+    partly = evaluate(records, truth, scores, classes, config, studies_one_class)  # no study-level thresholds
+    assert [cast(BinaryMetrics, partly[level]).thresholds_from for level in LEVELS] == [
+        "validation", "validation", EVALUATED_SET]
+    assert cast(BinaryMetrics, partly["study"]).operating_points
+    assert evaluation_notes(partly)[-1].startswith("No validation thresholds at the study level")
+    unknown = evaluate(synthetic_records([None] * 40), truth, scores, classes, config)
+    assert [(m.bootstrap, m.bootstrap_units) for m in unknown.values() if isinstance(m, BinaryMetrics)] == [
+        ("case", 160), ("case", 80), ("case", 40)]
+
+
+def test_loss_weights_follow_the_logits_device() -> None:
+    """The class weights come from the targets on the CPU and go to the logits' device (the meta device stands
+    in for a GPU here)."""
+    targets = torch.tensor([0, 0, 1, 2, 2, 2])
+    multiclass = weighted_loss(targets, 3, binary=False)(torch.zeros(6, 3, device="meta"), targets.to("meta"))
+    binary = weighted_loss(targets.clamp(max=1), 2, binary=True)(torch.zeros(6, 1, device="meta"),
+                                                                  targets.clamp(max=1).to("meta"))
+    assert multiclass.device.type == binary.device.type == "meta"
+
+
+def test_device_option_resolves_auto_and_refuses_cuda_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(device="auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _device(settings, None) == _device(settings, "auto") == "cpu"
+    with pytest.raises(click.UsageError, match="no CUDA device"):
+        _device(settings, "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _device(settings, None) == _device(settings, "cuda") == "cuda"
+    assert _device(settings, "cpu") == _device(Settings(device="cpu"), None) == "cpu"
+
+
 def test_train_finetune_command(archive: dict[str, Path], tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "finetune", str(archive["index"]),
                              str(archive["tiny"]), str(tmp_path / "head"), "--target", "mass", "--steps", "20",
-                             "--synthetic"], capture_output=True, text=True, timeout=300,
+                             "--synthetic", "--device", "cpu"], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data")})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "report.html" in result.stdout and (tmp_path / "head" / "report.html").exists()
@@ -194,8 +276,8 @@ def test_train_finetune_command(archive: dict[str, Path], tmp_path: Path) -> Non
 
 def test_train_evaluate_command_zero_shot(archive: dict[str, Path], tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "evaluate", str(archive["index"]),
-                             str(archive["tiny"]), str(tmp_path / "eval")], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data")})
+                             str(archive["tiny"]), str(tmp_path / "eval"), "--device", "cpu"], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data")})
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["results"]) == {"malignancy", "mass", "calcification"} and metrics["split"] == "test"
@@ -204,4 +286,6 @@ def test_train_evaluate_command_zero_shot(archive: dict[str, Path], tmp_path: Pa
     assert scored and (tmp_path / "eval" / "roc.png").exists()
     for target, breast in scored.items():
         assert 0.0 <= breast["auc"] <= 1.0 and f"{target:<14} breast level: AUC" in result.stdout
-    assert (tmp_path / "eval" / "report.html").read_text().count("Zero-shot") >= 1
+        assert breast["thresholds_from"] == EVALUATED_SET and breast["bootstrap"] == "cluster"
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert page.count("Zero-shot") >= 1 and "fitted on the evaluated split itself" in page

@@ -10,7 +10,8 @@ a bottleneck adapter after each of its blocks (1x1 convolutions C -> C/r -> C, r
 training starts from the frozen model) with the layer. The loss is weighted by the training-set class counts
 (``pos_weight`` = negatives / positives; multi-class: inverse frequency). The step (linear) or epoch
 (full, adapter) with the best validation AUC (multi-class: balanced accuracy) is kept; the test split is
-scored once, at the end.
+scored once, at the end: its operating points are the validation thresholds of each level applied to it (the ones
+fitted on test are kept apart as oracle figures), and its AUC CIs resample patients, not images or breasts.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from training.evaluate import (
     subgroup_table,
     write_html_report,
 )
+from training.evaluate.metrics import EVALUATED_SET
 from training.label_text import LABEL_OF_TASK
 from training.memory_format import channels_last
 from training.pretrain import RESEARCH_ONLY
@@ -124,9 +126,10 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One converted view with its target label (``study`` is the index row id, never a DICOM identifier) and
+    """One converted view with its target label (``study`` is the index row id, never a DICOM identifier),
     what the subgroup table splits by: the study's density letter, the patient's age in years at the study and
-    the equipment manufacturer (None when unknown)."""
+    the equipment manufacturer (None when unknown), and the index's salted patient key (None when unknown), which
+    the bootstrap resamples by."""
 
     path: str
     study: int
@@ -136,6 +139,7 @@ class ImageRecord:
     density: str | None
     patient_age: int | None
     manufacturer: str | None
+    patient: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -176,7 +180,7 @@ def load_images(index_location: str | Path, split: str, preprocess: PreprocessCo
                 else:
                     records.append(ImageRecord(str(image.cache_path), study.id, image.laterality, image.view,
                                                label, target_value(study.labels, image.laterality, "density"),
-                                               image.patient_age, image.manufacturer))
+                                               image.patient_age, image.manufacturer, study.patient_key))
     return records, left_out
 
 
@@ -224,13 +228,14 @@ def load_batch(records: Sequence[ImageRecord], preprocess: PreprocessConfig,
 
 def weighted_loss(targets: Tensor, n_classes: int, binary: bool) -> Callable[[Tensor, Tensor], Tensor]:
     """BCE with ``pos_weight`` = negatives / positives, or cross-entropy with inverse-frequency class weights,
-    from the training targets."""
+    from the training targets; the weights go to the logits' device."""
     counts = torch.bincount(targets, minlength=n_classes).float()
     if binary:
         pos_weight = counts[0] / counts[1].clamp(min=1)
-        return lambda logits, y: F.binary_cross_entropy_with_logits(logits[:, 0], y.float(), pos_weight=pos_weight)
+        return lambda logits, y: F.binary_cross_entropy_with_logits(logits[:, 0], y.float(),
+                                                                    pos_weight=pos_weight.to(logits.device))
     weights = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp(min=1)), 0.0)
-    return lambda logits, y: F.cross_entropy(logits, y, weight=weights)
+    return lambda logits, y: F.cross_entropy(logits, y, weight=weights.to(logits.device))
 
 
 def selection_score(truth: np.ndarray, scores: np.ndarray, binary: bool) -> float:
@@ -357,9 +362,28 @@ def aggregate(records: Sequence[ImageRecord], truth: np.ndarray, scores: np.ndar
     return labels, np.array(columns).T
 
 
+def level_patients(records: Sequence[ImageRecord], level: str) -> list[Hashable] | None:
+    """The patient key of each image, breast or study in ``aggregate``'s order; None when a record has none."""
+    if any(record.patient is None for record in records):
+        return None
+    return list(dict(zip(level_keys(records, level), [r.patient for r in records], strict=True)).values())
+
+
+def validation_thresholds(validation: BinaryMetrics | MulticlassMetrics | str) -> dict[float, float] | None:
+    """Target specificity -> threshold fitted on the validation split at one level; None without binary metrics."""
+    if not isinstance(validation, BinaryMetrics):
+        return None
+    return {point.target_specificity: point.threshold for point in validation.operating_points}
+
+
 def evaluate(records: Sequence[ImageRecord], truth: np.ndarray, scores: np.ndarray, classes: Sequence[str],
-             config: FinetuneConfig) -> dict[str, BinaryMetrics | MulticlassMetrics | str]:
-    """Metrics per level; a level with one class only has its reason instead of binary metrics."""
+             config: FinetuneConfig,
+             validation: dict[str, BinaryMetrics | MulticlassMetrics | str] | None = None) -> dict[
+        str, BinaryMetrics | MulticlassMetrics | str]:
+    """Metrics per level; a level with one class only has its reason instead of binary metrics. The operating
+    points are each level's thresholds in the ``validation`` results applied to ``records`` (the ones fitted on
+    ``records`` as oracle), else, without validation thresholds at that level, fitted on ``records``; the AUC CIs
+    resample patients where every record has one."""
     results: dict[str, BinaryMetrics | MulticlassMetrics | str] = {}
     for level in LEVELS:
         labels, level_scores = aggregate(records, truth, scores, level)
@@ -368,9 +392,33 @@ def evaluate(records: Sequence[ImageRecord], truth: np.ndarray, scores: np.ndarr
         elif (reason := one_class_reason(labels)) is not None:
             results[level] = reason
         else:
-            results[level] = binary_metrics(labels, level_scores, n_bootstrap=config.n_bootstrap, seed=config.seed,
-                                             specificities=SPECIFICITIES)
+            results[level] = binary_metrics(
+                labels, level_scores, n_bootstrap=config.n_bootstrap, seed=config.seed, specificities=SPECIFICITIES,
+                thresholds=None if validation is None else validation_thresholds(validation[level]),
+                thresholds_from="validation", clusters=level_patients(records, level))
     return results
+
+
+def evaluation_notes(results: dict[str, BinaryMetrics | MulticlassMetrics | str]) -> list[str]:
+    """Report notes on how the binary metrics were made: the bootstrap, and where the thresholds were set."""
+    binary = {level: value for level, value in results.items() if isinstance(value, BinaryMetrics)}
+    if not binary:
+        return []
+    clustered = {metrics.bootstrap for metrics in binary.values()} == {"cluster"}
+    notes = ["95% CIs: cluster bootstrap over patients (all of a patient's images, breasts and studies drawn "
+             "together)." if clustered else "95% CIs: plain bootstrap over cases (no patient key for every image): "
+             "a patient's correlated images, breasts or studies count as independent, so the CIs are too narrow."]
+    fitted = [level for level, metrics in binary.items() if metrics.thresholds_from == EVALUATED_SET]
+    if len(fitted) == len(binary):
+        return [*notes, "Operating points: thresholds fitted on the evaluated split itself (no validation "
+                        "thresholds), the best possible there: optimistic."]
+    notes.append("Operating points: each level's thresholds set on the validation split (breast level: head.json's) "
+                 "applied to the test split; metrics.json also holds oracle_operating_points, oracle (fitted on "
+                 "test): the best possible there, optimistic.")
+    if fitted:
+        notes.append(f"No validation thresholds at the {', '.join(fitted)} level (one class there): its operating "
+                     "points are oracle (fitted on test), optimistic.")
+    return notes
 
 
 def image_subgroups(records: Sequence[ImageRecord], truth: np.ndarray, scores: np.ndarray) -> SubgroupTable | str:
@@ -427,14 +475,15 @@ def _labelled(records: list[ImageRecord], classes: Sequence[str], binary: bool,
 
 
 def finetune(index_location: str | Path, model_path: Path | str, out_folder: Path | str, *,
-             config: FinetuneConfig = FinetuneConfig()) -> Path:
-    """Train a head for ``config.target`` on the index's train split, select it on validation, evaluate it on
-    test and write the head, ``head.json``, ``metrics.json``, figures, report and card into ``out_folder``."""
+             config: FinetuneConfig = FinetuneConfig(), device: str = "cpu") -> Path:
+    """Train a head for ``config.target`` on the index's train split on ``device``, select it on validation,
+    evaluate it on test and write the head, ``head.json``, ``metrics.json``, figures, report and card into
+    ``out_folder``."""
     out = Path(out_folder)
     if (out / HEAD_FILE).exists():
         raise ConfigurationError(f"{out} already holds a trained head: choose another folder")
     torch.manual_seed(config.seed)
-    model = load_model(model_path)
+    model = load_model(model_path, device=device)
     preprocess = model.config.preprocess()
     loaded = {split: load_images(index_location, split, preprocess, config.target) for split in SPLITS}
     classes = class_names(config.target, loaded["train"][0])
@@ -467,8 +516,8 @@ def finetune(index_location: str | Path, model_path: Path | str, out_folder: Pat
                         for name, records in (("validation", validation), ("test", test))}
     with torch.no_grad():
         scores = {name: probabilities(layer.cpu()(features[name])).numpy() for name in ("validation", "test")}
-    results = {"validation": evaluate(validation, validation_truth, scores["validation"], classes, config),
-               "test": evaluate(test, test_truth, scores["test"], classes, config)}
+    validated = evaluate(validation, validation_truth, scores["validation"], classes, config)
+    results = {"validation": validated, "test": evaluate(test, test_truth, scores["test"], classes, config, validated)}
     subgroups = image_subgroups(test, test_truth, scores["test"]) if config.binary else "binary targets only"
     counts = {"train": split_counts(train, train_truth, classes),
               "validation": split_counts(validation, validation_truth, classes),
@@ -520,6 +569,7 @@ def write_outputs(out: Path, config: FinetuneConfig, model: MammoClip, results: 
                       notes=[f"{level}: {value}" for level, value in test.items() if isinstance(value, str)]
                       + ["Breast score: max over views; study score: max over breasts (multi-class: mean).",
                          "Thresholds in head.json are set on the validation split at breast level.",
+                         *evaluation_notes(test),
                          SUBGROUP_NOTE if isinstance(subgroups, SubgroupTable) else f"subgroups: {subgroups}"])
     card = {"name": f"{config.target}-head", "intended_use": NOT_CLINICAL if config.synthetic_data else RESEARCH_ONLY,
             "clinical_use": False, "base_model": base, "config": asdict(config),

@@ -1,6 +1,8 @@
 """Zero-shot evaluation of any model on an indexed archive split, as the reference's evaluator does: each
 image is scored against the task prompts (``models.zero_shot``), views are aggregated to breasts and
-studies (max), and the metrics, ROC curves, image-level subgroup tables and an HTML report are written."""
+studies (max), and the metrics, ROC curves, image-level subgroup tables and an HTML report are written. With no
+validation split, the operating points are fitted on the evaluated split itself (optimistic); the AUC CIs resample
+patients."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from training.finetune import (
     SUBGROUP_NOTE,
     FinetuneConfig,
     evaluate,
+    evaluation_notes,
     image_subgroups,
     load_batch,
     load_images,
@@ -30,17 +33,18 @@ NOTE = "Zero-shot scores: prompts only, no head trained on this site's data."
 
 def zero_shot_evaluation(index_location: str | Path, model_path: Path | str, out: Path, *, split: str = "test",
                          text_encoder: Path | None = None, batch_size: int = 16, n_bootstrap: int = 1000,
-                         progress: bool = True) -> dict[str, dict]:
-    """Metrics per binary target and level, and its image-level subgroup table, on ``split``; writes
-    ``metrics.json``, ``roc.png`` and ``report.html`` into ``out``. Targets without both classes in the split are
-    reported with the reason."""
-    model = load_model(model_path, text_encoder=text_encoder, device="cpu").eval()
+                         progress: bool = True, device: str = "cpu") -> dict[str, dict]:
+    """Metrics per binary target and level, and its image-level subgroup table, on ``split``, the model on
+    ``device``; writes ``metrics.json``, ``roc.png`` and ``report.html`` into ``out``. Targets without both classes
+    in the split are reported with the reason."""
+    model = load_model(model_path, text_encoder=text_encoder, device=device).eval()
     classifier = ZeroShotClassifier(model, BINARY_TARGETS)
     preprocess = model.config.preprocess()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     breast_curves: dict[str, BinaryMetrics] = {}
     tables: dict[str, SubgroupTable] = {}
+    notes = [NOTE]
     for target in BINARY_TARGETS:
         records, left_out = load_images(index_location, split, preprocess, target)
         if not records:
@@ -49,12 +53,14 @@ def zero_shot_evaluation(index_location: str | Path, model_path: Path | str, out
         scores = []
         with torch.inference_mode():
             for start in tqdm(range(0, len(records), batch_size), desc=f"zero-shot {target}", disable=not progress):
-                embeddings = model.encode_images(load_batch(records[start:start + batch_size], preprocess))
+                embeddings = model.encode_images(load_batch(records[start:start + batch_size], preprocess).to(
+                    model.device))
                 scores.append(classifier.classify(embeddings)[target].score())
         truth, image_scores = np.array([record.label for record in records], dtype=int), torch.cat(scores).numpy()
         metrics = evaluate(records, truth, image_scores, ("negative", target),
                            FinetuneConfig(target=target, n_bootstrap=n_bootstrap))
         subgroups = image_subgroups(records, truth, image_scores)
+        notes += [note for note in evaluation_notes(metrics) if note not in notes]
         results[target] = {level: value if isinstance(value, str) else value.to_dict()
                            for level, value in metrics.items()} | {"subgroups": subgroups_json(subgroups),
                                                                    "left_out": dict(left_out)}
@@ -68,5 +74,5 @@ def zero_shot_evaluation(index_location: str | Path, model_path: Path | str, out
         if breast_curves else {}
     write_html_report(out / "report.html", title="Zero-shot evaluation", model_description=str(model_path),
                       dataset_description=f"archive index {index_location}, {split} split",
-                      binary=breast_curves, subgroups=tables, images=images, notes=[NOTE, SUBGROUP_NOTE])
+                      binary=breast_curves, subgroups=tables, images=images, notes=[*notes, SUBGROUP_NOTE])
     return results

@@ -2,7 +2,14 @@
 
 Bootstrap: cases are resampled with replacement from the whole set (not stratified by class), so the prevalence
 varies between resamples as it would between samples of the screening population; resamples that happen to hold
-one class only have no AUC and are skipped (``BinaryMetrics.bootstrap_resamples`` counts the ones used).
+one class only have no AUC and are skipped (``BinaryMetrics.bootstrap_resamples`` counts the ones used). Given
+``clusters`` (a patient key per case), whole clusters are resampled with all their cases, since the views, breasts
+and studies of one patient are not independent; without, each case is its own cluster (``BinaryMetrics.bootstrap``
+says which).
+
+Operating points: fitted on the evaluated set they are the best possible there, an optimistic figure; given
+``thresholds`` set on other data (a validation split), the operating points are those thresholds applied to the
+evaluated set, and the fitted ones are kept apart as ``oracle_operating_points``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ AGE_BANDS = ("<40", "40-49", "50-59", "60-69", "70+")
 _TOLERANCE = 1e-9  # specificity 9/10 computed as 1 - 1/10 must still reach a 0.90 target
 _BOOTSTRAP_CELLS = 1_000_000  # resampled cases held in memory at once
 _AGE_UNITS_IN_YEARS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+EVALUATED_SET = "evaluated set"  # ``BinaryMetrics.thresholds_from`` when the operating points are fitted on it
 
 
 def _jsonable(value: object) -> object:
@@ -48,7 +56,9 @@ class _Serialisable:
 
 @dataclass(frozen=True)
 class OperatingPoint(_Serialisable):
-    """Highest sensitivity whose specificity reaches ``target_specificity``; positive means score >= threshold.
+    """Sensitivity and specificity of calling score >= ``threshold`` positive, for the threshold that reaches
+    ``target_specificity`` with the highest sensitivity on the set it was fitted on (``specificity`` may fall short
+    of the target on another set).
 
     ``threshold`` is infinite when only "call nothing positive" reaches the target.
     """
@@ -61,14 +71,23 @@ class OperatingPoint(_Serialisable):
 
 @dataclass(frozen=True)
 class BinaryMetrics(_Serialisable):
-    """AUC with its percentile bootstrap 95% CI (None without usable resamples), operating points, ROC points."""
+    """AUC with its percentile bootstrap 95% CI (None without usable resamples), operating points, ROC points.
+
+    ``bootstrap``: "cluster" (``bootstrap_units`` clusters resampled with their cases) or "case" (each case alone).
+    ``thresholds_from``: where the thresholds of ``operating_points`` were set, ``EVALUATED_SET`` when on these
+    cases; otherwise ``oracle_operating_points`` are the ones fitted on these cases (empty when they are the main).
+    """
 
     n: int
     positives: int
     auc: float
     auc_ci: tuple[float, float] | None
     bootstrap_resamples: int
+    bootstrap: Literal["case", "cluster"]
+    bootstrap_units: int
     operating_points: tuple[OperatingPoint, ...]
+    thresholds_from: str
+    oracle_operating_points: tuple[OperatingPoint, ...]
     fpr: tuple[float, ...]
     tpr: tuple[float, ...]
 
@@ -150,13 +169,15 @@ def one_class_reason(truth: np.ndarray) -> str | None:
     return None
 
 
-def _level_counts(levels: np.ndarray, truth: np.ndarray, n_levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positives and negatives per score level for each row of ``levels`` (rows x cases)."""
-    rows = levels.shape[0]
-    flat = (levels + n_levels * np.arange(rows)[:, None]).ravel()
-    positives = np.bincount(flat, weights=truth.ravel(), minlength=rows * n_levels).reshape(rows, n_levels)
-    totals = np.bincount(flat, minlength=rows * n_levels).reshape(rows, n_levels)
-    return positives, totals - positives
+def _level_counts(levels: np.ndarray, truth: np.ndarray, n_levels: int,
+                  weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positives and negatives per score level for each row of ``weights`` (rows x cases: how often each case
+    counts)."""
+    rows = weights.shape[0]
+    flat = (levels[None] + n_levels * np.arange(rows)[:, None]).ravel()
+    positives = np.bincount(flat, weights=(weights * truth).ravel(), minlength=rows * n_levels)
+    totals = np.bincount(flat, weights=weights.ravel(), minlength=rows * n_levels)
+    return positives.reshape(rows, n_levels), (totals - positives).reshape(rows, n_levels)
 
 
 def _auc_from_counts(positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
@@ -176,17 +197,32 @@ def _score_levels(score: np.ndarray) -> tuple[np.ndarray, int]:
 def _auc(truth: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney with ties as one half)."""
     levels, n_levels = _score_levels(score)
-    return float(_auc_from_counts(*_level_counts(levels[None], truth[None], n_levels))[0])
+    return float(_auc_from_counts(*_level_counts(levels, truth, n_levels, np.ones((1, len(truth)))))[0])
 
 
-def _bootstrap_aucs(truth: np.ndarray, score: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
-    """AUCs of resamples of the cases with replacement, leaving out resamples with one class."""
+def _cluster_indices(clusters: Sequence[Hashable] | None, n: int) -> np.ndarray:
+    """Each case's cluster as an index from 0 in order of first appearance; each case its own without clusters."""
+    if clusters is None:
+        return np.arange(n)
+    if len(clusters) != n:
+        raise ValueError(f"{len(clusters)} clusters for {n} cases")
+    positions: dict[Hashable, int] = {}
+    return np.array([positions.setdefault(key, len(positions)) for key in clusters], dtype=int)
+
+
+def _bootstrap_aucs(truth: np.ndarray, score: np.ndarray, cluster: np.ndarray, n_bootstrap: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """AUCs of resamples of the clusters with replacement (each drawn cluster brings all its cases), leaving out
+    resamples with one class."""
     levels, n_levels = _score_levels(score)
+    n_clusters = int(cluster.max()) + 1
     chunk = max(1, _BOOTSTRAP_CELLS // len(truth))
     aucs = [np.empty(0)]
     for start in range(0, n_bootstrap, chunk):
-        picks = rng.integers(0, len(truth), size=(min(chunk, n_bootstrap - start), len(truth)))
-        aucs.append(_auc_from_counts(*_level_counts(levels[picks], truth[picks], n_levels)))
+        rows = min(chunk, n_bootstrap - start)
+        picks = rng.integers(0, n_clusters, size=(rows, n_clusters)) + n_clusters * np.arange(rows)[:, None]
+        drawn = np.bincount(picks.ravel(), minlength=rows * n_clusters).reshape(rows, n_clusters)
+        aucs.append(_auc_from_counts(*_level_counts(levels, truth, n_levels, drawn[:, cluster])))
     resampled = np.concatenate(aucs)
     return resampled[~np.isnan(resampled)]
 
@@ -204,20 +240,39 @@ def _operating_points(truth: np.ndarray, score: np.ndarray, specificities: Itera
     return tuple(points)
 
 
+def _points_at(truth: np.ndarray, score: np.ndarray, thresholds: Mapping[float, float]) -> tuple[
+        OperatingPoint, ...]:
+    """Sensitivity and specificity at thresholds set elsewhere (target specificity -> threshold)."""
+    points = []
+    for target, threshold in thresholds.items():
+        called = score >= threshold
+        points.append(OperatingPoint(float(target), float(threshold), float(called[truth == 1].mean()),
+                                     float(1 - called[truth == 0].mean())))
+    return tuple(points)
+
+
 def binary_metrics(y_true: Sequence[int] | np.ndarray, y_score: Sequence[float] | np.ndarray, *,
-                   n_bootstrap: int = 1000, seed: int = 0,
-                   specificities: Sequence[float] = (0.90, 0.95)) -> BinaryMetrics:
-    """AUC with a percentile bootstrap 95% CI, sensitivity at fixed specificities and the ROC curve."""
+                   n_bootstrap: int = 1000, seed: int = 0, specificities: Sequence[float] = (0.90, 0.95),
+                   thresholds: Mapping[float, float] | None = None, thresholds_from: str = "other data",
+                   clusters: Sequence[Hashable] | None = None) -> BinaryMetrics:
+    """AUC with a percentile bootstrap 95% CI (over ``clusters`` when given), the ROC curve and the operating
+    points: ``thresholds`` (target specificity -> threshold, set on ``thresholds_from``) applied to these cases,
+    else the ones fitted here at ``specificities``."""
     truth, score = _binary_inputs(y_true, y_score)
     reason = one_class_reason(truth)
     if reason is not None:
         raise ValueError(f"binary metrics need both classes: {reason}")
-    resampled = _bootstrap_aucs(truth, score, n_bootstrap, np.random.default_rng(seed))
+    cluster = _cluster_indices(clusters, len(truth))
+    resampled = _bootstrap_aucs(truth, score, cluster, n_bootstrap, np.random.default_rng(seed))
     ci = (float(np.percentile(resampled, 2.5)), float(np.percentile(resampled, 97.5))) if len(resampled) else None
     fpr, tpr, _ = roc_curve(truth, score)
+    fitted = _operating_points(truth, score, specificities)
     return BinaryMetrics(n=len(truth), positives=int(truth.sum()), auc=_auc(truth, score), auc_ci=ci,
-                         bootstrap_resamples=len(resampled),
-                         operating_points=_operating_points(truth, score, specificities),
+                         bootstrap_resamples=len(resampled), bootstrap="case" if clusters is None else "cluster",
+                         bootstrap_units=int(cluster.max()) + 1,
+                         operating_points=fitted if thresholds is None else _points_at(truth, score, thresholds),
+                         thresholds_from=EVALUATED_SET if thresholds is None else thresholds_from,
+                         oracle_operating_points=() if thresholds is None else fitted,
                          fpr=tuple(fpr.tolist()), tpr=tuple(tpr.tolist()))
 
 
