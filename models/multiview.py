@@ -330,8 +330,10 @@ def build_multiview(clip_dir: Path | str, config: MultiViewConfig = MultiViewCon
 
 
 def trained_state(model: MultiViewClip) -> dict[str, Tensor]:
-    """What a version folder stores: every tensor outside the frozen CLIP."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("clip.")}
+    """What a version folder stores: every tensor outside the frozen CLIP, copied (on a CPU model too, so the
+    copy does not follow later training)."""
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in model.state_dict().items() if not k.startswith("clip.")}
 
 
 def save_multiview(model: MultiViewClip, folder: Path | str, card: Mapping[str, Any] | None = None) -> Path:

@@ -93,7 +93,7 @@ def test_train_detector_prints_map_per_class_and_registers(mammo_node: Invoke, p
     result = mammo_node(*args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    held = metrics["validation"]
+    held = metrics["held_out"]
     assert metrics["data"]["held_out"]["images"] == held["images"] > 0
     assert "held-out mAP@0.5 " in result.stdout and f"on {held['images']} images" in result.stdout
     for name in ("mass", "calcification"):

@@ -25,10 +25,13 @@ from models.detector import (
     to_source_boxes,
     view_detections,
 )
-from models.errors import CheckpointError
+from models.errors import CheckpointError, ConfigurationError
 from models.preprocess import CropBox
 from tests.conftest import tiny_model
+from training import detector_train
 from training.detector_train import (
+    BoxAnnotation,
+    DetectorData,
     DetectorTrainConfig,
     annotations_from_box_csv,
     annotations_from_manifest,
@@ -40,7 +43,10 @@ from training.detector_train import (
     mean_average_precision,
     parse_categories,
     prepare_samples,
+    run_detector,
+    summary_lines,
     train_detector,
+    validation_split,
 )
 from training.synthetic import write_studies
 
@@ -59,6 +65,13 @@ def lesion_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two synthetic studies that both carry a finding."""
     root = tmp_path_factory.mktemp("detector-synthetic")
     return write_studies(root, 2, seed=5, rows=256, cols=160, finding_prevalence=1.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def three_patients(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three synthetic patients (one study each) that all carry a finding."""
+    root = tmp_path_factory.mktemp("detector-three")
+    return write_studies(root, 3, seed=5, rows=256, cols=160, finding_prevalence=1.0, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -177,16 +190,66 @@ def test_map_matches_hand_computed_values() -> None:
     assert class_average_precision(missed, [np.array([[0, 0, 10, 10]])]) == 0.0
 
 
-def test_command_line_trains_evaluates_and_saves(lesion_manifest: Path, tmp_path: Path) -> None:
+def test_command_line_trains_evaluates_and_saves(lesion_manifest: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "det"
     assert main(["--manifest", str(lesion_manifest), "--variant", "efficientnet-test", "--input-size", "96", "64",
                  "--fpn-channels", "16", "--anchor-size", "8", "--epochs", "1", "--holdout", "0.5",
                  "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["validation"]["average_precision"]) == {"mass", "calcification"}
+    assert set(metrics["held_out"]["average_precision"]) == {"mass", "calcification"}
     assert metrics["data"]["train"]["images"] == metrics["data"]["held_out"]["images"] == 4
-    assert json.loads((out / "card.json").read_text())["clinical_use"] is False
+    # one training patient: none can be set aside to choose the epoch, so the last is kept, and said so
+    selection = {"epoch": 1, "chosen_on": "last epoch", "reason": "fewer than two training groups: none can be "
+                                                                 "set aside"}
+    assert metrics["epoch_selection"] == selection and metrics["data"]["validation"]["images"] == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["clinical_use"] is False and card["evaluation"]["epoch_selection"] == selection
+    assert card["evaluation"]["mAP_on"] == "held_out (0.5 of the groups, seed 0)"
+    assert "epoch 1 kept, the last: no usable validation set" in capsys.readouterr().out
     assert load_detector(out).config.input_size == (96, 64)
+
+
+def test_the_epoch_is_chosen_on_training_groups_and_held_out_images_are_scored_once(
+        three_patients: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One patient held out, one of the two training patients set aside for validation: every epoch is scored on
+    the validation patient, the held-out one only once, after training."""
+    scored: list[set[str]] = []
+
+    def spy(detector: MammoDetector, samples: list, **kwargs: object) -> object:
+        scored.append({s.annotation.group for s in samples})
+        return evaluate(detector, samples, **kwargs)
+
+    monkeypatch.setattr(detector_train, "evaluate", spy)
+    data = DetectorData(manifest=three_patients, holdout=0.34, validation=0.5)
+    config = DetectorTrainConfig(epochs=2, batch_size=4, augment=False, progress=False)
+    run = run_detector(data, tiny_detector(), tmp_path / "det", config)
+    validation, held = scored[0], scored[-1]
+    assert len(scored) == 3 and scored[1] == validation and len(validation) == len(held) == 1
+    assert not validation & held
+    train = {group for group in {"SYN00000005", "SYN00000006", "SYN00000007"} - validation - held}
+    assert len(train) == 1 and run.data["train"]["images"] == run.data["validation"]["images"] == 4
+    assert run.metrics is not None and run.metrics.images == 4
+    assert run.selection.to_dict() == {"epoch": run.history.best_epoch, "chosen_on": "validation", "reason": None}
+    metrics = json.loads((tmp_path / "det" / "metrics.json").read_text())
+    assert metrics["epoch_selection"]["chosen_on"] == "validation"
+    assert metrics["mAP_on"] == "held_out (0.34 of the groups, seed 0)"
+    assert [set(epoch["validation"]) >= {"mean_average_precision"} for epoch in metrics["history"]] == [True, True]
+    assert summary_lines(run)[0].endswith("best mAP on the validation images (groups set aside from training)")
+
+
+def test_validation_is_drawn_by_group() -> None:
+    def annotation(group: str) -> BoxAnnotation:
+        return BoxAnnotation(f"{group}.dcm", ("L", "CC"), (), (), group)
+
+    train = [annotation(group) for group in "aabbccdddd"]
+    fit, validation = validation_split(train, 0.25, seed=1)
+    assert len({a.group for a in validation}) == 1  # round(4 groups * 0.25)
+    assert not {a.group for a in fit} & {a.group for a in validation} and len(fit) + len(validation) == 10
+    assert validation_split(train, 0.0, seed=1) == (train, [])
+    assert validation_split(train[:2], 0.5, seed=1) == (train[:2], [])  # one group: nothing to set aside
+    _, most = validation_split(train, 0.99, seed=1)
+    assert len({a.group for a in most}) == 3  # one group is always left to train on
 
 
 def test_evaluate_runs_the_detector(lesion_samples: list) -> None:
@@ -292,6 +355,17 @@ def test_reference_checkpoint_maps_key_for_key(tmp_path: Path) -> None:
         load_reference_detector(tmp_path / "short.pth", ("mass",))
 
 
+BOX_HEADER = ["image_id", "laterality", "view_position", "finding_categories", "xmin", "ymin", "xmax", "ymax"]
+
+
+def write_box_csv(path: Path, header: list[str], rows: list[tuple[str, ...]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
 def test_box_csv_rows_become_annotations(tmp_path: Path) -> None:
     images = tmp_path / "images"
     for study, image in (("s1", "a"), ("s1", "b"), ("s2", "c")):
@@ -302,12 +376,7 @@ def test_box_csv_rows_become_annotations(tmp_path: Path) -> None:
             ("s1", "b", "L", "MLO", "['No Finding']", "", "", "", "", "training"),
             ("s2", "c", "R", "CC", "['Architectural Distortion']", "1", "1", "4", "4", "test"),
             ("s9", "zz", "R", "CC", "['Mass']", "1", "1", "4", "4", "test")]
-    path = tmp_path / "boxes.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["study_id", "image_id", "laterality", "view_position", "finding_categories",
-                         "xmin", "ymin", "xmax", "ymax", "split"])
-        writer.writerows(rows)
+    path = write_box_csv(tmp_path / "boxes.csv", ["study_id", *BOX_HEADER, "split"], rows)
     annotations = {Path(a.source).stem: a for a in annotations_from_box_csv(path, images)}
     assert set(annotations) == {"a", "b", "c"}
     assert annotations["a"].boxes == ((10, 20, 50, 60), (5, 5, 9, 9), (5, 5, 9, 9))
@@ -315,6 +384,23 @@ def test_box_csv_rows_become_annotations(tmp_path: Path) -> None:
     assert (annotations["a"].view, annotations["a"].group, annotations["a"].split) == (("L", "CC"), "s1", "train")
     assert annotations["b"].boxes == () and annotations["c"].boxes == () and annotations["c"].split == "test"
     assert parse_categories("['Suspicious Calcification', 'Asymmetry']") == ["calcification"]
+
+
+def test_box_csv_images_are_grouped_by_patient_else_study_never_by_image(tmp_path: Path) -> None:
+    (tmp_path / "a.dcm").write_bytes(b"")
+    (tmp_path / "b.dcm").write_bytes(b"")
+    views = [("a", "L", "CC", "['Mass']", "1", "1", "4", "4"), ("b", "L", "MLO", "['Mass']", "1", "1", "4", "4")]
+    both = write_box_csv(tmp_path / "both.csv", ["patient_id", "study_id", *BOX_HEADER],
+                         [("p1", "s1", *views[0]), ("p1", "s2", *views[1])])
+    assert {a.group for a in annotations_from_box_csv(both, tmp_path)} == {"p1"}  # two studies, one patient
+    study = write_box_csv(tmp_path / "study.csv", ["study_id", *BOX_HEADER], [("s1", *v) for v in views])
+    assert {a.group for a in annotations_from_box_csv(study, tmp_path)} == {"s1"}
+    neither = write_box_csv(tmp_path / "neither.csv", BOX_HEADER, views)
+    with pytest.raises(ConfigurationError, match="neither a patient_id nor a study_id column"):
+        annotations_from_box_csv(neither, tmp_path)
+    blank = write_box_csv(tmp_path / "blank.csv", ["study_id", *BOX_HEADER], [("s1", *views[0]), (" ", *views[1])])
+    with pytest.raises(ConfigurationError, match=r"1 image\(s\) of .* have no study_id \(first: \['b'\]\)"):
+        annotations_from_box_csv(blank, tmp_path)
 
 
 def test_flips_move_boxes_with_the_image() -> None:

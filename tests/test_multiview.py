@@ -31,12 +31,14 @@ from models.multiview import (
     study_probability,
 )
 from models.preprocess import PreprocessConfig
+from training import multiview_train
 from training.archive.indexer import index_archive
 from training.archive.store import ArchiveImage, open_index
 from training.convert import convert_archive
 from training.multiview_train import (
     MultiviewTrainConfig,
     case_label,
+    fit,
     load_studies,
     load_study_batch,
     train_multiview,
@@ -271,6 +273,27 @@ def test_training_steps_reduce_the_loss_and_leave_the_backbone_frozen(clip_dir: 
     assert all(not p.requires_grad and p.grad is None for p in model.clip.parameters())
     assert all(torch.equal(backbone[k], v) for k, v in model.clip.state_dict().items())
     assert not model.clip.training and model.image_adapters.training
+
+
+def test_the_best_epoch_is_kept_on_cpu(clip_dir: Path, archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation AUC falls after epoch 1: ``fit`` must end with epoch 1's weights, not the last epoch's (a
+    "best state" that shares storage with the live CPU weights would follow them)."""
+    torch.manual_seed(0)
+    model = build_multiview(clip_dir, CONFIG)
+    records, _ = load_studies(archive, PreprocessConfig(*SIZE))
+    aucs, snapshots = iter([0.9, 0.5, 0.4]), []
+
+    def scripted_auc(*_: object) -> float:
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items() if not k.startswith("clip.")})
+        return next(aucs)
+
+    monkeypatch.setattr(multiview_train, "auc_or_none", scripted_auc)
+    config = MultiviewTrainConfig(epochs=3, batch_size=4, learning_rate=1e-2, augment=False, progress=False)
+    history = fit(model, records[1:5], records[5:7], config, "test")
+    assert [h["validation_auc"] for h in history] == [0.9, 0.5, 0.4]
+    kept = model.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in snapshots[0].items())
+    assert not all(torch.equal(kept[k], v) for k, v in snapshots[-1].items())
 
 
 def test_mixed_precision_forward_and_backward(clip_dir: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
 
-from models import save_model_version
+from models import load_model, save_model_version
 from models.errors import ConfigurationError
 from models.preprocess import PreprocessConfig, normalize
 from tests.conftest import free_port, python_env, tiny_model
@@ -146,6 +147,17 @@ def test_card_and_curve_name_counts_only(trained: Path, archive: dict[str, Path]
                           ("patient_id", "accession_number", "study_instance_uid", "sop_instance_uid")}
     assert not [value for value in identifiers if value in text]
     assert str(archive["root"]) not in text
+
+
+def test_the_logit_scale_is_clamped_to_100(tmp_path: Path, archive: dict[str, Path]) -> None:
+    """A start whose logit scale is past CLIP's cap (exp 1000 > 100) leaves its first step at the cap."""
+    hot = tiny_model()
+    with torch.no_grad():
+        hot.logit_scale.fill_(math.log(1000.0))
+    save_model_version(hot, tmp_path / "hot")
+    version = pretrain(archive["index"], tmp_path / "run", start_from=tmp_path / "hot", config=replace(BASE, steps=1))
+    assert _history(tmp_path / "run")[0]["logit_scale"] == pytest.approx(100.0)
+    assert load_model(version).logit_scale.exp().item() == pytest.approx(100.0)
 
 
 def _killed_run(index: str, out: str, start: str) -> None:

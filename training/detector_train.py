@@ -3,8 +3,10 @@
 
 Boxes come from the synthetic generator's masks (``manifest.csv``: each mask's bounding box) or from a
 VinDr-style CSV (``image_id, laterality, view_position, finding_categories, xmin, ymin, xmax, ymax`` in
-source-image pixels; optional ``study_id`` and ``split``). Each image is prepared once by
-``models.preprocess.prepare_dicom`` and its boxes are mapped into model-input pixels through the crop box.
+source-image pixels, ``patient_id`` or ``study_id`` to group the images; optional ``split``). Images of one
+group (patient, else study) are never split apart. The epoch is chosen on validation groups carved from the
+training part; the reported mAP is scored once, at the end, on the held-out images. Each image is prepared once
+by ``models.preprocess.prepare_dicom`` and its boxes are mapped into model-input pixels through the crop box.
 Training augments with random horizontal and vertical flips (the reference's affine and elastic transforms
 are not applied). mAP is VOC-style: per class, detections sorted by score are matched greedily to unmatched
 ground-truth boxes of the same image at IoU >= 0.5, and AP is the area under the all-point interpolated
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 CATEGORY_CLASSES = {"mass": "mass", "suspicious calcification": "calcification", "calcification": "calcification"}
 SPLIT_NAMES = {"training": "train", "train": "train", "test": "test", "validation": "test", "val": "test"}
 BOX_COLUMNS = ("image_id", "laterality", "view_position", "finding_categories", "xmin", "ymin", "xmax", "ymax")
+GROUP_COLUMNS = ("patient_id", "study_id")  # the first a box CSV has groups its images (VinDr: study_id)
 DICOM_SUFFIXES = ("", ".dcm", ".dicom")
 METRICS_FILE = "metrics.json"
 
@@ -154,9 +157,24 @@ def image_boxes(rows: Sequence[Mapping[str, str]]) -> tuple[tuple[tuple[float, f
     return tuple(boxes), tuple(findings)
 
 
+def group_column(csv_path: Path | str, columns: Sequence[str]) -> str:
+    """The column that groups a box CSV's images (``GROUP_COLUMNS``, patient first); a ``ConfigurationError``
+    without one: grouping by image would put the CC and MLO of one breast on both sides of a split."""
+    found = next((name for name in GROUP_COLUMNS if name in columns), None)
+    if found is None:
+        raise ConfigurationError(f"{csv_path} has neither a patient_id nor a study_id column: without one the "
+                                 "views of a breast could land in both training and evaluation")
+    return found
+
+
 def annotations_from_box_csv(csv_path: Path | str, image_root: Path | str) -> list[BoxAnnotation]:
-    """Images of a VinDr-style box CSV (one row per box; 'No Finding' rows give images without boxes)."""
+    """Images of a VinDr-style box CSV (one row per box; 'No Finding' rows give images without boxes), grouped by
+    ``group_column``; every image needs a value there."""
     by_image = box_csv_rows(csv_path)
+    group = group_column(csv_path, list(next(iter(by_image.values()))[0]))
+    ungrouped = [image_id for image_id, image_rows in by_image.items() if not (image_rows[0][group] or "").strip()]
+    if ungrouped:
+        raise ConfigurationError(f"{len(ungrouped)} image(s) of {csv_path} have no {group} (first: {ungrouped[:3]})")
     files = _find_images(Path(image_root))
     annotations, unresolved = [], []
     for image_id, image_rows in by_image.items():
@@ -167,7 +185,7 @@ def annotations_from_box_csv(csv_path: Path | str, image_root: Path | str) -> li
         first = image_rows[0]
         split = SPLIT_NAMES.get(str(first.get("split", "")).strip().lower())
         annotations.append(BoxAnnotation(str(files[image_id]), (first["laterality"], first["view_position"]),
-                                         boxes, findings, first.get("study_id") or image_id, split))
+                                         boxes, findings, first[group].strip(), split))
     if unresolved:
         log.warning("%d image id(s) of %s have no file under %s (first: %s)", len(unresolved), csv_path, image_root,
                     unresolved[:3])
@@ -176,15 +194,36 @@ def annotations_from_box_csv(csv_path: Path | str, image_root: Path | str) -> li
     return annotations
 
 
+def csv_split(annotations: Sequence[BoxAnnotation]) -> bool:
+    """Whether every image has the CSV's split (then it decides what is held out)."""
+    return all(a.split for a in annotations)
+
+
+def _without_groups(annotations: Sequence[BoxAnnotation],
+                    taken: set[str]) -> tuple[list[BoxAnnotation], list[BoxAnnotation]]:
+    return [a for a in annotations if a.group not in taken], [a for a in annotations if a.group in taken]
+
+
 def split_annotations(annotations: Sequence[BoxAnnotation], holdout: float,
                       seed: int) -> tuple[list[BoxAnnotation], list[BoxAnnotation]]:
     """The CSV's train/test split when every image has one, else ``holdout`` of the groups drawn with ``seed``."""
-    if all(a.split for a in annotations):
+    if csv_split(annotations):
         return [a for a in annotations if a.split == "train"], [a for a in annotations if a.split != "train"]
     groups = sorted({a.group for a in annotations})
     rng = np.random.default_rng(seed)
     held = set(rng.permutation(groups)[:max(1, round(len(groups) * holdout))].tolist()) if holdout > 0 else set()
-    return [a for a in annotations if a.group not in held], [a for a in annotations if a.group in held]
+    return _without_groups(annotations, held)
+
+
+def validation_split(train: Sequence[BoxAnnotation], share: float,
+                     seed: int) -> tuple[list[BoxAnnotation], list[BoxAnnotation]]:
+    """(fit, validation): ``share`` of the training part's groups drawn with ``seed``, at least one, always leaving
+    one to train on; no validation when ``share`` is 0 or there are fewer than two groups."""
+    groups = sorted({a.group for a in train})
+    if share <= 0 or len(groups) < 2:
+        return list(train), []
+    count = min(len(groups) - 1, max(1, round(len(groups) * share)))
+    return _without_groups(train, set(np.random.default_rng(seed).permutation(groups)[:count].tolist()))
 
 
 def _prepared(annotation: BoxAnnotation, config: DetectorConfig, cache_dir: Path | None) -> tuple[np.ndarray, CropBox]:
@@ -459,19 +498,23 @@ def train_detector(detector: MammoDetector, train: Sequence[DetectionSample], co
 @dataclass(frozen=True)
 class DetectorData:
     """Where the boxes come from: a synthetic ``manifest.csv`` (boxes of the finding masks) or a VinDr-style box
-    CSV and the folder of its images; without a CSV split, ``holdout`` of the groups is held out."""
+    CSV and the folder of its images; without a CSV split, ``holdout`` of the groups is held out. ``validation``
+    of the training part's groups choose the epoch (0: the last epoch is kept)."""
 
     manifest: Path | None = None
     boxes: Path | None = None
     images: Path | None = None
     holdout: float = 0.2
     cache_dir: Path | None = None
+    validation: float = 0.1
 
     def __post_init__(self) -> None:
         if (self.manifest is None) == (self.boxes is None):
             raise ConfigurationError("give either a synthetic manifest.csv (--manifest) or a box CSV (--boxes)")
         if self.boxes is not None and self.images is None:
             raise ConfigurationError("--boxes needs --images (the folder holding the CSV's images)")
+        if not 0 <= self.validation < 1:
+            raise ConfigurationError(f"--validation must be in [0, 1), not {self.validation}")
 
     @property
     def synthetic(self) -> bool:
@@ -484,14 +527,37 @@ class DetectorData:
 
 
 @dataclass(frozen=True)
+class EpochSelection:
+    """The epoch a run kept: the best mAP on the validation groups (carved from the training part; the held-out
+    images never choose it) or, without a usable validation set, the last epoch, ``reason`` saying why."""
+
+    epoch: int
+    reason: str | None = None
+
+    @property
+    def chosen_on(self) -> str:
+        return "validation" if self.reason is None else "last epoch"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "chosen_on": self.chosen_on, "reason": self.reason}
+
+    def describe(self) -> str:
+        if self.reason is None:
+            return f"epoch {self.epoch} kept: best mAP on the validation images (groups set aside from training)"
+        return f"epoch {self.epoch} kept, the last: no usable validation set ({self.reason})"
+
+
+@dataclass(frozen=True)
 class DetectorRun:
-    """A finished run: the detector folder, held-out metrics (None: nothing held out), history, data counts."""
+    """A finished run: the detector folder, held-out metrics (None: nothing held out), history, data counts and
+    how the kept epoch was chosen."""
 
     folder: Path
     metrics: DetectionMetrics | None
     history: TrainingHistory
     data: dict[str, Any]
     synthetic: bool
+    selection: EpochSelection
 
 
 def build_detector(model: Path | None, classes: Sequence[str], *, variant: str = "efficientnet-b5",
@@ -512,35 +578,60 @@ def _counts(samples: Sequence[DetectionSample], classes: Sequence[str]) -> dict[
             **{f"{name}_boxes": int(sum((s.labels == i).sum() for s in samples)) for i, name in enumerate(classes)}}
 
 
-def write_outputs(out: Path, detector: MammoDetector, history: TrainingHistory, metrics: DetectionMetrics | None,
-                  data: dict[str, Any], synthetic: bool, config: DetectorTrainConfig) -> None:
-    """The detector folder (weights, config, card) and ``metrics.json`` (held-out mAP per class, history)."""
-    figures = {"validation": metrics.to_dict() if metrics else None, "best_epoch": history.best_epoch,
-               "data": data, "history": history.epochs}
-    card = {"name": "lesion-detector", "intended_use": NOT_CLINICAL if synthetic else RESEARCH_ONLY,
-            "clinical_use": False, "train_config": asdict(config), "data": data,
-            "mAP@0.5": metrics.mean_average_precision if metrics else None}
+def write_outputs(out: Path, detector: MammoDetector, run: DetectorRun, config: DetectorTrainConfig) -> None:
+    """The detector folder (weights, config, card) and ``metrics.json`` (held-out mAP per class, how the epoch
+    was chosen, history); both say which images chose the epoch and which gave the mAP."""
+    evaluation = {"mAP_on": f"held_out ({run.data['held_out_from']})", "epoch_selection": run.selection.to_dict()}
+    figures = {"held_out": run.metrics.to_dict() if run.metrics else None, **evaluation,
+               "best_epoch": run.history.best_epoch, "data": run.data, "history": run.history.epochs}
+    card = {"name": "lesion-detector", "intended_use": NOT_CLINICAL if run.synthetic else RESEARCH_ONLY,
+            "clinical_use": False, "train_config": asdict(config), "data": run.data,
+            "mAP@0.5": run.metrics.mean_average_precision if run.metrics else None, "evaluation": evaluation}
     save_detector(detector, out, card)
     (out / METRICS_FILE).write_text(json.dumps(figures, indent=2))
 
 
+def _no_validation(share: float, validation: Sequence[DetectionSample]) -> str | None:
+    """Why the validation set cannot choose the epoch; None when it can."""
+    if share <= 0:
+        return "validation share 0"
+    if not validation:
+        return "fewer than two training groups: none can be set aside"
+    if not any(len(s.labels) for s in validation):
+        return "the validation images hold no box of the detector's classes"
+    return None
+
+
 def run_detector(data: DetectorData, detector: MammoDetector, out: Path | str,
                  config: DetectorTrainConfig) -> DetectorRun:
-    """Split, prepare, train (the best held-out epoch kept, ``out/last`` the latest), score mAP@0.5 on the
-    held-out images and write the detector folder with ``metrics.json``. ``out`` must not hold a run yet."""
+    """Split by group, prepare, train (the epoch chosen on validation groups of the training part, else the last;
+    ``out/last`` the latest), score mAP@0.5 once on the held-out images and write the detector folder with
+    ``metrics.json``. ``out`` must not hold a run yet."""
     out = Path(out)
     if (out / METRICS_FILE).exists():
         raise ConfigurationError(f"{out} already holds a training run: choose another folder")
-    train_part, held_part = split_annotations(data.annotations(), data.holdout, config.seed)
-    train, held = (prepare_samples(part, detector.config, cache_dir=data.cache_dir, progress=config.progress)
-                   for part in (train_part, held_part))
-    history = train_detector(detector, train, config, held, checkpoint=out / "last")
+    annotations = data.annotations()
+    train_part, held_part = split_annotations(annotations, data.holdout, config.seed)
+    fit_part, validation_part = validation_split(train_part, data.validation, config.seed + 1)
+    train, validation, held = (prepare_samples(part, detector.config, cache_dir=data.cache_dir,
+                                               progress=config.progress)
+                               for part in (fit_part, validation_part, held_part))
+    reason = _no_validation(data.validation, validation)
+    if reason is not None:
+        log.warning("no usable validation set (%s): the last epoch is kept", reason)
+        train, validation = [*train, *validation], []
+    history = train_detector(detector, train, config, validation, checkpoint=out / "last")
     metrics = evaluate(detector, held, score_threshold=config.eval_score_threshold) if held else None
     classes = detector.config.classes
+    held_from = ("the CSV's test/validation rows" if csv_split(annotations)
+                 else f"{data.holdout:g} of the groups, seed {config.seed}")
     counts = {"source": str(data.manifest or data.boxes), "train": _counts(train, classes),
-              "held_out": _counts(held, classes)}
-    write_outputs(out, detector, history, metrics, counts, data.synthetic, config)
-    return DetectorRun(out, metrics, history, counts, data.synthetic)
+              "validation": _counts(validation, classes), "held_out": _counts(held, classes),
+              "held_out_from": held_from}
+    run = DetectorRun(out, metrics, history, counts, data.synthetic,
+                      EpochSelection(history.best_epoch or config.epochs, reason))
+    write_outputs(out, detector, run, config)
+    return run
 
 
 def _figure(value: float | None) -> str:
@@ -548,15 +639,15 @@ def _figure(value: float | None) -> str:
 
 
 def summary_lines(run: DetectorRun, base: Path | str | None = None) -> list[str]:
-    """What a run printed at its end: held-out AP per class and mAP, where it is, how to serve it."""
-    lines = []
+    """What a run printed at its end: how the epoch was chosen, held-out AP per class and mAP, where it is, how to
+    serve it."""
+    lines = [run.selection.describe()]
     if run.metrics is None:
         lines.append("no held-out images: mAP not computed")
     else:
         m = run.metrics
-        best = f", best epoch {run.history.best_epoch}" if run.history.best_epoch else ""
         lines.append(f"held-out mAP@{m.iou_threshold:g} {_figure(m.mean_average_precision)} on {m.images} images "
-                     f"(score >= {m.score_threshold:g}{best}); AP per class:")
+                     f"({run.data['held_out_from']}; score >= {m.score_threshold:g}); AP per class:")
         lines += [f"  {name:<14} AP@{m.iou_threshold:g} {_figure(ap):>5}  ({m.ground_truth_boxes[name]} boxes, "
                   f"{m.detections[name]} detections)" for name, ap in m.average_precision.items()]
     lines += [f"detector written to {run.folder} (metrics.json; the latest epoch in {run.folder / 'last'})",
@@ -573,14 +664,17 @@ and report its mAP@0.5 per class on held-out images.
 data, one of:
   --manifest manifest.csv    synthetic phantoms (`mammo-node synth`): one box per finding mask
   --boxes CSV --images DIR   a VinDr-style box CSV (image_id, laterality, view_position, finding_categories,
-                             xmin, ymin, xmax, ymax in source-image pixels; optional study_id and split) and the
-                             folder holding its images as <image_id>, <image_id>.dicom or <image_id>.dcm
-The CSV's split column (training/test) is used when every image has one; otherwise --holdout of the studies
-(patients for a manifest) is held out and scored after every epoch (the best epoch is kept).
+                             xmin, ymin, xmax, ymax in source-image pixels; patient_id or study_id, which
+                             groups the images; optional split) and the folder holding its images as
+                             <image_id>, <image_id>.dicom or <image_id>.dcm
+Images of one patient (else study) stay on one side of every split. The CSV's split column (training/test) is
+used when every image has one; otherwise --holdout of the groups is held out. --validation of the training
+groups are set aside and scored after every epoch: the best epoch is kept (without them, the last). The
+held-out images are scored once, at the end: that is the reported mAP.
 
 writes OUT: the detector folder (weights.safetensors, config.json, card.json), metrics.json (held-out AP per
-class, mAP, per-epoch history) and OUT/last (the latest epoch). Serve it with the version whose encoder it was
-trained on (--model):
+class, mAP, which epoch was kept and on which images, per-epoch history) and OUT/last (the latest epoch).
+Serve it with the version whose encoder it was trained on (--model):
   mammo-node model register BASE --name site-v1-det --detector OUT && mammo-node model activate site-v1-det
 
 A detector trained on synthetic phantoms is NOT a clinical model: its mAP only shows that the pipeline learns."""
@@ -622,6 +716,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--eval-score-threshold", type=float, default=None,
                         help="score threshold of the mAP (default: the detector's 0.2)")
     parser.add_argument("--holdout", type=float, default=0.2, help="share of groups held out (no CSV split)")
+    parser.add_argument("--validation", type=float, default=0.1,
+                        help="share of the training groups that choose the epoch (0: keep the last epoch)")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR", help="keep prepared images here (.npy, memory-mapped)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -634,7 +730,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m training.dete
     print the summary (``mammo-node train detector`` runs this too)."""
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    data = DetectorData(args.manifest, args.boxes, args.images, args.holdout, args.cache_dir)
+    data = DetectorData(args.manifest, args.boxes, args.images, args.holdout, args.cache_dir, args.validation)
     torch.manual_seed(args.seed)
     detector = build_detector(args.model, args.classes, variant=args.variant, input_size=args.input_size,
                               anchor_size=args.anchor_size, fpn_channels=args.fpn_channels).to(args.device)

@@ -11,7 +11,8 @@ where L_i2t / L_t2i are InfoNCE losses averaged over the four image-text pairs (
 scores its own rows against the embeddings of all processes, as the reference does. With gradient
 accumulation the negatives are those of one micro-batch. Optimizer and schedule as the reference: AdamW
 (lr 5e-5, weight decay 1e-4), linear warm-up over the first 1/15 of the steps (1 of its 15 epochs), then
-cosine decay to zero (its cos^2 form is the same curve).
+cosine decay to zero (its cos^2 form is the same curve). After each step the logit scale is clamped to
+[0, ln 100], as CLIP and open_clip do.
 
 Launch with ``python -m torch.distributed.run --nproc_per_node=K -m training.pretrain INDEX OUT ...`` for
 several processes (NCCL on CUDA, gloo on CPU); rank 0 alone writes the log, checkpoints and model version.
@@ -55,6 +56,7 @@ CHECKPOINT_DIR = "checkpoints"
 VERSION_DIR = "model"
 RESEARCH_ONLY = "Research use only: contrastive pretraining on a site archive, not validated for clinical use."
 LOSS_PARTS = ("loss", "i2t", "t2i", "i2i", "t2t")
+MAX_LOGIT_SCALE = math.log(100.0)  # the logit scale is clamped to [0, ln 100] after each step, as in CLIP
 # Settings a resumed run may change without changing the trajectory.
 RESUME_FREE = ("resume", "progress", "workers", "checkpoint_every", "keep_checkpoints")
 
@@ -403,6 +405,8 @@ class PretrainRun:
             totals += torch.stack([parts[name].detach() for name in LOSS_PARTS]) / accumulation
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.world > 1:
