@@ -25,10 +25,11 @@ def test_ingest_benchmark_prints_the_table_for_verified_runs() -> None:
     assert lines[0].startswith("8 MG instances")
     header = next(index for index, line in enumerate(lines) if line.startswith("receiver"))
     assert header > 0 and "node/storescp" in lines[header]
-    rows = [line.split() for line in lines[header + 1:header + 5]]
+    rows = [line.split() for line in lines[header + 1:header + 7]]
     assert [(row[0], row[1], row[2]) for row in rows] == [
-        ("storescp", "1", "8"), ("node", "1", "8"), ("storescp", "2", "8"), ("node", "2", "8")]
-    assert rows[1][-1].endswith("x") and rows[3][-1].endswith("x")
+        ("storescp", "1", "8"), ("disk", "1", "8"), ("node", "1", "8"),
+        ("storescp", "2", "8"), ("disk", "2", "8"), ("node", "2", "8")]
+    assert all(rows[index][-1].endswith("x") for index in (1, 2, 4, 5))
     assert any(line.startswith("every run verified") for line in lines)
 
 
