@@ -173,9 +173,12 @@ def finetune_command(settings: Settings, index: str, model_path: Path, out: Path
 @click.option("--text-encoder", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Local text-encoder directory, for a reference .tar checkpoint.")
 @click.option("--device", type=click.Choice(DEVICES), help=DEVICE_HELP)
+@click.option("--prompts", type=click.Choice(["node", "reference"]), default="node", show_default=True,
+              help="node: the node's prompt templates (what it serves); reference: the reference's own prompts "
+                   "and scoring, to reproduce its published zero-shot figures with its checkpoints.")
 @click.pass_obj
 def evaluate_command(settings: Settings, index: str, model_path: Path, out: Path, split: str,
-                     text_encoder: Path | None, device: str | None) -> None:
+                     text_encoder: Path | None, device: str | None, prompts: str) -> None:
     """Zero-shot evaluation of MODEL_PATH on INDEX's split: mass, calcification and malignancy AUC with 95% CI
     and sensitivity at 90/95% specificity, per image, breast and study, and image-level subgroup AUCs (density,
     age band, manufacturer, view); metrics.json, roc.png, report.html. With no validation split, the operating
@@ -184,7 +187,7 @@ def evaluate_command(settings: Settings, index: str, model_path: Path, out: Path
 
     try:
         results = zero_shot_evaluation(index, model_path, out, split=split, text_encoder=text_encoder,
-                                       device=_device(settings, device))
+                                       device=_device(settings, device), prompts=prompts)
     except NodeError as error:
         raise click.ClickException(str(error)) from None
     for target, levels in results.items():

@@ -43,3 +43,17 @@ PROMPT_TASKS: dict[str, PromptTask] = {
                    ("{}", "assessment: {}"), ("1", "2", "3", "4", "5")),
     )
 }
+
+# The reference's own zero-shot prompts (its ``configs/zs_clip.yaml``): one phrase per class, no template. With
+# ``ZeroShotClassifier(..., prompt_set="reference")`` they are scored as its evaluator scores them (softmax of the
+# cosine similarities, no logit scale), to reproduce its published zero-shot figures with its checkpoints.
+REFERENCE_PROMPT_TASKS: dict[str, PromptTask] = {
+    task.name: task
+    for task in (
+        PromptTask("mass", ("no mass", "mass"), ("{}",), ("absent", "present")),
+        PromptTask("calcification", ("no suspicious calcification", "suspicious calcification"), ("{}",),
+                   ("absent", "present")),
+        PromptTask("malignancy", ("no malignancy", "malignancy"), ("{}",), ("benign", "malignant")),
+    )
+}
+PROMPT_SETS = {"node": PROMPT_TASKS, "reference": REFERENCE_PROMPT_TASKS}

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from models.clip import MammoClip
-from models.prompts import PROMPT_TASKS, PromptTask
+from models.prompts import PROMPT_SETS, PROMPT_TASKS, PromptTask
 
 
 @dataclass
@@ -69,13 +69,19 @@ def card_calibration(model: MammoClip) -> dict[str, LogitCalibration]:
 
 class ZeroShotClassifier:
     """Text embeddings of every prompt, computed once; softmax over classes, averaged over templates; each task's
-    logits calibrated first when ``calibration`` (default: the model card's) has it."""
+    logits calibrated first when ``calibration`` (default: the model card's) has it.
+
+    ``prompt_set``: ``node`` (``PROMPT_TASKS``, logits scaled by the model's logit scale) or ``reference`` (the
+    reference's own prompts, scored as its evaluator does: softmax of the cosine similarities, no scale, no
+    calibration)."""
 
     def __init__(self, model: MammoClip, tasks: Iterable[str] = tuple(PROMPT_TASKS),
-                 calibration: Mapping[str, LogitCalibration] | None = None) -> None:
+                 calibration: Mapping[str, LogitCalibration] | None = None, prompt_set: str = "node") -> None:
         self.model = model
-        self.tasks = [PROMPT_TASKS[name] for name in tasks]
-        self.calibration = dict(card_calibration(model) if calibration is None else calibration)
+        prompts = PROMPT_SETS[prompt_set]
+        self.tasks = [prompts[name] for name in tasks]
+        reference = prompt_set == "reference"
+        self.calibration = {} if reference else dict(card_calibration(model) if calibration is None else calibration)
         for name, entry in self.calibration.items():
             if name in PROMPT_TASKS and len(entry.bias) != len(PROMPT_TASKS[name].classes):
                 raise ValueError(f"the {name} calibration has {len(entry.bias)} biases for "
@@ -85,7 +91,7 @@ class ZeroShotClassifier:
                 task.name: torch.stack([model.encode_texts(row) for row in task.prompts()]).float().cpu()
                 for task in self.tasks
             }
-            self.scale = float(model.logit_scale.exp().clamp(max=100.0))
+            self.scale = 1.0 if reference else float(model.logit_scale.exp().clamp(max=100.0))
 
     def logits(self, task: str, image_embeddings: Tensor) -> Tensor:
         """Uncalibrated logits of one task (templates, N, classes)."""

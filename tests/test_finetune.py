@@ -276,11 +276,13 @@ def test_train_finetune_command(archive: dict[str, Path], tmp_path: Path) -> Non
 
 def test_train_evaluate_command_zero_shot(archive: dict[str, Path], tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "evaluate", str(archive["index"]),
-                             str(archive["tiny"]), str(tmp_path / "eval"), "--device", "cpu"], capture_output=True,
+                             str(archive["tiny"]), str(tmp_path / "eval"), "--device", "cpu", "--prompts",
+                             "reference"], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data")})
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["results"]) == {"malignancy", "mass", "calcification"} and metrics["split"] == "test"
+    assert metrics["prompts"] == "reference"
     scored = {target: levels["breast"] for target, levels in metrics["results"].items()
               if isinstance(levels.get("breast"), dict)}
     assert scored and (tmp_path / "eval" / "roc.png").exists()
@@ -289,3 +291,4 @@ def test_train_evaluate_command_zero_shot(archive: dict[str, Path], tmp_path: Pa
         assert breast["thresholds_from"] == EVALUATED_SET and breast["bootstrap"] == "cluster"
     page = (tmp_path / "eval" / "report.html").read_text()
     assert page.count("Zero-shot") >= 1 and "fitted on the evaluated split itself" in page
+    assert "the reference&#x27;s own" in page or "the reference's own" in page

@@ -12,6 +12,25 @@ from models.zero_shot import CALIBRATION_KEY, LogitCalibration, ZeroShotClassifi
 from training.calibration import class_index, fit_task
 
 
+def test_the_reference_prompt_set_scores_as_the_reference_evaluator(model) -> None:
+    """The reference's own prompts (configs/zs_clip.yaml), one per class, scored as softmax(cosine similarity):
+    no logit scale and no calibration, whatever the card says."""
+    model.card = {CALIBRATION_KEY: {"mass": {"scale": 0.5, "bias": [0.0, -1.0]}}}
+    try:
+        classifier = ZeroShotClassifier(model, tasks=["mass", "calcification", "malignancy"], prompt_set="reference")
+    finally:
+        del model.card
+    assert [task.classes for task in classifier.tasks] == [
+        ("no mass", "mass"), ("no suspicious calcification", "suspicious calcification"),
+        ("no malignancy", "malignancy")]
+    assert classifier.scale == 1.0 and classifier.calibration == {}
+    images = torch.nn.functional.normalize(torch.randn(4, model.config.projection_dim), dim=-1)
+    with torch.inference_mode():
+        text = torch.nn.functional.normalize(model.encode_texts(["no mass", "mass"]).float(), dim=-1)
+    expected = torch.softmax(images @ text.T, dim=-1)[:, 1]
+    torch.testing.assert_close(classifier.classify(images)["mass"].score(), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_probabilities_are_distributions_over_each_task(model) -> None:
     classifier = ZeroShotClassifier(model)
     images = torch.nn.functional.normalize(torch.randn(3, model.config.projection_dim), dim=-1)

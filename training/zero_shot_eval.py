@@ -29,22 +29,27 @@ from training.finetune import (
 )
 
 NOTE = "Zero-shot scores: prompts only, no head trained on this site's data."
+PROMPTS_NOTES = {"node": "Prompts: the node's (several templates per class, the model's logit scale, the card's "
+                         "calibration when it has one).",
+                 "reference": "Prompts: the reference's own (configs/zs_clip.yaml: one phrase per class), scored as "
+                              "its evaluator does (softmax of the cosine similarities)."}
 
 
 def zero_shot_evaluation(index_location: str | Path, model_path: Path | str, out: Path, *, split: str = "test",
                          text_encoder: Path | None = None, batch_size: int = 16, n_bootstrap: int = 1000,
-                         progress: bool = True, device: str = "cpu") -> dict[str, dict]:
+                         progress: bool = True, device: str = "cpu", prompts: str = "node") -> dict[str, dict]:
     """Metrics per binary target and level, and its image-level subgroup table, on ``split``, the model on
-    ``device``; writes ``metrics.json``, ``roc.png`` and ``report.html`` into ``out``. Targets without both classes
-    in the split are reported with the reason."""
+    ``device``, with the ``prompts`` set (``models.prompts.PROMPT_SETS``: the node's, or the reference's own to
+    reproduce its figures); writes ``metrics.json``, ``roc.png`` and ``report.html`` into ``out``. Targets without
+    both classes in the split are reported with the reason."""
     model = load_model(model_path, text_encoder=text_encoder, device=device).eval()
-    classifier = ZeroShotClassifier(model, BINARY_TARGETS)
+    classifier = ZeroShotClassifier(model, BINARY_TARGETS, prompt_set=prompts)
     preprocess = model.config.preprocess()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     breast_curves: dict[str, BinaryMetrics] = {}
     tables: dict[str, SubgroupTable] = {}
-    notes = [NOTE]
+    notes = [NOTE, PROMPTS_NOTES[prompts]]
     for target in BINARY_TARGETS:
         records, left_out = load_images(index_location, split, preprocess, target)
         if not records:
@@ -68,8 +73,8 @@ def zero_shot_evaluation(index_location: str | Path, model_path: Path | str, out
             breast_curves[target] = metrics["breast"]
         if isinstance(subgroups, SubgroupTable):
             tables[target] = subgroups
-    (out / "metrics.json").write_text(json.dumps({"split": split, "model": str(model_path), "results": results},
-                                                 indent=2))
+    (out / "metrics.json").write_text(json.dumps({"split": split, "model": str(model_path), "prompts": prompts,
+                                                  "results": results}, indent=2))
     images = {"ROC, breast level": plot_roc(breast_curves, out / "roc.png", f"Zero-shot, {split} split")} \
         if breast_curves else {}
     write_html_report(out / "report.html", title="Zero-shot evaluation", model_description=str(model_path),
