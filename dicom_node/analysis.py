@@ -217,7 +217,7 @@ def _prepare_readable(candidates: list[SourceInstance],
 
 def _prepare_view(path: Path, config: PreprocessConfig) -> PreparedView:
     ds = read_dicom(path)
-    pixels = presentation_pixels(ds)  # windowed once, for the model and for the overlays
+    pixels = presentation_pixels(ds)  # windowed for the overlays, and for a model that starts from them
     image, box = prepare_presentation(ds, pixels, config)
     return PreparedView(ds, normalize(image, config), box, display_pixels(pixels))
 

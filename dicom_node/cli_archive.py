@@ -69,12 +69,17 @@ def index_command(settings: Settings, root: Path, reports: Path | None, label_ta
 @click.option("--size", default="1520x912", show_default=True, help="Model input HEIGHTxWIDTH.")
 @click.option("--workers", type=int, help="Processes (default: all cores).")
 @click.option("--retry-failed", is_flag=True, help="Try again the images that failed to convert before.")
+@click.option("--voi/--no-voi", "apply_voi", default=False, show_default=True,
+              help="Start from the VOI-windowed pixels: only for training from a model version this node trained "
+                   "before the reference's unwindowed input became the default (`model show` has no apply_voi "
+                   "in its config); reference checkpoints and new models read unwindowed pixels.")
 @click.pass_obj
 def convert_command(settings: Settings, index: str | None, cache_dir: Path | None, size: str, workers: int | None,
-                    retry_failed: bool) -> None:
+                    retry_failed: bool, apply_voi: bool) -> None:
     """Turn each indexed image into the model's uint8 input once, with the preprocessing inference uses.
 
-    Resumable and idempotent: only images without a current cache file are converted.
+    Resumable and idempotent: only images without a current cache file are converted. Conversions with and
+    without --voi, or at another --size, are kept apart.
     """
     from dicom_node.cli import parse_size
     from models.preprocess import PreprocessConfig
@@ -87,7 +92,8 @@ def convert_command(settings: Settings, index: str | None, cache_dir: Path | Non
     except NodeError as error:
         raise click.ClickException(str(error)) from None
     folder = cache_dir or settings.data_dir / "archive" / "cache"
-    summary = convert_archive(sessions, folder, PreprocessConfig(height=height, width=width), workers, retry_failed)
+    summary = convert_archive(sessions, folder, PreprocessConfig(height=height, width=width, apply_voi=apply_voi),
+                              workers, retry_failed)
     click.echo(f"converted {summary.converted}, failed {summary.failed}, already done or failed before "
                f"{summary.already_current}; cache: {summary.cache_folder}")
     if summary.failed:

@@ -31,6 +31,7 @@ class ClipConfig:
     pixel_std: float = REFERENCE_STD
     text_max_length: int = 256
     temperature: float = 0.07
+    apply_voi: bool = False  # True: the input starts from VOI-windowed pixels (see ``PreprocessConfig``)
 
     def __post_init__(self) -> None:
         if self.image_encoder not in EFFICIENTNET_SPECS:
@@ -43,13 +44,14 @@ class ClipConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClipConfig:
+        """A saved config; one saved before ``apply_voi`` existed is a model trained on VOI-windowed input."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{"apply_voi": True, **{k: v for k, v in data.items() if k in known}})
 
     def preprocess(self) -> PreprocessConfig:
         """The image preprocessing this model expects."""
         return PreprocessConfig(height=self.input_height, width=self.input_width,
-                                mean=self.pixel_mean, std=self.pixel_std)
+                                mean=self.pixel_mean, std=self.pixel_std, apply_voi=self.apply_voi)
 
 
 class LinearProjection(nn.Module):

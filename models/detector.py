@@ -90,6 +90,7 @@ class DetectorConfig:
     detections_per_image: int = 100
     padding: str = "stage"
     base_model_sha256: str = ""
+    apply_voi: bool = False  # the input starts from VOI-windowed pixels (``models.preprocess.PreprocessConfig``)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -109,15 +110,16 @@ class DetectorConfig:
     def preprocess(self) -> PreprocessConfig:
         """The image preprocessing this detector expects."""
         return PreprocessConfig(height=self.input_height, width=self.input_width, mean=self.pixel_mean,
-                                std=self.pixel_std)
+                                std=self.pixel_std, apply_voi=self.apply_voi)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "classes": list(self.classes)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DetectorConfig:
+        """A saved config; one saved before ``apply_voi`` existed is a detector trained on VOI-windowed input."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{"apply_voi": True, **{k: v for k, v in data.items() if k in known}})
 
 
 # ---------------------------------------------------------------------------------------------- backbone
@@ -320,7 +322,7 @@ def detector_from_clip(model: MammoClip, classes: Sequence[str] = DEFAULT_CLASSE
     config = {"classes": tuple(classes), "image_encoder": model.config.image_encoder,
               "input_height": model.config.input_height, "input_width": model.config.input_width,
               "pixel_mean": model.config.pixel_mean, "pixel_std": model.config.pixel_std,
-              "base_model_sha256": report.sha256 if report else ""}
+              "apply_voi": model.config.apply_voi, "base_model_sha256": report.sha256 if report else ""}
     detector = MammoDetector(DetectorConfig(**{**config, **overrides}))
     detector.backbone.encoder.load_state_dict(model.image_encoder.state_dict())
     return detector

@@ -71,6 +71,7 @@ class MultiViewConfig:
     malignant_prompts: tuple[str, ...] = ("a mammogram of a malignant case", "screening mammogram with breast cancer")
     pixel_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     pixel_std: tuple[float, ...] = OPENAI_CLIP_STD
+    apply_voi: bool = False  # the views start from VOI-windowed pixels (``models.preprocess.PreprocessConfig``)
 
     def __post_init__(self) -> None:
         if not self.benign_prompts or not self.malignant_prompts:
@@ -83,12 +84,14 @@ class MultiViewConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MultiViewConfig:
+        """A saved config; one saved before ``apply_voi`` existed is a model trained on VOI-windowed views."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
+        return cls(**{"apply_voi": True,
+                      **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}})
 
     def preprocess(self) -> PreprocessConfig:
         """The project's DICOM preprocessing (crop, resize) at this input size; also names the conversion cache."""
-        return PreprocessConfig(height=self.input_height, width=self.input_width)
+        return PreprocessConfig(height=self.input_height, width=self.input_width, apply_voi=self.apply_voi)
 
 
 @dataclass(frozen=True)

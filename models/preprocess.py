@@ -1,9 +1,11 @@
 """Mammogram -> model tensor, as the Mammo-CLIP reference prepares its images (§3 of the reference notes).
 
-DICOM path: modality LUT, VOI window (mirrored for MONOCHROME1 so both photometric interpretations give the
-same picture), 5-px border crop, min-max to uint8, breast crop by threshold ("ExtractBreast"), area resize to
-H x W (1520 x 912 by default, aspect ratio not kept, as the reference does), per-image min-max and the
-reference's single mean/std, three identical channels. PNG path: the reference's offline format.
+DICOM path: modality LUT, MONOCHROME1 inverted (max - x), 5-px border crop, min-max to uint8, breast crop by
+threshold ("ExtractBreast"), area resize to H x W (1520 x 912 by default, aspect ratio not kept, as the reference
+does), per-image min-max and the model's single mean/std, three identical channels. The reference never applies
+the VOI window or LUT; models this node trained before ``PreprocessConfig.apply_voi`` existed saw it applied
+first (mirrored for MONOCHROME1, so both photometric interpretations give the same picture) and keep it. The
+pixels shown to people (``presentation_pixels``) are always windowed. PNG path: the reference's offline format.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Target size and normalization of the model input."""
+    """Target size, normalization and intensities of the model input.
+
+    ``apply_voi``: start from the VOI-windowed ``presentation_pixels`` (the node's models trained before the flag
+    existed) instead of the reference's unwindowed modality values.
+    """
 
     height: int = 1520
     width: int = 912
@@ -37,6 +43,7 @@ class PreprocessConfig:
     std: float = 0.25053555408335154
     border: int = 5
     threshold: int = 40
+    apply_voi: bool = False
 
 
 def _describe(ds: Dataset) -> str:
@@ -74,13 +81,28 @@ def _first(value: object) -> float:
 
 
 def presentation_pixels(ds: Dataset) -> np.ndarray:
-    """Pixels as float32 in [0, 1]-like units where bright means dense (MONOCHROME2 sense).
+    """Pixels to display, as float32 in [0, 1]-like units where bright means dense (MONOCHROME2 sense).
 
     The VOI window is applied when present. For MONOCHROME1 the values and the window centre are mirrored
     about the stored range before windowing, so a MONOCHROME1 image and its MONOCHROME2 twin agree. Anything
     that cannot be displayed as a mammogram (another photometric interpretation, a window of no width, values
     of the wrong type, non-finite results) is an ``ImageDecodeError`` naming the problem.
     """
+    return _decoded(ds, voi=True)
+
+
+def model_pixels(ds: Dataset, config: PreprocessConfig) -> np.ndarray:
+    """The pixels the model input starts from: ``presentation_pixels`` when ``config.apply_voi``, else the
+    reference's: the modality LUT only, MONOCHROME1 as max - x, no VOI window or LUT."""
+    return _decoded(ds, voi=config.apply_voi)
+
+
+def _has_voi(ds: Dataset) -> bool:
+    return ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
+
+
+def _decoded(ds: Dataset, voi: bool) -> np.ndarray:
+    """Float32 pixels, bright meaning dense, VOI applied when ``voi``; an ``ImageDecodeError`` for any problem."""
     photometric = ds.get("PhotometricInterpretation")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageDecodeError(f"{_describe(ds)}: photometric interpretation {photometric!r} is not grayscale.")
@@ -92,29 +114,30 @@ def presentation_pixels(ds: Dataset) -> np.ndarray:
         raise ImageDecodeError(f"{_describe(ds)}: pixel data cannot be decoded ({error}).") from error
     if stored.ndim != 2:
         raise ImageDecodeError(f"{_describe(ds)}: expected one grayscale frame, got array shape {stored.shape}.")
+    attributes = "modality or VOI" if voi else "modality"
     try:
-        values = _displayed(ds, stored, photometric == "MONOCHROME1")
+        values = _displayed(ds, stored, photometric == "MONOCHROME1", voi)
     except MemoryError:
         raise  # the machine's, not the image's: the job is retried
     except Exception as error:  # pydicom's LUT code raises many types too (NotImplementedError, struct.error...)
-        raise ImageDecodeError(f"{_describe(ds)}: its modality or VOI attributes cannot be applied "
+        raise ImageDecodeError(f"{_describe(ds)}: its {attributes} attributes cannot be applied "
                                f"({type(error).__name__}: {error}).") from error
     if not np.isfinite(values).all():
-        raise ImageDecodeError(f"{_describe(ds)}: its modality or VOI attributes give non-finite pixel values.")
+        raise ImageDecodeError(f"{_describe(ds)}: its {attributes} attributes give non-finite pixel values.")
     return values
 
 
-def _displayed(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> np.ndarray:
-    """The modality LUT, mirror and VOI of ``presentation_pixels``. Each output pixel depends on its stored value
+def _displayed(ds: Dataset, stored: np.ndarray, monochrome1: bool, voi: bool) -> np.ndarray:
+    """The modality LUT, mirror and (when ``voi``) VOI of ``_decoded``. Each output pixel depends on its stored value
     alone (except the image maximum of an unwindowed MONOCHROME1 image), so an integer image of at most 16 bits
     is mapped through a table computed once per value of its range: the same float64 arithmetic on a few
     thousand values instead of tens of millions, and one gather (4096 x 3328: ~0.35 s -> ~0.03 s). An unsigned
     image indexes a table of its whole type's range directly (no shifted index array: ~45 -> ~28 ms)."""
-    windowed = "WindowCenter" in ds and "WindowWidth" in ds
+    windowed = voi and "WindowCenter" in ds and "WindowWidth" in ds
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are refused by the caller
         if stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2:
             low, high = int(stored.min()), int(stored.max())
-            table = _display_values(ds, np.arange(low, high + 1).astype(stored.dtype), monochrome1)
+            table = _display_values(ds, np.arange(low, high + 1).astype(stored.dtype), monochrome1, voi)
             if windowed or not monochrome1:
                 table = table.astype(np.float32)
             if stored.dtype.kind == "u":
@@ -124,16 +147,18 @@ def _displayed(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> np.ndarray
             else:
                 values = table[np.subtract(stored, low, dtype=np.int32)]
         else:
-            values = _display_values(ds, stored, monochrome1)
+            values = _display_values(ds, stored, monochrome1, voi)
         if monochrome1 and not windowed:
             values = values.max() - values
         return values.astype(np.float32, copy=False)
 
 
-def _display_values(ds: Dataset, stored: np.ndarray, monochrome1: bool) -> np.ndarray:
-    """Stored values -> float64 display values (windowed into [0, 1] when the dataset has a window); called under
-    ``_displayed``'s ``np.errstate``."""
+def _display_values(ds: Dataset, stored: np.ndarray, monochrome1: bool, voi: bool) -> np.ndarray:
+    """Stored values -> float64 values after the modality LUT, and with ``voi`` the VOI (windowed into [0, 1] when
+    the dataset has a window); called under ``_displayed``'s ``np.errstate``."""
     values = apply_modality_lut(stored, ds).astype(np.float64)
+    if not voi:
+        return values
     slope = float(ds.get("RescaleSlope", 1.0))
     intercept = float(ds.get("RescaleIntercept", 0.0))
     mirror = (2 ** int(ds.get("BitsStored", 16)) - 1) * slope + 2 * intercept
@@ -214,15 +239,25 @@ def resize(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 
 
 def prepare_dicom(source: Path | Dataset, config: PreprocessConfig = PreprocessConfig()) -> tuple[np.ndarray, CropBox]:
-    """The reference's offline PNG (windowed, border-cropped, uint8, breast-cropped, resized) and its crop box."""
+    """The model's uint8 image (border-cropped, min-max, breast-cropped, resized: the reference's offline PNG unless
+    ``config.apply_voi``) and its crop box."""
     ds = read_dicom(source)
-    return prepare_presentation(ds, presentation_pixels(ds), config)
+    return _prepare(ds, model_pixels(ds, config), config)
 
 
 def prepare_presentation(ds: Dataset, pixels: np.ndarray,
                          config: PreprocessConfig = PreprocessConfig()) -> tuple[np.ndarray, CropBox]:
-    """``prepare_dicom`` from the already computed ``presentation_pixels(ds)`` (a caller that also displays the
-    image computes them once)."""
+    """``prepare_dicom`` for a caller that also displays the image: its ``pixels = presentation_pixels(ds)`` are
+    reused when the model starts from them too (``config.apply_voi``, or an image without VOI attributes). A VOI
+    that leaves nothing to display fails the image whichever pixels the model starts from."""
+    if not config.apply_voi and _has_voi(ds):
+        if pixels.min() == pixels.max():
+            raise ImageDecodeError(f"{_describe(ds)}: its VOI attributes leave a blank image to display.")
+        pixels = model_pixels(ds, config)
+    return _prepare(ds, pixels, config)
+
+
+def _prepare(ds: Dataset, pixels: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, CropBox]:
     b = config.border
     if min(pixels.shape) <= 2 * b + 2:
         raise ImageDecodeError(f"{_describe(ds)}: image of {pixels.shape} is too small to be a mammogram.")
@@ -233,7 +268,7 @@ def prepare_presentation(ds: Dataset, pixels: np.ndarray,
 
 
 def dicom_to_uint8(source: Path | Dataset, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
-    """The reference's offline PNG: windowed, border-cropped, uint8, breast-cropped and resized."""
+    """The model's uint8 image (``prepare_dicom`` without the crop box)."""
     return prepare_dicom(source, config)[0]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import cv2
@@ -10,14 +12,19 @@ import pydicom
 import pytest
 import torch
 from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
 
+from models.clip import ClipConfig
 from models.errors import ImageDecodeError, NotMammographyError
 from models.preprocess import (
     PreprocessConfig,
     dicom_to_uint8,
     extract_breast,
+    prepare_presentation,
     preprocess_dicom,
     preprocess_file,
+    presentation_pixels,
+    to_uint8,
 )
 from models.sop_classes import view_of
 from training.synthetic import generate_study
@@ -50,7 +57,49 @@ def test_output_shape_channels_and_normalization() -> None:
         assert float(tensor.max()) == pytest.approx((1 - CONFIG.mean) / CONFIG.std, abs=1e-5)
 
 
-def test_breast_is_bright_after_windowing_and_cropped_to_the_breast() -> None:
+def _cropped_and_resized(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    breast = extract_breast(image, config.threshold)[0]
+    return cv2.resize(breast, (config.width, config.height), interpolation=cv2.INTER_AREA)
+
+
+def _reference_png(ds: pydicom.Dataset, config: PreprocessConfig) -> np.ndarray:
+    """The reference's ``save_imgs`` (preprocess_image_to_png_vindr.py / _kaggle.py): no VOI window or LUT."""
+    data = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)[5:-5, 5:-5]
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        data = np.amax(data) - data
+    data = data - np.min(data)
+    data = data / np.max(data)
+    return _cropped_and_resized((data * 255).astype(np.uint8), config)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_a_reference_model_sees_the_unwindowed_image_and_a_node_model_its_recorded_windowed_one(
+        photometric: str) -> None:
+    ds = _views(photometric)[("L", "CC")]
+    assert "WindowCenter" in ds and "WindowWidth" in ds
+    reference = ClipConfig(input_height=128, input_width=80).preprocess()  # a reference checkpoint's
+    node = ClipConfig.from_dict({"input_height": 128, "input_width": 80}).preprocess()  # saved before the flag
+    assert not reference.apply_voi and node.apply_voi
+    expected = _reference_png(ds, reference)
+    assert np.array_equal(dicom_to_uint8(ds, reference), expected)
+    windowed = _cropped_and_resized(to_uint8(presentation_pixels(ds)[5:-5, 5:-5]), node)
+    assert np.array_equal(dicom_to_uint8(ds, node), windowed)
+    assert not np.array_equal(windowed, expected)
+    # the node's analysis path: the display pixels are windowed, the model input is each model's own
+    for config in (reference, node):
+        assert np.array_equal(prepare_presentation(ds, presentation_pixels(ds), config)[0],
+                              dicom_to_uint8(ds, config))
+
+
+def test_a_window_that_blanks_the_display_fails_the_analysed_image_but_not_the_model_input() -> None:
+    ds = _views("MONOCHROME2")[("R", "MLO")]
+    ds.WindowCenter, ds.WindowWidth = 1e6, 1
+    assert dicom_to_uint8(ds, CONFIG).std() > 0  # the reference ignores the window
+    with pytest.raises(ImageDecodeError, match=f"{ds.SOPInstanceUID}: its VOI attributes leave a blank image"):
+        prepare_presentation(ds, presentation_pixels(ds), CONFIG)
+
+
+def test_breast_is_bright_and_cropped_to_the_breast() -> None:
     ds = _views("MONOCHROME1")[("R", "CC")]
     image = dicom_to_uint8(ds, PreprocessConfig(height=256, width=160))
     assert image.dtype == np.uint8
@@ -133,8 +182,9 @@ def _windowing_case(dtype: str, photometric: str, window: str | None) -> tuple[p
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
 @pytest.mark.parametrize("window", [None, "LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("voi", [True, False])
 def test_windowing_through_a_table_equals_windowing_each_pixel(dtype: str, photometric: str,
-                                                               window: str | None) -> None:
+                                                               window: str | None, voi: bool) -> None:
     """``_displayed`` maps integer images through a table of their values; each pixel must get exactly what the
     VOI arithmetic gives it alone (``_display_values`` on the pixels, as for a float image)."""
     from models.preprocess import _display_values, _displayed
@@ -142,9 +192,31 @@ def test_windowing_through_a_table_equals_windowing_each_pixel(dtype: str, photo
     ds, stored = _windowing_case(dtype, photometric, window)
     monochrome1 = photometric == "MONOCHROME1"
     with np.errstate(over="ignore", invalid="ignore"):
-        expected = _display_values(ds, stored, monochrome1)
-    if monochrome1 and window is None:
+        expected = _display_values(ds, stored, monochrome1, voi)
+    if monochrome1 and (window is None or not voi):
         expected = expected.max() - expected
-    values = _displayed(ds, stored, monochrome1)
+    values = _displayed(ds, stored, monochrome1, voi)
     assert values.dtype == np.float32 and values.shape == stored.shape
     assert np.array_equal(values, expected.astype(np.float32))
+
+
+def test_every_node_model_keeps_the_input_it_was_trained_on() -> None:
+    """Configs saved before ``apply_voi`` existed (CLIP, detector, four-view model) were trained on windowed
+    input and keep it; new ones read the reference's unwindowed pixels; a detector started from a CLIP model
+    reads what that model reads; a windowed conversion cache keeps its key (still current)."""
+    from dataclasses import asdict
+
+    from models.detector import DetectorConfig
+    from models.multiview import MultiViewConfig
+    from training.convert import CONVERT_VERSION, cache_key
+
+    for config_class in (ClipConfig, DetectorConfig, MultiViewConfig):
+        saved = {name: value for name, value in asdict(config_class()).items() if name != "apply_voi"}
+        assert config_class.from_dict(saved).preprocess().apply_voi is True, config_class
+        assert config_class().preprocess().apply_voi is False
+        assert config_class.from_dict(asdict(config_class())).preprocess().apply_voi is False
+    assert cache_key(PreprocessConfig(apply_voi=True)) != cache_key(PreprocessConfig())
+    before = {"version": CONVERT_VERSION, **{name: value for name, value in asdict(PreprocessConfig()).items()
+                                              if name not in ("mean", "std", "apply_voi")}}
+    assert cache_key(PreprocessConfig(apply_voi=True)) == hashlib.sha256(
+        json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]  # the key windowed caches were made under

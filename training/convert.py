@@ -36,8 +36,10 @@ COMMIT_EVERY = 200
 
 
 def cache_key(config: PreprocessConfig) -> str:
-    """Names the preprocessing that produced a cache file (the normalization is applied later, at load)."""
-    fields = {name: value for name, value in asdict(config).items() if name not in ("mean", "std")}
+    """Names the preprocessing that produced a cache file (the normalization is applied later, at load). Windowed
+    conversions keep the key they had before ``apply_voi`` existed (they were all windowed): still current."""
+    fields = {name: value for name, value in asdict(config).items()
+              if name not in ("mean", "std") and not (name == "apply_voi" and value)}
     text = json.dumps({"version": CONVERT_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

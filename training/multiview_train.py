@@ -93,7 +93,7 @@ class MultiviewTrainConfig:
 
     def cache_preprocess(self, model: MultiViewConfig) -> PreprocessConfig:
         return PreprocessConfig(height=self.cache_height or model.input_height,
-                                width=self.cache_width or model.input_width)
+                                width=self.cache_width or model.input_width, apply_voi=model.apply_voi)
 
 
 @dataclass(frozen=True)
