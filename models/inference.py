@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydicom.dataset import Dataset
 from torch import Tensor
 
 from models.clip import MammoClip
 from models.preprocess import preprocess_dicom, read_dicom
 from models.sop_classes import SCREENING_VIEWS, ViewKey, view_of
 from models.zero_shot import ZeroShotClassifier, aggregate_breasts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,10 +77,34 @@ def score_views(classifier: ZeroShotClassifier, images: Mapping[ViewKey, Tensor]
 
 
 def load_study_images(paths: list[Path], model: MammoClip) -> dict[ViewKey, Tensor]:
-    """Read and preprocess the mammograms of one study, keyed by (laterality, view); non-MG files raise."""
-    images: dict[ViewKey, Tensor] = {}
-    config = model.config.preprocess()
+    """Read and preprocess the screening views (LCC, RCC, LMLO, RMLO) of one study's mammograms, keyed by
+    (laterality, view); non-MG files raise. Of several images of one view the latest acquired is kept (Acquisition,
+    else Content, date and time; then Instance Number); the others, and images of other views, are logged and
+    left out."""
+    found: dict[ViewKey, list[tuple[Path, Dataset]]] = {}
     for path in sorted(paths):
         ds = read_dicom(path)
-        images[view_of(ds)] = preprocess_dicom(ds, config)
+        key = view_of(ds)
+        if key not in SCREENING_VIEWS:
+            log.info("%s is not a screening view (%s): left out", path.name, "".join(key) or "no view")
+            continue
+        found.setdefault(key, []).append((path, ds))
+    images: dict[ViewKey, Tensor] = {}
+    config = model.config.preprocess()
+    for key, candidates in found.items():
+        *dropped, (chosen, ds) = sorted(candidates, key=lambda candidate: _acquired(candidate[1]))
+        for path, _ in dropped:
+            log.info("%s: an earlier %s%s than %s, left out", path.name, *key, chosen.name)
+        images[key] = preprocess_dicom(ds, config)
     return images
+
+
+def _acquired(ds: Dataset) -> tuple[str, str, int]:
+    """When a mammogram was acquired, as a sortable key (empty where the header does not say)."""
+    date = str(ds.get("AcquisitionDate") or ds.get("ContentDate") or "")
+    time = str(ds.get("AcquisitionTime") or ds.get("ContentTime") or "")
+    try:
+        number = int(ds.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):
+        number = 0
+    return date, time, number

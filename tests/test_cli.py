@@ -111,3 +111,28 @@ def test_db_upgrade_then_serve_receives_a_study(tmp_path: Path, synthetic_root: 
     finally:
         node.send_signal(signal.SIGINT)
         node.wait(timeout=30)
+
+
+def test_a_study_folder_gives_one_image_per_screening_view(tmp_path: Path, synthetic_root: Path) -> None:
+    """A repeated LCC: the later acquisition is scored; an XCCL (not a screening view) is left out."""
+    import pydicom
+    import torch
+
+    from models.inference import load_study_images
+    from models.preprocess import preprocess_dicom
+
+    model = tiny_model()
+    study = next(p for p in sorted(synthetic_root.iterdir()) if p.is_dir())
+    paths = sorted(study.glob("*.dcm"))
+    lcc = pydicom.dcmread(study / "L_CC.dcm")
+    retake = pydicom.dcmread(study / "R_CC.dcm")  # another image, filed as a later LCC
+    retake.ImageLaterality, retake.AcquisitionDate, retake.AcquisitionTime = "L", "29991231", "235959"
+    retake.save_as(tmp_path / "z_retake.dcm")
+    extra = pydicom.dcmread(study / "L_MLO.dcm")
+    extra.ViewPosition = "XCCL"
+    extra.save_as(tmp_path / "a_xccl.dcm")
+    images = load_study_images([tmp_path / "a_xccl.dcm", *paths, tmp_path / "z_retake.dcm"], model)
+    assert set(images) == {("L", "CC"), ("R", "CC"), ("L", "MLO"), ("R", "MLO")}
+    config = model.config.preprocess()
+    assert torch.equal(images[("L", "CC")], preprocess_dicom(retake, config))
+    assert not torch.equal(images[("L", "CC")], preprocess_dicom(lcc, config))

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from sqlalchemy import select
 
 from models import load_model, save_model_version
+from models.clip import ClipConfig
 from models.errors import ConfigurationError
 from models.preprocess import PreprocessConfig, normalize
 from tests.conftest import free_port, python_env, tiny_model
@@ -195,6 +196,9 @@ def test_killed_run_resumes_bit_exactly(tmp_path: Path, archive: dict[str, Path]
     assert not (tmp_path / "cut" / "model").exists()
     with (tmp_path / "cut" / "metrics.jsonl").open("a") as handle:  # a step logged after the checkpoint
         handle.write(json.dumps({"step": 6, "loss": 0.0}) + '\n{"step": 7, "lo')  # and one it was killed writing
+    scratch = ClipConfig(image_encoder="efficientnet-test", input_height=64, input_width=48)  # tiny's, random
+    with pytest.raises(ConfigurationError, match="started from tiny, not random initialization"):
+        pretrain(archive["index"], tmp_path / "cut", config=replace(KILLED, resume=True, model=scratch))
     resumed = pretrain(archive["index"], tmp_path / "cut", start_from=archive["tiny"],
                        config=replace(KILLED, resume=True))
     assert _losses(_history(tmp_path / "cut")) == _losses(_history(tmp_path / "whole"))

@@ -315,6 +315,10 @@ class PretrainRun:
         saved = {k: v for k, v in checkpoint["config"].items() if k not in RESUME_FREE}
         now = {k: v for k, v in self.config.to_json().items() if k not in RESUME_FREE}
         changed = sorted(k for k in now if saved.get(k) != now[k])
+        started_from = checkpoint.get("started_from", self.started_from)  # not recorded before 2026-12-01
+        if started_from != self.started_from:  # the model built, its batch-norm momentum and its card would differ
+            raise ConfigurationError(f"cannot resume {found[-1].name}: the run started from {started_from}, not "
+                                     f"{self.started_from} (give the same --start-from)")
         if changed or checkpoint["world_size"] != self.world or checkpoint["dataset_size"] != len(self.dataset):
             raise ConfigurationError(
                 f"cannot resume {found[-1].name} exactly: settings changed ({', '.join(changed) or 'none'}), "
@@ -474,7 +478,7 @@ class PretrainRun:
         folder = self.out / CHECKPOINT_DIR
         folder.mkdir(parents=True, exist_ok=True)
         state = {"step": self.step, "epoch": self.epoch, "position": self.position, "world_size": self.world,
-                 "dataset_size": len(self.dataset), "config": self.config.to_json(),
+                 "dataset_size": len(self.dataset), "config": self.config.to_json(), "started_from": self.started_from,
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": states}
         path = folder / f"step-{self.step:08d}.pt"
