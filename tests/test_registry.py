@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 
+from dicom_node.cli import main
 from models import save_model_version
 from models.errors import ConfigurationError, NodeError
 from tests.conftest import tiny_model
@@ -107,17 +106,18 @@ def test_a_worker_refuses_weights_changed_under_the_active_version(db_url: str, 
 
 
 def test_model_commands(tmp_path: Path, model_folders: list[Path]) -> None:
-    env = {**os.environ, "MAMMO_DATA_DIR": str(tmp_path / "data")}
+    """In process (the command line's own start-up is tested in tests/test_cli.py): each command a fresh
+    ``main`` invocation on the same data folder."""
+    runner = CliRunner(env={"MAMMO_DATA_DIR": str(tmp_path / "data")})
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True,
-                              timeout=120, env=env)
+    def run(*args: str) -> Result:
+        return runner.invoke(main, list(args))
 
-    assert run("db", "upgrade").returncode == 0
+    assert run("db", "upgrade").exit_code == 0
     assert "no registered model versions" in run("model", "list").stdout
     registered = run("model", "register", str(model_folders[0]), "--name", "v1")
-    assert registered.returncode == 0 and "registered v1" in registered.stdout, registered.stderr
-    assert run("model", "register", str(model_folders[1]), "--name", "v2").returncode == 0
+    assert registered.exit_code == 0 and "registered v1" in registered.stdout, registered.output
+    assert run("model", "register", str(model_folders[1]), "--name", "v2").exit_code == 0
     assert "v2 is active" in run("model", "activate", "v2").stdout
     listed = json.loads(run("model", "list", "--json").stdout)
     assert [(row["name"], row["active"]) for row in listed] == [("v1", False), ("v2", True)]
@@ -125,6 +125,6 @@ def test_model_commands(tmp_path: Path, model_folders: list[Path]) -> None:
     assert shown["card"]["name"] == "site" and shown["card"]["clinical_use"] is False
     assert "not for clinical use" in run("model", "list").stdout
     failed = run("model", "rollback")
-    assert failed.returncode == 1 and "no earlier active model version" in failed.stderr
+    assert failed.exit_code == 1 and "no earlier active model version" in failed.stderr
     run("model", "activate", "v1")
     assert "v2 is active again" in run("model", "rollback").stdout
