@@ -65,6 +65,11 @@ class View(enum.StrEnum):
     RMLO = "RMLO"
 
 
+def no_overlay(view: str, attribute: str | None) -> HTTPException:
+    """The 404 of an overlay PNG the study's result does not offer or that could not be drawn."""
+    return HTTPException(404, f"no {view} {attribute or 'malignancy'} overlay")
+
+
 def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
     """The app over the node's worklist sessions (nothing is written to the database)."""
     order = parse_order(settings.triage_order)
@@ -125,7 +130,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
         folder = result_folder(row)  # only this view's SEG is read to see what it offers
         if folder is None or malignancy_overlay(folder, view) is None or (
                 attribute is not None and attribute not in factor_attributes(folder, view)):
-            raise HTTPException(404, f"no {view} {attribute or 'malignancy'} overlay")
+            raise no_overlay(view, attribute)
         path = overlay_file(folder, view, attribute)
         with redrawing:  # one redraw at a time: two requests for a missing PNG do not both decode its image
             if not path.is_file():
@@ -143,7 +148,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
         for stale in [key for key, when in failed_redraws.items() if now - when > REDRAW_RETRY_SECONDS]:
             del failed_redraws[stale]
         if path in failed_redraws:
-            raise HTTPException(404, f"no {view} {attribute or 'malignancy'} overlay")
+            raise no_overlay(view, attribute)
         from dicom_node.results.overlay import factor_title, malignancy_title, redraw_overlay  # torch: lazily
 
         scores = detail["views"].get(view, {})
@@ -157,7 +162,7 @@ def create_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI:
             failed_redraws[path] = now
             log.warning("overlay %s of study %s not drawn again: %s", path.name, row.study_instance_uid,
                         type(error).__name__)
-            raise HTTPException(404, f"no {view} {attribute or 'malignancy'} overlay") from None
+            raise no_overlay(view, attribute) from None
         log.info("overlay %s of study %s drawn again from its SEG", path.name, row.study_instance_uid)
 
     @app.get("/healthz")
