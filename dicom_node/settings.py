@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     api_basic_user: str | None = Field(None, description="HTTP basic-auth user of the web page and API.")
     api_basic_password: str | None = Field(
         None, repr=False, description="HTTP basic-auth password (with api_basic_user).")
+    api_max_failed_logins: int = Field(
+        10, ge=1, description="Wrong credentials one client address may send within api_lockout_seconds before "
+                              "the API answers it 429 (Too Many Requests) until that time has passed.")
+    api_lockout_seconds: float = Field(
+        300.0, gt=0, description="How long a client's wrong credentials are remembered, and how long it is "
+                                 "locked out after api_max_failed_logins of them (seconds).")
     api_allow_local_unauthenticated: bool = Field(
         False, description="Let clients on this machine (loopback) in without credentials. For the demo only.")
     api_show_patient_names: bool = Field(

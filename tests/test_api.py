@@ -27,7 +27,7 @@ from tests.conftest import free_port
 from tests.test_results import heatmaps_for, write_seg
 from tests.worklist_rows import FOUR, PATIENT_ID, PATIENT_NAME, T0, add_study, findings
 from worklist.api import ApiServer, serve_api_in_thread
-from worklist.api_auth import Authenticator
+from worklist.api_auth import Authenticator, FailedLoginThrottle
 from worklist.db import make_engine, session_factory, upgrade
 from worklist.models import ExportState, Job, JobState, Result, Study, StudyState
 from worklist.triage import Section, parse_order, triage
@@ -236,6 +236,38 @@ def test_local_access_is_only_for_loopback_clients_that_name_the_node_so() -> No
         assert not demo.allowed("", "127.0.0.1", rebound)
     assert not Authenticator(Settings()).allowed("", "127.0.0.1", local)
     assert not Authenticator(Settings(api_token=TOKEN)).allowed(f"Basic {TOKEN}", "10.1.2.3", local)
+
+
+def test_password_guessing_locks_the_client_out_then_lets_it_back(sqlite_sessions, serve) -> None:
+    url, sessions = sqlite_sessions
+    server = serve(url, sessions, api_basic_user="reader", api_basic_password="pa:ss", api_max_failed_logins=3)
+    studies = f"{server.url}/api/studies"
+    assert get(studies, token=None)[0] == 401  # no credentials sent: a browser's first request, not a guess
+    for guess in ("a", "b"):
+        assert get(studies, token=None, basic=("reader", guess))[0] == 401
+    assert get(studies, token=None, basic=("reader", "pa:ss"))[0] == 200  # a success clears the count
+    for guess in ("c", "d", "e"):
+        assert get(studies, token=None, basic=("reader", guess))[0] == 401
+    status, body, headers = get(studies, token=None, basic=("reader", "pa:ss"))
+    assert status == 429 and b"try again later" in body and 299 <= int(headers["Retry-After"]) <= 300
+    assert get(studies)[0] == 429  # even the right bearer token: the address is locked, not the credential
+    assert get(f"{server.url}/healthz", token=None)[0] == 200
+
+
+def test_failed_login_throttle_forgets_after_its_window_and_stays_bounded() -> None:
+    now = [1000.0]
+    throttle = FailedLoginThrottle(max_failures=2, window=60, max_clients=3, clock=lambda: now[0])
+    assert not throttle.failed("10.0.0.1") and throttle.failed("10.0.0.1")
+    assert throttle.locked_for("10.0.0.1") == 60 and throttle.locked_for("10.0.0.2") == 0
+    now[0] += 59
+    assert throttle.locked_for("10.0.0.1") == pytest.approx(1)
+    now[0] += 1
+    assert throttle.locked_for("10.0.0.1") == 0 and not throttle.failed("10.0.0.1")  # counting starts over
+    for address in ("10.0.0.2", "10.0.0.3", "10.0.0.4"):
+        throttle.failed(address)
+    assert not throttle.failed("10.0.0.1")  # 10.0.0.1 was the least recent of four: forgotten
+    throttle.succeeded("10.0.0.1")
+    assert not throttle.failed("10.0.0.1")
 
 
 def test_no_patient_names_unless_allowed(sqlite_sessions, serve) -> None:

@@ -6,6 +6,10 @@ client address is the socket's peer (proxy headers are not trusted): behind a lo
 client would look local, so that setting is for the demo only. A loopback request is let in only when it names
 the node by a loopback name (its Host header ``localhost``, ``127.0.0.1`` or ``[::1]``): a web page that points
 its own domain at 127.0.0.1 (DNS rebinding) would otherwise read the worklist from the user's browser.
+
+Password guessing is slowed per client address: after ``api_max_failed_logins`` wrong credentials within
+``api_lockout_seconds`` that address is answered 429 (with Retry-After), its credentials unchecked, until the
+window has passed since its last failure. A success clears the address's count.
 """
 
 from __future__ import annotations
@@ -14,7 +18,12 @@ import base64
 import binascii
 import ipaddress
 import logging
+import math
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 from fastapi import HTTPException, Request
 
@@ -48,8 +57,50 @@ def names_loopback(host_header: str) -> bool:
     return name in LOOPBACK_NAMES
 
 
+class FailedLoginThrottle:
+    """Counts wrong credentials per client address and locks an address out after too many.
+
+    An address's failures are forgotten ``window`` seconds after its last one. At most ``max_clients``
+    addresses are remembered (the least recently failed are dropped first), so a flood of addresses cannot
+    grow memory without bound.
+    """
+
+    def __init__(self, max_failures: int, window: float, max_clients: int = 4096,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures, self.window, self.max_clients, self.clock = max_failures, window, max_clients, clock
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # address -> (count, last failure)
+        self._lock = threading.Lock()
+
+    def locked_for(self, client: str) -> float:
+        """Seconds until ``client`` may try again (0: it may now)."""
+        with self._lock:
+            count, last = self._current(client)
+            return max(0.0, last + self.window - self.clock()) if count >= self.max_failures else 0.0
+
+    def failed(self, client: str) -> bool:
+        """Record a wrong credential; True when this failure locks the client out."""
+        with self._lock:
+            count = self._current(client)[0] + 1
+            self._failures[client] = (count, self.clock())
+            self._failures.move_to_end(client)
+            while len(self._failures) > self.max_clients:
+                self._failures.popitem(last=False)
+            return count == self.max_failures
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._failures.pop(client, None)
+
+    def _current(self, client: str) -> tuple[int, float]:
+        count, last = self._failures.get(client, (0, 0.0))
+        if count and self.clock() - last >= self.window:
+            del self._failures[client]
+            return 0, 0.0
+        return count, last
+
+
 class Authenticator:
-    """A FastAPI dependency that lets a request through or raises 401."""
+    """A FastAPI dependency that lets a request through, or raises 401 (or 429 to a locked-out client)."""
 
     def __init__(self, settings: Settings) -> None:
         self.token = settings.api_token or None
@@ -57,16 +108,27 @@ class Authenticator:
         self.basic = (settings.api_basic_user, settings.api_basic_password) if basic else None
         self.allow_local = settings.api_allow_local_unauthenticated
         self.challenge = f'Basic realm="{REALM}", charset="UTF-8"' if self.basic else f'Bearer realm="{REALM}"'
+        self.throttle = FailedLoginThrottle(settings.api_max_failed_logins, settings.api_lockout_seconds)
         if not (self.token or self.basic or self.allow_local):
             log.warning("the triage API has no credentials configured (api_token, api_basic_user/password): "
                         "it refuses every request but /healthz")
 
     def __call__(self, request: Request) -> None:
-        if self.allowed(request.headers.get("authorization", ""), request.client.host if request.client else None,
-                        request.headers.get("host", "")):
+        host = request.client.host if request.client else None
+        client = host or "unknown"
+        wait = self.throttle.locked_for(client)
+        if wait:
+            raise HTTPException(429, "too many wrong credentials from this address; try again later",
+                                headers={"Retry-After": str(math.ceil(wait))})
+        authorization = request.headers.get("authorization", "")
+        if self.allowed(authorization, host, request.headers.get("host", "")):
+            if authorization:
+                self.throttle.succeeded(client)
             return
-        log.info("triage API request refused: no valid credentials (client %s)",
-                 request.client.host if request.client else "unknown")
+        log.info("triage API request refused: no valid credentials (client %s)", client)
+        if authorization and self.throttle.failed(client):
+            log.warning("triage API: client %s locked out for %.0f s after %d wrong credentials", client,
+                        self.throttle.window, self.throttle.max_failures)
         raise HTTPException(401, "valid credentials required", headers={"WWW-Authenticate": self.challenge})
 
     def allowed(self, authorization: str, client_host: str | None, host_header: str) -> bool:
