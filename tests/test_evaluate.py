@@ -24,7 +24,7 @@ from training.evaluate import (
     write_html_report,
 )
 from training.evaluate.metrics import EVALUATED_SET
-from training.evaluate.plots import DPI
+from training.evaluate.plots import DPI, operating_point_label
 
 
 def shifted_scores(n: int, seed: int, shift: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -258,6 +258,13 @@ def test_plots_are_png_files(results, tmp_path: Path) -> None:
     assert png_size(reliability) == (5.5 * DPI, 6 * DPI)
     width, height = png_size(confusion)
     assert width > height > 300
+
+
+def test_roc_legend_claims_a_specificity_only_where_its_thresholds_were_fitted() -> None:
+    assert operating_point_label(0.9, {EVALUATED_SET}) == "specificity ≥ 90%"
+    assert operating_point_label(0.95, {"validation"}) == "threshold for 95% specificity on validation"
+    assert operating_point_label(0.9, {"validation", EVALUATED_SET}) == "threshold for 90% specificity"
+    assert operating_point_label(0.9, {"validation", "fold 2"}) == "threshold for 90% specificity"
 
 
 def test_html_report_is_self_contained_and_escaped(results, tmp_path: Path) -> None:

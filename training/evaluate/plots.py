@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # after use(): the backend must be chosen first
 import numpy as np
 from matplotlib.figure import Figure
 
-from training.evaluate.metrics import BinaryMetrics, Calibration, MulticlassMetrics
+from training.evaluate.metrics import EVALUATED_SET, BinaryMetrics, Calibration, MulticlassMetrics
 
 DPI = 120
 _MARKERS = "os^Dv*"
@@ -31,8 +31,18 @@ def _auc_label(task: str, metrics: BinaryMetrics) -> str:
     return f"{task}: AUC {metrics.auc:.3f}{ci}"
 
 
+def operating_point_label(target: float, thresholds_from: set[str]) -> str:
+    """The legend of one operating-point marker: a specificity reached on the plotted cases only when the
+    thresholds were fitted on them; thresholds set on another split (validation) may fall short here."""
+    if thresholds_from == {EVALUATED_SET}:
+        return f"specificity ≥ {target:.0%}"
+    where = f" on {next(iter(thresholds_from))}" if len(thresholds_from) == 1 else ""
+    return f"threshold for {target:.0%} specificity{where}"
+
+
 def plot_roc(curves: Mapping[str, BinaryMetrics], path: Path | str, title: str) -> Path:
-    """One ROC curve per task on shared axes, with markers at the fixed-specificity operating points."""
+    """One ROC curve per task on shared axes, with markers at the operating points (thresholds for fixed
+    specificities, fitted on these cases or on the split each curve's ``thresholds_from`` names)."""
     figure, axis = plt.subplots(figsize=(5.5, 5.5), dpi=DPI)
     axis.plot([0, 1], [0, 1], color="#999", linestyle="--", linewidth=0.8, label="chance")
     targets = sorted({point.target_specificity for m in curves.values() for point in m.operating_points})
@@ -44,7 +54,7 @@ def plot_roc(curves: Mapping[str, BinaryMetrics], path: Path | str, title: str) 
                       color=line.get_color(), markeredgecolor="black", linestyle="none")
     for target, marker in markers.items():
         axis.plot([], [], marker=marker, color="#ccc", markeredgecolor="black", linestyle="none",
-                  label=f"specificity ≥ {target:.0%}")
+                  label=operating_point_label(target, {m.thresholds_from for m in curves.values()}))
     axis.set(xlabel="1 − specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
     axis.set_aspect("equal")
     axis.grid(alpha=0.3)
