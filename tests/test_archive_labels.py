@@ -249,6 +249,16 @@ def _side_labels(text: str) -> dict[str, tuple[int | None, int | None, int | Non
     return {side: (labels[side]["mass"], labels[side]["calcification"], labels[side]["birads"]) for side in "LR"}
 
 
+def test_an_uncertain_finding_is_unknown_on_its_own_breast_only() -> None:
+    assert _side_labels("Possible mass in the right breast. The left breast is unremarkable. BI-RADS 0.") == {
+        "L": (0, 0, None), "R": (None, 0, 0)}
+    assert _side_labels("Mass in the right breast. Possible mass in the left breast. BI-RADS 4.") == {
+        "L": (None, 0, None), "R": (1, 0, 4)}  # the mass on the right no longer says the left is clear
+    assert _side_labels("No mass in the left breast. Questionable calcifications on the right.") == {
+        "L": (0, None, None), "R": (None, None, None)}  # no BI-RADS: only the negated breast is settled for mass
+    assert _side_labels("Possible mass. BI-RADS 0.") == {"L": (None, 0, 0), "R": (None, 0, 0)}  # no side stated
+
+
 def test_report_labels_give_each_breast_its_findings() -> None:
     assert _side_labels("Left breast mass and right breast calcifications. BI-RADS 4.") == {
         "L": (1, 0, 4), "R": (0, 1, 4)}  # findings in both breasts: the one category applies to both

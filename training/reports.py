@@ -162,7 +162,9 @@ DENSITY_PHRASES = (("A", re.compile(r"\b(?:almost entirely|predominantly|mostly)
 @dataclass
 class ReportLabels:
     """Labels read from one report. ``None``: the report does not say; sides are "L"/"R". ``normal_sides``: the
-    breasts it calls normal, negative or unremarkable ("no suspicious findings in the left breast")."""
+    breasts it calls normal, negative or unremarkable ("no suspicious findings in the left breast").
+    ``uncertain_sides`` and ``negated_sides``: per finding kind, the breasts an uncertain ("possible mass in the
+    right breast") or negated mention is about, both when it names no side."""
 
     birads: int | None
     birads_by_side: dict[str, int]
@@ -173,6 +175,23 @@ class ReportLabels:
     calcification_sides: set[str]
     uncertain: list[str]
     normal_sides: set[str]
+    uncertain_sides: dict[str, set[str]] = field(default_factory=dict)
+    negated_sides: dict[str, set[str]] = field(default_factory=dict)
+
+    def finding_on(self, kind: str, side: str) -> bool | None:
+        """Whether breast ``side`` has finding ``kind``: True where affirmed on it; None where a mention on it
+        (or on no stated side) is uncertain, or where it is affirmed on no stated side; else False where the
+        breast is settled (the report is complete, with BI-RADS; or it affirms the finding on the other breast;
+        or it negates the finding on, or calls normal, this one), None where it is not."""
+        present: bool | None = getattr(self, kind)
+        affirmed_sides: set[str] = getattr(self, f"{kind}_sides")
+        if side in affirmed_sides:
+            return True
+        if side in self.uncertain_sides.get(kind, set()) or (present and not affirmed_sides):
+            return None
+        settled = self.birads is not None or bool(affirmed_sides) or \
+            side in self.normal_sides | self.negated_sides.get(kind, set())
+        return False if settled else None
 
 
 @dataclass
@@ -183,6 +202,8 @@ class _Evidence:
     sides: set[str] = field(default_factory=set)
     negated: bool = False
     uncertain: bool = False
+    negated_sides: set[str] = field(default_factory=set)
+    uncertain_sides: set[str] = field(default_factory=set)
 
     def decide(self, complete: bool) -> bool | None:
         if self.affirmed:
@@ -323,13 +344,16 @@ def _read_findings(sentence: str, context: set[str], evidence: dict[str, _Eviden
             for match, kind in terms:
                 status = _mention_status(text, masked[clause[0]:match.start()], masked[match.end():clause[1]], kind,
                                          negated)
+                sides = _side(masked, clause, match.span(), context)
                 if status == "affirmed":
                     evidence[kind].affirmed = True
-                    evidence[kind].sides |= _side(masked, clause, match.span(), context)
+                    evidence[kind].sides |= sides
                 elif status == "negated":
                     evidence[kind].negated = True
+                    evidence[kind].negated_sides |= sides or set(SIDES)
                 elif status == "uncertain":
                     evidence[kind].uncertain = uncertain = True
+                    evidence[kind].uncertain_sides |= sides or set(SIDES)
         for match in NORMAL.finditer(text):
             normal |= _side(masked, clause, (clause[0] + match.start(), clause[0] + match.end()), context)
     return uncertain
@@ -403,7 +427,8 @@ def parse_labels(text: str) -> ReportLabels:
         birads=overall, birads_by_side=by_side, density=max(densities, default=None),
         mass=evidence["mass"].decide(complete), calcification=evidence["calcification"].decide(complete),
         mass_sides=evidence["mass"].sides, calcification_sides=evidence["calcification"].sides, uncertain=uncertain,
-        normal_sides=normal)
+        normal_sides=normal, uncertain_sides={kind: found.uncertain_sides for kind, found in evidence.items()},
+        negated_sides={kind: found.negated_sides for kind, found in evidence.items()})
 
 
 # --- label CSVs -----------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ def labels_from_report(text: str | None) -> dict[str, Any] | None:
     labels: dict[str, Any] = {"density": parsed.density, "birads": parsed.birads}
     for side in SIDES:
         labels[side] = {
-            "mass": _side_flag(parsed.mass, parsed.mass_sides, side),
-            "calcification": _side_flag(parsed.calcification, parsed.calcification_sides, side),
+            "mass": _flag(parsed.finding_on("mass", side)),
+            "calcification": _flag(parsed.finding_on("calcification", side)),
             "malignant": None, "birads": _side_birads(parsed, side)}
     known = [labels["density"], labels["birads"], *(labels[s][f] for s in SIDES for f in ("mass", "calcification"))]
     return labels if any(value is not None for value in known) else None
@@ -57,12 +57,8 @@ def _side_birads(parsed: ReportLabels, side: str) -> int | None:
     return parsed.birads if side in applies else None
 
 
-def _side_flag(present: bool | None, sides: set[str], side: str) -> int | None:
-    if present is None:
-        return None
-    if not present:
-        return 0
-    return int(side in sides) if sides else None  # a finding on an unstated side: unknown for each breast
+def _flag(present: bool | None) -> int | None:
+    return None if present is None else int(present)
 
 
 @dataclass
