@@ -161,7 +161,8 @@ def finetune_command(settings: Settings, index: str, model_path: Path, out: Path
         folder = finetune(index, model_path, out, config=config, device=_device(settings, device))
     except NodeError as error:
         raise click.ClickException(str(error)) from None
-    click.echo("\n".join(_subgroup_lines(json.loads((folder / METRICS_FILE).read_text())["subgroups"])))
+    metrics = json.loads((folder / METRICS_FILE).read_text())
+    click.echo("\n".join([*_subgroup_lines(metrics["subgroups"]), metrics["test_studies_seen"]]))
     click.echo(f"head written to {folder}; open {folder / 'report.html'}")
 
 
@@ -196,4 +197,5 @@ def evaluate_command(settings: Settings, index: str, model_path: Path, out: Path
         click.echo(f"{target:<14} breast level: {line}")
         if "subgroups" in levels:
             click.echo("\n".join(_subgroup_lines(levels["subgroups"])))
+    click.echo(json.loads((out / "metrics.json").read_text())["studies_seen"])
     click.echo(f"report: {out / 'report.html'}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import subprocess
@@ -42,12 +43,13 @@ from training.finetune import (
     train_linear,
     weighted_loss,
 )
+from training.provenance import TRAINED_ON_FILE, fingerprint, seen_note, study_uids, write_trained_on
 from training.synthetic import write_studies
 
 INPUT = PreprocessConfig(height=64, width=48)
 QUICK = FinetuneConfig(target="mass", steps=60, evaluate_every=5, n_bootstrap=200, synthetic_data=True,
                        progress=False)
-OUTPUTS = ["card.json", "head.json", "head.safetensors", "metrics.json", "report.html", "roc.png"]
+OUTPUTS = ["card.json", "head.json", "head.safetensors", "metrics.json", "report.html", "roc.png", "trained_on.json"]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +108,36 @@ def test_linear_probe_writes_every_output(mass_head: Path, archive: dict[str, Pa
     identifiers = {row[name] for row in rows for name in ("patient_id", "accession_number", "study_instance_uid",
                                                           "sop_instance_uid")}
     written = "".join((mass_head / name).read_text() for name in ("card.json", "head.json", "metrics.json",
-                                                                  "report.html"))
+                                                                  "report.html", "trained_on.json"))
     assert not [value for value in identifiers if value in written] and str(archive["root"]) not in written
+
+
+def test_a_head_records_the_studies_it_learned_from(mass_head: Path, archive: dict[str, Path]) -> None:
+    record = json.loads((mass_head / TRAINED_ON_FILE).read_text())
+    learned = study_uids(archive["index"], ("train", "validation"))
+    assert record["count"] == len(learned) == len(record["studies"]) and record["base"] == "unknown"
+    assert set(record["studies"]) == {fingerprint(uid) for uid in learned.values()}
+    assert json.loads((mass_head / "card.json").read_text())["data"]["studies_sha256"] == record["sha256"]
+    seen = json.loads((mass_head / "metrics.json").read_text())["test_studies_seen"]
+    assert seen.startswith("None of the ") and "base model's training data is unknown" in seen
+    assert html.escape(seen) in (mass_head / "report.html").read_text()
+
+
+def test_an_evaluation_of_studies_the_model_learned_from_warns(archive: dict[str, Path], tmp_path: Path) -> None:
+    train, test = (study_uids(archive["index"], (split,)).values() for split in ("train", "test"))
+    assert "training data is unknown" in seen_note(archive["tiny"], test, "the test split")
+    version = tmp_path / "version"
+    write_trained_on(version, archive["index"], ("train",), None)
+    assert json.loads((version / TRAINED_ON_FILE).read_text())["base"] == "none"
+    assert seen_note(version, train, "the train split") == (
+        f"WARNING: {len(train)} of the {len(train)} studies of the train split were used to train this model: "
+        "these figures are optimistic.")
+    assert seen_note(version, test, "the test split") == (
+        f"None of the {len(test)} studies of the test split was used to train this model.")
+    head = tmp_path / "head"  # trained on validation from that version: it carries the version's studies
+    write_trained_on(head, archive["index"], ("validation",), version)
+    assert "WARNING" in seen_note(head, train, "the train split")
+    assert json.loads((head / TRAINED_ON_FILE).read_text())["base"] == "included"
 
 
 def test_reloaded_head_scores_as_evaluated(mass_head: Path, archive: dict[str, Path], tmp_path: Path) -> None:
@@ -292,3 +322,4 @@ def test_train_evaluate_command_zero_shot(archive: dict[str, Path], tmp_path: Pa
     page = (tmp_path / "eval" / "report.html").read_text()
     assert page.count("Zero-shot") >= 1 and "fitted on the evaluated split itself" in page
     assert "the reference&#x27;s own" in page or "the reference's own" in page
+    assert metrics["studies_seen"] in result.stdout and "training data is unknown" in metrics["studies_seen"]

@@ -31,6 +31,7 @@ from training.archive.store import ArchiveImage, ArchiveStudy, open_index
 from training.convert import convert_archive
 from training.datasets import BreastDataset
 from training.pretrain import PretrainConfig, PretrainRun, pretrain, process_group
+from training.provenance import TRAINED_ON_FILE
 from training.synthetic import write_studies
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,13 +136,16 @@ def test_card_and_curve_name_counts_only(trained: Path, archive: dict[str, Path]
     with open_index(archive["index"])() as session:
         studies = session.scalars(select(ArchiveStudy)).all()
     count = sum(study.split == "train" for study in studies)
+    trained_on = json.loads((trained / TRAINED_ON_FILE).read_text())
+    assert trained_on["count"] == count and trained_on["base"] == "unknown" and trained_on["splits"] == ["train"]
     assert card["training_data"] == {"source": "synthetic phantoms", "split": "train", "studies": count,
                                      "breasts": 2 * count, "images": 4 * count - 1,
-                                     "left_out": {"images whose conversion failed": 1}}
+                                     "left_out": {"images whose conversion failed": 1},
+                                     "studies_sha256": trained_on["sha256"]}
     assert card["objective"]["i2i_weight"] == 1.0 and card["objective"]["t2t_weight"] == 0.5
     assert card["training"]["steps"] == 48 and card["objective"]["text_encoder"] == "frozen"
     assert (trained / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = (trained / "card.json").read_text()
+    text = (trained / "card.json").read_text() + (trained / TRAINED_ON_FILE).read_text()
     with archive["manifest"].open() as handle:
         rows = list(csv.DictReader(handle))
     identifiers = {study.patient_key for study in studies} | {row[name] for row in rows for name in

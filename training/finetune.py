@@ -65,6 +65,7 @@ from training.evaluate.metrics import EVALUATED_SET
 from training.label_text import LABEL_OF_TASK
 from training.memory_format import channels_last
 from training.pretrain import RESEARCH_ONLY
+from training.provenance import seen_note, study_uids, write_trained_on
 
 log = logging.getLogger(__name__)
 
@@ -536,19 +537,24 @@ def finetune(index_location: str | Path, model_path: Path | str, out_folder: Pat
     head.linear.load_state_dict(layer.state_dict())
     out.mkdir(parents=True, exist_ok=True)
     save_head(head, out)
-    write_outputs(out, config, model, results, subgroups, counts, loaded, history)
+    studies = write_trained_on(out, index_location, ("train", "validation"), model_path)
+    test_uids = study_uids(index_location, ("test",))
+    seen = seen_note(out, {test_uids[record.study] for record in test}, "the test split")
+    write_outputs(out, config, model, results, subgroups, counts, loaded, history, (studies, seen))
     return out
 
 
 def write_outputs(out: Path, config: FinetuneConfig, model: MammoClip, results: dict[str, dict[str, Any]],
                   subgroups: SubgroupTable | str, counts: dict[str, Any], loaded: dict[str, Any],
-                  history: list[dict[str, float]]) -> None:
+                  history: list[dict[str, float]], provenance: tuple[str, str]) -> None:
     """``metrics.json``, the ROC (or confusion) figure, the HTML report and the card; ``subgroups`` are the
-    test split's (or why there are none)."""
+    test split's (or why there are none); ``provenance``: the digest of the studies the head learned from and
+    the note on how many of the test split's it saw (``training.provenance``)."""
+    studies_sha256, seen = provenance
     test = results["test"]
     metrics = {"target": config.target, "mode": config.mode, "k_shot": config.k_shot, "counts": counts,
                "validation": _as_json(results["validation"]), "test": _as_json(test),
-               "subgroups": subgroups_json(subgroups), "history": history}
+               "subgroups": subgroups_json(subgroups), "history": history, "test_studies_seen": seen}
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     title = f"{config.target} head ({config.mode}{f', {config.k_shot}-shot' if config.k_shot else ''})"
     binary = {level: value for level, value in test.items() if isinstance(value, BinaryMetrics)}
@@ -567,14 +573,15 @@ def write_outputs(out: Path, config: FinetuneConfig, model: MammoClip, results: 
                       subgroups={config.target: subgroups} if isinstance(subgroups, SubgroupTable) else {},
                       images={figure.stem: figure},
                       notes=[f"{level}: {value}" for level, value in test.items() if isinstance(value, str)]
-                      + ["Breast score: max over views; study score: max over breasts (multi-class: mean).",
+                      + [seen, "Breast score: max over views; study score: max over breasts (multi-class: mean).",
                          "Thresholds in head.json are set on the validation split at breast level.",
                          *evaluation_notes(test),
                          SUBGROUP_NOTE if isinstance(subgroups, SubgroupTable) else f"subgroups: {subgroups}"])
     card = {"name": f"{config.target}-head", "intended_use": NOT_CLINICAL if config.synthetic_data else RESEARCH_ONLY,
             "clinical_use": False, "base_model": base, "config": asdict(config),
             "data": {"source": "synthetic phantoms" if config.synthetic_data else "archive index", **counts,
-                     "left_out": {split: dict(left_out) for split, (_, left_out) in loaded.items()}}}
+                     "left_out": {split: dict(left_out) for split, (_, left_out) in loaded.items()},
+                     "studies_sha256": studies_sha256}}
     (out / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
     log.info("%s head written to %s (%s)", config.target, out, ", ".join(
         f"{level} AUC {m.auc:.3f}" for level, m in binary.items()) or "multi-class")

@@ -48,6 +48,7 @@ from training.batch_norm import batch_norm_momentum
 from training.datasets import Augment, BreastDataset
 from training.demo import NOT_CLINICAL
 from training.plots import plot_training_curve
+from training.provenance import write_trained_on
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,7 @@ class PretrainRun:
     def __init__(self, index_location: str | Path, out_folder: Path, *, start_from: Path | None = None,
                  config: PretrainConfig = PretrainConfig()) -> None:
         self.config, self.out = config, Path(out_folder)
+        self.index_location, self.start_from = index_location, start_from
         self.rank, self.world = _world()
         self.device = _device()
         _seed_all(config.seed)
@@ -489,8 +491,9 @@ class PretrainRun:
             old.unlink()
         log.info("checkpoint %s", path)
 
-    def card(self, history: list[dict[str, Any]]) -> dict[str, Any]:
-        """Provenance of the trained model: counts of its data (no identifiers), objective, steps."""
+    def card(self, history: list[dict[str, Any]], studies_sha256: str) -> dict[str, Any]:
+        """Provenance of the trained model: counts of its data (no identifiers) and the digest of the studies
+        it learned from (``training.provenance``), objective, steps."""
         config, dataset = self.config, self.dataset
         return {
             "name": "mammo-clip-pretrained", "version": f"{config.steps}-steps-seed-{config.seed}",
@@ -498,7 +501,8 @@ class PretrainRun:
             "started_from": self.started_from,
             "training_data": {"source": "synthetic phantoms" if config.synthetic_data else "archive index",
                               "split": config.split, "studies": dataset.studies, "breasts": len(dataset),
-                              "images": dataset.images, "left_out": dict(dataset.left_out)},
+                              "images": dataset.images, "left_out": dict(dataset.left_out),
+                              "studies_sha256": studies_sha256},
             "objective": {"name": "Mammo-CLIP multi-view contrastive (Ghosh et al., MICCAI 2024)",
                           "loss": "(i2t + t2i) / 2 + i2i_weight * i2i + t2t_weight * t2t",
                           "i2i_weight": config.i2i_weight, "t2t_weight": config.t2t_weight,
@@ -513,7 +517,8 @@ class PretrainRun:
 
     def _save_version(self, version: Path) -> None:
         history = [json.loads(line) for line in (self.out / METRICS_FILE).read_text().splitlines()]
-        save_model_version(self.model, version, card=self.card(history))
+        studies = write_trained_on(version, self.index_location, (self.config.split,), self.start_from)
+        save_model_version(self.model, version, card=self.card(history, studies))
         title = "Mammo-CLIP pretraining" + (" on synthetic phantoms (not clinical)" if self.config.synthetic_data
                                             else "")
         plot_training_curve([h["loss"] for h in history], version / "training_curve.png", title)

@@ -27,6 +27,7 @@ from training.finetune import (
     load_images,
     subgroups_json,
 )
+from training.provenance import seen_note, study_uids
 
 NOTE = "Zero-shot scores: prompts only, no head trained on this site's data."
 PROMPTS_NOTES = {"node": "Prompts: the node's (several templates per class, the model's logit scale, the card's "
@@ -50,8 +51,10 @@ def zero_shot_evaluation(index_location: str | Path, model_path: Path | str, out
     breast_curves: dict[str, BinaryMetrics] = {}
     tables: dict[str, SubgroupTable] = {}
     notes = [NOTE, PROMPTS_NOTES[prompts]]
+    evaluated: set[int] = set()
     for target in BINARY_TARGETS:
         records, left_out = load_images(index_location, split, preprocess, target)
+        evaluated |= {record.study for record in records}
         if not records:
             results[target] = {"unavailable": f"no {split} image has a {target} label", "left_out": dict(left_out)}
             continue
@@ -73,8 +76,11 @@ def zero_shot_evaluation(index_location: str | Path, model_path: Path | str, out
             breast_curves[target] = metrics["breast"]
         if isinstance(subgroups, SubgroupTable):
             tables[target] = subgroups
+    uids = study_uids(index_location, (split,))
+    seen = seen_note(model_path, {uids[study] for study in evaluated}, f"the {split} split")
+    notes.insert(0, seen)
     (out / "metrics.json").write_text(json.dumps({"split": split, "model": str(model_path), "prompts": prompts,
-                                                  "results": results}, indent=2))
+                                                  "studies_seen": seen, "results": results}, indent=2))
     images = {"ROC, breast level": plot_roc(breast_curves, out / "roc.png", f"Zero-shot, {split} split")} \
         if breast_curves else {}
     write_html_report(out / "report.html", title="Zero-shot evaluation", model_description=str(model_path),
