@@ -94,8 +94,9 @@ def convert_command(settings: Settings, index: str | None, cache_dir: Path | Non
     folder = cache_dir or settings.data_dir / "archive" / "cache"
     summary = convert_archive(sessions, folder, PreprocessConfig(height=height, width=width, apply_voi=apply_voi),
                               workers, retry_failed)
-    click.echo(f"converted {summary.converted}, failed {summary.failed}, already done or failed before "
-               f"{summary.already_current}; cache: {summary.cache_folder}")
+    click.echo(f"converted {summary.converted}, failed {summary.failed}, reused from an earlier conversion at these "
+               f"settings {summary.reused}, already done or failed before {summary.already_current}; "
+               f"cache: {summary.cache_folder}")
     if summary.failed:
         click.echo("failed images keep their reason in the index (`mammo-node archive show --failures`); "
                    "--retry-failed tries them again")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +168,15 @@ def test_convert_uses_the_inference_preprocessing_and_resumes(tmp_path: Path, ar
     bigger = convert_archive(sessions, tmp_path / "cache", PreprocessConfig(height=96, width=64), workers=1,
                              progress=False)
     assert bigger.converted == 47 and bigger.cache_folder != first.cache_folder  # a new size: a new folder
+    back = convert_archive(sessions, tmp_path / "cache", CONFIG, workers=1, progress=False)
+    assert (back.converted, back.reused, back.already_current) == (0, 47, 1)  # the first size's files, re-pointed
+    with sessions() as session:
+        assert np.array_equal(np.load(session.get(ArchiveImage, sample.id).cache_path), cached)
+    touched = Path(sample.path)  # a source changed after its conversion is converted again, not reused
+    os.utime(touched, ns=(time.time_ns() + 10**9,) * 2)
+    again = convert_archive(sessions, tmp_path / "cache", PreprocessConfig(height=96, width=64), workers=1,
+                            progress=False)
+    assert (again.converted, again.reused) == (1, 46)
 
 
 def test_cli_index_convert_show(tmp_path: Path, archive: dict[str, Path]) -> None:

@@ -3,8 +3,10 @@
 The conversion is ``models.preprocess.dicom_to_uint8``, the very function inference uses, so training sees
 what the node will see. Each result is a ``.npy`` file (memory-mappable) written atomically under
 ``cache_dir/<cache key>/``; the key hashes the preprocessing settings, so changing the input size converts
-again into a new folder and never mixes sizes. Work is spread over processes with a progress bar; a rerun
-converts only images without a current cache file (resumable after a kill, idempotent).
+again into a new folder and never mixes sizes. The index points each image at one file; going back to settings
+converted before re-points it at that file, still on disk, without converting again. Work is spread over
+processes with a progress bar; a rerun converts only images without a current cache file (resumable after a
+kill, idempotent).
 """
 
 from __future__ import annotations
@@ -82,13 +84,32 @@ def _convert(task: ConvertTask, config: PreprocessConfig) -> ConvertOutcome:
     return ConvertOutcome(task.image_id, task.target, None)
 
 
-def _pending(session: Session, cache_dir: Path, key: str, retry_failed: bool) -> list[ConvertTask]:
+def _pending(session: Session, cache_dir: Path, key: str, retry_failed: bool) -> tuple[
+        list[ConvertTask], list[ConvertOutcome]]:
+    """The images to convert, and those whose file for ``key`` is already on disk (``_reusable``)."""
     query = select(ArchiveImage.id, ArchiveImage.sop_instance_uid, ArchiveImage.path).where(
         or_(ArchiveImage.cache_key.is_(None), ArchiveImage.cache_key != key))
     if not retry_failed:
         query = query.where(ArchiveImage.convert_error.is_(None))
-    return [ConvertTask(image_id, path, str(cache_file(cache_dir, key, sop)))
-            for image_id, sop, path in session.execute(query.order_by(ArchiveImage.id))]
+    tasks: list[ConvertTask] = []
+    reused: list[ConvertOutcome] = []
+    for image_id, sop, path in session.execute(query.order_by(ArchiveImage.id)):
+        target = cache_file(cache_dir, key, sop)
+        if _reusable(target, Path(path)):
+            reused.append(ConvertOutcome(image_id, str(target), None))
+        else:
+            tasks.append(ConvertTask(image_id, path, str(target)))
+    return tasks, reused
+
+
+def _reusable(target: Path, source: Path) -> bool:
+    """Whether an earlier conversion with these settings left ``target`` (the index now points at another
+    size's file: converting at 1520x912, then 1024x512, then 1520x912 again reconverts nothing) and the source
+    has not changed since it was written. Files are written whole (``atomic_write``) or not at all."""
+    try:
+        return target.stat().st_mtime_ns >= source.stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 def _run(tasks: list[ConvertTask], config: PreprocessConfig, workers: int) -> Iterator[ConvertOutcome]:
@@ -112,10 +133,14 @@ class _Converter:
 
 @dataclass
 class ConvertSummary:
+    """``already_current``: images the index pointed at a file of these settings; ``reused``: images it pointed
+    at another size's file whose file of these settings was still on disk (re-pointed, not reconverted)."""
+
     converted: int
     failed: int
     already_current: int
     cache_folder: Path
+    reused: int = 0
 
 
 def convert_archive(sessions: sessionmaker[Session], cache_dir: Path, config: PreprocessConfig,
@@ -123,8 +148,9 @@ def convert_archive(sessions: sessionmaker[Session], cache_dir: Path, config: Pr
     """Convert every indexed image that has no current cache file; record each outcome in the index."""
     key = cache_key(config)
     with sessions() as session:
-        tasks = _pending(session, cache_dir, key, retry_failed)
+        tasks, reused = _pending(session, cache_dir, key, retry_failed)
         total = session.query(ArchiveImage).count()
+    _record(sessions, reused, key)
     workers = workers or max(1, min(os.cpu_count() or 1, len(tasks)))
     converted = failed = 0
     batch: list[ConvertOutcome] = []
@@ -137,8 +163,9 @@ def convert_archive(sessions: sessionmaker[Session], cache_dir: Path, config: Pr
             _record(sessions, batch, key)
             batch = []
     _record(sessions, batch, key)
-    log.info("converted %d images (%d failed) into %s", converted, failed, Path(cache_dir, key))
-    return ConvertSummary(converted, failed, total - len(tasks), Path(cache_dir, key))
+    log.info("converted %d images (%d failed, %d earlier conversions reused) into %s", converted, failed,
+             len(reused), Path(cache_dir, key))
+    return ConvertSummary(converted, failed, total - len(tasks) - len(reused), Path(cache_dir, key), len(reused))
 
 
 def _record(sessions: sessionmaker[Session], outcomes: list[ConvertOutcome], key: str) -> None:
