@@ -33,6 +33,7 @@ from dicom_node.results.findings import (
 )
 from dicom_node.results.overlay import heatmap_overlay_png
 from dicom_node.results.seg import MAX_FRACTIONAL_VALUE, SEG_TRANSFER_SYNTAXES, TRANSFER_SYNTAX, seg_heatmap
+from models.crop import CropBox
 from tests.conftest import require_tool
 from tests.peers import Orthanc, StoreSCP
 
@@ -378,6 +379,48 @@ def test_unparseable_patient_values_are_left_empty_and_the_sr_still_validates(
     sr = pydicom.dcmread(path)
     assert (sr.PatientBirthDate, sr.StudyTime, sr.PatientSex) == ("", "", "")
     assert (sr.PatientID, sr.PatientName) == (sources[0].PatientID, sources[0].PatientName)
+
+
+def _geometry(header: pydicom.Dataset, variant: str) -> None:
+    if variant == "frame of reference on a 2D view":
+        header.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.1"
+    elif variant == "pixel spacing of zeros":
+        header.PixelSpacing = ["0", "0"]
+    elif variant == "pixel spacing of one value":
+        header.PixelSpacing = "0.1"
+    elif variant == "imager pixel spacing absent":
+        del header.ImagerPixelSpacing
+    elif variant == "patient orientation of one value":
+        header.PatientOrientation = "A"
+    else:
+        del header.PatientOrientation
+
+
+@pytest.mark.parametrize("variant", ["frame of reference on a 2D view", "pixel spacing of zeros",
+                                     "pixel spacing of one value", "imager pixel spacing absent",
+                                     "patient orientation of one value", "patient orientation absent"])
+def test_unusable_image_geometry_is_left_out_and_the_results_still_validate(
+        tmp_path: Path, sources: list[pydicom.Dataset], variant: str) -> None:
+    """Geometry highdicom copies or reads as sent failed the whole analysis (the SR's image library read two
+    values of Patient Orientation and Imager Pixel Spacing) or made a SEG dciodvfy refuses."""
+    from dicom_node.results.writer import SegRequest, SrRequest, without_pixels
+    from dicom_node.results.writer import write_seg as write_seg_request
+    from dicom_node.results.writer import write_sr as write_sr_request
+
+    headers = [copy.deepcopy(without_pixels(source)) for source in sources]
+    for header in headers:
+        _geometry(header, variant)
+    sr = write_sr_request(SrRequest(make_findings(sources), headers, generate_uid(), generate_uid(),
+                                    tmp_path / "sr.dcm"))
+    assert dciodvfy(sr)[0] == []
+    source = headers[0]
+    box = CropBox(0, int(source.Rows), 0, int(source.Columns), (int(source.Rows), int(source.Columns)))
+    maps = {task: np.full((32, 24), 0.5, dtype=np.float32) for task in FINDING_TASKS}
+    seg = write_seg_request(SegRequest(source, maps, box, MODEL, {}, generate_uid(), generate_uid(), 1,
+                                       tmp_path / "seg.dcm"))
+    assert dciodvfy(seg)[0] == []
+    written = pydicom.dcmread(seg, stop_before_pixels=True)
+    assert "FrameOfReferenceUID" not in written and len(written.PatientOrientation or []) in (0, 2)
 
 
 def test_a_character_set_highdicom_refuses_is_written_as_utf8_with_the_names_as_sent(

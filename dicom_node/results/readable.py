@@ -12,11 +12,17 @@ highdicom also copies the Specific Character Set and refuses values that pydicom
 (``\ISO 2022 IR 87``, Japanese), a single value with code extensions (``ISO 2022 IR 100``), a misspelling
 (``ISO-IR 100``) or a Python codec name (``UTF8``). The header's text is then decoded with the sender's character
 set as pydicom reads it, and the results are written in UTF-8 (``ISO_IR 192``), which holds any text.
+
+The image geometry highdicom copies or reads is checked too (``drop_unusable_geometry``): a Frame of Reference
+UID on a projection image without an Image Position (some vendors put one on 2D views) made a SEG that needs
+3D pixel measures it cannot have; a Pixel Spacing of zeros or of one value made an invalid SEG or failed it.
+Such attributes are dropped from the job's copy: the results then describe the image as a plain 2D projection.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 from highdicom.valuerep import _check_specific_character_set
@@ -64,6 +70,43 @@ def empty_unreadable_values(dataset: Dataset) -> list[str]:
         log.warning("instance %s: %s absent or not copyable as sent; in the results empty (a name: its first "
                     "value; the character set: %s)", dataset.get("SOPInstanceUID"), ", ".join(changed), UTF8)
     return changed
+
+
+def drop_unusable_geometry(dataset: Dataset) -> list[str]:
+    """Remove, from ``dataset`` only, a Frame of Reference UID without an Image Position (Patient), and a Pixel
+    Spacing or Imager Pixel Spacing that is not two positive numbers; empty a Patient Orientation that is not
+    two values. Returns the keywords it changed, and logs them with the instance's UID."""
+    changed = []
+    if "FrameOfReferenceUID" in dataset and "ImagePositionPatient" not in dataset:
+        del dataset.FrameOfReferenceUID
+        changed.append("FrameOfReferenceUID")
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if keyword in dataset and not _spacing(dataset[keyword].value):
+            delattr(dataset, keyword)
+            changed.append(keyword)
+    if "PatientOrientation" in dataset and not describes_orientation(dataset):
+        _replace(dataset, "PatientOrientation", "")
+        changed.append("PatientOrientation")
+    if changed:
+        log.warning("instance %s: %s not usable as sent; left out of the results", dataset.get("SOPInstanceUID"),
+                    ", ".join(changed))
+    return changed
+
+
+def describes_orientation(dataset: Dataset) -> bool:
+    """Whether the image has a Patient Orientation of two values (row and column direction)."""
+    value = dataset.get("PatientOrientation")
+    return isinstance(value, MultiValue) and len(value) == 2 and all(value)
+
+
+def _spacing(value: object) -> bool:
+    """Two finite positive numbers (row and column spacing, mm)."""
+    if not isinstance(value, MultiValue) or len(value) != 2:
+        return False
+    try:
+        return all(math.isfinite(float(v)) and float(v) > 0 for v in value)
+    except (TypeError, ValueError):
+        return False
 
 
 def _copyable_character_set(value: object) -> bool:

@@ -18,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 from dicom_node.results.codes import LATERALITY, SEGMENT_CATEGORY, SEGMENT_TYPES
 from dicom_node.results.equipment import MANUFACTURER, SERIAL_NUMBER, add_algorithm_equipment, software_versions
 from dicom_node.results.findings import ModelIdentity
+from dicom_node.results.readable import describes_orientation
 from models.sop_classes import view_of
 
 # The SEG's transfer syntax, by the ``seg_compression`` setting. Measured for a 4096 x 3328 SEG of 3 smooth heatmaps
@@ -136,8 +137,8 @@ def build_heatmap_seg(source: Dataset, heatmaps: Mapping[str, np.ndarray], model
             content_description=CONTENT_DESCRIPTION,
             transfer_syntax_uid=transfer_syntax_uid, omit_empty_frames=False)
     seg.SeriesDescription = SERIES_DESCRIPTION
-    if "PatientOrientation" in source:  # General Image, Type 2C when there is no Frame of Reference
-        seg.PatientOrientation = source.PatientOrientation
+    if "FrameOfReferenceUID" not in seg:  # General Image: Type 2C when there is no Frame of Reference
+        seg.PatientOrientation = source.PatientOrientation if describes_orientation(source) else ""
     add_algorithm_equipment(seg, model)
     return seg
 

@@ -37,6 +37,7 @@ from dicom_node.results.codes import (
 )
 from dicom_node.results.equipment import MANUFACTURER, add_algorithm_equipment, device_uid, software_versions
 from dicom_node.results.findings import DISCLAIMER, FINDING_TASKS, Assessment, Detection, StudyFindings
+from dicom_node.results.readable import describes_orientation
 
 Group = hd.sr.MeasurementsAndQualitativeEvaluations
 RegionGroup = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -137,6 +138,13 @@ def _probability(assessment: Assessment, task: str) -> float:
     return round(value, 6)
 
 
+def _image_library(sources: Sequence[Dataset]) -> list[Dataset] | None:
+    """The images the report's image library (TID 1601/1603) describes: those with the Patient Orientation and
+    Imager Pixel Spacing its entries state (Type 1 in MG; an image without them is still the evidence and the
+    source of its findings)."""
+    return [ds for ds in sources if describes_orientation(ds) and "ImagerPixelSpacing" in ds] or None
+
+
 def build_sr(findings: StudyFindings, sources: Sequence[Dataset], *, series_instance_uid: str,
              sop_instance_uid: str, series_number: int, instance_number: int,
              institution_name: str | None = None) -> hd.sr.Comprehensive3DSR:
@@ -168,7 +176,7 @@ def build_sr(findings: StudyFindings, sources: Sequence[Dataset], *, series_inst
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED, imaging_measurements=[*measurement_groups, *regions],
-        referenced_images=list(sources))
+        referenced_images=_image_library(sources))
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(sources), content=report[0], series_instance_uid=series_instance_uid,
         series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=instance_number,

@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from dicom_node.memory import retain_freed_memory
 from dicom_node.results.findings import ModelIdentity, StudyFindings
 from dicom_node.results.io import save_dataset
-from dicom_node.results.readable import empty_unreadable_values
+from dicom_node.results.readable import drop_unusable_geometry, empty_unreadable_values
 from dicom_node.results.seg import MAX_FRACTIONAL_VALUE, TRANSFER_SYNTAX, build_heatmap_seg
 from dicom_node.results.sr import build_sr
 from models.crop import CropBox
@@ -79,6 +79,7 @@ SEG_SERIES_NUMBER, SR_SERIES_NUMBER = 9001, 9000
 
 def write_seg(request: SegRequest) -> Path:
     empty_unreadable_values(request.source)  # the job's own copy of the image's header
+    drop_unusable_geometry(request.source)
     heatmaps = {name: request.box.paste_levels(values, MAX_FRACTIONAL_VALUE)
                 for name, values in request.heatmaps.items()}
     seg = build_heatmap_seg(request.source, heatmaps, request.model, series_instance_uid=request.series_instance_uid,
@@ -91,6 +92,7 @@ def write_seg(request: SegRequest) -> Path:
 def write_sr(request: SrRequest) -> Path:
     for source in request.sources:  # the job's own copies of the images' headers
         empty_unreadable_values(source)
+        drop_unusable_geometry(source)
     sr = build_sr(request.findings, request.sources, series_instance_uid=request.series_instance_uid,
                   sop_instance_uid=request.sop_instance_uid, series_number=SR_SERIES_NUMBER, instance_number=1)
     return save_dataset(sr, request.path)
