@@ -305,7 +305,8 @@ def export_results(job_id: int) -> None:
     from worklist.exports import claim_due
 
     ctx = context()
-    attempts = claim_due(ctx.sessions, job_id, hold=timedelta(seconds=EXPORT_HOLD_SECONDS))
+    attempts = claim_due(ctx.sessions, job_id, hold=timedelta(seconds=EXPORT_HOLD_SECONDS),
+                         max_attempts=ctx.settings.export_max_attempts)
     by_destination: dict[str, list[ExportAttempt]] = {}
     for attempt in attempts:
         by_destination.setdefault(attempt.destination, []).append(attempt)

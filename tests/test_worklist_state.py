@@ -218,7 +218,7 @@ def test_an_export_error_is_recorded_without_the_study_identifiers(sessions):
         session.execute(update(Study).where(Study.study_instance_uid == "1.2.3.16").values(patient_name="Roe^Richard"))
     claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
     complete_job(sessions, claim, {}, 0.5, {}, "m", [("pacs", "1.2.9.5", "/r/SR.dcm")])
-    (attempt,) = claim_due(sessions, job_id, timedelta(seconds=300))
+    (attempt,) = claim_due(sessions, job_id, timedelta(seconds=300), 10)
     mark_failed_attempt(sessions, attempt, "refused: Patient's Name RICHARD ROE", max_attempts=2, first_backoff=0.01)
     with sessions() as session:
         assert session.scalars(select(Export.error)).one() == "refused: Patient's Name [redacted] [redacted]"
@@ -249,12 +249,12 @@ def test_a_send_overtaken_by_a_newer_claim_does_not_decide_the_export(sessions):
     claim = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
     complete_job(sessions, claim, {}, 0.5, {}, "m", [("pacs", "1.2.9.4", "/r/SR.dcm")])
     hold = timedelta(seconds=300)
-    (slow,) = claim_due(sessions, job_id, hold)
+    (slow,) = claim_due(sessions, job_id, hold, 10)
     extend_claims(sessions, [slow], hold)  # the send goes on: its claim is pushed on, nobody else may take it
-    assert claim_due(sessions, job_id, hold) == []
+    assert claim_due(sessions, job_id, hold, 10) == []
     with sessions.begin() as session:  # a send so slow that its hold ran out after all
         session.execute(update(Export).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
-    (newer,) = claim_due(sessions, job_id, hold)
+    (newer,) = claim_due(sessions, job_id, hold, 10)
     extend_claims(sessions, [slow], timedelta(0))  # the overtaken send no longer moves the newer claim
     mark_failed_attempt(sessions, slow, "timed out", max_attempts=2, first_backoff=0.01)
     with sessions() as session:
@@ -272,21 +272,65 @@ def test_export_attempts_back_off_fail_visibly_and_retry(sessions):
     complete_job(sessions, claim, {}, 0.5, {}, "m", [("pacs", "1.2.9.3", "/r/SR.dcm")])
     assert list(jobs_with_due_exports(sessions)) == [job_id]
     hold = timedelta(seconds=300)
-    (attempt,) = claim_due(sessions, job_id, hold)
-    assert claim_due(sessions, job_id, hold) == []  # a duplicate task finds nothing due
+    (attempt,) = claim_due(sessions, job_id, hold, 10)
+    assert claim_due(sessions, job_id, hold, 10) == []  # a duplicate task finds nothing due
     assert mark_failed_attempt(sessions, attempt, "refused", max_attempts=2, first_backoff=0.01) == ExportState.PENDING
     with sessions.begin() as session:  # the backoff has passed
         session.execute(update(Export).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
-    (attempt,) = claim_due(sessions, job_id, hold)
+    (attempt,) = claim_due(sessions, job_id, hold, 10)
     assert attempt.attempt == 2
     assert mark_failed_attempt(sessions, attempt, "refused", max_attempts=2, first_backoff=0.01) == ExportState.FAILED
     assert node_status(sessions)["exports"] == {"FAILED": 1}
     assert jobs_with_due_exports(sessions) == {}
     assert retry_failed(sessions) == 1
-    (attempt,) = claim_due(sessions, job_id, hold)
+    (attempt,) = claim_due(sessions, job_id, hold, 10)
     mark_delivered(sessions, attempt)
     assert retry_failed(sessions) == 0  # a delivered export is never sent again
     assert triage_list(sessions)[0]["exports"] == {"DELIVERED": 1}
+
+
+def test_a_new_analysis_supersedes_the_undelivered_exports_of_the_old_one(sessions):
+    """An old SR still waiting for its backoff (or FAILED, open to retry-exports) must not reach the PACS after
+    the new one and read as the latest."""
+    first = ready_job(sessions, "1.2.3.17")
+    complete_job(sessions, claim_job(sessions, first, "host:1", timedelta(seconds=60)), {}, 0.5, {}, "m", [
+        ("pacs", "1.2.9.6", "/r/1/SR.dcm"), ("pacs", "1.2.9.7", "/r/1/SEG_LCC.dcm"), ("pacs", "1.2.9.8", "/r/1/x")])
+    hold = timedelta(seconds=300)
+    delivered, failed, waiting = claim_due(sessions, first, hold, 10)
+    mark_delivered(sessions, delivered)
+    mark_failed_attempt(sessions, failed, "refused", max_attempts=1, first_backoff=0.01)
+    mark_failed_attempt(sessions, waiting, "PACS down", max_attempts=10, first_backoff=60)
+    with sessions.begin() as session:  # a changed image arrived: the study is analysed again
+        session.execute(update(Study).where(Study.study_instance_uid == "1.2.3.17").values(
+            state=StudyState.RECEIVING, last_received_at=utcnow() - timedelta(seconds=5)))
+    (second,) = promote_ready_studies(sessions, READINESS)
+    complete_job(sessions, claim_job(sessions, second, "host:1", timedelta(seconds=60)), {}, 0.6, {}, "m", [
+        ("pacs", "1.2.9.9", "/r/2/SR.dcm")])
+    with sessions() as session:
+        states = dict(session.execute(select(Export.sop_instance_uid, Export.state)).all())
+        superseded = session.scalars(select(Export.error).where(Export.state == ExportState.SUPERSEDED)).all()
+    assert states == {"1.2.9.6": ExportState.DELIVERED, "1.2.9.7": ExportState.SUPERSEDED,
+                      "1.2.9.8": ExportState.SUPERSEDED, "1.2.9.9": ExportState.PENDING}
+    assert superseded == [f"superseded by job {second}'s results before it was delivered"] * 2
+    assert retry_failed(sessions) == 0 and list(jobs_with_due_exports(sessions)) == [second]
+
+
+def test_an_export_whose_sender_dies_every_time_fails_visibly(sessions):
+    """A claimed attempt that never records an outcome (the io worker killed mid-send) is claimed again once
+    its hold runs out; after the last allowed attempt the export is FAILED, not retried forever."""
+    job_id = ready_job(sessions, "1.2.3.18")
+    complete_job(sessions, claim_job(sessions, job_id, "host:1", timedelta(seconds=60)), {}, 0.5, {}, "m", [
+        ("pacs", "1.2.9.10", "/r/SR.dcm")])
+    for attempt in (1, 2, 3):
+        (claimed,) = claim_due(sessions, job_id, timedelta(seconds=300), 3)
+        assert claimed.attempt == attempt
+        with sessions.begin() as session:  # the sender died: its hold runs out with nothing recorded
+            session.execute(update(Export).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+    assert claim_due(sessions, job_id, timedelta(seconds=300), 3) == []
+    with sessions() as session:
+        export = session.scalars(select(Export)).one()
+    assert export.state == ExportState.FAILED and export.attempts == 3 and "without an outcome" in export.error
+    assert retry_failed(sessions) == 1  # and retry-exports gives it a fresh budget
 
 
 def test_a_job_left_queued_with_no_worker_taking_it_is_sent_again(sessions):

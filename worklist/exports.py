@@ -1,4 +1,5 @@
-"""Export rows: one result object for one destination, PENDING until delivered or visibly FAILED.
+"""Export rows: one result object for one destination, PENDING until delivered or visibly FAILED, or
+SUPERSEDED by a newer analysis of its study before it was delivered (``worklist.state.complete_job``).
 
 A sender claims an attempt with a compare-and-set on the attempt count and the due time, and pushes the due
 time past the send; so two senders never send the same export at once, and a DELIVERED row is never sent
@@ -38,16 +39,22 @@ def backoff(first: float, attempt: int) -> timedelta:
     return min(timedelta(seconds=first * 2 ** max(attempt - 1, 0)), MAX_BACKOFF)
 
 
-def claim_due(sessions: sessionmaker[Session], job_id: int, hold: timedelta) -> list[ExportAttempt]:
+def claim_due(sessions: sessionmaker[Session], job_id: int, hold: timedelta,
+              max_attempts: int) -> list[ExportAttempt]:
     """Claim the next attempt of every due PENDING export of a job. A claimed export is not due again for
-    ``hold`` (longer than a send takes), so a duplicate task finds nothing to send."""
+    ``hold`` (longer than a send takes), so a duplicate task finds nothing to send. One due again after
+    ``max_attempts`` claims had no outcome recorded for its last (its sender died mid-send, each time): FAILED."""
     now = utcnow()
     with sessions() as session:
         rows = session.execute(select(Export.id, Export.attempts).where(
-            Export.job_id == job_id, Export.state == ExportState.PENDING, Export.next_attempt_at <= now)).all()
+            Export.job_id == job_id, Export.state == ExportState.PENDING, Export.next_attempt_at <= now)
+            .order_by(Export.id)).all()
     attempts = []
     for export_id, seen in rows:
         with sessions.begin() as session:
+            if seen >= max_attempts:
+                _fail_unrecorded(session, export_id, seen, now)
+                continue
             won = session.execute(update(Export).where(
                 Export.id == export_id, Export.state == ExportState.PENDING, Export.attempts == seen,
                 Export.next_attempt_at <= now).values(
@@ -56,6 +63,18 @@ def claim_due(sessions: sessionmaker[Session], job_id: int, hold: timedelta) -> 
                 row = session.get(Export, export_id)
                 attempts.append(ExportAttempt(export_id, row.destination, row.sop_instance_uid, row.path, seen + 1))
     return attempts
+
+
+def _fail_unrecorded(session: Session, export_id: int, seen: int, now: datetime) -> None:
+    failed = session.execute(update(Export).where(
+        Export.id == export_id, Export.state == ExportState.PENDING, Export.attempts == seen,
+        Export.next_attempt_at <= now).values(
+        state=ExportState.FAILED, next_attempt_at=None,
+        error=f"{seen} attempts ended without an outcome (the sending worker stopped mid-send each time)")).rowcount
+    if failed:
+        row = session.get(Export, export_id)
+        log.error("export of %s to %s FAILED: %d attempts ended without an outcome (`mammo-node retry-exports` "
+                  "sends it again)", row.sop_instance_uid, row.destination, seen)
 
 
 def extend_claims(sessions: sessionmaker[Session], attempts: list[ExportAttempt], hold: timedelta) -> None:

@@ -53,9 +53,12 @@ class JobState(enum.StrEnum):
 
 
 class ExportState(enum.StrEnum):
+    """SUPERSEDED: not sent (or not again) because a newer analysis of the study replaced the object."""
+
     PENDING = "PENDING"
     DELIVERED = "DELIVERED"
     FAILED = "FAILED"
+    SUPERSEDED = "SUPERSEDED"
 
 
 def _enum(kind: type[enum.Enum]) -> Enum:

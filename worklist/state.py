@@ -91,11 +91,25 @@ def complete_job(sessions: sessionmaker[Session], claim: Claim, findings: dict[s
         for destination, sop_uid, path in exports:
             session.add(Export(job_id=job.id, destination=destination, sop_instance_uid=sop_uid, path=path,
                                state=ExportState.PENDING, next_attempt_at=now))
+        _supersede_older_exports(session, job)
         _settle_study(session, job, StudyState.ANALYSED, suspicion,
                       all_views_analysed=not findings.get("missing_views"))
     log.info("job %d done for study %s (suspicion %.3f)", claim.job_id, claim.study_instance_uid, suspicion,
              extra={"study_uid": claim.study_instance_uid, "job_id": claim.job_id})
     return True
+
+
+def _supersede_older_exports(session: Session, job: Job) -> None:
+    """The study's earlier jobs' exports not delivered (PENDING, or FAILED and so open to ``retry-exports``) ->
+    SUPERSEDED: an older SR or SEG that reached the PACS after this job's would read as the latest."""
+    older = select(Job.id).where(Job.study_id == job.study_id, Job.id < job.id)
+    count = session.execute(update(Export).where(
+        Export.job_id.in_(older), Export.state.in_((ExportState.PENDING, ExportState.FAILED))).values(
+        state=ExportState.SUPERSEDED, next_attempt_at=None,
+        error=f"superseded by job {job.id}'s results before it was delivered")).rowcount
+    if count:
+        log.info("job %d: %d undelivered export(s) of earlier jobs of its study superseded", job.id, count,
+                 extra={"job_id": job.id})
 
 
 def fail_job(sessions: sessionmaker[Session], claim: Claim, error: str, retry: bool) -> JobState | None:

@@ -68,7 +68,7 @@ def export_status(sessions: sessionmaker[Session], job_id: int | None) -> list[d
 
 
 def _summary(states: set[ExportState]) -> str:
-    for state in (ExportState.FAILED, ExportState.PENDING):
+    for state in (ExportState.FAILED, ExportState.PENDING, ExportState.SUPERSEDED):
         if state in states:
             return str(state)
     return str(ExportState.DELIVERED)
