@@ -30,7 +30,11 @@ def _header() -> bytes:
 @pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4", "1.2.3.45", "2.25." + "9" * 59])
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless])
 def test_the_file_header_is_byte_for_byte_pynetdicoms(sop_instance_uid: str, syntax: str) -> None:
-    meta = create_file_meta(sop_class_uid=UID(MG), sop_instance_uid=UID(sop_instance_uid), transfer_syntax=UID(syntax))
+    """pynetdicom's encoding with the node's frozen implementation UID and version name (pynetdicom 3.0.4's: a
+    newer pynetdicom must not change the bytes, whose digest tells a resend from changed content)."""
+    meta = create_file_meta(sop_class_uid=UID(MG), sop_instance_uid=UID(sop_instance_uid), transfer_syntax=UID(syntax),
+                            implementation_uid=UID(dataset_spool.IMPLEMENTATION_CLASS_UID),
+                            implementation_version=dataset_spool.IMPLEMENTATION_VERSION_NAME)
     assert file_header(MG, sop_instance_uid, syntax) == bytes(128) + b"DICM" + encode_file_meta(meta)
 
 
