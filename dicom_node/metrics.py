@@ -26,7 +26,8 @@ DISK_FULL = "disk_full"          # ENOSPC writing the file [0xA700]
 IO_ERROR = "io_error"            # another OSError writing the file [0xA700]
 DATABASE_ERROR = "database_error"  # the instance's row could not be committed [0xA700]
 OUT_OF_MEMORY = "out_of_memory"  # no memory to decode or store it [0xA700]
-REJECT_REASONS = (MALFORMED, UNDECODABLE, DISK_FULL, IO_ERROR, DATABASE_ERROR, OUT_OF_MEMORY)
+INTERNAL_ERROR = "internal_error"  # the node failed storing a valid dataset (shutting down, a bug) [0xA700]
+REJECT_REASONS = (MALFORMED, UNDECODABLE, DISK_FULL, IO_ERROR, DATABASE_ERROR, OUT_OF_MEMORY, INTERNAL_ERROR)
 
 INSTANCES_STORED = Counter("mammo_scp_instances_stored", "Instances stored and committed (C-STORE answered Success).",
                            ["analysable"], registry=None)

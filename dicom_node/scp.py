@@ -175,10 +175,11 @@ def _store(event: Event, store: InstanceStore, space: FreeSpaceGuard | None, sen
         return OUT_OF_RESOURCES
     except MemoryError:
         return _out_of_memory(sop_uid)
-    except Exception as error:  # validation of a decoded dataset can still raise anything
-        metrics.rejected(metrics.UNDECODABLE)
-        log.warning("refused undecodable instance %s: %s", sop_uid[:64], type(error).__name__)
-        return CANNOT_UNDERSTAND
+    except Exception as error:  # the node's own failure (the dataset's are MalformedInstanceError): the sender
+        metrics.rejected(metrics.INTERNAL_ERROR)  # is asked to retry, not told its instance is refused for good
+        log.error("could not store instance %s: %s (out of resources; the sender should retry)", sop_uid[:64],
+                  type(error).__name__)
+        return OUT_OF_RESOURCES
     metrics.stored(stored.analysable)
     if stored.analysable and senders is not None:
         senders.stored(event, stored.study_instance_uid)

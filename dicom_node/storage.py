@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.durable_files import FileData, data_views, fsync_folder, place, stage_file
 from dicom_node.study_time import sortable_time
-from dicom_node.validation import check_instance
+from dicom_node.validation import MalformedInstanceError, check_instance
 from models.errors import NodeError
 from models.sop_classes import ANALYSABLE_SOP_CLASSES, view_of
 from worklist.models import Instance, Series, Study, StudyState, utcnow
@@ -309,17 +309,23 @@ class InstanceStore:
         file meta, then the dataset as received) or as the ``AlignedImage`` it was received into; the caller has
         checked its element structure, e.g. with ``decode_received``. Raises on any failure (nothing is
         claimed): ``InvalidUIDError`` (``UIDConflictError``) and ``MalformedInstanceError`` for a dataset that
-        must not be stored, the stored file untouched. Only a failed commit after the rename leaves the new file
+        must not be stored (any error reading its values is one), the stored file untouched; anything else is
+        the node's own failure. Only a failed commit after the rename leaves the new file
         without its row, which the resend the sender is asked for (0xA700) records."""
         study_uid = validated_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = validated_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
         sop_uid = validated_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
         sop_class = validated_uid(dataset.get("SOPClassUID"), "SOPClassUID")
-        check_instance(dataset, transfer_syntax_uid)
-        patient_id = str(dataset.get("PatientID") or "")[:64] or None
+        try:
+            check_instance(dataset, transfer_syntax_uid)
+            patient_id = str(dataset.get("PatientID") or "")[:64] or None
+            analysable = sop_class in ANALYSABLE_SOP_CLASSES and dataset.get("Modality") == "MG"
+            laterality, view = view_of(dataset)
+        except (MalformedInstanceError, MemoryError):
+            raise
+        except Exception as error:  # reading the sender's values can raise anything: the dataset's fault
+            raise MalformedInstanceError(f"its attributes cannot be read ({type(error).__name__})") from error
         path = instance_path(self.root, study_uid, series_uid, sop_uid)
-        analysable = sop_class in ANALYSABLE_SOP_CLASSES and dataset.get("Modality") == "MG"
-        laterality, view = view_of(dataset)
         fields = {
             "sop_class_uid": sop_class, "transfer_syntax_uid": transfer_syntax_uid,
             "laterality": laterality[:2] or None, "view": view[:16] or None, "analysable": analysable,

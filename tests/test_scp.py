@@ -247,6 +247,25 @@ def test_running_out_of_memory_is_out_of_resources(node: Node, study_files: list
     assert node.count(Instance) == 1
 
 
+@pytest.mark.parametrize(("failing", "status"), [
+    ("dicom_node.storage.stage_file", 0xA700),  # the node's own failure: retry later
+    ("dicom_node.storage.view_of", 0xC000),  # reading the sender's values: its instance is refused
+])
+def test_an_unexpected_error_is_the_nodes_unless_it_reads_the_dataset(node: Node, study_files: list[Path],
+                                                                      failing: str, status: int,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error while storing a valid dataset (a node shutting down: no new futures) is not the sender's fault:
+    0xA700, which it retries; 0xC000 would tell it to drop the instance for good."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(failing, broken)
+        assert _send(node, study_files[0]) == status
+    assert node.count(Instance) == 0
+    assert _send(node, study_files[0]) == 0x0000
+
+
 def _certificates(folder: Path, names: tuple[str, ...] = ("server", "client")) -> dict[str, Path]:
     """A CA, and a certificate it signed for each name (openssl, RSA 2048, two days): ``<name>.crt``, ``.key``."""
     openssl = require_tool("/usr/bin/openssl")
