@@ -274,13 +274,25 @@ def _record(session: Session, record: _Record, savepoint: bool) -> bool:
     # analyse, so no row changes and the study is not re-opened (that would send a second SR and SEGs). The staged
     # copy still replaces the file, which a crash may have left missing or older than the row, and its folder is
     # fsynced before Success: Success is never answered for a file that is not on disk.
-    if filed.instance is not None and _same_content(filed.instance.content_digest, record):
+    if filed.instance is not None and _same_content(_current_digest(session, filed.instance), record):
         place(record.staged, record.path)
     else:
         with session.begin_nested() if savepoint else nullcontext():  # a failed rename takes back its rows
             _write_rows(session, record.dataset, record.uids, record.patient_id, record.fields, filed, utcnow())
             place(record.staged, record.path)
     return filed.instance is not None
+
+
+def _current_digest(session: Session, instance: _FiledInstance) -> str:
+    """The stored instance's digest; on PostgreSQL re-read under its row lock, so that another SCP process
+    changing this instance at the same moment is waited for and its change seen (a resend judged against the
+    digest read before that commit would rename the old bytes over the new file and leave its row saying new).
+    SQLite's writers are one at a time (BEGIN IMMEDIATE): what ``_filed`` read is current."""
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        return instance.content_digest
+    return connection.execute(select(_INSTANCE.c.content_digest).where(_INSTANCE.c.id == instance.id)
+                              .with_for_update()).scalar_one()
 
 
 def _same_content(stored_digest: str, record: _Record) -> bool:

@@ -309,3 +309,48 @@ def test_concurrent_stores_share_one_transaction_and_a_refused_one_takes_back_on
     assert _rows(sessions) == (1, 3, 3)  # a series per view
     files = {path for path in store.root.rglob("*") if path.is_file()}
     assert files == {first.path, *(item.path for item in stored)}
+
+
+def test_a_resend_racing_a_change_from_another_process_leaves_file_and_row_agreeing(
+        tmp_path: Path, db_url: str, sessions: sessionmaker, source: tuple[pydicom.Dataset, list[bytes]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Process 1 stores changed bytes Y of a stored instance and has renamed Y into place, not yet committed;
+    process 2 receives the old bytes X again. On PostgreSQL process 2 used to judge X a resend against the
+    digest committed before (X), rename X over Y and leave the row saying Y; now it waits for the row, sees Y
+    and records X as a change: file and row agree, whichever commits last."""
+    from worklist.db import make_engine, session_factory
+
+    dataset, old = source
+    changed = copy.deepcopy(dataset)
+    changed.InstanceNumber = int(dataset.get("InstanceNumber", 1)) + 1
+    buffer = BytesIO()
+    changed.save_as(buffer, enforce_file_format=True)
+    new = [buffer.getvalue()]
+    first = InstanceStore(tmp_path / "incoming", sessions)
+    _store(first, dataset, old)
+    other_engine = make_engine(db_url)  # a second SCP process: its own engine and writer queue
+    second = InstanceStore(tmp_path / "incoming", session_factory(other_engine))
+    renamed, release = threading.Event(), threading.Event()
+    place = storage.place
+
+    def place_then_hold(staged: Path, path: Path) -> None:
+        place(staged, path)
+        if threading.current_thread().name == "changer":
+            renamed.set()
+            release.wait(30)
+
+    monkeypatch.setattr(storage, "place", place_then_hold)
+    changer = threading.Thread(target=_store, args=(first, changed, new), name="changer")
+    changer.start()
+    assert renamed.wait(30)
+    resender = threading.Thread(target=_store, args=(second, dataset, old))
+    resender.start()
+    resender.join(1.0)  # on PostgreSQL it now waits for the row; before, it finished here
+    release.set()
+    changer.join(30)
+    resender.join(30)
+    other_engine.dispose()
+    with sessions() as session:
+        digest = session.scalar(select(Instance.content_digest))
+    path = next(path for path in first.root.rglob("*.dcm"))
+    assert digest == "blake3:" + blake3.blake3(path.read_bytes()).hexdigest()
