@@ -233,6 +233,20 @@ def synthetic_records(patients: list[str | None]) -> list[ImageRecord]:
             for study, patient in enumerate(patients) for side in "LR" for view in ("CC", "MLO")]
 
 
+def test_breast_and_study_scores_aggregate_as_the_node_serves_them() -> None:
+    """A head's breast takes the max of its views, zero-shot the mean (``models.zero_shot.aggregate_breasts``);
+    a study takes the max of its breasts either way."""
+    records = synthetic_records(["p1", "p2"])  # views in order L CC, L MLO, R CC, R MLO per study
+    truth = np.array([0, 0, 0, 0, 0, 1, 1, 0])
+    scores = np.array([0.9, 0.1, 0.4, 0.4, 0.2, 0.6, 0.7, 0.3])
+    labels, breast_max = aggregate(records, truth, scores, "breast")
+    assert labels.tolist() == [0, 0, 1, 1] and breast_max.tolist() == [0.9, 0.4, 0.6, 0.7]
+    assert aggregate(records, truth, scores, "breast", "mean")[1].tolist() == pytest.approx([0.5, 0.4, 0.4, 0.5])
+    assert aggregate(records, truth, scores, "study")[1].tolist() == [0.9, 0.7]
+    labels, study_mean = aggregate(records, truth, scores, "study", "mean")
+    assert labels.tolist() == [0, 1] and study_mean.tolist() == pytest.approx([0.5, 0.5])
+
+
 def test_test_operating_points_apply_the_validation_thresholds_and_cis_resample_patients() -> None:
     rng = np.random.default_rng(3)
     config, classes = replace(QUICK, n_bootstrap=20), ("no mass", "mass")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -352,13 +352,18 @@ def level_keys(records: Sequence[ImageRecord], level: str) -> list[Hashable]:
             for r in records]
 
 
-def aggregate(records: Sequence[ImageRecord], truth: np.ndarray, scores: np.ndarray,
-              level: str) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (max) and scores (max; multi-class: mean probabilities) per image, breast or study."""
+def aggregate(records: Sequence[ImageRecord], truth: np.ndarray, scores: np.ndarray, level: str,
+              views: Literal["max", "mean"] = "max") -> tuple[np.ndarray, np.ndarray]:
+    """Labels (max) and scores per image, breast or study: a breast's score is its views' ``views``, a study's
+    the max of its breasts' (as the node serves them: a head's breast takes the max of its views, zero-shot
+    the mean); multi-class: mean probabilities."""
     keys = level_keys(records, level)
     labels = np.array(list(aggregate_scores(truth, keys, "max").values()), dtype=int)
+    if scores.ndim == 1 and level == "study" and views != "max":
+        breasts = aggregate_scores(scores, level_keys(records, "breast"), views)
+        return labels, np.array(list(aggregate_scores(list(breasts.values()), [key[0] for key in breasts]).values()))
     if scores.ndim == 1:
-        return labels, np.array(list(aggregate_scores(scores, keys, "max").values()))
+        return labels, np.array(list(aggregate_scores(scores, keys, views).values()))
     columns = [list(aggregate_scores(scores[:, k], keys, "mean").values()) for k in range(scores.shape[1])]
     return labels, np.array(columns).T
 
@@ -379,15 +384,16 @@ def validation_thresholds(validation: BinaryMetrics | MulticlassMetrics | str) -
 
 def evaluate(records: Sequence[ImageRecord], truth: np.ndarray, scores: np.ndarray, classes: Sequence[str],
              config: FinetuneConfig,
-             validation: dict[str, BinaryMetrics | MulticlassMetrics | str] | None = None) -> dict[
-        str, BinaryMetrics | MulticlassMetrics | str]:
-    """Metrics per level; a level with one class only has its reason instead of binary metrics. The operating
+             validation: dict[str, BinaryMetrics | MulticlassMetrics | str] | None = None,
+             views: Literal["max", "mean"] = "max") -> dict[str, BinaryMetrics | MulticlassMetrics | str]:
+    """Metrics per level (``aggregate``: a breast scored by its views' ``views``); a level with one class only
+    has its reason instead of binary metrics. The operating
     points are each level's thresholds in the ``validation`` results applied to ``records`` (the ones fitted on
     ``records`` as oracle), else, without validation thresholds at that level, fitted on ``records``; the AUC CIs
     resample patients where every record has one."""
     results: dict[str, BinaryMetrics | MulticlassMetrics | str] = {}
     for level in LEVELS:
-        labels, level_scores = aggregate(records, truth, scores, level)
+        labels, level_scores = aggregate(records, truth, scores, level, views)
         if not config.binary:
             results[level] = multiclass_metrics(labels, level_scores, classes)
         elif (reason := one_class_reason(labels)) is not None:

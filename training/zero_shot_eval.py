@@ -1,6 +1,7 @@
 """Zero-shot evaluation of any model on an indexed archive split, as the reference's evaluator does: each
-image is scored against the task prompts (``models.zero_shot``), views are aggregated to breasts and
-studies (max), and the metrics, ROC curves, image-level subgroup tables and an HTML report are written. With no
+image is scored against the task prompts (``models.zero_shot``), views are aggregated as the node serves zero-shot
+scores (a breast: the mean of its views, ``models.zero_shot.aggregate_breasts``; a study: the max of its breasts),
+and the metrics, ROC curves, image-level subgroup tables and an HTML report are written. With no
 validation split, the operating points are fitted on the evaluated split itself (optimistic); the AUC CIs resample
 patients."""
 
@@ -29,7 +30,8 @@ from training.finetune import (
 )
 from training.provenance import seen_note, study_uids
 
-NOTE = "Zero-shot scores: prompts only, no head trained on this site's data."
+NOTE = ("Zero-shot scores: prompts only, no head trained on this site's data. Breast score: the mean of its "
+        "views' (as the node serves it); study score: the max of its breasts'.")
 PROMPTS_NOTES = {"node": "Prompts: the node's (several templates per class, the model's logit scale, the card's "
                          "calibration when it has one).",
                  "reference": "Prompts: the reference's own (configs/zs_clip.yaml: one phrase per class), scored as "
@@ -66,7 +68,7 @@ def zero_shot_evaluation(index_location: str | Path, model_path: Path | str, out
                 scores.append(classifier.classify(embeddings)[target].score())
         truth, image_scores = np.array([record.label for record in records], dtype=int), torch.cat(scores).numpy()
         metrics = evaluate(records, truth, image_scores, ("negative", target),
-                           FinetuneConfig(target=target, n_bootstrap=n_bootstrap))
+                           FinetuneConfig(target=target, n_bootstrap=n_bootstrap), views="mean")
         subgroups = image_subgroups(records, truth, image_scores)
         notes += [note for note in evaluation_notes(metrics) if note not in notes]
         results[target] = {level: value if isinstance(value, str) else value.to_dict()
