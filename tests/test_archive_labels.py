@@ -53,10 +53,11 @@ def _write(path: Path, header: list[str], rows: list[dict[str, object]]) -> Path
 
 
 def _breast(row: dict[str, str]) -> BreastLabels:
-    """What the VinDr finding annotations of a manifest row say (malignant: VinDr's proxy, BI-RADS >= 5)."""
-    birads = int(row["birads"])
+    """What the VinDr finding annotations of a manifest row say (malignant: VinDr's proxy, ``vindr_malignant``)."""
+    malignant = vindr_malignant(row["birads"])
     return BreastLabels("", row["laterality"], mass=row["mass"] == "1", calcification=row["calcification"] == "1",
-                        malignant=birads >= 5, density=row["density"], birads=birads)
+                        malignant=None if malignant is None else bool(malignant), density=row["density"],
+                        birads=int(row["birads"]))
 
 
 def _categories(row: dict[str, str]) -> str:
@@ -160,15 +161,15 @@ def test_vindr_finding_annotations_label_each_breast_and_give_label_only_studies
         for side in ("L", "R"):
             row = vindr["truth"][(uid, side)]
             assert study.labels[side] == {"mass": int(row["mass"]), "calcification": int(row["calcification"]),
-                                          "malignant": int(int(row["birads"]) >= 5), "birads": int(row["birads"])}
+                                          "malignant": vindr_malignant(row["birads"]), "birads": int(row["birads"])}
         assert study.labels["density"] == vindr["truth"][(uid, "L")]["density"]
         if number == 3:  # a real report is kept; the table's labels still win over the ones read from it
             assert study.report_source.endswith(".txt") and "FINDINGS" in study.report_text.upper()
         else:  # right breast then left, phrased by breast_text, seeded by the study: the same text every run
             assert study.report_source == SYNTHESIZED_REPORT + "finding_annotations.csv"
             rng = random.Random(uid)
-            assert study.report_text == " ".join(
-                synthesize_breast_report(_breast(vindr["truth"][(uid, side)]), rng) for side in ("R", "L"))
+            texts = (synthesize_breast_report(_breast(vindr["truth"][(uid, side)]), rng) for side in ("R", "L"))
+            assert study.report_text == " ".join(text for text in texts if text)  # BI-RADS 4: no text
     assert studies[uids[5]].labels is None and studies[uids[5]].report_text is None  # not in the CSVs
 
     before = _snapshot(sessions)
@@ -203,7 +204,7 @@ def test_vindr_breast_level_file_has_no_findings_so_no_text(tmp_path: Path, vind
     assert (summary.label_studies, summary.unmatched_labels, summary.synthesized) == (5, 2, 0)
     study = _studies(sessions)[vindr["studies"][0]]
     row = vindr["truth"][(vindr["studies"][0], "R")]
-    assert study.labels["R"] == {"mass": None, "calcification": None, "malignant": int(int(row["birads"]) >= 5),
+    assert study.labels["R"] == {"mass": None, "calcification": None, "malignant": vindr_malignant(row["birads"]),
                                  "birads": int(row["birads"])}
     assert study.report_text is None and study.label_source == "label table breast-level_annotations.csv"
 
@@ -242,6 +243,11 @@ def test_cli_prints_the_label_counts(tmp_path: Path, vindr: dict[str, object]) -
     bad = _write(tmp_path / "labels.csv", ["accession", "side", "label"], [{"accession": 1, "side": "L", "label": 1}])
     refused = runner.invoke(main, ["archive", "index", str(vindr["root"]), "--labels", str(bad)])
     assert refused.exit_code != 0 and "unknown label CSV layout" in refused.output
+
+
+def vindr_malignant(birads: str) -> int | None:
+    """VinDr has no pathology: BI-RADS 5 is malignant, 1-3 not, 4 unknown (``training.reports.BreastLabels``)."""
+    return None if int(birads) == 4 else int(int(birads) >= 5)
 
 
 def _side_labels(text: str) -> dict[str, tuple[int | None, int | None, int | None]]:
@@ -328,7 +334,11 @@ def test_pretraining_phrases_label_only_studies_from_their_labels(tmp_path: Path
     items = [item for split in SPLITS for item in load_breasts(tmp_path / "index", split, config)[0]]
     assert sum(1 for item in items if item.sections) == 2 * len(reported)
     assert all(item.labels is not None for item in items if not item.sections)
-    assert len(items) == 10  # five labelled studies, both breasts; the unlabelled one has neither text nor labels
+    # five labelled studies, both breasts, less those without a report whose BI-RADS 4 leaves malignancy unknown
+    # (a label missing is never phrased as a negative); the unlabelled study has neither text nor labels
+    unknown = [study for uid, study in _studies(sessions).items() if uid not in reported and study.labels
+               and any(study.labels[side]["malignant"] is None for side in "LR")]
+    assert len(items) == 10 - sum(study.labels[side]["malignant"] is None for study in unknown for side in "LR")
 
 
 def test_a_patients_most_positive_study_sets_its_stratum() -> None:
@@ -345,3 +355,21 @@ def test_studies_without_a_patient_id_are_patients_of_their_own() -> None:
     assert patient_key("", "salt", "1.2.3") != patient_key("", "salt", "1.2.4")
     assert patient_key("P1", "salt", "1.2.3") == patient_key("P1", "salt", "1.2.4") == hashlib.sha256(
         b"salt:P1").hexdigest()[:32]
+
+
+def test_a_breast_gets_its_own_birads_never_the_studys() -> None:
+    """"Mass in the left breast; the right breast is normal. BI-RADS 5": the right breast's category is
+    unknown, so pretraining phrases it from its report, not as "birads 5"."""
+    from training.datasets import breast_labels
+
+    labels = {"density": "B", "birads": 5, "L": {"mass": 1, "calcification": 0, "malignant": 1, "birads": 5},
+              "R": {"mass": 0, "calcification": 0, "malignant": 0, "birads": None}}
+    assert breast_labels(labels, "L")["birads"] == 5 and breast_labels(labels, "R") is None
+
+
+def test_birads_6_is_phrased_as_a_known_malignancy() -> None:
+    from training.label_text import breast_text
+
+    labels = {"mass": 1, "calcification": 0, "malignant": 1, "density": "C"}
+    assert "birads 6 known biopsy proven malignancy" in breast_text({**labels, "birads": 6}, "L", random.Random(0))
+    assert "birads 0 incomplete" in breast_text({**labels, "birads": 0}, "L", random.Random(0))

@@ -230,7 +230,7 @@ def test_read_vindr_breast_level_has_no_findings(tmp_path: Path) -> None:
     header = ["Study_ID", "Series_ID", "Image_ID", "Laterality", "View_Position", "Breast_BIRADS", "Breast_Density"]
     path = _write_csv(tmp_path / "breast-level_annotations.csv", header,
                       [["s1", "x", "i1", "R", "CC", "BI-RADS 4", "DENSITY D"], ["s1", "x", "i2", "R", "MLO", "", ""]])
-    assert read_label_csv(path) == [BreastLabels("s1", "R", ["i1", "i2"], None, None, False, "D", 4)]
+    assert read_label_csv(path) == [BreastLabels("s1", "R", ["i1", "i2"], None, None, None, "D", 4)]  # 4: unknown
 
 
 def test_read_rsna_train_csv(tmp_path: Path) -> None:
@@ -241,10 +241,14 @@ def test_read_rsna_train_csv(tmp_path: Path) -> None:
         ["2", "10006", "1459541791", "L", "MLO", "61.0", "0", "0", "0", "", "0", "", "29", "False"],
         ["2", "10011", "220375232", "R", "CC", "55.0", "1", "1", "1", "0.0", "0", "C", "21", "True"],
         ["2", "10011", "270344397", "R", "MLO", "55.0", "0", "1", "1", "0.0", "0", "C", "21", "True"],
+        ["2", "10012", "1", "L", "CC", "50.0", "0", "0", "0", "1", "0", "B", "21", "False"],
+        ["2", "10013", "2", "R", "CC", "50.0", "0", "0", "0", "2", "0", "B", "21", "False"],
     ])
-    assert read_label_csv(path) == [
+    assert read_label_csv(path) == [  # RSNA's BIRADS 1 "negative for cancer" and 2 "normal" are ACR 1, not 2
         BreastLabels("10006", "L", ["462822612", "1459541791"], None, None, False, None, None),
-        BreastLabels("10011", "R", ["220375232", "270344397"], None, None, True, "C", 0)]
+        BreastLabels("10011", "R", ["220375232", "270344397"], None, None, True, "C", 0),
+        BreastLabels("10012", "L", ["1"], None, None, False, "B", 1),
+        BreastLabels("10013", "R", ["2"], None, None, False, "B", 1)]
 
 
 def test_unknown_layouts_are_refused(tmp_path: Path) -> None:

@@ -66,11 +66,10 @@ class BreastItem:
 
 def breast_labels(labels: dict[str, Any] | None, side: str) -> dict[str, Any] | None:
     """The labels ``breast_text`` needs for one breast, or None when any of them is unknown (a missing
-    label must not be phrased as a negative finding)."""
+    label must not be phrased as a negative finding). The BI-RADS is the breast's own: the study's category
+    may be another breast's ("mass in the left breast; the right is normal. BI-RADS 5")."""
     breast = dict((labels or {}).get(side) or {})
     breast["density"] = (labels or {}).get("density")
-    if breast.get("birads") is None:
-        breast["birads"] = (labels or {}).get("birads")
     complete = all(breast.get(name) is not None for name in ("mass", "calcification", "malignant", "birads"))
     return breast if complete and breast["density"] in DENSITIES else None
 

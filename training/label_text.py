@@ -36,9 +36,14 @@ def label_key(labels: Mapping[str, object]) -> tuple[object, ...]:
     return tuple(labels[name] for name in LABEL_OF_TASK.values())
 
 
+# The categories outside the BI-RADS prompt task (1-5)
+OTHER_BIRADS = {0: "birads 0 incomplete need additional imaging evaluation",
+                6: "birads 6 known biopsy proven malignancy"}
+
+
 def breast_text(labels: Mapping[str, object], laterality: str, rng: random.Random) -> str:
     """One randomly phrased report for a breast with labels mass, calcification, malignant (0/1),
-    density ("A".."D") and birads (0..5)."""
+    density ("A".."D") and birads (0..6)."""
     side = SIDE_WORDS.get(laterality, "")
     parts = []
     for finding, flag in (("mass", labels["mass"]), ("calcification", labels["calcification"]),
@@ -52,6 +57,6 @@ def breast_text(labels: Mapping[str, object], laterality: str, rng: random.Rando
     if str(birads) in birads_task.labels:
         parts.append(birads_task.classes[birads_task.labels.index(str(birads))])
     else:
-        parts.append("birads 0 incomplete need additional imaging evaluation")
+        parts.append(OTHER_BIRADS[birads])
     rng.shuffle(parts)
     return " ".join(parts)

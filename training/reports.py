@@ -435,6 +435,9 @@ def parse_labels(text: str) -> ReportLabels:
 
 VINDR_COLUMNS = ("study_id", "image_id", "laterality", "breast_birads", "breast_density")
 RSNA_COLUMNS = ("patient_id", "image_id", "laterality", "cancer")
+# RSNA's BIRADS column -> ACR: 0 "required follow-up" is a recall (ACR 0); 1 "negative for cancer" and 2 "normal"
+# both call the breast negative (ACR 1): RSNA's 2 is not ACR's "benign"
+RSNA_BIRADS = {0: 0, 1: 1, 2: 1}
 GENERIC_KEYS = ("study_instance_uid", "accession_number")
 GENERIC_LABELS = ("mass", "calcification", "malignant", "density", "birads")
 LATERALITY = {"l": "L", "left": "L", "r": "R", "right": "R"}
@@ -452,8 +455,10 @@ class BreastLabels:
 
     ``study``: VinDr's ``study_id``, RSNA's ``patient_id``, or the generic layout's ``study_instance_uid``
     ("" when a row has only an ``accession_number``, which is kept in ``accession_number``).
-    ``malignant``: RSNA's ``cancer`` (biopsy-proven). For VinDr-Mammo it is a proxy, BI-RADS >= 5, because
-    VinDr has no pathology. ``mass``/``calcification``: VinDr's ``finding_categories`` ("Mass",
+    ``malignant``: RSNA's ``cancer`` (biopsy-proven). For VinDr-Mammo it is a proxy, because VinDr has no
+    pathology: BI-RADS 5 malignant, 1-3 not, 4 (2-95% likely malignant) unknown. RSNA's ``BIRADS`` is not the ACR
+    scale (0: follow-up needed, 1: negative for cancer, 2: normal): read as ACR 0 and 1 (``RSNA_BIRADS``).
+    ``mass``/``calcification``: VinDr's ``finding_categories`` ("Mass",
     "Suspicious Calcification"); unknown for RSNA and for VinDr's breast-level file, which has no findings.
     The generic layout has columns of these names (0/1, also true/false, yes/no).
     """
@@ -531,12 +536,15 @@ def _row_labels(row: Mapping[str, str], layout: str, side: str, where: str) -> B
     if layout == "vindr":
         labels.birads = _birads_or_none(row["breast_birads"])
         labels.density = _density_or_none(row["breast_density"])
-        labels.malignant = None if labels.birads is None else labels.birads >= 5
+        labels.malignant = None if labels.birads in (None, 4) else labels.birads >= 5
         if "finding_categories" in row:
             found = _categories(row["finding_categories"], where)
             labels.mass, labels.calcification = "mass" in found, "suspicious calcification" in found
         return labels
-    labels.birads, labels.density = _birads_or_none(row.get("birads", "")), _density_or_none(row.get("density", ""))
+    labels.birads = _birads_or_none(row.get("birads", ""))
+    if layout == "rsna" and labels.birads is not None:
+        labels.birads = RSNA_BIRADS.get(labels.birads)
+    labels.density = _density_or_none(row.get("density", ""))
     labels.mass, labels.calcification = _flag_or_none(row.get("mass", "")), _flag_or_none(row.get("calcification", ""))
     labels.malignant = _flag_or_none(row.get("cancer" if layout == "rsna" else "malignant", ""))
     return labels
