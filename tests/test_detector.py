@@ -410,3 +410,16 @@ def test_flips_move_boxes_with_the_image() -> None:
     for horizontal in (True, False):
         flipped, moved = flip(image, box, horizontal)
         assert mask_box(flipped) == tuple(moved[0])
+
+
+def test_the_prepared_image_cache_keeps_differently_prepared_images_apart(lesion_manifest: Path,
+                                                                          tmp_path: Path) -> None:
+    """A cache folder shared by detectors prepared differently (here only the VOI window differs) must not hand
+    one the other's images: the file is named by every preprocessing setting."""
+    annotation = annotations_from_manifest(lesion_manifest)[0]
+    windowed = DetectorConfig(**{**TINY.to_dict(), "apply_voi": True})
+    plain, _ = detector_train._prepared(annotation, TINY, tmp_path)
+    voi, _ = detector_train._prepared(annotation, windowed, tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+    np.testing.assert_array_equal(voi, detector_train._prepared(annotation, windowed, None)[0])
+    np.testing.assert_array_equal(plain, detector_train._prepared(annotation, TINY, None)[0])

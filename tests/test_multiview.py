@@ -354,6 +354,7 @@ def test_cross_validation_and_few_shot_split(clip_dir: Path, archive: Path, tmp_
     assert metrics["auc_mean"] == pytest.approx(np.mean(aucs), abs=1e-3)
     assert metrics["auc_sd"] == pytest.approx(np.std(aucs, ddof=1), abs=1e-3)
     assert sum(fold["test"]["studies"] for fold in metrics["folds"]) == metrics["out_of_fold"]["n"] == 30
+    assert metrics["out_of_fold"]["bootstrap"] == "cluster"
     assert metrics["data"]["studies_by_views_present"] == {"3": 1, "4": 29}
     assert metrics["left_out"] == {"images whose conversion failed": 1}
     assert metrics["parameters"]["fraction"] == pytest.approx(0.0110, abs=0.005)
@@ -369,4 +370,5 @@ def test_cross_validation_and_few_shot_split(clip_dir: Path, archive: Path, tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["counts"]["train"]["studies_per_class"] == {"benign": 3, "malignant": 3}
     assert metrics["test"]["n"] == metrics["counts"]["test"]["studies"] and len(metrics["history"]) == 2
+    assert metrics["test"]["bootstrap"] == "cluster"  # the CI resamples patients, not studies
     assert (out / "model" / "weights.safetensors").exists() and (out / "roc.png").exists()

@@ -45,6 +45,7 @@ from models.errors import ConfigurationError
 from models.preprocess import CropBox, normalize, prepare_dicom
 from models.sop_classes import ViewKey
 from training.batch_norm import batch_norm_momentum
+from training.convert import cache_key
 from training.demo import NOT_CLINICAL
 from training.pretrain import RESEARCH_ONLY
 
@@ -227,10 +228,12 @@ def validation_split(train: Sequence[BoxAnnotation], share: float,
 
 
 def _prepared(annotation: BoxAnnotation, config: DetectorConfig, cache_dir: Path | None) -> tuple[np.ndarray, CropBox]:
-    """``prepare_dicom`` once; with ``cache_dir`` the result is kept as ``.npy`` (memory-mapped) and ``.json``."""
+    """``prepare_dicom`` once; with ``cache_dir`` the result is kept as ``.npy`` (memory-mapped) and ``.json``,
+    named by the source and every preprocessing setting (``training.convert.cache_key``), so that detectors
+    prepared differently (another size, VOI window, border or threshold) never share a file."""
     if cache_dir is None:
         return prepare_dicom(Path(annotation.source), config.preprocess())
-    name = hashlib.sha1(f"{annotation.source}|{config.input_height}x{config.input_width}".encode()).hexdigest()
+    name = hashlib.sha1(f"{annotation.source}|{cache_key(config.preprocess())}".encode()).hexdigest()
     image_path, crop_path = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
     if image_path.exists() and crop_path.exists():
         crop = json.loads(crop_path.read_text())

@@ -343,7 +343,7 @@ def card_for(config: MultiviewTrainConfig, data: dict[str, Any], **extra: Any) -
 
 def evaluate(studies: Sequence[StudyRecord], scores: np.ndarray, config: MultiviewTrainConfig) -> BinaryMetrics:
     return binary_metrics([study.label for study in studies], scores, n_bootstrap=config.n_bootstrap,
-                          seed=config.seed)
+                          seed=config.seed, clusters=[study.patient for study in studies])
 
 
 def fold_summary(aucs: Sequence[float]) -> dict[str, float]:
