@@ -48,6 +48,7 @@ from training.detector_train import (
     train_detector,
     validation_split,
 )
+from training.provenance import TRAINED_ON_FILE, fingerprint, seen_note
 from training.synthetic import write_studies
 
 TINY = DetectorConfig(image_encoder="efficientnet-test", input_height=96, input_width=64, fpn_channels=16,
@@ -234,6 +235,16 @@ def test_the_epoch_is_chosen_on_training_groups_and_held_out_images_are_scored_o
     metrics = json.loads((tmp_path / "det" / "metrics.json").read_text())
     assert metrics["epoch_selection"]["chosen_on"] == "validation"
     assert metrics["mAP_on"] == "held_out (0.34 of the groups, seed 0)"
+    assert metrics["data"]["held_out_studies_seen"] == ("None of the 1 studies of the held-out images was seen in "
+                                                        "training: the model starts from random weights.")
+    held_out = [a for a in annotations_from_manifest(three_patients) if a.group in held]
+    base = tmp_path / "base"  # a backbone's version that learned from every study, the held-out one too
+    base.mkdir()
+    with three_patients.open() as handle:
+        studies = sorted({fingerprint(row["study_instance_uid"]) for row in csv.DictReader(handle)})
+    (base / TRAINED_ON_FILE).write_text(json.dumps({"base": "none", "studies": studies}))
+    assert seen_note(base, detector_train._study_uids(held_out), "the held-out images").startswith(
+        "WARNING: 1 of the 1 studies of the held-out images were used to train this model")
     assert [set(epoch["validation"]) >= {"mean_average_precision"} for epoch in metrics["history"]] == [True, True]
     assert summary_lines(run)[0].endswith("best mAP on the validation images (groups set aside from training)")
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pydicom
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -48,6 +49,7 @@ from training.batch_norm import batch_norm_momentum
 from training.convert import cache_key
 from training.demo import NOT_CLINICAL
 from training.pretrain import RESEARCH_ONLY
+from training.provenance import seen_note
 
 log = logging.getLogger(__name__)
 
@@ -606,10 +608,11 @@ def _no_validation(share: float, validation: Sequence[DetectionSample]) -> str |
 
 
 def run_detector(data: DetectorData, detector: MammoDetector, out: Path | str,
-                 config: DetectorTrainConfig) -> DetectorRun:
+                 config: DetectorTrainConfig, base: Path | str | None = None) -> DetectorRun:
     """Split by group, prepare, train (the epoch chosen on validation groups of the training part, else the last;
     ``out/last`` the latest), score mAP@0.5 once on the held-out images and write the detector folder with
-    ``metrics.json``. ``out`` must not hold a run yet."""
+    ``metrics.json``, which says how many held-out studies the backbone's model (``base``) learned from
+    (``training.provenance``). ``out`` must not hold a run yet."""
     out = Path(out)
     if (out / METRICS_FILE).exists():
         raise ConfigurationError(f"{out} already holds a training run: choose another folder")
@@ -630,11 +633,18 @@ def run_detector(data: DetectorData, detector: MammoDetector, out: Path | str,
                  else f"{data.holdout:g} of the groups, seed {config.seed}")
     counts = {"source": str(data.manifest or data.boxes), "train": _counts(train, classes),
               "validation": _counts(validation, classes), "held_out": _counts(held, classes),
-              "held_out_from": held_from}
+              "held_out_from": held_from,
+              "held_out_studies_seen": seen_note(base, _study_uids(held_part), "the held-out images")}
     run = DetectorRun(out, metrics, history, counts, data.synthetic,
                       EpochSelection(history.best_epoch or config.epochs, reason))
     write_outputs(out, detector, run, config)
     return run
+
+
+def _study_uids(annotations: Sequence[BoxAnnotation]) -> set[str]:
+    """The StudyInstanceUIDs of the annotations' images (their headers only)."""
+    return {str(pydicom.dcmread(a.source, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+                .get("StudyInstanceUID", "")) for a in annotations} - {""}
 
 
 def _figure(value: float | None) -> str:
@@ -653,6 +663,7 @@ def summary_lines(run: DetectorRun, base: Path | str | None = None) -> list[str]
                      f"({run.data['held_out_from']}; score >= {m.score_threshold:g}); AP per class:")
         lines += [f"  {name:<14} AP@{m.iou_threshold:g} {_figure(ap):>5}  ({m.ground_truth_boxes[name]} boxes, "
                   f"{m.detections[name]} detections)" for name, ap in m.average_precision.items()]
+        lines.append(run.data["held_out_studies_seen"])
     lines += [f"detector written to {run.folder} (metrics.json; the latest epoch in {run.folder / 'last'})",
               f"serve it: mammo-node model register {base or 'BASE'} --detector {run.folder}"]
     if run.synthetic:
@@ -742,7 +753,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m training.dete
                                  batch_norm_momentum=args.bn_momentum, augment=not args.no_augment,
                                  amp=not args.no_amp, eval_score_threshold=args.eval_score_threshold, seed=args.seed,
                                  progress=not args.no_progress)
-    run = run_detector(data, detector, args.out, config)
+    run = run_detector(data, detector, args.out, config, base=args.model)
     print("\n".join(summary_lines(run, args.model)))
     return 0
 

@@ -64,8 +64,12 @@ def write_trained_on(folder: Path, index_location: str | Path, splits: Sequence[
 
 
 def seen_note(model_path: Path | str | None, evaluated_uids: Iterable[str], what: str) -> str:
-    """One line for an evaluation report: how many of the evaluated studies the model learned from."""
+    """One line for an evaluation report: how many of the evaluated studies the model at ``model_path`` (None:
+    random weights) learned from."""
     evaluated = {fingerprint(uid) for uid in evaluated_uids}
+    if model_path is None:
+        return f"None of the {len(evaluated)} studies of {what} was seen in training: the model starts from random " \
+               "weights."
     record = read_record(model_path)
     if record is None:
         return f"The model's training data is unknown (no {TRAINED_ON_FILE}): {what} may overlap it."
