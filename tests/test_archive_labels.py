@@ -357,6 +357,25 @@ def test_studies_without_a_patient_id_are_patients_of_their_own() -> None:
         b"salt:P1").hexdigest()[:32]
 
 
+def test_indexing_says_how_many_studies_had_no_patient_id(source: tuple[Path, list[dict[str, str]]],
+                                                           tmp_path: Path) -> None:
+    import pydicom
+
+    folder, _ = source
+    studies = sorted(path for path in folder.iterdir() if path.is_dir())[:2]
+    for number, study in enumerate(studies):
+        shutil.copytree(study, tmp_path / "archive" / study.name)
+        for path in (tmp_path / "archive" / study.name).glob("*.dcm"):
+            if number == 0:  # the first study anonymised: no Patient ID
+                dataset = pydicom.dcmread(path)
+                dataset.PatientID = ""
+                dataset.save_as(path)
+    summary = index_archive(tmp_path / "archive", open_index(tmp_path / "index"), progress=False)
+    assert summary.studies == 2 and summary.without_patient_id == 1
+    assert any(line.startswith("1 studies without a Patient ID: each is a patient of its own")
+               for line in summary.lines())
+
+
 def test_a_breast_gets_its_own_birads_never_the_studys() -> None:
     """"Mass in the left breast; the right breast is normal. BI-RADS 5": the right breast's category is
     unknown, so pretraining phrases it from its report, not as "birads 5"."""

@@ -53,12 +53,16 @@ class IndexSummary:
     unmatched_labels: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     splits: Counter[str] = field(default_factory=Counter)
+    without_patient_id: int = 0  # this run's studies whose images have no Patient ID
 
     def lines(self) -> list[str]:
         text = [f"{self.files} files read: {self.images} screening images ({self.new_images} new) in "
                 f"{self.studies} studies; {self.report_objects} report objects (text SR); {self.with_report} "
                 f"studies with a report, {self.synthesized} with one synthesized from labels, {self.labelled} labelled",
                 "split by patient: " + ", ".join(f"{name} {count}" for name, count in sorted(self.splits.items()))]
+        if self.without_patient_id:
+            text.append(f"{self.without_patient_id} studies without a Patient ID: each is a patient of its own for the "
+                        "split, so an anonymised patient's prior and current studies may fall into different splits")
         if self.label_file:
             text.append(f"labels: {self.label_studies} studies from {self.label_file}, {self.unmatched_labels} of its "
                         f"{self.label_breasts} labelled breasts matched no indexed study")
@@ -155,6 +159,7 @@ def index_archive(root: Path, sessions: sessionmaker[Session], reports: Path | N
     table = read_label_table(label_table) if label_table else None
     summary = IndexSummary()
     studies: dict[str, ArchiveStudy] = {}
+    unkeyed: set[str] = set()
     with sessions.begin() as session:
         salt = _patient_salt(session)
         if get_meta(session, "split_seed") is None:
@@ -164,6 +169,8 @@ def index_archive(root: Path, sessions: sessionmaker[Session], reports: Path | N
             found = classify(path)
             if isinstance(found, ImageEntry):
                 summary.new_images += _upsert_image(session, found, _study(session, found, salt, studies))
+                if not found.patient_id.strip():
+                    unkeyed.add(found.study_instance_uid)
             elif isinstance(found, ReportEntry):
                 book.add(found.text, str(path.relative_to(root)), found.accession_number, found.study_instance_uid)
                 summary.report_objects += 1
@@ -181,5 +188,6 @@ def index_archive(root: Path, sessions: sessionmaker[Session], reports: Path | N
         summary.with_report = sum(1 for s in all_studies if s.report_text) - summary.synthesized
         summary.labelled = sum(1 for s in all_studies if s.labels)
         summary.splits = Counter(s.split for s in all_studies)
+        summary.without_patient_id = len(unkeyed)
     log.info("indexed %s: %d images in %d studies", root, summary.images, summary.studies)
     return summary
