@@ -250,7 +250,8 @@ class Analyzer:
     def analyse(self, study_uid: str, job_id: int, instances: list[SourceInstance],
                 heartbeat: Callable[[], object] = lambda: None) -> AnalysisOutput:
         """Score the study, build its SR and SEGs and write them under the job folder (the overlay PNGs when the
-        caller calls ``draw_overlays()`` on the output); on a CUDA model, also measure the job's peak GPU memory."""
+        caller calls ``draw_overlays()`` on the output); on a CUDA model, also measure the job's peak GPU memory.
+        ``heartbeat`` is called between stages and before the first write: it may raise to stop the analysis."""
         with peak_cuda_memory(self.serving.device) as peak:
             output = self._analyse(study_uid, job_id, instances, heartbeat)
         output.gpu_memory_peak_bytes = peak.bytes
@@ -296,6 +297,7 @@ class Analyzer:
                 findings.detections = self.detector.detect(datasets)
                 findings.sources["detector"] = self.detector.identity
             heartbeat()
+        heartbeat()  # the last word of the caller before anything is written (``dicom_node.tasks._Heartbeat``)
         folder = self.job_folder(study_uid, job_id)
         seg_series = result_uid(study_uid, job_id, "SEG series")
         overlays: list[ViewOverlay] = []

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -209,13 +210,30 @@ def context() -> _Context:
     return _Context.current
 
 
+class LeaseLostError(Exception):
+    """This attempt's claim may belong to another worker now: it must not write the job's results."""
+
+
 @dataclass
 class _Heartbeat:
-    """Refreshes a claimed job's heartbeat from a thread while the work runs."""
+    """Refreshes a claimed job's heartbeat from a thread while the work runs; ``check`` (called between the
+    analysis' stages, and before its results are written) stops an attempt whose lease was lost, or may have
+    been: its beats have failed for ``stale`` seconds, long enough for another worker to claim the job. That
+    worker writes the same files under the same UIDs: two attempts writing them would mix their contents."""
 
     sessions: sessionmaker[Session]
     claim: object
     interval: float
+    stale: float
+
+    def __post_init__(self) -> None:
+        self.lost = threading.Event()
+        self.last_beat = time.monotonic()
+
+    def check(self) -> None:
+        if self.lost.is_set() or time.monotonic() - self.last_beat >= self.stale:
+            raise LeaseLostError(f"job {self.claim.job_id} attempt {self.claim.attempt}: its lease was lost or "
+                                 f"its heartbeat failed for {self.stale:.0f} s")
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -226,7 +244,10 @@ class _Heartbeat:
         def beat() -> None:
             while not stop.wait(self.interval):
                 try:
-                    heartbeat(self.sessions, self.claim)
+                    if heartbeat(self.sessions, self.claim):
+                        self.last_beat = time.monotonic()
+                    else:
+                        self.lost.set()
                 except Exception as error:  # a DB hiccup must not kill the job; the next beat retries
                     log.warning("heartbeat of job %d failed: %s", self.claim.job_id, type(error).__name__)
 
@@ -274,10 +295,14 @@ def analyze_study(self: Task, job_id: int) -> None:
         fail_job(ctx.sessions, claim, f"the analysis was started {claim.attempt - 1} times and its worker died or "
                  "stopped each time (a study that crashes the decoder or exhausts the memory?)", retry=False)
         return
+    beats = _Heartbeat(ctx.sessions, claim, settings.job_stale_seconds / 4, settings.job_stale_seconds)
     try:
-        with _Heartbeat(ctx.sessions, claim, settings.job_stale_seconds / 4).running():
+        with beats.running():
             instances = _source_instances(ctx.sessions, settings.incoming_dir, job_id)
-            output = ctx.analyzer.analyse(claim.study_instance_uid, job_id, instances)
+            output = ctx.analyzer.analyse(claim.study_instance_uid, job_id, instances, heartbeat=beats.check)
+    except LeaseLostError as error:  # the job is another attempt's now: this one writes and records nothing
+        log.warning("%s: stopped, nothing written", error)
+        return
     except PERMANENT_ERRORS as error:
         fail_job(ctx.sessions, claim, f"{type(error).__name__}: {error}", retry=False)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -97,4 +98,51 @@ def test_a_job_whose_worker_died_at_every_attempt_fails_instead_of_coming_back(
         job = session.get(Job, job_id)
         assert (job.state, job.attempts) == (JobState.FAILED, 4) and "worker died" in job.error
         assert session.get(Study, job.study_id).state == StudyState.FAILED
+    engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["claimed by another worker", "heartbeats failing"])
+def test_an_attempt_that_lost_its_lease_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       how: str) -> None:
+    """Another worker that claimed the job writes the same files under the same UIDs: an attempt whose lease
+    was taken (or whose heartbeats failed long enough for that) stops at the next check, before writing."""
+    import time
+
+    from sqlalchemy import update
+
+    from tests.test_worklist_state import ready_job
+    from worklist.db import session_factory
+    from worklist.models import Job, JobState
+
+    settings = Settings(data_dir=tmp_path, job_stale_seconds=1.0)
+    engine = make_engine(settings.database_url())
+    upgrade(engine)
+    sessions = session_factory(engine)
+    job_id = ready_job(sessions, "1.2.3.78")
+    if how == "heartbeats failing":
+        def database_down(*args: object) -> bool:
+            raise OperationalError("UPDATE job", {}, ConnectionError("server closed the connection"))
+
+        monkeypatch.setattr(worklist.state, "heartbeat", database_down)
+    checks: list[str] = []
+
+    class Analyzer:
+        def analyse(self, study_uid: str, job: int, instances: list, heartbeat: Callable[[], object]) -> None:
+            if how == "claimed by another worker":
+                with sessions.begin() as session:
+                    session.execute(update(Job).values(lease="other-worker"))
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                checks.append("checked")
+                heartbeat()  # raises once the lease is known lost
+                time.sleep(0.05)
+            pytest.fail("the attempt went on to write its results")
+
+    tasks.configure(settings)
+    monkeypatch.setattr(tasks._Context, "analyzer", property(lambda self: Analyzer()))
+    assert tasks.analyze_study.apply(args=(job_id,)).successful()
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job.state == JobState.RUNNING and job.finished_at is None  # nothing recorded by this attempt
+    assert len(checks) > 1
     engine.dispose()
