@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, ge=1, le=20, description="Analysis attempts before a job is FAILED.")
     job_stale_seconds: float = Field(
         120.0, gt=0, description="A RUNNING job whose worker has not sent a heartbeat for this long is re-sent.")
+    job_time_limit_seconds: float = Field(
+        1800.0, gt=0, description="An analysis running longer than this is taken as hung: its worker process exits "
+                                  "(its supervisor starts another) and the job is retried, up to job_max_attempts.")
     export_max_attempts: int = Field(10, ge=1, le=100, description="C-STORE attempts before an export is FAILED.")
     export_backoff_seconds: float = Field(
         5.0, gt=0, description="First retry delay of a failed export; doubles each attempt (capped at 15 min).")

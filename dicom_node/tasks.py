@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ EXPORT = "mammo_node.export_results"
 GPU_QUEUE, IO_QUEUE = "gpu", "io"
 PERMANENT_ERRORS = (ImageDecodeError, NotMammographyError)
 EXPORT_HOLD_SECONDS = 300  # a claimed export is not due again for this long (longer than any send)
+HUNG_EXIT_CODE = 75  # a worker process that ends a hung analysis (EX_TEMPFAIL)
 
 app = Celery("mammo_node")
 app.conf.update(
@@ -225,10 +226,12 @@ class _Heartbeat:
     claim: object
     interval: float
     stale: float
+    limit: float  # past it the analysis is hung: ``on_hung`` (the process exits; its supervisor restarts it)
+    on_hung: Callable[[], None] = lambda: os._exit(HUNG_EXIT_CODE)
 
     def __post_init__(self) -> None:
         self.lost = threading.Event()
-        self.last_beat = time.monotonic()
+        self.started = self.last_beat = time.monotonic()
 
     def check(self) -> None:
         if self.lost.is_set() or time.monotonic() - self.last_beat >= self.stale:
@@ -243,6 +246,11 @@ class _Heartbeat:
 
         def beat() -> None:
             while not stop.wait(self.interval):
+                if time.monotonic() - self.started > self.limit:  # no beat more: the job goes stale meanwhile
+                    log.error("job %d attempt %d has run for more than %.0f s: taken as hung, the worker process "
+                              "exits and the job is retried", self.claim.job_id, self.claim.attempt, self.limit)
+                    self.on_hung()
+                    return
                 try:
                     if heartbeat(self.sessions, self.claim):
                         self.last_beat = time.monotonic()
@@ -295,7 +303,8 @@ def analyze_study(self: Task, job_id: int) -> None:
         fail_job(ctx.sessions, claim, f"the analysis was started {claim.attempt - 1} times and its worker died or "
                  "stopped each time (a study that crashes the decoder or exhausts the memory?)", retry=False)
         return
-    beats = _Heartbeat(ctx.sessions, claim, settings.job_stale_seconds / 4, settings.job_stale_seconds)
+    beats = _Heartbeat(ctx.sessions, claim, min(settings.job_stale_seconds, settings.job_time_limit_seconds) / 4,
+                       settings.job_stale_seconds, settings.job_time_limit_seconds)
     try:
         with beats.running():
             instances = _source_instances(ctx.sessions, settings.incoming_dir, job_id)

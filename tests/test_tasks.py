@@ -146,3 +146,18 @@ def test_an_attempt_that_lost_its_lease_writes_nothing(tmp_path: Path, monkeypat
         assert job.state == JobState.RUNNING and job.finished_at is None  # nothing recorded by this attempt
     assert len(checks) > 1
     engine.dispose()
+
+
+def test_an_analysis_past_its_time_limit_is_taken_as_hung(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Celery time limit works in a solo or thread pool: past job_time_limit_seconds the heartbeat thread
+    stops beating and ends the process (here: records it), whose supervisor starts another; the job, stale,
+    is retried until job_max_attempts."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(worklist.state, "heartbeat", lambda sessions, claim: True)
+    hung = threading.Event()
+    beats = tasks._Heartbeat(None, SimpleNamespace(job_id=5, attempt=1), interval=0.05, stale=60, limit=0.3,
+                             on_hung=hung.set)
+    with beats.running():
+        assert hung.wait(10)
+    assert Settings().job_time_limit_seconds == 1800
