@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -157,6 +157,11 @@ def result_uid(study_uid: str, job_id: int, *parts: str) -> str:
     return generate_uid(entropy_srcs=[study_uid, str(job_id), *parts])
 
 
+def sr_uids(study_uid: str, job_id: int) -> tuple[str, str]:
+    """The Series and SOP Instance UIDs of a job's SR."""
+    return result_uid(study_uid, job_id, "SR series"), result_uid(study_uid, job_id, "SR")
+
+
 def select_views(instances: list[SourceInstance]) -> dict[ViewKey, list[SourceInstance]]:
     """The instances of each screening view, the last listed first (callers list them by arrival): the newest is
     analysed, an earlier one where it cannot be read."""
@@ -248,17 +253,18 @@ class Analyzer:
         return self.results_root / validated_uid(study_uid, "StudyInstanceUID") / str(int(job_id))
 
     def analyse(self, study_uid: str, job_id: int, instances: list[SourceInstance],
-                heartbeat: Callable[[], object] = lambda: None) -> AnalysisOutput:
+                heartbeat: Callable[[], object] = lambda: None, supersedes: Sequence[int] = ()) -> AnalysisOutput:
         """Score the study, build its SR and SEGs and write them under the job folder (the overlay PNGs when the
         caller calls ``draw_overlays()`` on the output); on a CUDA model, also measure the job's peak GPU memory.
-        ``heartbeat`` is called between stages and before the first write: it may raise to stop the analysis."""
+        ``heartbeat`` is called between stages and before the first write: it may raise to stop the analysis.
+        ``supersedes``: the earlier jobs of the study whose SRs this one's names as its predecessors."""
         with peak_cuda_memory(self.serving.device) as peak:
-            output = self._analyse(study_uid, job_id, instances, heartbeat)
+            output = self._analyse(study_uid, job_id, instances, heartbeat, supersedes)
         output.gpu_memory_peak_bytes = peak.bytes
         return output
 
     def _analyse(self, study_uid: str, job_id: int, instances: list[SourceInstance],
-                 heartbeat: Callable[[], object]) -> AnalysisOutput:
+                 heartbeat: Callable[[], object], supersedes: Sequence[int]) -> AnalysisOutput:
         watch = Stopwatch()
         candidates = select_views(instances)
         if not candidates:
@@ -302,9 +308,9 @@ class Analyzer:
         seg_series = result_uid(study_uid, job_id, "SEG series")
         overlays: list[ViewOverlay] = []
         with watch.stage("encode"):  # the SR first (the findings are final): longest task first balances the helpers
-            uid = result_uid(study_uid, job_id, "SR")
-            request = SrRequest(findings, [without_pixels(datasets[key]) for key in chosen],
-                                result_uid(study_uid, job_id, "SR series"), uid, folder / "SR.dcm")
+            series, uid = sr_uids(study_uid, job_id)
+            request = SrRequest(findings, [without_pixels(datasets[key]) for key in chosen], series, uid,
+                                folder / "SR.dcm", tuple(sr_uids(study_uid, earlier) for earlier in supersedes))
             pending = [(ResultObject("SR", uid, request.path), self.writer.submit(write_sr, request))]
         for number, view in enumerate(findings.views, start=1):
             key = (view.laterality, view.view)

@@ -282,7 +282,7 @@ def _source_instances(sessions: sessionmaker[Session], root: Path, job_id: int) 
 @app.task(name=ANALYZE, bind=True)
 def analyze_study(self: Task, job_id: int) -> None:
     """Claim the job, analyse its study, record the result and its exports, and hand them to the io queue."""
-    from worklist.state import claim_job, complete_job, fail_job, job_state
+    from worklist.state import claim_job, complete_job, earlier_done_jobs, fail_job, job_state
 
     ctx = context()
     settings = ctx.settings
@@ -308,7 +308,8 @@ def analyze_study(self: Task, job_id: int) -> None:
     try:
         with beats.running():
             instances = _source_instances(ctx.sessions, settings.incoming_dir, job_id)
-            output = ctx.analyzer.analyse(claim.study_instance_uid, job_id, instances, heartbeat=beats.check)
+            output = ctx.analyzer.analyse(claim.study_instance_uid, job_id, instances, heartbeat=beats.check,
+                                          supersedes=earlier_done_jobs(ctx.sessions, job_id))
     except LeaseLostError as error:  # the job is another attempt's now: this one writes and records nothing
         log.warning("%s: stopped, nothing written", error)
         return

@@ -235,3 +235,32 @@ def test_an_activated_model_version_is_served_from_the_next_job_without_a_restar
     named = {str(value).split("@")[0] for ds in srs for item in ds.ContributingEquipmentSequence
              for value in item.get("SoftwareVersions", []) if str(value).startswith("model ")}
     assert named == {"model site-v1", "model site-v2"}  # each SR names the version that produced it
+
+
+def test_a_changed_image_gets_a_new_analysis_whose_sr_supersedes_the_first(
+        tmp_path: Path, model_version: Path, pacs: StoreSCP, studies: list[list[Path]]) -> None:
+    """A view sent again with other content re-opens its study; the new SR names the first as its predecessor
+    (Predecessor Documents Sequence), so a viewer or PACS knows which report is current."""
+    files = studies[0]
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    with Node(node_settings(tmp_path, model_version, pacs)) as node:
+        storescu(node.settings, files)
+        first, _ = wait_for(lambda: delivered(node, study_uid), what="the first analysis")
+        changed = pydicom.dcmread(files[0])
+        changed.InstanceNumber = int(changed.get("InstanceNumber", 1)) + 100
+        changed.save_as(tmp_path / "changed.dcm")
+        storescu(node.settings, [tmp_path / "changed.dcm"])
+        second, _ = wait_for(lambda: (found := delivered(node, study_uid)) and found[0].id > first.id and found,
+                             what="the second analysis")
+    assert first.state == second.state == JobState.DONE
+    srs = {str(ds.SeriesInstanceUID): ds for ds in pacs.received()
+           if str(ds.SOPClassUID) == SR_CLASS and str(ds.StudyInstanceUID) == study_uid}
+    assert len(srs) == 2
+    newest = next(ds for ds in srs.values() if "PredecessorDocumentsSequence" in ds)
+    (item,) = newest.PredecessorDocumentsSequence
+    (series,) = item.ReferencedSeriesSequence
+    (earlier,) = series.ReferencedSOPSequence
+    older = srs[str(series.SeriesInstanceUID)]
+    assert "PredecessorDocumentsSequence" not in older
+    assert str(earlier.ReferencedSOPInstanceUID) == str(older.SOPInstanceUID)
+    assert str(item.StudyInstanceUID) == study_uid

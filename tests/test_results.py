@@ -177,6 +177,18 @@ def test_sr_of_a_partial_study_states_the_missing_view(tmp_path: Path, sources: 
         ds.SOPInstanceUID for ds in present if ds.ImageLaterality == "L"]
 
 
+def test_an_sr_of_a_new_analysis_names_the_earlier_ones(tmp_path: Path, sources: list[pydicom.Dataset]) -> None:
+    findings = make_findings(sources)
+    earlier = [(generate_uid(), generate_uid()), (generate_uid(), generate_uid())]
+    sr = build_sr(findings, sources, series_instance_uid=generate_uid(), sop_instance_uid=generate_uid(),
+                  series_number=9000, instance_number=1, predecessors=earlier)
+    assert_valid(save_dataset(sr, tmp_path / "sr.dcm"))
+    (item,) = sr.PredecessorDocumentsSequence
+    assert item.StudyInstanceUID == findings.study_instance_uid
+    assert [(series.SeriesInstanceUID, series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            for series in item.ReferencedSeriesSequence] == earlier
+
+
 def test_sr_rejects_a_view_without_its_source(sources: list[pydicom.Dataset]) -> None:
     with pytest.raises(ValueError, match="no source image"):
         build_sr(make_findings(sources), sources[:3], series_instance_uid="1.2.3", sop_instance_uid="1.2.3.4",

@@ -127,7 +127,8 @@ def test_an_attempt_that_lost_its_lease_writes_nothing(tmp_path: Path, monkeypat
     checks: list[str] = []
 
     class Analyzer:
-        def analyse(self, study_uid: str, job: int, instances: list, heartbeat: Callable[[], object]) -> None:
+        def analyse(self, study_uid: str, job: int, instances: list, heartbeat: Callable[[], object],
+                    supersedes: list[int]) -> None:
             if how == "claimed by another worker":
                 with sessions.begin() as session:
                     session.execute(update(Job).values(lease="other-worker"))

@@ -22,6 +22,7 @@ from worklist.queries import node_status, triage_list
 from worklist.state import (
     claim_job,
     complete_job,
+    earlier_done_jobs,
     fail_job,
     jobs_to_resend,
     queue_job,
@@ -313,6 +314,7 @@ def test_a_new_analysis_supersedes_the_undelivered_exports_of_the_old_one(sessio
                       "1.2.9.8": ExportState.SUPERSEDED, "1.2.9.9": ExportState.PENDING}
     assert superseded == [f"superseded by job {second}'s results before it was delivered"] * 2
     assert retry_failed(sessions) == 0 and list(jobs_with_due_exports(sessions)) == [second]
+    assert earlier_done_jobs(sessions, second) == [first] and earlier_done_jobs(sessions, first) == []
 
 
 def test_an_export_whose_sender_dies_every_time_fails_visibly(sessions):

@@ -193,6 +193,15 @@ def release_jobs_of(sessions: sessionmaker[Session], worker: str) -> list[int]:
     return ids
 
 
+def earlier_done_jobs(sessions: sessionmaker[Session], job_id: int) -> list[int]:
+    """The ids of the DONE jobs of this job's study created before it, oldest first: the analyses whose
+    results this one's supersede."""
+    with sessions() as session:
+        study_id = select(Job.study_id).where(Job.id == job_id).scalar_subquery()
+        return list(session.scalars(select(Job.id).where(Job.study_id == study_id, Job.id < job_id,
+                                                         Job.state == JobState.DONE).order_by(Job.id)))
+
+
 def job_state(sessions: sessionmaker[Session], job_id: int) -> JobState | None:
     with sessions() as session:
         return session.scalar(select(Job.state).where(Job.id == job_id))

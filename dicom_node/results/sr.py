@@ -21,6 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from dicom_node.results.codes import (
     ASSESSMENT_CATEGORY,
@@ -138,6 +139,14 @@ def _probability(assessment: Assessment, task: str) -> float:
     return round(value, 6)
 
 
+def _earlier_sr(study_uid: str, series_uid: str, sop_uid: str) -> Dataset:
+    """What the Predecessor Documents Sequence names of an earlier SR of the node's (its UIDs are known)."""
+    earlier = Dataset()
+    earlier.StudyInstanceUID, earlier.SeriesInstanceUID, earlier.SOPInstanceUID = study_uid, series_uid, sop_uid
+    earlier.SOPClassUID = Comprehensive3DSRStorage
+    return earlier
+
+
 def _image_library(sources: Sequence[Dataset]) -> list[Dataset] | None:
     """The images the report's image library (TID 1601/1603) describes: those with the Patient Orientation and
     Imager Pixel Spacing its entries state (Type 1 in MG; an image without them is still the evidence and the
@@ -147,8 +156,11 @@ def _image_library(sources: Sequence[Dataset]) -> list[Dataset] | None:
 
 def build_sr(findings: StudyFindings, sources: Sequence[Dataset], *, series_instance_uid: str,
              sop_instance_uid: str, series_number: int, instance_number: int,
-             institution_name: str | None = None) -> hd.sr.Comprehensive3DSR:
-    """The study's AI result as a TID 1500 report; ``sources`` are the analysed images (all of one study)."""
+             institution_name: str | None = None,
+             predecessors: Sequence[tuple[str, str]] = ()) -> hd.sr.Comprehensive3DSR:
+    """The study's AI result as a TID 1500 report; ``sources`` are the analysed images (all of one study);
+    ``predecessors``: (Series, SOP Instance UID) of the node's earlier SRs of the study that this one supersedes
+    (its Predecessor Documents Sequence)."""
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     unknown = [view.name for view in findings.views if view.sop_instance_uid not in by_uid]
     if unknown:
@@ -181,7 +193,8 @@ def build_sr(findings: StudyFindings, sources: Sequence[Dataset], *, series_inst
         evidence=list(sources), content=report[0], series_instance_uid=series_instance_uid,
         series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=instance_number,
         manufacturer=MANUFACTURER, institution_name=institution_name, is_complete=True, is_final=False,
-        is_verified=False)
+        is_verified=False, previous_versions=[_earlier_sr(findings.study_instance_uid, series, sop)
+                                              for series, sop in predecessors] or None)
     sr.SeriesDescription = SERIES_DESCRIPTION
     sr.ManufacturerModelName = findings.model.name[:64]
     sr.SoftwareVersions = software_versions(findings.model)

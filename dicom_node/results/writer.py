@@ -65,13 +65,15 @@ class SegRequest:
 
 @dataclass(frozen=True)
 class SrRequest:
-    """The study's SR: its findings, the analysed images (headers), its UIDs, and where it goes."""
+    """The study's SR: its findings, the analysed images (headers), its UIDs, where it goes, and the (Series,
+    SOP Instance UID) of the earlier SRs it supersedes."""
 
     findings: StudyFindings
     sources: list[Dataset]
     series_instance_uid: str
     sop_instance_uid: str
     path: Path
+    predecessors: tuple[tuple[str, str], ...] = ()
 
 
 SEG_SERIES_NUMBER, SR_SERIES_NUMBER = 9001, 9000
@@ -94,7 +96,8 @@ def write_sr(request: SrRequest) -> Path:
         empty_unreadable_values(source)
         drop_unusable_geometry(source)
     sr = build_sr(request.findings, request.sources, series_instance_uid=request.series_instance_uid,
-                  sop_instance_uid=request.sop_instance_uid, series_number=SR_SERIES_NUMBER, instance_number=1)
+                  sop_instance_uid=request.sop_instance_uid, series_number=SR_SERIES_NUMBER, instance_number=1,
+                  predecessors=request.predecessors)
     return save_dataset(sr, request.path)
 
 
