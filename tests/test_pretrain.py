@@ -29,8 +29,8 @@ from tests.conftest import free_port, python_env, tiny_model
 from training.archive.indexer import index_archive
 from training.archive.store import ArchiveImage, ArchiveStudy, open_index
 from training.convert import convert_archive
-from training.datasets import BreastDataset
-from training.pretrain import PretrainConfig, PretrainRun, pretrain, process_group
+from training.datasets import BreastDataset, BreastItem
+from training.pretrain import PretrainConfig, PretrainRun, multiview_clip_loss, pretrain, process_group
 from training.provenance import TRAINED_ON_FILE
 from training.synthetic import write_studies
 
@@ -252,3 +252,40 @@ def test_ddp_on_cpu_under_torchrun(tmp_path: Path, archive: dict[str, Path]) -> 
 
 if __name__ == "__main__":  # the processes the tests above launch
     {"killed": _killed_run, "ddp": _ddp_rank}[sys.argv[1]](*sys.argv[2:])
+
+
+def test_texts_of_equal_labels_are_positives_of_each_other_but_views_are_not() -> None:
+    """Breasts 0 and 1 have texts phrased from equal labels: each image's target in the image-text terms is
+    spread over both texts (no false negative), while the CC-MLO and text-text terms keep the breast's own as
+    the one positive. A breast with a report keeps its own texts only (as the reference)."""
+    torch.manual_seed(0)
+    image, view, text, text2 = (torch.nn.functional.normalize(torch.randn(3, 8), dim=1) for _ in range(4))
+    scale = torch.tensor(10.0)
+    soft = multiview_clip_loss(image, view, text, text2, scale, meanings=torch.tensor([7, 7, -3]))
+    hard = multiview_clip_loss(image, view, text, text2, scale)
+    assert soft["i2i"] == hard["i2i"] and soft["t2t"] == hard["t2t"]
+    assert not torch.isclose(soft["i2t"], hard["i2t"])
+    spread = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    cross = torch.nn.functional.cross_entropy
+    same = multiview_clip_loss(image, image, text, text, scale, meanings=torch.tensor([7, 7, -3]))
+    assert torch.isclose(same["i2t"], cross(scale * image @ text.t(), spread))
+    assert torch.isclose(same["t2i"], cross(scale * text @ image.t(), spread))
+    labels = {"mass": 1, "calcification": 0, "malignant": 0, "density": "B", "birads": 4}
+    left, same_side, right = (BreastItem(side, {}, (), dict(labels)) for side in ("L", "L", "R"))
+    assert left.label_meaning == same_side.label_meaning != right.label_meaning  # "left breast" is not "right"
+    assert BreastItem("L", {}, ("FINDINGS: a mass.",), dict(labels)).label_meaning is None  # a report: its own
+
+
+def test_breasts_phrased_from_equal_labels_share_a_meaning(archive: dict[str, Path]) -> None:
+    dataset = BreastDataset(archive["index"], "train", INPUT, augment=None)
+    meanings = [dataset[index]["meaning"] for index in range(len(dataset))]
+    assert meanings == [item.label_meaning for item in dataset.items]  # a label table, no reports
+    assert min(meanings) >= 0 and len(set(meanings)) < len(meanings)  # several breasts share side and labels
+
+
+def test_pretraining_with_grouped_positives_learns(tmp_path: Path, archive: dict[str, Path]) -> None:
+    out = pretrain(archive["index"], tmp_path / "run", start_from=archive["tiny"],
+                   config=replace(BASE, steps=24, augment=False, group_positives=True))
+    history = _history(out.parent)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert "equal labels" in json.loads((out / "card.json").read_text())["objective"]["positives"]

@@ -11,6 +11,7 @@ loads it and whenever: a resumed run sees exactly the data an uninterrupted one 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -29,7 +30,7 @@ from torch.utils.data import Dataset
 from models.preprocess import PreprocessConfig, normalize
 from training.archive.store import ArchiveImage, ArchiveStudy, open_index
 from training.convert import cache_key
-from training.label_text import breast_text
+from training.label_text import breast_text, label_key
 from training.reports import training_texts
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,16 @@ class BreastItem:
     views: dict[str, tuple[str, ...]]
     sections: tuple[str, ...]
     labels: dict[str, Any] | None
+
+    @property
+    def label_meaning(self) -> int | None:
+        """What a text phrased from this breast's labels means (its side and ``label_key``: another phrasing of
+        equal labels means the same), a stable 63-bit hash; None for a breast whose texts are its report's
+        sections, which are positives of their own breast only, as in the reference."""
+        if self.sections or not self.labels:
+            return None
+        meaning = repr((self.laterality, label_key(self.labels)))
+        return int.from_bytes(hashlib.sha256(meaning.encode()).digest()[:8], "big") >> 1
 
 
 def breast_labels(labels: dict[str, Any] | None, side: str) -> dict[str, Any] | None:
@@ -143,9 +154,10 @@ def augment_image(image: np.ndarray, rng: np.random.Generator, augment: Augment)
 
 
 class BreastDataset(Dataset):
-    """Breasts of one split as ``{"image", "image_view", "text", "text2"}`` (two normalized (3, H, W)
-    tensors, two strings). ``augment=None`` (evaluation): CC then MLO, the first image of each, no
-    augmentation, the report's sections in order."""
+    """Breasts of one split as ``{"image", "image_view", "text", "text2", "meaning"}`` (two normalized
+    (3, H, W) tensors, two strings, and what they mean: ``BreastItem.label_meaning``, or for a breast with a
+    report a negative number of its own). ``augment=None``
+    (evaluation): CC then MLO, the first image of each, no augmentation, the report's sections in order."""
 
     def __init__(self, index_location: str | Path, split: str, preprocess: PreprocessConfig, *,
                  augment: Augment | None = Augment(), seed: int = 0) -> None:
@@ -170,8 +182,9 @@ class BreastDataset(Dataset):
         item = self.items[index]
         first, second = self._pick_images(item, rng)
         text, text2 = self._texts(item, random.Random(int(rng.integers(2**63))))
+        meaning = item.label_meaning
         return {"image": self._load(first, rng), "image_view": self._load(second, rng), "text": text,
-                "text2": text2}
+                "text2": text2, "meaning": -(index + 1) if meaning is None else meaning}  # < 0: its own only
 
     def _pick_images(self, item: BreastItem, rng: np.random.Generator) -> tuple[str, str]:
         views = [view for view in VIEWS if view in item.views]

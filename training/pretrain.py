@@ -83,6 +83,7 @@ class PretrainConfig:
     i2i_weight: float = 1.0
     t2t_weight: float = 0.5
     train_text_encoder: bool = False
+    group_positives: bool = False  # texts phrased from equal labels are positives of each other (False: the reference)
     batch_norm_momentum: float | None = None
     augment: bool = True
     amp: bool = True
@@ -130,21 +131,39 @@ def _world() -> tuple[int, int]:
 
 
 def multiview_clip_loss(image: Tensor, image_view: Tensor, text: Tensor, text2: Tensor, scale: Tensor,
-                        i2i_weight: float = 1.0, t2t_weight: float = 0.5) -> dict[str, Tensor]:
-    """The reference's loss and its parts from L2-normalized embeddings (N, D) of this process."""
+                        i2i_weight: float = 1.0, t2t_weight: float = 0.5,
+                        meanings: Tensor | None = None) -> dict[str, Tensor]:
+    """The reference's loss and its parts from L2-normalized embeddings (N, D) of this process. With
+    ``meanings`` (N,) of the breasts' texts (``BreastDataset``: equal for texts phrased from equal labels), an
+    image's positives in the image-text terms are every text of its text's meaning in the global batch, not
+    only its own: two phrasings of equal labels are no false negatives of each other. The image-image and
+    text-text terms keep the breast's own other view or text as the one positive."""
     rank, world = _world()
     local = {"I1": image, "I2": image_view, "T1": text, "T2": text2}
     everyone = {name: _GatherWithGrad.apply(x) if world > 1 else x for name, x in local.items()}
-    targets = torch.arange(len(image), device=image.device) + rank * len(image)
+    own = torch.arange(len(image), device=image.device) + rank * len(image)
+    shared = own if meanings is None else _meaning_targets(meanings.to(image.device), world)
 
-    def nce(rows: str, columns: str) -> Tensor:
-        return F.cross_entropy(scale * local[rows] @ everyone[columns].t(), targets)
+    def nce(rows: str, columns: str, wanted: Tensor = own) -> Tensor:
+        return F.cross_entropy(scale * local[rows] @ everyone[columns].t(), wanted)
 
     pairs = (("I1", "T1"), ("I2", "T1"), ("I1", "T2"), ("I2", "T2"))
-    parts = {"i2t": sum(nce(i, t) for i, t in pairs) / 4, "t2i": sum(nce(t, i) for i, t in pairs) / 4,
+    parts = {"i2t": sum(nce(i, t, shared) for i, t in pairs) / 4, "t2i": sum(nce(t, i, shared) for i, t in pairs) / 4,
              "i2i": (nce("I1", "I2") + nce("I2", "I1")) / 2, "t2t": (nce("T2", "T1") + nce("T1", "T2")) / 2}
     parts["loss"] = (parts["i2t"] + parts["t2i"]) / 2 + i2i_weight * parts["i2i"] + t2t_weight * parts["t2t"]
     return parts
+
+
+def _meaning_targets(meanings: Tensor, world: int) -> Tensor:
+    """(N, N * world) target probabilities: uniform over the global batch's items whose text has each local
+    item's text's meaning (its own always among them)."""
+    everyone = meanings
+    if world > 1:
+        gathered = [torch.empty_like(meanings) for _ in range(world)]
+        dist.all_gather(gathered, meanings)
+        everyone = torch.cat(gathered)
+    same = (meanings[:, None] == everyone[None, :]).float()
+    return same / same.sum(dim=1, keepdim=True)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -393,8 +412,9 @@ class PretrainRun:
             image_emb, text_emb, scale = self.forward_module(images, tokens)
         image, image_view = image_emb.float().chunk(2)
         text, text2 = text_emb.float().chunk(2)
+        meanings = batch["meaning"] if self.config.group_positives else None
         return multiview_clip_loss(image, image_view, text, text2, scale.float(), self.config.i2i_weight,
-                                   self.config.t2t_weight)
+                                   self.config.t2t_weight, meanings)
 
     def _train_step(self) -> dict[str, float]:
         started = time.perf_counter()
@@ -505,6 +525,9 @@ class PretrainRun:
                               "studies_sha256": studies_sha256},
             "objective": {"name": "Mammo-CLIP multi-view contrastive (Ghosh et al., MICCAI 2024)",
                           "loss": "(i2t + t2i) / 2 + i2i_weight * i2i + t2t_weight * t2t",
+                          "positives": "a text phrased from labels: every text of equal labels in the batch "
+                          "(i2t, t2i); a report's: its own breast's only" if config.group_positives
+                          else "its own text only (the reference)",
                           "i2i_weight": config.i2i_weight, "t2t_weight": config.t2t_weight,
                           "text_encoder": "trained" if config.train_text_encoder else "frozen"},
             "training": {"steps": config.steps, "batch_size": config.batch_size,
@@ -548,6 +571,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=PretrainConfig.workers)
     parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
     parser.add_argument("--train-text-encoder", action="store_true")
+    parser.add_argument("--group-positives", action="store_true",
+                        help="texts phrased from equal labels (a label-only archive) are positives of each other, "
+                             "not false negatives (default: each text's only positive is its own breast, as the "
+                             "reference trains; on the synthetic acceptance run this was no better)")
     parser.add_argument("--synthetic", action="store_true", help="the archive is synthetic phantoms")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
@@ -557,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
         text_encoder=args.text_encoder, steps=args.steps, batch_size=args.batch_size,
         accumulation=args.accumulation, learning_rate=args.lr, checkpoint_every=args.checkpoint_every,
         workers=args.workers, seed=args.seed, train_text_encoder=args.train_text_encoder,
-        synthetic_data=args.synthetic, resume=args.resume)
+        group_positives=args.group_positives, synthetic_data=args.synthetic, resume=args.resume)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(pretrain(args.index, args.out, start_from=args.start_from, config=config))
 
