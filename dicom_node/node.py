@@ -124,7 +124,11 @@ class Node:
                 continue
             log.error("worker process %s exited with code %s: restarting it", self.worker.name, code)
             dead = self.worker.name
-            self.worker.start()
+            try:
+                self.worker.start()
+            except OSError as error:  # no memory or process slot right now: the next round tries again
+                log.error("could not start a worker process (%s): trying again in 1 s", error)
+                continue
             try:
                 self.scheduler.worker_died(dead)
             except Exception as error:

@@ -7,6 +7,8 @@ a message that never arrived, or whose worker died, is found again from the job 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +31,21 @@ Sender = Callable[[int], str]
 # A QUEUED job no worker took for this long is sent again: longer than the longest retry countdown of the
 # analysis task (600 s), so that a retry waiting in the broker is not doubled.
 QUEUED_RESEND_AFTER = timedelta(minutes=15)
+
+
+def worker_gone(worker: str) -> bool:
+    """Whether a worker (``host:pid``, ``dicom_node.tasks.worker_name``) is known to be gone: a process of this
+    host that no longer exists. Another host's, or an unreadable name, is not known gone."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class Scheduler:
@@ -55,13 +72,16 @@ class Scheduler:
         log.info("job %d sent to the workers (task %s)", job_id, task_id)
 
     def reconcile(self, release_running: bool) -> list[int]:
-        """On start: send again every job with no live task. ``release_running``: every RUNNING job's worker
-        is known dead (the embedded worker is ours and we are just starting), so none waits to go stale."""
+        """On start: send again every job with no live task. ``release_running`` (embedded mode: the worker is
+        ours and we are just starting): the RUNNING jobs of this host's workers whose process is gone go back
+        on the queue at once; one still alive (a worker left running by a node that was killed, or another
+        node's) keeps its job, which goes stale if it never finishes."""
         if release_running:
             with self.sessions() as session:
                 workers = set(session.scalars(select(Job.worker).where(Job.state == JobState.RUNNING)).all())
             for worker in workers:
-                release_jobs_of(self.sessions, worker or "")
+                if worker_gone(worker or ""):
+                    release_jobs_of(self.sessions, worker or "")
         job_ids = jobs_to_resend(self.sessions, self.stale)
         for job_id in job_ids:
             self.dispatch(job_id)
@@ -70,8 +90,13 @@ class Scheduler:
         return job_ids
 
     def worker_died(self, worker: str) -> list[int]:
-        """A supervised worker process exited: its RUNNING jobs go back on the queue at once."""
-        job_ids = release_jobs_of(self.sessions, worker)
+        """A supervised worker process exited: its RUNNING jobs go back on the queue at once, and every QUEUED
+        job is sent again (the dead worker may have held their messages, such as retries waiting for their
+        countdown; a duplicate finds the job taken and does nothing)."""
+        released = release_jobs_of(self.sessions, worker)
+        with self.sessions() as session:
+            queued = session.scalars(select(Job.id).where(Job.state == JobState.QUEUED)).all()
+        job_ids = sorted({*released, *queued})
         for job_id in job_ids:
             self.dispatch(job_id)
         return job_ids

@@ -80,3 +80,42 @@ def test_demo_runs_the_whole_path(tmp_path: Path) -> None:
     assert len(delivered) == 5 and all(str(p) in out for p in delivered)
     overlays = sorted((tmp_path / "data" / "results").rglob("overlay_*.png"))
     assert len(overlays) == 4 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in overlays)
+
+
+def test_the_worker_supervisor_survives_a_failed_restart(tmp_path: Path) -> None:
+    """A worker that died of memory exhaustion may not be replaceable at once (fork fails with ENOMEM): the
+    supervisor keeps trying, instead of its thread dying and leaving the node with no worker for good."""
+    import errno
+    import threading
+
+    settings = Settings(data_dir=tmp_path / "data", port=free_port())
+    settings.data_dir.mkdir(parents=True)
+    engine = make_engine(settings.database_url())
+    upgrade(engine)
+    engine.dispose()
+    node = Node(settings)
+    starts: list[str] = []
+    restarted = threading.Event()
+
+    class Worker:
+        name = "host:1"
+
+        def exited(self) -> int | None:
+            return None if restarted.is_set() else -9
+
+        def start(self) -> None:
+            starts.append("try")
+            if len(starts) < 3:
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            restarted.set()
+
+    node.worker = Worker()
+    released: list[str] = []
+    node.scheduler.worker_died = released.append
+    supervisor = threading.Thread(target=node._supervise, daemon=True)
+    supervisor.start()
+    assert restarted.wait(30)
+    node._stop.set()
+    supervisor.join(10)
+    node.engine.dispose()
+    assert starts == ["try", "try", "try"] and released == ["host:1"]

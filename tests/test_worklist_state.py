@@ -24,6 +24,7 @@ from worklist.state import (
     complete_job,
     earlier_done_jobs,
     fail_job,
+    job_state,
     jobs_to_resend,
     queue_job,
     release_jobs_of,
@@ -365,3 +366,34 @@ def test_a_job_left_queued_with_no_worker_taking_it_is_sent_again(sessions):
     assert sent == [job_id, job_id]
     with sessions() as session:
         assert session.get(Job, job_id).task_id == "task-2"
+
+
+def test_a_restart_releases_only_the_jobs_of_workers_that_are_gone(sessions):
+    """Embedded mode: on start the node sends again at once the jobs its dead workers held; a worker still
+    alive (left running by a node that was killed) keeps its job, which must not run twice at once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from dicom_node.scheduler import Scheduler, worker_gone
+    from dicom_node.settings import Settings
+
+    host = socket.gethostname()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead, alive = f"{host}:{finished.stdout.strip()}", f"{host}:{os.getpid()}"
+    assert worker_gone(dead) and not worker_gone(alive) and not worker_gone("elsewhere:1")
+    assert not worker_gone("no-pid")
+    lost, kept = ready_job(sessions, "1.2.3.19"), ready_job(sessions, "1.2.3.20")
+    claim_job(sessions, lost, dead, timedelta(seconds=60))
+    claim_job(sessions, kept, alive, timedelta(seconds=60))
+    sent = []
+    scheduler = Scheduler(Settings(), sessions, lambda job: sent.append(job) or "task", lambda job: "")
+    assert scheduler.reconcile(release_running=True) == [lost] and sent == [lost]
+    assert job_state(sessions, kept) == JobState.RUNNING
+    waiting = ready_job(sessions, "1.2.3.21")
+    queue_job(sessions, waiting, "task-w")  # its message may have been held by the worker that dies now
+    sent.clear()
+    assert scheduler.worker_died(alive) == sorted([kept, waiting, lost]) and sorted(sent) == sorted(
+        [kept, waiting, lost])
