@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -71,12 +72,16 @@ from models.preprocess import (
     presentation_pixels,
     read_dicom,
 )
+from models.sop_classes import view_preference
 from models.zero_shot import ZeroShotClassifier
 
 log = logging.getLogger(__name__)
 
 HEATMAP_TASKS = ("malignancy", "mass", "calcification")
 # Reads and windows a study's views at once (threads start on first use; one pool for every model version).
+# what ``view_preference`` reads of a header
+PREFERENCE_TAGS = ["AcquisitionDate", "AcquisitionTime", "ContentDate", "ContentTime", "InstanceNumber",
+                   "ViewCodeSequence", "ViewModifierCodeSequence"]
 _PREPARERS = ThreadPoolExecutor(max_workers=min(len(SCREENING_VIEWS), len(os.sched_getaffinity(0))),
                                 thread_name_prefix="prepare-view")
 
@@ -163,14 +168,28 @@ def sr_uids(study_uid: str, job_id: int) -> tuple[str, str]:
 
 
 def select_views(instances: list[SourceInstance]) -> dict[ViewKey, list[SourceInstance]]:
-    """The instances of each screening view, the last listed first (callers list them by arrival): the newest is
-    analysed, an earlier one where it cannot be read."""
+    """The instances of each screening view, best first: the first is analysed, the next where it cannot be
+    read. Of several, a standard view comes before a spot, magnified or implant-displaced one, then the latest
+    acquired (``models.sop_classes.view_preference``, from their headers), then the last listed (callers list
+    them by arrival, which a resend changes: acquisition decides first)."""
     candidates: dict[ViewKey, list[SourceInstance]] = {}
     for instance in instances:
         key = ((instance.laterality or "").upper(), (instance.view or "").upper())
         if key in SCREENING_VIEWS:
             candidates.setdefault(key, []).insert(0, instance)
+    for listed in candidates.values():
+        if len(listed) > 1:
+            listed.sort(key=_preference, reverse=True)  # stable: ties keep the newest arrival first
     return candidates
+
+
+def _preference(instance: SourceInstance) -> tuple[bool, str, str, int]:
+    """``view_preference`` of the instance's header; an unreadable header ranks last."""
+    try:
+        header = pydicom.dcmread(instance.path, stop_before_pixels=True, specific_tags=PREFERENCE_TAGS)
+    except Exception:  # any damage: the image itself is tried (and refused) only if nothing better exists
+        return False, "", "", -1
+    return view_preference(header)
 
 
 class Stopwatch:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from models.clip import MammoClip
 from models.preprocess import preprocess_dicom, read_dicom
-from models.sop_classes import SCREENING_VIEWS, ViewKey, view_of
+from models.sop_classes import SCREENING_VIEWS, ViewKey, view_of, view_preference
 from models.zero_shot import ZeroShotClassifier, aggregate_breasts
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,9 @@ def score_views(classifier: ZeroShotClassifier, images: Mapping[ViewKey, Tensor]
 
 def load_study_images(paths: list[Path], model: MammoClip) -> dict[ViewKey, Tensor]:
     """Read and preprocess the screening views (LCC, RCC, LMLO, RMLO) of one study's mammograms, keyed by
-    (laterality, view); non-MG files raise. Of several images of one view the latest acquired is kept (Acquisition,
-    else Content, date and time; then Instance Number); the others, and images of other views, are logged and
-    left out."""
+    (laterality, view); non-MG files raise. Of several images of one view the one ``view_preference`` ranks first
+    is kept (a standard view before a spot or magnified one, then the latest acquired); the others, and images
+    of other views, are logged and left out."""
     found: dict[ViewKey, list[tuple[Path, Dataset]]] = {}
     for path in sorted(paths):
         ds = read_dicom(path)
@@ -92,19 +92,9 @@ def load_study_images(paths: list[Path], model: MammoClip) -> dict[ViewKey, Tens
     images: dict[ViewKey, Tensor] = {}
     config = model.config.preprocess()
     for key, candidates in found.items():
-        *dropped, (chosen, ds) = sorted(candidates, key=lambda candidate: _acquired(candidate[1]))
+        *dropped, (chosen, ds) = sorted(candidates, key=lambda candidate: view_preference(candidate[1]))
         for path, _ in dropped:
-            log.info("%s: an earlier %s%s than %s, left out", path.name, *key, chosen.name)
+            log.info("%s: another %s%s than %s (modified or acquired earlier), left out", path.name, *key,
+                     chosen.name)
         images[key] = preprocess_dicom(ds, config)
     return images
-
-
-def _acquired(ds: Dataset) -> tuple[str, str, int]:
-    """When a mammogram was acquired, as a sortable key (empty where the header does not say)."""
-    date = str(ds.get("AcquisitionDate") or ds.get("ContentDate") or "")
-    time = str(ds.get("AcquisitionTime") or ds.get("ContentTime") or "")
-    try:
-        number = int(ds.get("InstanceNumber") or 0)
-    except (TypeError, ValueError):
-        number = 0
-    return date, time, number

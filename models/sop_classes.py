@@ -23,6 +23,24 @@ _VIEW_CODES = {"399162004": "CC", "R-10242": "CC", "399368009": "MLO", "R-10226"
                "399260004": "ML", "R-10224": "ML", "399352003": "LM", "R-10236": "LM"}
 
 
+def view_preference(ds: Dataset) -> tuple[bool, str, str, int]:
+    """How much an image is the one to analyse for its view, as a sortable key (greater first): a standard view
+    before a modified one (a View Modifier in its View Code Sequence: spot compression, magnification, implant
+    displaced...), then the latest acquired (Acquisition, else Content, date and time; then Instance Number)."""
+    date = str(ds.get("AcquisitionDate") or ds.get("ContentDate") or "")
+    time = str(ds.get("AcquisitionTime") or ds.get("ContentTime") or "")
+    try:
+        number = int(ds.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):
+        number = 0
+    return not _view_modified(ds), date, time, number
+
+
+def _view_modified(ds: Dataset) -> bool:
+    codes = ds.get("ViewCodeSequence") or []
+    return bool(ds.get("ViewModifierCodeSequence") or any(item.get("ViewModifierCodeSequence") for item in codes))
+
+
 def view_of(ds: Dataset) -> ViewKey:
     """(laterality, view) of a mammogram, e.g. ("L", "CC"): Image Laterality (else Laterality), and View Position,
     else the view its View Code Sequence codes ("" where neither says)."""
