@@ -22,7 +22,7 @@ from worklist.completeness import Readiness, promote_ready_studies
 from worklist.drift import DriftWatch
 from worklist.exports import jobs_with_due_exports
 from worklist.models import Job, JobState
-from worklist.state import jobs_to_resend, long_queued_jobs, queue_job, release_jobs_of, stale_running_jobs
+from worklist.state import jobs_to_resend, long_queued_jobs, queue_job, release_jobs_of, requeue_stale_jobs
 from worklist.writers import WriterQueue
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,9 @@ class Scheduler:
         now = time.monotonic()
         if now - self._last_stale_check > self.stale.total_seconds() / 4:
             self._last_stale_check = now
-            for job_id in stale_running_jobs(self.sessions, self.stale):
-                log.warning("job %d has a stale heartbeat: sending it again", job_id)
-                self.send_analysis(job_id)
+            for job_id in requeue_stale_jobs(self.sessions, self.stale):
+                log.warning("job %d has a stale heartbeat: back on the queue", job_id)
+                self.dispatch(job_id)
             for job_id in long_queued_jobs(self.sessions, QUEUED_RESEND_AFTER):
                 log.warning("job %d has waited QUEUED for %s with no worker taking it: sending it again", job_id,
                             QUEUED_RESEND_AFTER)

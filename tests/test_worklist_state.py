@@ -397,3 +397,24 @@ def test_a_restart_releases_only_the_jobs_of_workers_that_are_gone(sessions):
     sent.clear()
     assert scheduler.worker_died(alive) == sorted([kept, waiting, lost]) and sorted(sent) == sorted(
         [kept, waiting, lost])
+
+
+def test_a_stale_job_is_queued_and_sent_once_not_every_round(sessions):
+    """While no worker can take a stale job (the workers are down), it is not sent again every round: it goes
+    back to QUEUED once, and a lost message is sent again only after the long-queued wait."""
+    from dicom_node.scheduler import Scheduler
+    from dicom_node.settings import Settings
+
+    job_id = ready_job(sessions, "1.2.3.22")
+    old = claim_job(sessions, job_id, "host:1", timedelta(seconds=60))
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=300)))
+    sent = []
+    scheduler = Scheduler(Settings(job_stale_seconds=60), sessions, lambda job: sent.append(job) or "task",
+                          lambda job: "")
+    for _ in range(3):
+        scheduler._last_stale_check = 0.0
+        scheduler.tick()
+    assert sent == [job_id] and job_state(sessions, job_id) == JobState.QUEUED
+    assert not complete_job(sessions, old, {}, 0.1, {}, "m", [])  # the old attempt's lease is void
+    assert claim_job(sessions, job_id, "host:2", timedelta(seconds=60)).attempt == 2

@@ -161,6 +161,21 @@ def stale_running_jobs(sessions: sessionmaker[Session], stale_after: timedelta,
             Job.state == JobState.RUNNING, Job.heartbeat_at < now - stale_after)).all())
 
 
+def requeue_stale_jobs(sessions: sessionmaker[Session], stale_after: timedelta) -> list[int]:
+    """RUNNING jobs whose heartbeat is stale -> QUEUED (their lease void), each in one compare-and-set: the
+    caller sends each once. Left RUNNING, they were sent again every round for as long as no worker took them
+    (an outage of the workers: a message per job every ``stale_after`` / 4); QUEUED, a lost message is sent
+    again only after ``long_queued_jobs``' wait. A worker that was alive after all finds its lease gone."""
+    requeued = []
+    for job_id in stale_running_jobs(sessions, stale_after):
+        with sessions.begin() as session:
+            if session.execute(update(Job).where(
+                    Job.id == job_id, Job.state == JobState.RUNNING, Job.heartbeat_at < utcnow() - stale_after)
+                    .values(state=JobState.QUEUED, lease=None, updated_at=utcnow())).rowcount:
+                requeued.append(job_id)
+    return requeued
+
+
 def long_queued_jobs(sessions: sessionmaker[Session], queued_for: timedelta, now: datetime | None = None) -> list[int]:
     """QUEUED jobs that no worker took and nobody sent again for ``queued_for``, while no job is RUNNING: their
     message may be lost (a broker restarted without it, a retry whose send failed after QUEUED was recorded).
