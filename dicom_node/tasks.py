@@ -44,6 +44,7 @@ GPU_QUEUE, IO_QUEUE = "gpu", "io"
 PERMANENT_ERRORS = (ImageDecodeError, NotMammographyError)
 EXPORT_HOLD_SECONDS = 300  # a claimed export is not due again for this long (longer than any send)
 HUNG_EXIT_CODE = 75  # a worker process that ends a hung analysis (EX_TEMPFAIL)
+MAX_RETRY_COUNTDOWN = 600  # seconds: the longest wait before an analysis is tried again
 
 app = Celery("mammo_node")
 app.conf.update(
@@ -69,8 +70,10 @@ def broker_url(settings: Settings) -> str:
 def configure(settings: Settings) -> Celery:
     """Point the app at the node's broker; keep ``settings`` for the tasks of this process."""
     url = broker_url(settings)
-    # Redis: an unacked message comes back after the visibility timeout (its worker died).
-    transport = {"visibility_timeout": int(settings.job_stale_seconds * 3)} if url.startswith("redis") else {}
+    # Redis: an unacked message comes back after the visibility timeout (its worker died). A worker holds a
+    # retry unacked until its countdown ends: the timeout outlasts the longest countdown, or it comes back early.
+    visibility = max(settings.job_stale_seconds * 3, MAX_RETRY_COUNTDOWN + settings.job_stale_seconds)
+    transport = {"visibility_timeout": int(visibility)} if url.startswith("redis") else {}
     if url.startswith("sqla"):
         # The embedded broker is polled (1 s by default). Its transport hands every transport option to
         # create_engine, so the interval is set on the class. 0.1 s keeps the queue wait small; an idle worker's
@@ -320,7 +323,7 @@ def analyze_study(self: Task, job_id: int) -> None:
         retry = claim.attempt < settings.job_max_attempts
         log.exception("job %d attempt %d raised", job_id, claim.attempt)
         if fail_job(ctx.sessions, claim, f"{type(error).__name__}: {error}", retry=retry) and retry:
-            send_analysis(job_id, countdown=min(10 * 2 ** claim.attempt, 600))
+            send_analysis(job_id, countdown=min(10 * 2 ** claim.attempt, MAX_RETRY_COUNTDOWN))
         return
     exports = [(destination.name, obj.sop_instance_uid, str(obj.path))
                for destination in settings.destinations for obj in output.objects]

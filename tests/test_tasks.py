@@ -162,3 +162,17 @@ def test_an_analysis_past_its_time_limit_is_taken_as_hung(monkeypatch: pytest.Mo
     with beats.running():
         assert hung.wait(10)
     assert Settings().job_time_limit_seconds == 1800
+
+
+def test_redis_keeps_a_retry_invisible_for_longer_than_its_countdown() -> None:
+    """A worker holds a retried analysis unacked until its countdown (up to MAX_RETRY_COUNTDOWN) ends; Redis must
+    not hand the message to another worker before then."""
+    before = tasks._Context.current
+    try:
+        app = tasks.configure(Settings(broker_url="redis://127.0.0.1:6379/13", job_stale_seconds=6))
+        assert app.conf.broker_transport_options["visibility_timeout"] >= tasks.MAX_RETRY_COUNTDOWN + 6
+        app = tasks.configure(Settings(broker_url="redis://127.0.0.1:6379/13", job_stale_seconds=600))
+        assert app.conf.broker_transport_options["visibility_timeout"] == 1800
+    finally:
+        if before is not None:
+            tasks.configure(before.settings)
