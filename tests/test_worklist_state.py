@@ -24,6 +24,7 @@ from worklist.state import (
     complete_job,
     earlier_done_jobs,
     fail_job,
+    heartbeat,
     job_state,
     jobs_to_resend,
     queue_job,
@@ -418,3 +419,20 @@ def test_a_stale_job_is_queued_and_sent_once_not_every_round(sessions):
     assert sent == [job_id] and job_state(sessions, job_id) == JobState.QUEUED
     assert not complete_job(sessions, old, {}, 0.1, {}, "m", [])  # the old attempt's lease is void
     assert claim_job(sessions, job_id, "host:2", timedelta(seconds=60)).attempt == 2
+
+
+def test_a_worker_host_whose_clock_runs_behind_does_not_look_stale_on_postgresql(sessions, monkeypatch):
+    """Heartbeats are written and judged by PostgreSQL's clock: a GPU host ten minutes behind keeps its job.
+    (SQLite serves one host, whose clock is the one clock.)"""
+    import worklist.state as state
+
+    if sessions.kw["bind"].dialect.name != "postgresql":
+        with sessions() as session:
+            assert state.heartbeat_clock(session) <= utcnow()
+        return
+    job_id = ready_job(sessions, "1.2.3.23")
+    with monkeypatch.context() as behind:
+        behind.setattr(state, "utcnow", lambda: utcnow() - timedelta(minutes=10))
+        claim = claim_job(sessions, job_id, "slow-clock:1", timedelta(seconds=120))
+        assert heartbeat(sessions, claim)
+    assert stale_running_jobs(sessions, timedelta(seconds=120)) == []

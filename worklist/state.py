@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from worklist.completeness import SCREENING_VIEW_NAMES, present_views
@@ -46,9 +46,9 @@ def claim_job(sessions: sessionmaker[Session], job_id: int, worker: str, stale_a
     """READY or QUEUED (or RUNNING with a stale heartbeat) -> RUNNING with a fresh lease; None if another
     worker holds it or it is finished. READY is accepted because a task may arrive before its sender has
     recorded QUEUED."""
-    now = utcnow()
     lease = uuid.uuid4().hex
     with sessions.begin() as session:
+        now = heartbeat_clock(session)
         claimed = session.execute(update(Job).where(Job.id == job_id, or_(
             Job.state.in_((JobState.READY, JobState.QUEUED)),
             and_(Job.state == JobState.RUNNING, Job.heartbeat_at < now - stale_after))).values(
@@ -65,7 +65,16 @@ def heartbeat(sessions: sessionmaker[Session], claim: Claim) -> bool:
     """Refresh the heartbeat; False when the lease was lost (the job was claimed by someone else)."""
     with sessions.begin() as session:
         return bool(session.execute(update(Job).where(Job.id == claim.job_id, Job.lease == claim.lease).values(
-            heartbeat_at=utcnow())).rowcount)
+            heartbeat_at=heartbeat_clock(session))).rowcount)
+
+
+def heartbeat_clock(session: Session) -> datetime:
+    """The time heartbeats are written and judged by: PostgreSQL's clock, the same for every host (a worker
+    host whose clock runs behind would otherwise look stale, and its live job be taken over); this host's on
+    SQLite, which one host uses."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.scalar(select(func.now()))
+    return utcnow()
 
 
 def complete_job(sessions: sessionmaker[Session], claim: Claim, findings: dict[str, Any], suspicion: float,
@@ -155,8 +164,8 @@ def _settle_study(session: Session, job: Job, state: StudyState, suspicion: floa
 def stale_running_jobs(sessions: sessionmaker[Session], stale_after: timedelta,
                        now: datetime | None = None) -> list[int]:
     """RUNNING jobs whose worker has not sent a heartbeat for ``stale_after``."""
-    now = now or utcnow()
     with sessions() as session:
+        now = now or heartbeat_clock(session)
         return list(session.scalars(select(Job.id).where(
             Job.state == JobState.RUNNING, Job.heartbeat_at < now - stale_after)).all())
 
@@ -169,8 +178,9 @@ def requeue_stale_jobs(sessions: sessionmaker[Session], stale_after: timedelta) 
     requeued = []
     for job_id in stale_running_jobs(sessions, stale_after):
         with sessions.begin() as session:
+            cutoff = heartbeat_clock(session) - stale_after
             if session.execute(update(Job).where(
-                    Job.id == job_id, Job.state == JobState.RUNNING, Job.heartbeat_at < utcnow() - stale_after)
+                    Job.id == job_id, Job.state == JobState.RUNNING, Job.heartbeat_at < cutoff)
                     .values(state=JobState.QUEUED, lease=None, updated_at=utcnow())).rowcount:
                 requeued.append(job_id)
     return requeued
