@@ -14,10 +14,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.memory import retain_freed_memory
@@ -27,6 +29,8 @@ from dicom_node.scp_pool import ScpPool
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore
 from worklist.db import make_engine, require_current, session_factory
+from worklist.models import Job, JobState
+from worklist.state import heartbeat_clock
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,10 @@ class WorkerProcess:
 
     def exited(self) -> int | None:
         return None if self.process is None else self.process.poll()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -118,9 +126,13 @@ class Node:
         self._threads.append(thread)
 
     def _supervise(self) -> None:
+        last_check = time.monotonic()
         while not self._stop.wait(1.0):
             code = self.worker.exited()
             if code is None:
+                if time.monotonic() - last_check >= self.settings.job_stale_seconds / 4:
+                    last_check = time.monotonic()
+                    self._kill_if_hung()
                 continue
             log.error("worker process %s exited with code %s: restarting it", self.worker.name, code)
             dead = self.worker.name
@@ -133,6 +145,24 @@ class Node:
                 self.scheduler.worker_died(dead)
             except Exception as error:
                 log.error("could not re-send the jobs of worker %s: %s", dead, error)
+
+    def _kill_if_hung(self) -> None:
+        """Kill the worker process when a job it runs has sent no heartbeat for twice ``job_stale_seconds``:
+        its heartbeat thread is stopped too, so no Python runs in it (a decoder looping with the GIL held),
+        and its own time limit cannot end it. It is then restarted like any worker that died."""
+        try:
+            with self.sessions() as session:
+                cutoff = heartbeat_clock(session) - 2 * timedelta(seconds=self.settings.job_stale_seconds)
+                hung = session.scalars(select(Job.id).where(Job.state == JobState.RUNNING,
+                                                            Job.worker == self.worker.name,
+                                                            Job.heartbeat_at < cutoff)).all()
+        except Exception as error:  # the database is down: nothing to judge by, look again next round
+            log.warning("could not check the worker's jobs: %s", type(error).__name__)
+            return
+        if hung:
+            log.error("worker process %s has sent no heartbeat for job(s) %s in %.0f s: killing it (hung)",
+                      self.worker.name, list(hung), 2 * self.settings.job_stale_seconds)
+            self.worker.kill()
 
     def stop(self) -> None:
         self._stop.set()

@@ -15,7 +15,7 @@ import pytest
 from dicom_node.node import Node
 from dicom_node.settings import Settings
 from models import save_model_version
-from tests.conftest import free_port, tiny_model
+from tests.conftest import free_port, tiny_model, wait_for
 from worklist.db import make_engine, upgrade
 
 
@@ -119,3 +119,57 @@ def test_the_worker_supervisor_survives_a_failed_restart(tmp_path: Path) -> None
     supervisor.join(10)
     node.engine.dispose()
     assert starts == ["try", "try", "try"] and released == ["host:1"]
+
+
+def test_the_supervisor_kills_a_worker_whose_job_sends_no_heartbeat(tmp_path: Path) -> None:
+    """A worker stuck in C code with the GIL held sends no heartbeat and cannot end itself: the node kills it
+    once its job's heartbeat is twice job_stale_seconds old, and restarts it (its job is sent again)."""
+    import threading
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from tests.test_worklist_state import ready_job
+    from worklist.models import Job, utcnow
+    from worklist.state import claim_job
+
+    settings = Settings(data_dir=tmp_path / "data", port=free_port(), job_stale_seconds=2)
+    settings.data_dir.mkdir(parents=True)
+    engine = make_engine(settings.database_url())
+    upgrade(engine)
+    engine.dispose()
+    node = Node(settings)
+    job_id = ready_job(node.sessions, "1.2.3.90")
+    claim_job(node.sessions, job_id, "host:7", timedelta(seconds=2))
+    killed = threading.Event()
+
+    class Worker:
+        name = "host:7"
+
+        def exited(self) -> int | None:
+            return -9 if killed.is_set() else None
+
+        def kill(self) -> None:
+            killed.set()
+
+        def start(self) -> None:
+            self.name = "host:8"
+
+    node.worker = Worker()
+    released: list[str] = []
+    node.scheduler.worker_died = released.append
+    supervisor = threading.Thread(target=node._supervise, daemon=True)
+    supervisor.start()
+    try:
+        with node.sessions.begin() as session:  # beating: left alone
+            session.execute(update(Job).values(heartbeat_at=utcnow()))
+        assert not killed.wait(2.5)
+        with node.sessions.begin() as session:  # silent for 5 s > 2 x 2 s
+            session.execute(update(Job).values(heartbeat_at=utcnow() - timedelta(seconds=5)))
+        assert killed.wait(10)
+        wait_for(lambda: released, "the killed worker's jobs released")
+    finally:
+        node._stop.set()
+        supervisor.join(10)
+        node.engine.dispose()
+    assert released == ["host:7"]
