@@ -23,6 +23,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.memory import retain_freed_memory
+from dicom_node.release import ReleaseTracker
 from dicom_node.scheduler import Scheduler
 from dicom_node.scp import start_scp
 from dicom_node.scp_pool import ScpPool
@@ -117,8 +118,11 @@ class Node:
             return ScpPool(self.settings).start()
         if self.settings.retain_freed_memory:  # the SCP runs in this process
             retain_freed_memory()
-        return start_scp(self.settings, InstanceStore(self.settings.incoming_dir, self.sessions),
-                         self.settings.server_ssl_context(), on_ready=self.scheduler.wake.set)
+        store = InstanceStore(self.settings.incoming_dir, self.sessions)
+        senders = ReleaseTracker(self.sessions, self.settings.study_inactivity_timeout, self.scheduler.wake.set,
+                                 store.writers.turn)
+        self.scheduler.busy = senders.busy  # the studies its associations are still sending wait for them
+        return start_scp(self.settings, store, self.settings.server_ssl_context(), senders=senders)
 
     def _spawn(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

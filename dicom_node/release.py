@@ -4,12 +4,18 @@ The SCP notes the studies each association stored analysable instances to. When 
 association normally (A-RELEASE, not an abort), every one of those studies that now holds the four screening
 views becomes READY at once instead of after ``study_settle_seconds``. A study with views missing still waits
 for the inactivity timeout, and an instance arriving later re-opens the study (it is then analysed again).
+
+While an open association's latest instance was of a study, and came less than ``BUSY_SECONDS`` ago, that
+study is ``busy``: the scheduler does not promote it by the settle time, since the sender may be sending it
+another image (a fifth view, a slow large one) and would have it analysed twice. It is promoted when the
+sender releases, moves on to another study, or goes quiet.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -19,6 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from worklist.completeness import Readiness, Turn, promote_studies
 
 log = logging.getLogger(__name__)
+
+BUSY_SECONDS = 60.0  # an open association quiet for this long is no longer sending its latest study
 
 
 class ReleaseTracker:
@@ -33,14 +41,23 @@ class ReleaseTracker:
         self.readiness = Readiness.from_seconds(0.0, inactivity_timeout)
         self.on_ready = on_ready
         self._studies: dict[int, set[str]] = {}
+        self._latest: dict[int, tuple[str, float]] = {}  # association -> (study of its latest instance, when)
         self._lock = threading.Lock()
 
     def stored(self, event: Event, study_uid: str) -> None:
         with self._lock:
             self._studies.setdefault(id(event.assoc), set()).add(study_uid)
+            self._latest[id(event.assoc)] = (study_uid, time.monotonic())
+
+    def busy(self) -> set[str]:
+        """The studies open associations are still sending (see the module docstring)."""
+        now = time.monotonic()
+        with self._lock:
+            return {study for study, when in self._latest.values() if now - when < BUSY_SECONDS}
 
     def _take(self, event: Event) -> set[str]:
         with self._lock:
+            self._latest.pop(id(event.assoc), None)
             return self._studies.pop(id(event.assoc), set())
 
     def released(self, event: Event) -> None:

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -64,6 +64,8 @@ class Scheduler:
         self._last_stale_check = 0.0
         self.drift = DriftWatch(settings)
         self.wake = threading.Event()  # set to tick now (a study just became READY) rather than at the interval
+        # the studies senders are still sending (``ReleaseTracker.busy`` of an in-process SCP): not settled yet
+        self.busy: Callable[[], Collection[str]] = frozenset
 
     def dispatch(self, job_id: int) -> None:
         """Send the job, then record QUEUED (a READY or QUEUED job; a task that wins the race is fine)."""
@@ -104,7 +106,7 @@ class Scheduler:
     def tick(self) -> None:
         """One round: new READY studies, READY jobs, stale RUNNING jobs, long-QUEUED jobs, due exports, and (when
         due) score drift."""
-        promote_ready_studies(self.sessions, self.readiness, turn=self.writers.turn)
+        promote_ready_studies(self.sessions, self.readiness, turn=self.writers.turn, busy=self.busy())
         with self.sessions() as session:
             ready = session.scalars(select(Job.id).where(Job.state == JobState.READY).order_by(Job.id)).all()
         for job_id in ready:

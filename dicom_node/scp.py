@@ -253,11 +253,14 @@ class ReusePortServer(NodeServer):
         super().server_bind()
 
 
-def scp_handlers(settings: Settings, store: InstanceStore, on_ready: Callable[[], None] | None = None) -> list[tuple]:
+def scp_handlers(settings: Settings, store: InstanceStore, on_ready: Callable[[], None] | None = None,
+                 senders: ReleaseTracker | None = None) -> list[tuple]:
     """The event handlers of the SCP: C-STORE into ``store``, C-FIND over its database, association counts, and
-    the promotion of complete studies when their sender releases the association (then ``on_ready()``)."""
+    the promotion of complete studies when their sender releases the association (``senders``, by default a
+    new ``ReleaseTracker``; then ``on_ready()``)."""
     space = FreeSpaceGuard(store.root, settings.min_free_disk_mb)
-    senders = ReleaseTracker(store.sessions, settings.study_inactivity_timeout, on_ready, store.writers.turn)
+    senders = senders or ReleaseTracker(store.sessions, settings.study_inactivity_timeout, on_ready,
+                                        store.writers.turn)
     return [(evt.EVT_C_STORE, handle_store, [store, space, senders]), (evt.EVT_ACCEPTED, _count_accepted),
             (evt.EVT_REJECTED, _log_rejected), (evt.EVT_C_FIND, handle_find, [store.sessions, settings.ae_title]),
             (evt.EVT_RELEASED, senders.released), (evt.EVT_CONN_CLOSE, senders.closed)]
@@ -276,10 +279,11 @@ def _make_server(settings: Settings, handlers: list[tuple], server_class: type[S
 
 
 def start_scp(settings: Settings, store: InstanceStore, ssl_context: ServerTLS | None = None,
-              on_ready: Callable[[], None] | None = None) -> NodeServer:
+              on_ready: Callable[[], None] | None = None, senders: ReleaseTracker | None = None) -> NodeServer:
     """Start the Storage (and C-FIND) SCP in background threads; call ``.shutdown()`` on the result to stop it.
-    ``on_ready`` is called when a released association made a study READY."""
-    server = _make_server(settings, scp_handlers(settings, store, on_ready), NodeServer, ssl_context)
+    ``on_ready`` is called when a released association made a study READY; ``senders``: the tracker of the
+    associations' studies (see ``scp_handlers``)."""
+    server = _make_server(settings, scp_handlers(settings, store, on_ready, senders), NodeServer, ssl_context)
     threading.Thread(target=server.serve_forever, name="StorageSCP", daemon=True).start()
     log.info("Storage SCP %s listening on %s:%d", settings.ae_title, settings.bind_host, server.server_address[1])
     return server

@@ -7,7 +7,7 @@ so two schedulers can never create two jobs for the same arrival.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -74,8 +74,10 @@ class Readiness:
 
 
 def promote_ready_studies(sessions: sessionmaker[Session], readiness: Readiness,
-                          now: datetime | None = None, turn: Turn = nullcontext) -> list[int]:
-    """Mark RECEIVING studies READY and create their jobs; returns the new job ids.
+                          now: datetime | None = None, turn: Turn = nullcontext,
+                          busy: Collection[str] = ()) -> list[int]:
+    """Mark RECEIVING studies READY and create their jobs; returns the new job ids. ``busy``: study UIDs a
+    sender is still sending (``dicom_node.release.ReleaseTracker.busy``), left for now.
 
     Only studies with at least one analysable (MG) instance are considered: a study of other modalities is
     stored and never analysed. Each transaction is written in a ``turn`` of the database's writers (on SQLite,
@@ -86,7 +88,7 @@ def promote_ready_studies(sessions: sessionmaker[Session], readiness: Readiness,
         candidates = session.execute(select(Study.study_instance_uid, Study.id).where(
             Study.state == StudyState.RECEIVING, Study.last_received_at <= now - readiness.settle,
             exists().where(Instance.study_id == Study.id, Instance.analysable.is_(True)))).all()
-    return _promote_all(sessions, candidates, readiness, now, turn)
+    return _promote_all(sessions, [row for row in candidates if row[0] not in busy], readiness, now, turn)
 
 
 def promote_studies(sessions: sessionmaker[Session], study_uids: list[str], readiness: Readiness,
