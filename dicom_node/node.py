@@ -14,12 +14,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from datetime import timedelta
 from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.memory import retain_freed_memory
@@ -30,8 +28,6 @@ from dicom_node.scp_pool import ScpPool
 from dicom_node.settings import Settings
 from dicom_node.storage import InstanceStore
 from worklist.db import make_engine, require_current, session_factory
-from worklist.models import Job, JobState
-from worklist.state import heartbeat_clock
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +91,7 @@ class Node:
         self.sessions: sessionmaker[Session] = session_factory(self.engine)
         self.scheduler = Scheduler(settings, self.sessions, send_analysis, send_export)
         self.worker = WorkerProcess(settings, worker_concurrency, worker_log) if embedded_worker else None
+        self.scheduler.on_stale = self._stale_worker
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.server: ThreadedAssociationServer | ScpPool | None = None
@@ -130,13 +127,9 @@ class Node:
         self._threads.append(thread)
 
     def _supervise(self) -> None:
-        last_check = time.monotonic()
         while not self._stop.wait(1.0):
             code = self.worker.exited()
             if code is None:
-                if time.monotonic() - last_check >= self.settings.job_stale_seconds / 4:
-                    last_check = time.monotonic()
-                    self._kill_if_hung()
                 continue
             log.error("worker process %s exited with code %s: restarting it", self.worker.name, code)
             dead = self.worker.name
@@ -150,22 +143,13 @@ class Node:
             except Exception as error:
                 log.error("could not re-send the jobs of worker %s: %s", dead, error)
 
-    def _kill_if_hung(self) -> None:
-        """Kill the worker process when a job it runs has sent no heartbeat for twice ``job_stale_seconds``:
-        its heartbeat thread is stopped too, so no Python runs in it (a decoder looping with the GIL held),
-        and its own time limit cannot end it. It is then restarted like any worker that died."""
-        try:
-            with self.sessions() as session:
-                cutoff = heartbeat_clock(session) - 2 * timedelta(seconds=self.settings.job_stale_seconds)
-                hung = session.scalars(select(Job.id).where(Job.state == JobState.RUNNING,
-                                                            Job.worker == self.worker.name,
-                                                            Job.heartbeat_at < cutoff)).all()
-        except Exception as error:  # the database is down: nothing to judge by, look again next round
-            log.warning("could not check the worker's jobs: %s", type(error).__name__)
-            return
-        if hung:
-            log.error("worker process %s has sent no heartbeat for job(s) %s in %.0f s: killing it (hung)",
-                      self.worker.name, list(hung), 2 * self.settings.job_stale_seconds)
+    def _stale_worker(self, worker: str) -> None:
+        """A job of ``worker`` sent no heartbeat for ``job_stale_seconds``: when that is the embedded worker, it
+        runs no Python (its heartbeat thread is stopped too: a hang in C code with the GIL held, which its own
+        time limit cannot end), so it is killed, then restarted like any worker that died."""
+        if self.worker is not None and worker == self.worker.name and self.worker.exited() is None:
+            log.error("worker process %s has sent no heartbeat for %.0f s: killing it (hung)", worker,
+                      self.settings.job_stale_seconds)
             self.worker.kill()
 
     def stop(self) -> None:

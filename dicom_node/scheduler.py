@@ -66,6 +66,8 @@ class Scheduler:
         self.wake = threading.Event()  # set to tick now (a study just became READY) rather than at the interval
         # the studies senders are still sending (``ReleaseTracker.busy`` of an in-process SCP): not settled yet
         self.busy: Callable[[], Collection[str]] = frozenset
+        # told the worker of each job whose heartbeat went stale (the node ends its own worker: hung)
+        self.on_stale: Callable[[str], None] = lambda worker: None
 
     def dispatch(self, job_id: int) -> None:
         """Send the job, then record QUEUED (a READY or QUEUED job; a task that wins the race is fine)."""
@@ -114,8 +116,9 @@ class Scheduler:
         now = time.monotonic()
         if now - self._last_stale_check > self.stale.total_seconds() / 4:
             self._last_stale_check = now
-            for job_id in requeue_stale_jobs(self.sessions, self.stale):
+            for job_id, worker in requeue_stale_jobs(self.sessions, self.stale):
                 log.warning("job %d has a stale heartbeat: back on the queue", job_id)
+                self.on_stale(worker)
                 self.dispatch(job_id)
             for job_id in long_queued_jobs(self.sessions, QUEUED_RESEND_AFTER):
                 log.warning("job %d has waited QUEUED for %s with no worker taking it: sending it again", job_id,

@@ -254,6 +254,17 @@ def test_password_guessing_locks_the_client_out_then_lets_it_back(sqlite_session
     assert get(f"{server.url}/healthz", token=None)[0] == 200
 
 
+def test_a_locked_out_loopback_address_keeps_the_demos_local_access(sqlite_sessions, serve) -> None:
+    """A page in the user's browser (DNS rebinding: Host evil.example) sends wrong credentials until 127.0.0.1 is
+    locked out: the user's own requests to localhost still get in."""
+    url, sessions = sqlite_sessions
+    demo = serve(url, sessions, api_token=TOKEN, api_allow_local_unauthenticated=True, api_max_failed_logins=2)
+    for _ in range(3):
+        assert get(f"{demo.url}/api/studies", token="wrong", host="evil.example:8080")[0] in (401, 429)
+    assert get(f"{demo.url}/api/studies", token="wrong", host="evil.example:8080")[0] == 429
+    assert get(f"{demo.url}/api/studies", token=None, host="localhost")[0] == 200
+
+
 def test_failed_login_throttle_forgets_after_its_window_and_stays_bounded() -> None:
     now = [1000.0]
     throttle = FailedLoginThrottle(max_failures=2, window=60, max_clients=3, clock=lambda: now[0])

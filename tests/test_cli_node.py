@@ -15,7 +15,7 @@ import pytest
 from dicom_node.node import Node
 from dicom_node.settings import Settings
 from models import save_model_version
-from tests.conftest import free_port, tiny_model, wait_for
+from tests.conftest import free_port, tiny_model
 from worklist.db import make_engine, upgrade
 
 
@@ -121,17 +121,17 @@ def test_the_worker_supervisor_survives_a_failed_restart(tmp_path: Path) -> None
     assert starts == ["try", "try", "try"] and released == ["host:1"]
 
 
-def test_the_supervisor_kills_a_worker_whose_job_sends_no_heartbeat(tmp_path: Path) -> None:
-    """A worker stuck in C code with the GIL held sends no heartbeat and cannot end itself: the node kills it
-    once its job's heartbeat is twice job_stale_seconds old, and restarts it (its job is sent again)."""
-    import threading
+def test_the_node_kills_its_worker_when_a_job_it_runs_goes_stale(tmp_path: Path) -> None:
+    """A worker stuck in C code with the GIL held sends no heartbeat and cannot end itself: when the scheduler
+    finds its job stale (and puts it back on the queue), the node kills that worker, which the supervisor then
+    restarts. A stale job of another worker (another host's) kills nothing here."""
     from datetime import timedelta
 
     from sqlalchemy import update
 
     from tests.test_worklist_state import ready_job
-    from worklist.models import Job, utcnow
-    from worklist.state import claim_job
+    from worklist.models import Job, JobState, utcnow
+    from worklist.state import claim_job, job_state
 
     settings = Settings(data_dir=tmp_path / "data", port=free_port(), job_stale_seconds=2)
     settings.data_dir.mkdir(parents=True)
@@ -139,37 +139,30 @@ def test_the_supervisor_kills_a_worker_whose_job_sends_no_heartbeat(tmp_path: Pa
     upgrade(engine)
     engine.dispose()
     node = Node(settings)
-    job_id = ready_job(node.sessions, "1.2.3.90")
-    claim_job(node.sessions, job_id, "host:7", timedelta(seconds=2))
-    killed = threading.Event()
+    kills: list[str] = []
 
     class Worker:
         name = "host:7"
 
         def exited(self) -> int | None:
-            return -9 if killed.is_set() else None
+            return None
 
         def kill(self) -> None:
-            killed.set()
-
-        def start(self) -> None:
-            self.name = "host:8"
+            kills.append(self.name)
 
     node.worker = Worker()
-    released: list[str] = []
-    node.scheduler.worker_died = released.append
-    supervisor = threading.Thread(target=node._supervise, daemon=True)
-    supervisor.start()
-    try:
-        with node.sessions.begin() as session:  # beating: left alone
-            session.execute(update(Job).values(heartbeat_at=utcnow()))
-        assert not killed.wait(2.5)
-        with node.sessions.begin() as session:  # silent for 5 s > 2 x 2 s
-            session.execute(update(Job).values(heartbeat_at=utcnow() - timedelta(seconds=5)))
-        assert killed.wait(10)
-        wait_for(lambda: released, "the killed worker's jobs released")
-    finally:
-        node._stop.set()
-        supervisor.join(10)
-        node.engine.dispose()
-    assert released == ["host:7"]
+    sent: list[int] = []
+    node.scheduler.send_analysis = lambda job: sent.append(job) or "task"
+    ours, theirs = ready_job(node.sessions, "1.2.3.90"), ready_job(node.sessions, "1.2.3.91")
+    claim_job(node.sessions, ours, "host:7", timedelta(seconds=2))
+    claim_job(node.sessions, theirs, "elsewhere:7", timedelta(seconds=2))
+    node.scheduler._last_stale_check = 0.0
+    node.scheduler.tick()
+    assert kills == [] and sent == []  # beating
+    with node.sessions.begin() as session:  # silent for 5 s > 2 s
+        session.execute(update(Job).values(heartbeat_at=utcnow() - timedelta(seconds=5)))
+    node.scheduler._last_stale_check = 0.0
+    node.scheduler.tick()
+    assert kills == ["host:7"] and sorted(sent) == sorted([ours, theirs])
+    assert job_state(node.sessions, ours) == job_state(node.sessions, theirs) == JobState.QUEUED
+    node.engine.dispose()

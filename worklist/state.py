@@ -170,19 +170,21 @@ def stale_running_jobs(sessions: sessionmaker[Session], stale_after: timedelta,
             Job.state == JobState.RUNNING, Job.heartbeat_at < now - stale_after)).all())
 
 
-def requeue_stale_jobs(sessions: sessionmaker[Session], stale_after: timedelta) -> list[int]:
-    """RUNNING jobs whose heartbeat is stale -> QUEUED (their lease void), each in one compare-and-set: the
-    caller sends each once. Left RUNNING, they were sent again every round for as long as no worker took them
-    (an outage of the workers: a message per job every ``stale_after`` / 4); QUEUED, a lost message is sent
-    again only after ``long_queued_jobs``' wait. A worker that was alive after all finds its lease gone."""
+def requeue_stale_jobs(sessions: sessionmaker[Session], stale_after: timedelta) -> list[tuple[int, str]]:
+    """RUNNING jobs whose heartbeat is stale -> QUEUED (their lease void), each in one compare-and-set; returns
+    them with the worker that held them (so that a supervisor can end a hung one). The caller sends each once.
+    Left RUNNING, they were sent again every round for as long as no worker took them (an outage of the
+    workers: a message per job every ``stale_after`` / 4); QUEUED, a lost message is sent again only after
+    ``long_queued_jobs``' wait. A worker that was alive after all finds its lease gone."""
     requeued = []
     for job_id in stale_running_jobs(sessions, stale_after):
         with sessions.begin() as session:
             cutoff = heartbeat_clock(session) - stale_after
+            worker = session.scalar(select(Job.worker).where(Job.id == job_id))
             if session.execute(update(Job).where(
                     Job.id == job_id, Job.state == JobState.RUNNING, Job.heartbeat_at < cutoff)
                     .values(state=JobState.QUEUED, lease=None, updated_at=utcnow())).rowcount:
-                requeued.append(job_id)
+                requeued.append((job_id, worker or ""))
     return requeued
 
 
