@@ -78,10 +78,10 @@ from models.zero_shot import ZeroShotClassifier
 log = logging.getLogger(__name__)
 
 HEATMAP_TASKS = ("malignancy", "mass", "calcification")
-# Reads and windows a study's views at once (threads start on first use; one pool for every model version).
 # what ``view_preference`` reads of a header
 PREFERENCE_TAGS = ["AcquisitionDate", "AcquisitionTime", "ContentDate", "ContentTime", "InstanceNumber",
                    "ViewCodeSequence", "ViewModifierCodeSequence"]
+# Reads and windows a study's views at once (threads start on first use; one pool for every model version).
 _PREPARERS = ThreadPoolExecutor(max_workers=min(len(SCREENING_VIEWS), len(os.sched_getaffinity(0))),
                                 thread_name_prefix="prepare-view")
 
@@ -321,7 +321,6 @@ class Analyzer:
             with watch.stage("detector"):
                 findings.detections = self.detector.detect(datasets)
                 findings.sources["detector"] = self.detector.identity
-            heartbeat()
         heartbeat()  # the last word of the caller before anything is written (``dicom_node.tasks._Heartbeat``)
         folder = self.job_folder(study_uid, job_id)
         seg_series = result_uid(study_uid, job_id, "SEG series")

@@ -44,7 +44,7 @@ def worker_gone(worker: str) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, another user's
-        return False
+        pass
     return False
 
 
@@ -97,10 +97,9 @@ class Scheduler:
         """A supervised worker process exited: its RUNNING jobs go back on the queue at once, and every QUEUED
         job is sent again (the dead worker may have held their messages, such as retries waiting for their
         countdown; a duplicate finds the job taken and does nothing)."""
-        released = release_jobs_of(self.sessions, worker)
+        release_jobs_of(self.sessions, worker)  # RUNNING -> QUEUED: sent below with the others
         with self.sessions() as session:
-            queued = session.scalars(select(Job.id).where(Job.state == JobState.QUEUED)).all()
-        job_ids = sorted({*released, *queued})
+            job_ids = list(session.scalars(select(Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id)))
         for job_id in job_ids:
             self.dispatch(job_id)
         return job_ids

@@ -17,6 +17,13 @@ def soft_clip_loss(image: Tensor, text: Tensor, scale: Tensor, groups: Tensor | 
     if groups is None:
         targets = torch.arange(len(image), device=image.device)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-    same = (groups[:, None] == groups[None, :]).float()
-    targets = same / same.sum(dim=1, keepdim=True)
+    targets = group_targets(groups)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def group_targets(groups: Tensor, columns: Tensor | None = None) -> Tensor:
+    """(rows, columns) target probabilities: each row's spread evenly over the columns of its group
+    (``columns``: the columns' groups, default the rows'), its own among them."""
+    columns = groups if columns is None else columns
+    same = (groups[:, None] == columns[None, :]).float()
+    return same / same.sum(dim=1, keepdim=True)

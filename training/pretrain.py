@@ -45,6 +45,7 @@ from tqdm import tqdm
 from models import ClipConfig, MammoClip, load_model, new_model, save_model_version
 from models.errors import ConfigurationError
 from training.batch_norm import batch_norm_momentum
+from training.contrastive import group_targets
 from training.datasets import Augment, BreastDataset
 from training.demo import NOT_CLINICAL
 from training.plots import plot_training_curve
@@ -162,8 +163,7 @@ def _meaning_targets(meanings: Tensor, world: int) -> Tensor:
         gathered = [torch.empty_like(meanings) for _ in range(world)]
         dist.all_gather(gathered, meanings)
         everyone = torch.cat(gathered)
-    same = (meanings[:, None] == everyone[None, :]).float()
-    return same / same.sum(dim=1, keepdim=True)
+    return group_targets(meanings, everyone)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

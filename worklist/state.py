@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from worklist.completeness import SCREENING_VIEW_NAMES, present_views
@@ -181,11 +181,15 @@ def requeue_stale_jobs(sessions: sessionmaker[Session], stale_after: timedelta) 
         with sessions.begin() as session:
             cutoff = heartbeat_clock(session) - stale_after
             worker = session.scalar(select(Job.worker).where(Job.id == job_id))
-            if session.execute(update(Job).where(
-                    Job.id == job_id, Job.state == JobState.RUNNING, Job.heartbeat_at < cutoff)
-                    .values(state=JobState.QUEUED, lease=None, updated_at=utcnow())).rowcount:
+            if _back_on_queue(session, Job.id == job_id, Job.heartbeat_at < cutoff):
                 requeued.append((job_id, worker or ""))
     return requeued
+
+
+def _back_on_queue(session: Session, *conditions: ColumnElement[bool]) -> int:
+    """RUNNING jobs that meet ``conditions`` -> QUEUED, their lease void; returns how many."""
+    return session.execute(update(Job).where(Job.state == JobState.RUNNING, *conditions).values(
+        state=JobState.QUEUED, lease=None, updated_at=utcnow())).rowcount
 
 
 def long_queued_jobs(sessions: sessionmaker[Session], queued_for: timedelta, now: datetime | None = None) -> list[int]:
@@ -213,8 +217,7 @@ def release_jobs_of(sessions: sessionmaker[Session], worker: str) -> list[int]:
     with sessions.begin() as session:
         ids = list(session.scalars(select(Job.id).where(Job.state == JobState.RUNNING, Job.worker == worker)).all())
         if ids:
-            session.execute(update(Job).where(Job.id.in_(ids), Job.state == JobState.RUNNING).values(
-                state=JobState.QUEUED, lease=None, updated_at=utcnow()))
+            _back_on_queue(session, Job.id.in_(ids))
     for job_id in ids:
         log.warning("job %d was running on worker %s, which died: it will be sent again", job_id, worker)
     return ids
