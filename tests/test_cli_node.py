@@ -25,14 +25,21 @@ def run_cli(*args: str, settings: Settings, timeout: float = 300) -> subprocess.
                           timeout=timeout)
 
 
+def unstarted_node(tmp_path: Path, embedded_worker: bool = True, **overrides: object) -> Node:
+    """A node on a fresh migrated SQLite database under ``tmp_path``, not started."""
+    settings = Settings(data_dir=tmp_path / "data", port=free_port(), **overrides)
+    settings.data_dir.mkdir(parents=True)
+    engine = make_engine(settings.database_url())
+    upgrade(engine)
+    engine.dispose()
+    return Node(settings, embedded_worker=embedded_worker)
+
+
 @pytest.fixture
 def receiving_node(tmp_path: Path) -> Iterator[Node]:
     """A node that receives but runs no worker, so what it stores stays waiting."""
-    settings = Settings(data_dir=tmp_path / "data", port=free_port(), study_settle_seconds=0.1,
-                        allowed_calling_aes=["MAMMO_AI", "MODALITY"])
-    settings.data_dir.mkdir()
-    upgrade(make_engine(settings.database_url()))
-    with Node(settings, embedded_worker=False) as node:
+    with unstarted_node(tmp_path, embedded_worker=False, study_settle_seconds=0.1,
+                        allowed_calling_aes=["MAMMO_AI", "MODALITY"]) as node:
         yield node
 
 
@@ -88,12 +95,7 @@ def test_the_worker_supervisor_survives_a_failed_restart(tmp_path: Path) -> None
     import errno
     import threading
 
-    settings = Settings(data_dir=tmp_path / "data", port=free_port())
-    settings.data_dir.mkdir(parents=True)
-    engine = make_engine(settings.database_url())
-    upgrade(engine)
-    engine.dispose()
-    node = Node(settings)
+    node = unstarted_node(tmp_path)
     starts: list[str] = []
     restarted = threading.Event()
 
@@ -133,12 +135,7 @@ def test_the_node_kills_its_worker_when_a_job_it_runs_goes_stale(tmp_path: Path)
     from worklist.models import Job, JobState, utcnow
     from worklist.state import claim_job, job_state
 
-    settings = Settings(data_dir=tmp_path / "data", port=free_port(), job_stale_seconds=2)
-    settings.data_dir.mkdir(parents=True)
-    engine = make_engine(settings.database_url())
-    upgrade(engine)
-    engine.dispose()
-    node = Node(settings)
+    node = unstarted_node(tmp_path, job_stale_seconds=2)
     kills: list[str] = []
 
     class Worker:
